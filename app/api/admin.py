@@ -1,0 +1,142 @@
+"""/api/v1/admin: projects and quotas, users and tokens, hosts, flavors, images."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.api.deps import AdminUser, IdempotentDep, TxDep
+from app.api.errors import responses
+from app.api.schemas import (
+    FlavorCreate,
+    FlavorOut,
+    HostCreate,
+    HostOut,
+    HostPatch,
+    ImageCreate,
+    ImageOut,
+    Page,
+    ProjectCreate,
+    ProjectOut,
+    ProjectPatch,
+    QuotasOut,
+    UserCreate,
+    UserOut,
+)
+from app.logic import accounts, catalogue, placement, quotas
+from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.models import Project
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+ADMIN = responses(400, 403)
+
+
+async def _project(session: AsyncSession, project: Project) -> ProjectOut:
+    report = QuotasOut.model_validate(await quotas.report(session, project.id))
+    return ProjectOut(id=project.id, name=project.name, created_at=project.created_at, quotas=report)
+
+
+@router.post("/projects", status_code=201, response_model=ProjectOut, responses=responses(400, 403, 409))
+async def create_project(body: ProjectCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
+                         ) -> JSONResponse:
+    """A project with quota limits (defaults for the resources not given)."""
+    async def make() -> ProjectOut:
+        project = await accounts.create_project(tx.session, actor=actor, name=body.name,
+                                                limits=body.quotas)
+        return await _project(tx.session, project)
+    return await idem.run(201, make)
+
+
+@router.get("/projects", response_model=Page[ProjectOut], responses=ADMIN)
+async def list_projects(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
+                        cursor: str | None = None) -> Page[ProjectOut]:
+    """Every project with its quotas."""
+    page = await accounts.list_projects(tx.session, actor=actor, limit=limit, cursor=cursor)
+    return Page(items=[await _project(tx.session, p) for p in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/projects/{project_id}", response_model=ProjectOut, responses=responses(403, 404))
+async def get_project(project_id: uuid.UUID, tx: TxDep, actor: AdminUser) -> ProjectOut:
+    """One project with its quotas."""
+    return await _project(tx.session, await accounts.get_project(tx.session, actor=actor,
+                                                                 project_id=project_id))
+
+
+@router.patch("/projects/{project_id}", response_model=ProjectOut, responses=responses(400, 403, 404))
+async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, actor: AdminUser
+                        ) -> ProjectOut:
+    """Rename a project or change some of its quota limits."""
+    project = await accounts.update_project(tx.session, actor=actor, project_id=project_id,
+                                            name=body.name, limits=body.quotas)
+    reply = await _project(tx.session, project)
+    await tx.commit()
+    return reply
+
+
+@router.post("/users", status_code=201, response_model=UserOut, responses=responses(400, 403, 409))
+async def create_user(body: UserCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep) -> JSONResponse:
+    """A user in a project; the reply carries its bearer token, shown this once."""
+    async def make() -> UserOut:
+        made = await accounts.create_user(tx.session, actor=actor, **body.model_dump())
+        return UserOut.model_validate({**UserOut.model_validate(made.user).model_dump(),
+                                       "token": made.token})
+    return await idem.run(201, make)
+
+
+@router.get("/users", response_model=Page[UserOut], responses=ADMIN)
+async def list_users(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
+                     cursor: str | None = None) -> Page[UserOut]:
+    """Every user (tokens are never shown again)."""
+    page = await accounts.list_users(tx.session, actor=actor, limit=limit, cursor=cursor)
+    return Page(items=[UserOut.model_validate(u) for u in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/hosts", response_model=Page[HostOut], responses=ADMIN)
+async def list_hosts(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
+                     cursor: str | None = None) -> Page[HostOut]:
+    """Hypervisor hosts with capacity, usage, state and last heartbeat."""
+    page = await catalogue.list_hosts(tx.session, actor=actor, limit=limit, cursor=cursor)
+    return Page(items=[HostOut.model_validate(h) for h in page.items], next_cursor=page.next_cursor)
+
+
+@router.post("/hosts", status_code=201, response_model=HostOut, responses=ADMIN)
+async def register_host(body: HostCreate, tx: TxDep, actor: AdminUser) -> HostOut:
+    """Register a host (or update its capacity); agents do this with their first heartbeat."""
+    host = await catalogue.register_host(tx.session, actor=actor, **body.model_dump())
+    await tx.commit()
+    return HostOut.model_validate(host)
+
+
+@router.patch("/hosts/{name}", response_model=HostOut, responses=responses(400, 403, 404))
+async def patch_host(name: str, body: HostPatch, tx: TxDep, actor: AdminUser) -> HostOut:
+    """Disable a host (no new VMs placed on it) or bring it back up."""
+    host = await catalogue.set_host_state(tx.session, actor=actor, name=name, state=body.state)
+    await tx.commit()
+    return HostOut.model_validate(host)
+
+
+@router.post("/flavors", status_code=201, response_model=FlavorOut, responses=responses(400, 403, 409))
+async def create_flavor(body: FlavorCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
+                        ) -> JSONResponse:
+    """A new flavor."""
+    async def make() -> FlavorOut:
+        flavor = await catalogue.create_flavor(tx.session, actor=actor, **body.model_dump())
+        room = await placement.capacity(tx.session, [flavor])
+        return FlavorOut(id=flavor.id, name=flavor.name, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
+                         disk_gb=flavor.disk_gb, capacity=room[flavor.id])
+    return await idem.run(201, make)
+
+
+@router.post("/images", status_code=201, response_model=ImageOut, responses=ADMIN)
+async def create_image(body: ImageCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
+                       ) -> JSONResponse:
+    """Register an image (public, or private to the admin's project)."""
+    async def make() -> ImageOut:
+        return ImageOut.model_validate(await catalogue.create_image(tx.session, actor=actor,
+                                                                    **body.model_dump()))
+    return await idem.run(201, make)

@@ -1,0 +1,47 @@
+"""The FastAPI application: REST under /api/v1, Swagger UI at /docs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import admin, catalogue, errors, health, jobs, keys, servers
+from app.api.deps import AppState
+from app.db import make_engine, make_sessionmaker
+from app.serverkey import load_cipher
+from app.settings import Settings
+
+DESCRIPTION = """
+Nephos is an asynchronous control plane for virtual machines.
+
+Every call but `/healthz`, `/openapi.json` and `/docs` needs `Authorization: Bearer <token>`.
+Actions answer **202** with a job; poll `GET /api/v1/jobs/{id}` or the server's `task`.
+Errors share one body: `{"error": {"code", "message", "details"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    """The app; with ``state`` it uses the given engine and bus, else it makes its own."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state is not None:
+            app.state.nephos = state
+            yield
+            return
+        engine = make_engine(settings.database_url)
+        app.state.nephos = AppState(settings=settings, sessions=make_sessionmaker(engine),
+                                    cipher=load_cipher(settings))
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan)
+    errors.install(app)
+    for module in (servers, jobs, catalogue, keys, admin, health):
+        app.include_router(module.router)
+    return app

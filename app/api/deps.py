@@ -1,0 +1,133 @@
+"""FastAPI dependencies as ``Annotated`` aliases, and the per-request transaction.
+
+One session per request; the route commits it (``Tx.commit``) before its reply
+is built, and publishes the jobs the transaction wrote only after the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from cryptography.fernet import Fernet
+from fastapi import Depends, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.logic import accounts, idempotency
+from app.logic.actor import Actor
+from app.logic.errors import Forbidden
+from app.logic.jobs import Outbox
+from app.settings import Settings
+
+Publish = Callable[[list[Any]], Awaitable[None]]
+
+
+async def _publish_nothing(job_ids: list[Any]) -> None:
+    """No bus attached: jobs stay PENDING in the outbox until a dispatcher sends them."""
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    cipher: Fernet
+    publish: Publish = _publish_nothing
+    bus_ok: Callable[[], bool] = field(default=lambda: True)
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.nephos
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+class Tx:
+    """The request's transaction and the jobs to publish once it commits."""
+
+    def __init__(self, session: AsyncSession, outbox: Outbox, publish: Publish) -> None:
+        self.session = session
+        self.outbox = outbox
+        self._publish = publish
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        if self.outbox.job_ids:
+            jobs = list(self.outbox.job_ids)
+            self.outbox.clear()
+            await self._publish(jobs)
+
+
+async def get_tx(state: StateDep) -> AsyncIterator[Tx]:
+    async with state.sessions() as session:
+        yield Tx(session, Outbox(state.settings.job_deadline_seconds), state.publish)
+
+
+TxDep = Annotated[Tx, Depends(get_tx)]
+
+_bearer = HTTPBearer(auto_error=False, description="A user's API token")
+
+
+async def current_user(
+    tx: TxDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Actor:
+    return await accounts.authenticate(tx.session, credentials.credentials if credentials else None)
+
+
+CurrentUser = Annotated[Actor, Depends(current_user)]
+
+
+async def admin_user(actor: CurrentUser) -> Actor:
+    if not actor.is_admin:
+        raise Forbidden("this needs the admin role")
+    return actor
+
+
+AdminUser = Annotated[Actor, Depends(admin_user)]
+
+
+class Idempotent:
+    """Runs a creating request once per ``Idempotency-Key``; replays the first reply after."""
+
+    def __init__(self, request: Request, tx: TxDep, actor: CurrentUser,
+                 key: Annotated[str | None, Header(alias="Idempotency-Key",
+                                                   description="Replays the first reply for 24 h")] = None,
+                 ) -> None:
+        self.request, self.tx, self.actor, self.key = request, tx, actor, key
+
+    async def run(self, status_code: int, make: Callable[[], Awaitable[BaseModel]]) -> JSONResponse:
+        if self.key is None or self.actor.user_id is None:
+            reply = jsonable_encoder(await make())
+            await self.tx.commit()
+            return JSONResponse(reply, status_code=status_code)
+        idempotency.check_key(self.key)
+        fp = idempotency.fingerprint(self.request.method, self.request.url.path, await self.request.body())
+        session, user_id = self.tx.session, self.actor.user_id
+        stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp)
+        if stored is not None:
+            return JSONResponse(stored.response, status_code=stored.status_code)
+        reply = jsonable_encoder(await make())
+        idempotency.store(session, user_id=user_id, key=self.key, fp=fp, status_code=status_code,
+                          response=reply)
+        try:
+            await self.tx.commit()
+        except IntegrityError:
+            # A concurrent request with this key committed first: ours rolled
+            # back whole, and the winner's reply is the answer.
+            await session.rollback()
+            self.tx.outbox.clear()
+            stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp)
+            if stored is None:
+                raise
+            return JSONResponse(stored.response, status_code=stored.status_code)
+        return JSONResponse(reply, status_code=status_code)
+
+
+IdempotentDep = Annotated[Idempotent, Depends()]

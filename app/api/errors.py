@@ -1,0 +1,94 @@
+"""One table from domain errors to HTTP, and the error body every failure shares."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.logic import errors as e
+
+log = logging.getLogger("nephos.api")
+
+STATUS: dict[type[e.NephosError], int] = {
+    e.BadRequest: 400,
+    e.Unauthorized: 401,
+    e.Forbidden: 403,
+    e.NotFound: 404,
+    e.AlreadyExists: 409,
+    e.TaskPending: 409,
+    e.InvalidState: 409,
+    e.IdempotencyConflict: 409,
+    e.OverLimit: 413,
+    e.NoCapacity: 503,
+}
+
+_HTTP_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+               405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType"}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "BadRequest: well-formed but invalid",
+    401: "Unauthorized: missing or unknown token",
+    403: "Forbidden: not allowed for this role",
+    404: "NotFound: missing, or not visible to the caller",
+    409: "TaskPending, InvalidState, IdempotencyConflict or AlreadyExists",
+    413: "OverLimit: quota exceeded",
+    422: "ValidationError: the request does not match the schema",
+    503: "NoCapacity: no host can take the VM",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the error statuses a route can answer with."""
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in (401, 422, *codes)}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": jsonable_encoder(details or {})}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.NephosError)
+    async def _domain(_: Request, exc: e.NephosError) -> JSONResponse:
+        status = STATUS[type(exc)]
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+            for err in exc.errors()
+        ]
+        first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "ValidationError", f"{where}: {first['msg']}", {"errors": problems})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "Error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "InternalError", "an unexpected error occurred; it has been logged")

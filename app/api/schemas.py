@@ -1,0 +1,313 @@
+"""Request and reply models of the REST API (API.md is the contract)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.logic.operstate import RESOURCES
+
+T = TypeVar("T")
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+Metadata = Annotated[dict[str, Annotated[str, Field(max_length=1024)]], Field(max_length=128)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
+
+
+# -- servers ------------------------------------------------------------------------
+
+class ServerCreate(Strict):
+    name: Name
+    flavor_id: uuid.UUID | None = None
+    flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
+    image_id: uuid.UUID | None = None
+    image: str | None = Field(default=None, description="An image name, instead of image_id")
+    count: int = Field(default=1, ge=1, le=100, description="How many VMs: all of them, or none")
+    key_name: str | None = Field(default=None, max_length=255)
+    user_data: str | None = Field(default=None, max_length=65536)
+    metadata: Metadata = {}
+    zone: str | None = Field(default=None, max_length=64)
+    hold: bool = Field(default=False, description="Create in HOLD, unplaced, until released")
+    description: str = Field(default="", max_length=4096)
+
+
+class ServerOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    description: str
+    project_id: uuid.UUID
+    user_id: uuid.UUID
+    flavor_id: uuid.UUID
+    image_id: uuid.UUID
+    host: str | None
+    zone: str | None
+    operstate: Literal["HOLD", "BUILD", "STARTED", "STOPPED", "SUSPENDED", "ERROR", "DESTROYED"]
+    task: str | None
+    task_job_id: uuid.UUID | None
+    metadata: dict[str, Any]
+    key_name: str | None
+    lease_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, s: Any) -> ServerOut:
+        data = {name: getattr(s, name) for name in cls.model_fields if name != "metadata"}
+        return cls(metadata=s.meta, **data)
+
+
+class ServersCreated(BaseModel):
+    servers: list[ServerOut]
+    job_ids: list[uuid.UUID] = Field(description="One per VM that starts building (none for hold)")
+
+
+class ServerPatch(Strict):
+    name: Name | None = None
+    description: str | None = Field(default=None, max_length=4096)
+    metadata: Metadata | None = None
+
+
+class JobAccepted(BaseModel):
+    job_id: uuid.UUID
+
+
+class PlainAction(Strict):
+    action: Literal["start", "stop", "suspend", "resume", "release", "destroy", "console"]
+
+
+class RebootAction(Strict):
+    action: Literal["reboot"]
+    hard: bool = False
+
+
+class ResizeAction(Strict):
+    action: Literal["resize"]
+    flavor_id: uuid.UUID | None = None
+    flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
+
+
+class MigrateAction(Strict):
+    action: Literal["migrate", "live_migrate"]
+    host: str | None = Field(default=None, description="Target host; chosen by placement if null")
+
+
+class SaveImageAction(Strict):
+    action: Literal["save_image"]
+    image_name: Name
+
+
+ActionBody = Annotated[
+    PlainAction | RebootAction | ResizeAction | MigrateAction | SaveImageAction,
+    Field(discriminator="action"),
+]
+
+
+class ConsoleOut(BaseModel):
+    type: Literal["vnc"] = "vnc"
+    host: str
+    port: int
+    password: str
+    url: str
+    job_id: uuid.UUID
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    server_id: uuid.UUID
+    job_id: uuid.UUID | None
+    kind: str
+    action: str | None
+    operstate_from: str | None
+    operstate_to: str | None
+    message: str
+    created_at: datetime
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    server_id: uuid.UUID
+    action: str
+    status: Literal["PENDING", "SENT", "RUNNING", "SUCCESS", "ERROR"]
+    error: str | None
+    host: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+# -- catalogue and quotas --------------------------------------------------------------
+
+class FlavorOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    capacity: int = Field(description="How many more VMs of this flavor the hosts can take now")
+
+
+class FlavorCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    vcpus: int = Field(gt=0, le=1024)
+    ram_mb: int = Field(gt=0, le=16 * 1024 * 1024)
+    disk_gb: int = Field(ge=0, le=1024 * 1024)
+
+
+class ImageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    name: str
+    status: str
+    is_public: bool
+    project_id: uuid.UUID | None
+    disk_format: str
+    source_server_id: uuid.UUID | None
+    created_at: datetime
+
+
+class ImageCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    is_public: bool = True
+    disk_format: Literal["qcow2", "raw"] = "qcow2"
+    source_url: str = Field(default="", max_length=1024)
+
+
+class ZoneOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    hosts: int
+    hosts_up: int
+
+
+class QuotaItem(BaseModel):
+    limit: int
+    usage: int
+    pending: int = Field(description="Sum of the positive deltas of pending commissions")
+
+
+class QuotasOut(BaseModel):
+    vm: QuotaItem
+    cpu: QuotaItem
+    ram: QuotaItem = Field(description="MiB")
+    disk: QuotaItem = Field(description="GiB")
+    active_cpu: QuotaItem
+    active_ram: QuotaItem = Field(description="MiB")
+
+
+# -- key pairs and credentials ------------------------------------------------------------
+
+class KeyPairCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.@ -]+$")]
+    public_key: str | None = Field(default=None, max_length=16384)
+    key_type: Literal["ed25519", "rsa"] = "ed25519"
+
+
+class KeyPairOut(BaseModel):
+    name: str
+    key_type: str
+    fingerprint: str
+    public_key: str
+    created_at: datetime
+    private_key: str | None = Field(default=None, description="Only in the reply that generated it")
+
+
+class Ec2CredentialOut(BaseModel):
+    access_key: str
+    created_at: datetime
+    secret_key: str | None = Field(default=None, description="Only in the reply that created it")
+
+
+# -- admin ----------------------------------------------------------------------------
+
+Quotas = dict[str, Annotated[int, Field(ge=0)]]
+
+
+def _check_resources(value: Quotas | None) -> Quotas | None:
+    if value:
+        unknown = set(value) - set(RESOURCES)
+        if unknown:
+            raise ValueError(f"unknown quota resources {sorted(unknown)}; known: {list(RESOURCES)}")
+    return value
+
+
+class ProjectCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    quotas: Quotas = {}
+
+    _resources = field_validator("quotas")(_check_resources)
+
+
+class ProjectPatch(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    quotas: Quotas | None = None
+
+    _resources = field_validator("quotas")(_check_resources)
+
+
+class ProjectOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    quotas: QuotasOut
+
+
+class UserCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    email: str = Field(default="", max_length=256)
+    project_id: uuid.UUID
+    role: Literal["user", "admin"] = "user"
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    name: str
+    email: str
+    project_id: uuid.UUID
+    role: str
+    created_at: datetime
+    token: str | None = Field(default=None, description="Only in the reply that created the user")
+
+
+class HostOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    zone: str
+    state: Literal["up", "down", "disabled"]
+    cpus: int
+    ram_mb: int
+    cpu_ratio: float
+    ram_ratio: float
+    used_cpus: int
+    used_ram_mb: int
+    last_heartbeat: datetime | None
+
+
+class HostCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    zone: Annotated[str, Field(min_length=1, max_length=64)] = "default"
+    cpus: int = Field(gt=0, le=65536)
+    ram_mb: int = Field(gt=0)
+    cpu_ratio: float = Field(default=4.0, gt=0, le=64)
+    ram_ratio: float = Field(default=1.0, gt=0, le=64)
+
+
+class HostPatch(Strict):
+    state: Literal["up", "down", "disabled"]
+
+
+class Health(BaseModel):
+    database: str
+    bus: str
+    hosts_up: int

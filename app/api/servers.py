@@ -1,0 +1,125 @@
+"""/api/v1/servers: create, list, read, edit, act on and destroy VMs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
+
+from app.api.deps import CurrentUser, IdempotentDep, TxDep
+from app.api.errors import responses
+from app.api.schemas import (
+    ActionBody,
+    ConsoleOut,
+    EventOut,
+    JobAccepted,
+    MigrateAction,
+    Page,
+    RebootAction,
+    ResizeAction,
+    SaveImageAction,
+    ServerCreate,
+    ServerOut,
+    ServerPatch,
+    ServersCreated,
+)
+from app.logic import actions, events, servers
+from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/api/v1/servers", tags=["servers"])
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+
+@router.post("", status_code=202, response_model=ServersCreated,
+             responses=responses(400, 409, 413, 503))
+async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem: IdempotentDep
+                        ) -> JSONResponse:
+    """Create one VM or `count` VMs (all or none); each gets a BUILD job unless held."""
+    async def make() -> ServersCreated:
+        created = await servers.create(tx.session, tx.outbox, actor=actor,
+                                       spec=servers.CreateSpec(**body.model_dump()))
+        return ServersCreated(servers=[ServerOut.of(c.server) for c in created],
+                              job_ids=[c.job.id for c in created if c.job is not None])
+    return await idem.run(202, make)
+
+
+@router.get("", response_model=Page[ServerOut], responses=responses(400, 403))
+async def list_servers(
+    tx: TxDep, actor: CurrentUser,
+    operstate: str | None = None, name: str | None = None, zone: str | None = None,
+    host: Annotated[str | None, Query(description="Admin only")] = None,
+    user_id: uuid.UUID | None = None, changes_since: datetime | None = None,
+    all_projects: Annotated[bool, Query(description="Admin only: every project's servers")] = False,
+    limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
+) -> Page[ServerOut]:
+    """List servers, oldest first; destroyed ones only with `operstate=DESTROYED`."""
+    filters = servers.ListFilter(operstate=operstate, name=name, zone=zone, host=host, user_id=user_id,
+                                 changes_since=changes_since, all_projects=all_projects)
+    page = await servers.list_servers(tx.session, actor=actor, filters=filters, limit=limit, cursor=cursor)
+    return Page(items=[ServerOut.of(s) for s in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{server_id}", response_model=ServerOut, responses=responses(404))
+async def get_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> ServerOut:
+    """One server, destroyed ones included."""
+    return ServerOut.of(await servers.get(tx.session, actor=actor, server_id=server_id))
+
+
+@router.patch("/{server_id}", response_model=ServerOut, responses=responses(404, 409))
+async def patch_server(server_id: uuid.UUID, body: ServerPatch, tx: TxDep, actor: CurrentUser) -> ServerOut:
+    """Edit name, description or metadata (no job)."""
+    server = await servers.update(tx.session, actor=actor, server_id=server_id, **body.model_dump())
+    await tx.commit()
+    return ServerOut.of(server)
+
+
+@router.delete("/{server_id}", status_code=202, response_model=JobAccepted, responses=responses(404, 409))
+async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> JobAccepted:
+    """Destroy the server (overtakes any pending task)."""
+    job = await actions.destroy(tx.session, tx.outbox, actor=actor, server_id=server_id)
+    await tx.commit()
+    return JobAccepted(job_id=job.id)
+
+
+@router.post(
+    "/{server_id}/actions", status_code=202,
+    responses={**responses(400, 403, 404, 409, 413, 503),
+               202: {"model": JobAccepted, "description": "The action's job was accepted"},
+               200: {"model": ConsoleOut, "description": "console: VNC connection details"}},
+)
+async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()], tx: TxDep,
+                        actor: CurrentUser, idem: IdempotentDep) -> JSONResponse:
+    """Run a lifecycle action; 202 with its job, or 200 with VNC details for `console`."""
+    args = {"actor": actor, "server_id": server_id}
+    s, o = tx.session, tx.outbox
+    if body.action == "console":
+        async def console() -> ConsoleOut:
+            c = await actions.console(s, o, **args)
+            return ConsoleOut(host=c.host, port=c.port, password=c.password, url=c.url, job_id=c.job.id)
+        return await idem.run(200, console)
+
+    async def act() -> JobAccepted:
+        if isinstance(body, RebootAction):
+            job = await actions.reboot(s, o, hard=body.hard, **args)
+        elif isinstance(body, ResizeAction):
+            job = await actions.resize(s, o, flavor_id=body.flavor_id, flavor=body.flavor, **args)
+        elif isinstance(body, MigrateAction):
+            job = await actions.migrate(s, o, host=body.host, live=body.action == "live_migrate", **args)
+        elif isinstance(body, SaveImageAction):
+            job = await actions.save_image(s, o, image_name=body.image_name, **args)
+        else:
+            job = await getattr(actions, body.action)(s, o, **args)
+        return JobAccepted(job_id=job.id)
+    return await idem.run(202, act)
+
+
+@router.get("/{server_id}/events", response_model=Page[EventOut], responses=responses(400, 404))
+async def server_events(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser,
+                        limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page[EventOut]:
+    """The server's history, oldest first: actions, job outcomes, out-of-band changes."""
+    await servers.get(tx.session, actor=actor, server_id=server_id)
+    page = await events.list_for(tx.session, server_id, limit=limit, cursor=cursor)
+    return Page(items=[EventOut.model_validate(e) for e in page.items], next_cursor=page.next_cursor)

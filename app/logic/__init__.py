@@ -1,0 +1,1 @@
+"""All of Nephos's rules. No FastAPI, no global settings, no commits."""

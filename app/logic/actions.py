@@ -1,0 +1,221 @@
+"""Lifecycle actions on an existing server.
+
+Every accepted action writes, in one transaction: the VM's task, a Job row
+(the outbox), its commission, and a server event. The sequence is always the
+same (``_begin``): lock the server row, check operstate and task against
+``operstate.TABLE``, compute the commission from the state *before* the
+change, lock the project and check the quota, make the host reservation the
+action needs, write the job. The lock order -- server, project, hosts -- is
+the same in every transaction, so two of them cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic import catalogue, events, placement, quotas, results, servers
+from app.logic.actor import Actor
+from app.logic.errors import BadRequest, Forbidden
+from app.logic.jobs import JobStatus, Outbox, new_job
+from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
+from app.models import Flavor, Image, Job, KeyPair, Server
+
+
+@dataclass(frozen=True)
+class Console:
+    job: Job
+    host: str
+    port: int
+    password: str
+
+    @property
+    def url(self) -> str:
+        return f"vnc://{self.host}:{self.port}"
+
+
+async def _begin(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, action: Action,
+    params: dict[str, Any] | None = None, new_flavor: Flavor | None = None,
+    target_host: str | None = None,
+) -> Job:
+    server = await servers.lock(session, actor=actor, server_id=server_id)
+    rule = TABLE[action]
+    if rule.admin_only and not actor.is_admin:
+        raise Forbidden(f"{action.value} needs the admin role")
+    before = Operstate(server.operstate)
+    decision = decide(action, before, server.task, server.task_job_id)
+    if decision.repeat_of_pending:
+        # A second destroy while one is pending: the same job answers (a retried DELETE).
+        job = await session.get(Job, server.task_job_id)
+        assert job is not None
+        return job
+
+    flavor = await session.get(Flavor, server.flavor_id)
+    assert flavor is not None
+    params = dict(params or {})
+    after = rule.on_accept or rule.on_success or before
+    after_flavor = new_flavor or flavor
+    deltas = (footprint(after, after_flavor.vcpus, after_flavor.ram_mb, after_flavor.disk_gb)
+              - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+
+    await quotas.lock_project(session, server.project_id)
+    if decision.supersedes is not None:
+        await _supersede(session, server, flavor)
+    commission = None
+    if not deltas.is_zero():
+        await quotas.check(session, server.project_id, deltas)
+        commission = await quotas.issue(session, project_id=server.project_id, server_id=server.id,
+                                        deltas=deltas, accept=rule.commit_at_once)
+
+    host = server.host
+    if action is Action.RELEASE:
+        placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
+                                         zone=server.zone)
+        server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
+        host = placed.host
+        image = await session.get(Image, server.image_id)
+        assert image is not None
+        params = servers.create_params(server, flavor, image, await _ssh_key(session, server))
+    elif action is Action.RESIZE:
+        assert new_flavor is not None
+        grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
+        assert server.host is not None
+        await placement.grow(session, host=server.host, **grow)
+        params.update(reserved=grow, flavor_id=str(new_flavor.id), vcpus=new_flavor.vcpus,
+                      ram_mb=new_flavor.ram_mb, disk_gb=new_flavor.disk_gb)
+    elif action in (Action.MIGRATE, Action.LIVE_MIGRATE):
+        if target_host is not None and target_host == server.host:
+            raise BadRequest(f"the server is already on {target_host}", field="host")
+        placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
+                                         zone=None if target_host else server.zone,
+                                         host=target_host, exclude=server.host)
+        params.update(target_host=placed.host, target_vnc_port=placed.vnc_port,
+                      reserved={"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb})
+
+    now = utcnow()
+    job = new_job(session, outbox, server, action=action.value, params=params, actor=actor,
+                  commission_id=commission.id if commission else None, host=host)
+    if commission is not None:
+        commission.job_id = job.id
+    server.task, server.task_job_id = rule.task, job.id
+    if rule.on_accept is not None:
+        server.operstate = rule.on_accept.value
+    server.updated_at = now
+    events.record(session, server, "action", action=action.value, job_id=job.id,
+                  user_id=actor.user_id, before=before.value, after=server.operstate,
+                  message=f"superseded {decision.supersedes}" if decision.supersedes else "")
+
+    if action is Action.DESTROY and server.host is None:
+        # Never placed (on hold): no hypervisor has anything to undo, so the
+        # destroy completes in this transaction instead of waiting on an agent.
+        await session.flush()
+        job.status = JobStatus.SENT.value
+        await results.apply_result(session, job_id=job.id, success=True)
+        outbox.job_ids.remove(job.id)
+    return job
+
+
+async def _ssh_key(session: AsyncSession, server: Server) -> str | None:
+    if not server.key_name:
+        return None
+    stmt = sa.select(KeyPair.public_key).where(
+        KeyPair.__table__.c.project_id == server.project_id, KeyPair.__table__.c.name == server.key_name
+    )
+    return (await session.scalars(stmt)).first()
+
+
+async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> None:
+    """Destroy overtakes the pending task: its commission described a view that will not
+    come true, so it is rejected now, and the host room it reserved is given back."""
+    old = await session.get(Job, server.task_job_id, with_for_update=True)
+    if old is None or old.status in (JobStatus.SUCCESS.value, JobStatus.ERROR.value):
+        return
+    commission = await quotas.get_commission(session, old.commission_id)
+    if commission is not None:
+        await quotas.reject(session, commission, "superseded by destroy")
+    reserved = old.params.get("reserved")
+    if reserved and not old.params.get("reservation_released"):
+        target = old.params.get("target_host", server.host)
+        await placement.release(session, host=target, vcpus=reserved["vcpus"],
+                                ram_mb=reserved["ram_mb"])
+        old.params = {**old.params, "reservation_released": True}
+
+
+# -- the actions, one function each: the API, the EC2 facade and admin tools call these --
+
+async def release(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RELEASE)
+
+
+async def start(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.START)
+
+
+async def stop(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.STOP)
+
+
+async def reboot(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
+                 hard: bool = False) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.REBOOT,
+                        params={"hard": hard})
+
+
+async def suspend(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.SUSPEND)
+
+
+async def resume(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RESUME)
+
+
+async def resize(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
+                 flavor_id: uuid.UUID | None = None, flavor: str | None = None) -> Job:
+    new = await catalogue.resolve_flavor(session, flavor_id=flavor_id, name=flavor)
+    current = await servers.get(session, actor=actor, server_id=server_id)
+    if new.id == current.flavor_id:
+        raise BadRequest("the server already has that flavor", field="flavor_id")
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RESIZE,
+                        new_flavor=new)
+
+
+async def migrate(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
+                  host: str | None = None, live: bool = False) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id,
+                        action=Action.LIVE_MIGRATE if live else Action.MIGRATE, target_host=host)
+
+
+async def save_image(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
+                     image_name: str) -> Job:
+    if not image_name.strip():
+        raise BadRequest("image_name must not be empty", field="image_name")
+    server = await servers.get(session, actor=actor, server_id=server_id)
+    source = await session.get(Image, server.image_id)
+    image = Image(name=image_name, project_id=server.project_id, is_public=False, status="saving",
+                  disk_format=source.disk_format if source else "qcow2", source_server_id=server.id)
+    job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.SAVE_IMAGE,
+                       params={"image_id": str(image.id), "image_name": image_name})
+    session.add(image)
+    return job
+
+
+async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
+                  ) -> Console:
+    # VNC passwords are at most 8 characters; a fresh one per attach.
+    password = secrets.token_urlsafe(6)[:8]
+    job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.CONSOLE,
+                       params={"password": password})
+    server = await session.get(Server, server_id)
+    assert server is not None and server.host is not None and server.vnc_port is not None
+    return Console(job, server.host, server.vnc_port, password)
+
+
+async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.DESTROY)

@@ -1,0 +1,175 @@
+"""Flavors, images, zones and hosts: what VMs are made of and where they run."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.logic import placement
+from app.logic.actor import Actor, require_admin
+from app.logic.errors import BadRequest, NotFound
+from app.logic.pagination import Page, paginate
+from app.logic.rows import insert_unique
+from app.models import Flavor, Host, Image, Zone
+
+_flavors = Flavor.__table__
+_images = Image.__table__
+_hosts = Host.__table__
+_zones = Zone.__table__
+
+
+# -- flavors -------------------------------------------------------------------
+
+async def resolve_flavor(session: AsyncSession, *, flavor_id: uuid.UUID | None,
+                         name: str | None, field: str = "flavor") -> Flavor:
+    if flavor_id is None and not name:
+        raise BadRequest(f"give {field}_id or {field}", field=f"{field}_id")
+    stmt = sa.select(Flavor).where(
+        _flavors.c.id == flavor_id if flavor_id is not None else _flavors.c.name == name
+    )
+    flavor = (await session.scalars(stmt)).first()
+    if flavor is None:
+        raise BadRequest(f"flavor {flavor_id or name} does not exist", field=f"{field}_id")
+    return flavor
+
+
+async def list_flavors(session: AsyncSession, *, limit: int, cursor: str | None
+                       ) -> tuple[Page[Flavor], dict[uuid.UUID, int]]:
+    page = await paginate(session, sa.select(Flavor), _flavors.c.id, limit=limit, cursor=cursor)
+    return page, await placement.capacity(session, page.items)
+
+
+async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus: int,
+                        ram_mb: int, disk_gb: int) -> Flavor:
+    require_admin(actor)
+    if vcpus <= 0 or ram_mb <= 0 or disk_gb < 0:
+        raise BadRequest("vcpus and ram_mb must be positive, disk_gb not negative")
+    flavor = Flavor(name=name, vcpus=vcpus, ram_mb=ram_mb, disk_gb=disk_gb)
+    await insert_unique(session, flavor, f"flavor {name}")
+    return flavor
+
+
+# -- images --------------------------------------------------------------------
+
+def _visible_images(actor: Actor) -> sa.Select[tuple[Image]]:
+    stmt = sa.select(Image).where(_images.c.status != "deleted")
+    if not actor.is_admin:
+        stmt = stmt.where(sa.or_(_images.c.is_public.is_(True), _images.c.project_id == actor.project_id))
+    return stmt
+
+
+async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None,
+                        name: str | None) -> Image:
+    if image_id is None and not name:
+        raise BadRequest("give image_id or image", field="image_id")
+    stmt = _visible_images(actor).where(
+        _images.c.id == image_id if image_id is not None else _images.c.name == name
+    )
+    found = list(await session.scalars(stmt.limit(2)))
+    if not found:
+        raise BadRequest(f"image {image_id or name} does not exist", field="image_id")
+    if len(found) > 1:
+        raise BadRequest(f"image name {name} is ambiguous: use image_id", field="image")
+    if found[0].status != "active":
+        raise BadRequest(f"image {found[0].name} is {found[0].status}", field="image_id")
+    return found[0]
+
+
+async def list_images(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
+                      ) -> Page[Image]:
+    return await paginate(session, _visible_images(actor), _images.c.id, limit=limit, cursor=cursor)
+
+
+async def create_image(session: AsyncSession, *, actor: Actor, name: str, is_public: bool = True,
+                       disk_format: str = "qcow2", source_url: str = "") -> Image:
+    require_admin(actor)
+    image = Image(name=name, is_public=is_public, disk_format=disk_format, source_url=source_url,
+                  project_id=None if is_public else actor.project_id)
+    session.add(image)
+    await session.flush()
+    return image
+
+
+# -- zones and hosts -------------------------------------------------------------
+
+async def ensure_zone(session: AsyncSession, name: str) -> Zone:
+    zone = (await session.scalars(sa.select(Zone).where(_zones.c.name == name))).first()
+    if zone is None:
+        zone = Zone(name=name)
+        session.add(zone)
+        await session.flush()
+    return zone
+
+
+async def check_zone(session: AsyncSession, name: str) -> None:
+    if (await session.scalars(sa.select(Zone.id).where(_zones.c.name == name))).first() is None:
+        raise BadRequest(f"zone {name} does not exist", field="zone")
+
+
+@dataclass(frozen=True)
+class ZoneView:
+    zone: Zone
+    hosts: int
+    hosts_up: int
+
+
+async def list_zones(session: AsyncSession, *, limit: int, cursor: str | None) -> Page[ZoneView]:
+    page = await paginate(session, sa.select(Zone), _zones.c.id, limit=limit, cursor=cursor)
+    counts = {
+        (zone, state): n
+        for zone, state, n in (await session.execute(
+            sa.select(_hosts.c.zone, _hosts.c.state, sa.func.count()).group_by(_hosts.c.zone, _hosts.c.state)
+        )).all()
+    }
+    views = [
+        ZoneView(z, sum(n for (zn, _), n in counts.items() if zn == z.name), counts.get((z.name, "up"), 0))
+        for z in page.items
+    ]
+    return Page(views, page.next_cursor)
+
+
+async def list_hosts(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
+                     ) -> Page[Host]:
+    require_admin(actor)
+    return await paginate(session, sa.select(Host), _hosts.c.id, limit=limit, cursor=cursor)
+
+
+async def register_host(
+    session: AsyncSession, *, actor: Actor, name: str, zone: str, cpus: int, ram_mb: int,
+    cpu_ratio: float = 4.0, ram_ratio: float = 1.0, state: str = "up",
+) -> Host:
+    """Create a host, or update its capacity and zone if it exists (an agent re-registering)."""
+    require_admin(actor)
+    if cpus <= 0 or ram_mb <= 0 or cpu_ratio <= 0 or ram_ratio <= 0:
+        raise BadRequest("cpus, ram_mb and the ratios must be positive")
+    await ensure_zone(session, zone)
+    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
+    if host is None:
+        host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, cpu_ratio=cpu_ratio,
+                    ram_ratio=ram_ratio, state=state)
+        session.add(host)
+    else:
+        host.zone, host.cpus, host.ram_mb = zone, cpus, ram_mb
+        host.cpu_ratio, host.ram_ratio = cpu_ratio, ram_ratio
+    await session.flush()
+    return host
+
+
+async def set_host_state(session: AsyncSession, *, actor: Actor, name: str, state: str) -> Host:
+    require_admin(actor)
+    if state not in ("up", "down", "disabled"):
+        raise BadRequest("state is one of up, down, disabled", state=state)
+    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
+    if host is None:
+        raise NotFound(f"host {name} not found", host=name)
+    host.state = state
+    return host
+
+
+async def hosts_up(session: AsyncSession) -> int:
+    return int((await session.execute(
+        sa.select(sa.func.count()).select_from(_hosts).where(_hosts.c.state == "up")
+    )).scalar_one())

@@ -1,0 +1,30 @@
+"""A VM's history: every action asked, every job outcome, every out-of-band change."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.logic.pagination import Page, paginate
+from app.models import Server, ServerEvent
+
+
+def record(
+    session: AsyncSession, server: Server, kind: str, *, job_id: uuid.UUID | None = None,
+    action: str | None = None, before: str | None = None, after: str | None = None,
+    message: str = "", user_id: uuid.UUID | None = None,
+) -> ServerEvent:
+    event = ServerEvent(server_id=server.id, job_id=job_id, kind=kind, action=action,
+                        operstate_from=before, operstate_to=after, message=message,
+                        user_id=user_id)
+    session.add(event)
+    return event
+
+
+async def list_for(session: AsyncSession, server_id: uuid.UUID, *, limit: int,
+                   cursor: str | None) -> Page[ServerEvent]:
+    table = ServerEvent.__table__
+    stmt = sa.select(ServerEvent).where(table.c.server_id == server_id)
+    return await paginate(session, stmt, table.c.id, limit=limit, cursor=cursor)

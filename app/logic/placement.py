@@ -1,0 +1,137 @@
+"""Placement: which host takes a VM, and how much room the hosts have left.
+
+Filter hosts by zone, state ``up`` and free CPU / RAM (capacity times the
+overcommit ratio, minus what placed VMs hold), weigh by free RAM, reserve.
+A VM holds its host's CPU and memory from placement until it is destroyed
+(a stopped VM can start again without being placed anew).
+
+Race safety: the candidate hosts are locked in id order before choosing
+(one order for every transaction, so a create of several VMs cannot deadlock
+with another), and the reservation itself is a conditional UPDATE
+(``used + want <= capacity * ratio``) that refuses to overfill a host even
+if the lock were missing. Lock order: server, project, hosts.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.logic.errors import NoCapacity
+from app.models import Flavor, Host
+
+_hosts = Host.__table__
+VNC_BASE = 5900
+VNC_RANGE = 10000
+
+
+@dataclass(frozen=True)
+class Placed:
+    host: str
+    zone: str
+    vnc_port: int
+
+
+def free_of(host: Host) -> tuple[int, int]:
+    """(free vCPUs, free MiB) of a host, overcommit included."""
+    return (
+        math.floor(host.cpus * host.cpu_ratio) - host.used_cpus,
+        math.floor(host.ram_mb * host.ram_ratio) - host.used_ram_mb,
+    )
+
+
+async def _lock_candidates(session: AsyncSession, zone: str | None) -> list[Host]:
+    stmt = sa.select(Host).where(_hosts.c.state == "up").order_by(_hosts.c.id).with_for_update()
+    if zone is not None:
+        stmt = stmt.where(_hosts.c.zone == zone)
+    stmt = stmt.execution_options(populate_existing=True)
+    return list(await session.scalars(stmt))
+
+
+async def reserve(
+    session: AsyncSession, *, vcpus: int, ram_mb: int, zone: str | None,
+    host: str | None = None, exclude: str | None = None,
+) -> Placed:
+    """Reserve ``vcpus`` / ``ram_mb`` on the best fitting host, or raise ``NoCapacity``."""
+    candidates = [
+        h for h in await _lock_candidates(session, zone)
+        if (host is None or h.name == host) and h.name != exclude
+    ]
+    fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
+    for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):
+        seq = (await session.execute(
+            _hosts.update()
+            .where(
+                _hosts.c.id == chosen.id,
+                _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
+                _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+            )
+            .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
+                    vnc_seq=_hosts.c.vnc_seq + 1)
+            .returning(_hosts.c.vnc_seq)
+        )).scalar_one_or_none()
+        if seq is not None:
+            # Keep the loaded object in step for a second reservation in this transaction.
+            chosen.used_cpus += vcpus
+            chosen.used_ram_mb += ram_mb
+            chosen.vnc_seq = seq
+            return Placed(chosen.name, chosen.zone, VNC_BASE + seq % VNC_RANGE)
+    where = f"host {host}" if host else (f"zone {zone}" if zone else "any zone")
+    raise NoCapacity(
+        f"no host in {where} can take {vcpus} vCPUs and {ram_mb} MiB",
+        vcpus=vcpus, ram_mb=ram_mb, zone=zone, host=host,
+    )
+
+
+async def grow(session: AsyncSession, *, host: str, vcpus: int, ram_mb: int) -> None:
+    """Reserve more on the VM's own host (resize up); ``NoCapacity`` when it does not fit."""
+    if vcpus <= 0 and ram_mb <= 0:
+        await release(session, host=host, vcpus=-vcpus, ram_mb=-ram_mb)
+        return
+    # The conditional UPDATE takes the host's row lock and re-checks the room
+    # after any concurrent writer commits, so the host is never overfilled.
+    done = (await session.execute(
+        _hosts.update()
+        .where(
+            _hosts.c.name == host,
+            _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
+            _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+        )
+        .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
+        .returning(_hosts.c.id)
+    )).scalar_one_or_none()
+    if done is None:
+        raise NoCapacity(f"host {host} cannot grow by {vcpus} vCPUs and {ram_mb} MiB",
+                         host=host, vcpus=vcpus, ram_mb=ram_mb)
+
+
+async def release(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: int) -> None:
+    """Give back what a VM held on ``host`` (unconditional: it reflects what happened)."""
+    await add(session, host=host, vcpus=-vcpus, ram_mb=-ram_mb)
+
+
+async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: int) -> None:
+    """Move a host's usage without a capacity check: the hypervisor already did it."""
+    if host is None or (vcpus == 0 and ram_mb == 0):
+        return
+    await session.execute(
+        _hosts.update().where(_hosts.c.name == host)
+        .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
+    )
+
+
+async def capacity(session: AsyncSession, flavors: list[Flavor]) -> dict[uuid.UUID, int]:
+    """How many more VMs of each flavor the up hosts can take now (the lease-it view)."""
+    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == "up")))
+    out: dict[uuid.UUID, int] = {}
+    for flavor in flavors:
+        total = 0
+        for h in hosts:
+            cpu, ram = free_of(h)
+            total += max(0, min(cpu // flavor.vcpus, ram // flavor.ram_mb))
+        out[flavor.id] = total
+    return out

@@ -1,0 +1,159 @@
+"""Quotas through commissions (DESIGN.md "Quotas: commissions").
+
+The invariant: once no task is pending, each project's recorded usage equals
+the usage recomputed from its VMs; while tasks are pending, usage plus the
+pending positive deltas never exceeds a limit. Every check runs with the
+project's row locked (``lock_project``), so concurrent requests in one
+project serialize on it and cannot both squeeze into the last free slot.
+Lock order everywhere: server row, then project row, then host rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic.errors import BadRequest, OverLimit
+from app.logic.operstate import RESOURCES, Deltas
+from app.models import Commission, Project, Quota
+
+#: Limits of a project created without explicit quotas (ram MiB, disk GiB).
+DEFAULT_LIMITS: dict[str, int] = {
+    "vm": 20, "cpu": 40, "ram": 81920, "disk": 1000, "active_cpu": 40, "active_ram": 81920,
+}
+
+_commissions = Commission.__table__
+_quotas = Quota.__table__
+
+
+async def lock_project(session: AsyncSession, project_id: uuid.UUID) -> None:
+    await session.execute(
+        sa.select(Project.__table__.c.id).where(Project.__table__.c.id == project_id).with_for_update()
+    )
+
+
+async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[str, int]) -> None:
+    unknown = set(limits) - set(RESOURCES)
+    if unknown:
+        raise BadRequest(f"unknown quota resources: {sorted(unknown)}", allowed=list(RESOURCES))
+    if any(v < 0 for v in limits.values()):
+        raise BadRequest("quota limits must be >= 0")
+    existing = {
+        q.resource: q
+        for q in (await session.scalars(sa.select(Quota).where(_quotas.c.project_id == project_id)))
+    }
+    for resource in RESOURCES:
+        if resource in existing:
+            if resource in limits:
+                existing[resource].hard_limit = limits[resource]
+        else:
+            session.add(Quota(project_id=project_id, resource=resource,
+                              hard_limit=limits.get(resource, DEFAULT_LIMITS[resource])))
+    await session.flush()
+
+
+async def pending_positive(session: AsyncSession, project_id: uuid.UUID) -> Deltas:
+    """Sum of the positive deltas of the project's pending commissions."""
+    cols = [
+        sa.func.coalesce(sa.func.sum(sa.case((_commissions.c[r] > 0, _commissions.c[r]), else_=0)), 0)
+        for r in RESOURCES
+    ]
+    row = (await session.execute(
+        sa.select(*cols).where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
+    )).one()
+    return Deltas(*(int(v) for v in row))
+
+
+async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict[str, int]]:
+    """``{resource: {limit, usage, pending}}`` for one project."""
+    rows = (await session.execute(
+        sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage)
+        .where(_quotas.c.project_id == project_id)
+    )).all()
+    pending = (await pending_positive(session, project_id)).as_dict()
+    out = {r: {"limit": 0, "usage": 0, "pending": pending[r]} for r in RESOURCES}
+    for resource, limit, usage in rows:
+        out[resource].update(limit=int(limit), usage=int(usage))
+    return out
+
+
+async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas) -> None:
+    """Refuse with ``OverLimit`` unless usage + pending positive + request fits every limit.
+
+    The caller holds the project's lock (``lock_project``).
+    """
+    wanted = requested.as_dict()
+    if not any(v > 0 for v in wanted.values()):
+        return
+    state = await report(session, project_id)
+    for resource in RESOURCES:
+        need = wanted[resource]
+        q = state[resource]
+        if need > 0 and q["usage"] + q["pending"] + need > q["limit"]:
+            raise OverLimit(
+                f"quota exceeded for {resource}",
+                resource=resource, limit=q["limit"], usage=q["usage"],
+                pending=q["pending"], requested=need,
+            )
+
+
+async def _move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+    changes = {r: v for r, v in deltas.as_dict().items() if v}
+    if not changes:
+        return
+    # One statement for every resource: a CASE keyed on the resource column.
+    amount = sa.case(*((_quotas.c.resource == r, v) for r, v in changes.items()), else_=0)
+    await session.execute(
+        _quotas.update()
+        .where(_quotas.c.project_id == project_id, _quotas.c.resource.in_(list(changes)))
+        .values(usage=_quotas.c.usage + amount)
+    )
+
+
+async def issue(
+    session: AsyncSession, *, project_id: uuid.UUID, server_id: uuid.UUID | None, deltas: Deltas,
+    issuer: str = "api", accept: bool = False, reason: str | None = None,
+) -> Commission:
+    """Record a commission; with ``accept`` usage moves at once. No limit check here."""
+    commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer,
+                            reason=reason, **deltas.as_dict())
+    if accept:
+        commission.state = "accepted"
+        commission.resolved_at = utcnow()
+        await _move_usage(session, project_id, deltas)
+    session.add(commission)
+    return commission
+
+
+def deltas_of(commission: Commission) -> Deltas:
+    return Deltas(**{r: getattr(commission, r) for r in RESOURCES})
+
+
+async def accept(session: AsyncSession, commission: Commission) -> None:
+    if commission.state != "pending":
+        return
+    await _move_usage(session, commission.project_id, deltas_of(commission))
+    commission.state = "accepted"
+    commission.resolved_at = utcnow()
+
+
+async def reject(session: AsyncSession, commission: Commission, reason: str) -> None:
+    if commission.state != "pending":
+        return
+    commission.state = "rejected"
+    commission.reason = reason
+    commission.resolved_at = utcnow()
+
+
+async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:
+    if commission_id is None:
+        return None
+    return await session.get(Commission, commission_id, with_for_update=True)
+
+
+def as_limits(raw: dict[str, Any] | None) -> dict[str, int]:
+    return {k: int(v) for k, v in (raw or {}).items()}

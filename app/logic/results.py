@@ -1,0 +1,165 @@
+"""Applying a job's outcome: what the dispatcher calls for every result.
+
+``apply_result`` runs in the caller's transaction and, in it: sets the
+operstate the table says, clears the task only when the job is the VM's
+current task, accepts or rejects the job's commission, records an event,
+and frees or moves host capacity. It is a no-op for a job already final, so
+a redelivered result changes nothing.
+
+Quota bookkeeping follows one rule, whatever happened in between: the change
+the VM's usage really undergoes is ``footprint(after) - footprint(before)``,
+computed from the state stored *before* this result. A pending commission
+that says exactly that is accepted; one that does not (a destroy overtook
+the task, an out-of-band change got there first) is rejected as stale and a
+dispatcher-issued commission for the real change is accepted instead. So a
+duplicate or stale event can never move usage twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic import events, placement, quotas
+from app.logic.jobs import FINAL, JobStatus
+from app.logic.operstate import Action, Operstate, footprint, target_state
+from app.models import Flavor, Image, Job, Server
+
+_jobs = Job.__table__
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # the job was already final
+    UNKNOWN = "unknown"  # no such job
+
+
+async def apply_result(
+    session: AsyncSession, *, job_id: uuid.UUID, success: bool, error: str | None = None,
+    seq: int | None = None, details: dict[str, Any] | None = None,
+) -> Outcome:
+    """Apply a job's SUCCESS (``success=True``) or ERROR outcome; idempotent."""
+    found = await session.get(Job, job_id)
+    if found is None:
+        return Outcome.UNKNOWN
+    # Lock order: server first, as every other writer does.
+    server = (await session.scalars(
+        sa.select(Server).where(Server.__table__.c.id == found.server_id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).one()
+    job = (await session.scalars(
+        sa.select(Job).where(_jobs.c.id == job_id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).one()
+    if job.status in FINAL:
+        return Outcome.DUPLICATE
+    await quotas.lock_project(session, server.project_id)
+
+    # A result older than an event already applied to this VM still ends its
+    # job, but says nothing current about the operstate.
+    stale = seq is not None and seq <= server.last_seq
+    if seq is not None and not stale:
+        server.last_seq = seq
+    action = Action(job.action)
+    params = job.params
+    current = server.task_job_id == job.id
+    superseded = bool(params.get("reservation_released"))
+    before = Operstate(server.operstate)
+    flavor = await session.get(Flavor, server.flavor_id)
+    assert flavor is not None
+    new_flavor = flavor
+
+    if before is Operstate.DESTROYED:
+        after = before  # nothing happens to a destroyed VM any more
+    else:
+        # Destruction is final whatever was seen before it; other stale results keep the state.
+        keep = stale and action is not Action.DESTROY
+        after = before if keep else target_state(action, before, success)
+        if success and action is Action.RESIZE:
+            new_flavor = await session.get(Flavor, uuid.UUID(params["flavor_id"])) or flavor
+        await _move_host_room(session, server, job, action, success, superseded)
+
+    real = (footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb)
+            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    commission = await quotas.get_commission(session, job.commission_id)
+    if commission is not None and commission.state == "pending":
+        if quotas.deltas_of(commission) == real:
+            await quotas.accept(session, commission)
+            real = real - real
+        else:
+            await quotas.reject(session, commission, "the change it described did not happen as described")
+    if not real.is_zero():
+        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
+                           issuer="dispatcher", accept=True,
+                           reason=f"{action.value} result moved usage uncommissioned")
+
+    now = utcnow()
+    server.operstate = after.value
+    server.flavor_id = new_flavor.id
+    if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
+        server.destroyed_at = now
+        if server.host is not None:
+            await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    if current or after is Operstate.DESTROYED:
+        server.task, server.task_job_id = None, None
+    server.updated_at = now
+    job.status = (JobStatus.SUCCESS if success else JobStatus.ERROR).value
+    job.error = None if success else (error or "the job failed")
+    job.finished_at = now
+    if action is Action.SAVE_IMAGE:
+        image = await session.get(Image, uuid.UUID(params["image_id"]))
+        if image is not None:
+            image.status = "active" if success else "error"
+    events.record(session, server, "job_succeeded" if success else "job_failed", job_id=job.id,
+                  action=action.value, before=before.value, after=after.value,
+                  message=error or ("stale result: operstate kept" if stale else ""))
+    if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
+        await _finish_overtaken(session, server, job)
+    return Outcome.APPLIED
+
+
+async def _move_host_room(session: AsyncSession, server: Server, job: Job, action: Action,
+                          success: bool, superseded: bool) -> None:
+    """Resize and migrate reserved room when accepted: keep, give back or move it now."""
+    reserved = job.params.get("reserved")
+    if not reserved:
+        return
+    vcpus, ram = int(reserved["vcpus"]), int(reserved["ram_mb"])
+    if action is Action.RESIZE:
+        if superseded and success:
+            await placement.add(session, host=server.host, vcpus=vcpus, ram_mb=ram)
+        elif not superseded and not success:
+            await placement.release(session, host=server.host, vcpus=vcpus, ram_mb=ram)
+    elif action in (Action.MIGRATE, Action.LIVE_MIGRATE):
+        target = job.params["target_host"]
+        if success:
+            if superseded:
+                await placement.add(session, host=target, vcpus=vcpus, ram_mb=ram)
+            await placement.release(session, host=server.host, vcpus=vcpus, ram_mb=ram)
+            server.host = target
+            server.vnc_port = job.params.get("target_vnc_port", server.vnc_port)
+        elif not superseded:
+            await placement.release(session, host=target, vcpus=vcpus, ram_mb=ram)
+
+
+async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
+    """A job is final no later than its server's task is cleared: end the ones destroy overtook."""
+    overtaken = list(await session.scalars(
+        sa.select(Job).where(
+            _jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id,
+            _jobs.c.status.notin_([s.value for s in FINAL]),
+        ).with_for_update()
+    ))
+    now = utcnow()
+    for job in overtaken:
+        commission = await quotas.get_commission(session, job.commission_id)
+        if commission is not None:
+            await quotas.reject(session, commission, "superseded by destroy")
+        job.status, job.error, job.finished_at = JobStatus.ERROR.value, "superseded by destroy", now
+        events.record(session, server, "job_failed", job_id=job.id, action=job.action,
+                      message="superseded by destroy")

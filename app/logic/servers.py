@@ -1,0 +1,194 @@
+"""Servers: create (with count and hold), read, list, edit.
+
+The lifecycle actions on an existing server live in ``actions.py``; the
+result of a job is applied in ``results.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic import catalogue, events, keypairs, placement, quotas
+from app.logic.actor import Actor
+from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
+from app.logic.jobs import Outbox, new_job
+from app.logic.operstate import Action, Operstate, footprint
+from app.logic.pagination import Page, paginate
+from app.models import Flavor, Image, Job, Server
+
+_servers = Server.__table__
+MAX_COUNT = 100
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    name: str
+    flavor_id: uuid.UUID | None = None
+    flavor: str | None = None
+    image_id: uuid.UUID | None = None
+    image: str | None = None
+    count: int = 1
+    key_name: str | None = None
+    user_data: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    zone: str | None = None
+    hold: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Created:
+    server: Server
+    job: Job | None  # None for a server created on hold
+
+
+def _not_found(server_id: uuid.UUID) -> NotFound:
+    return NotFound(f"server {server_id} not found", server_id=str(server_id))
+
+
+async def get(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
+    server = await session.get(Server, server_id)
+    if server is None or not actor.sees(server.project_id):
+        raise _not_found(server_id)
+    return server
+
+
+async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
+    """The server row, locked for this transaction (the per-VM task lock's first step)."""
+    stmt = (sa.select(Server).where(_servers.c.id == server_id).with_for_update()
+            .execution_options(populate_existing=True))
+    server = (await session.scalars(stmt)).first()
+    if server is None or not actor.sees(server.project_id):
+        raise _not_found(server_id)
+    return server
+
+
+def create_params(server: Server, flavor: Flavor, image: Image, ssh_key: str | None) -> dict[str, Any]:
+    """What an agent needs to build the VM, carried in the job itself."""
+    return {
+        "name": server.name, "vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb,
+        "disk_gb": flavor.disk_gb,
+        "image": {"id": str(image.id), "name": image.name, "disk_format": image.disk_format,
+                  "source_url": image.source_url},
+        "ssh_key": ssh_key, "user_data": server.user_data, "metadata": server.meta,
+        "vnc_port": server.vnc_port,
+    }
+
+
+async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: CreateSpec
+                 ) -> list[Created]:
+    """Accept the creation of ``spec.count`` VMs: all of them, or none."""
+    if actor.project_id is None or actor.user_id is None:
+        raise BadRequest("servers are created by a user")
+    if not 1 <= spec.count <= MAX_COUNT:
+        raise BadRequest(f"count must be between 1 and {MAX_COUNT}", field="count")
+    flavor = await catalogue.resolve_flavor(session, flavor_id=spec.flavor_id, name=spec.flavor)
+    image = await catalogue.resolve_image(session, actor=actor, image_id=spec.image_id, name=spec.image)
+    ssh_key = None
+    if spec.key_name:
+        keypair = await keypairs.find(session, project_id=actor.project_id, name=spec.key_name)
+        if keypair is None:
+            raise BadRequest(f"key pair {spec.key_name} does not exist", field="key_name")
+        ssh_key = keypair.public_key
+    if spec.zone is not None:
+        await catalogue.check_zone(session, spec.zone)
+
+    state = Operstate.HOLD if spec.hold else Operstate.BUILD
+    per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+    await quotas.lock_project(session, actor.project_id)
+    await quotas.check(session, actor.project_id, per_vm * spec.count)
+
+    created = []
+    for i in range(spec.count):
+        now = utcnow()
+        server = Server(
+            name=spec.name if spec.count == 1 else f"{spec.name}-{i + 1}",
+            description=spec.description, project_id=actor.project_id, user_id=actor.user_id,
+            flavor_id=flavor.id, image_id=image.id, zone=spec.zone, operstate=state.value,
+            meta=dict(spec.metadata), key_name=spec.key_name, user_data=spec.user_data,
+            created_at=now, updated_at=now,
+        )
+        session.add(server)
+        commission = await quotas.issue(session, project_id=actor.project_id, server_id=server.id,
+                                        deltas=per_vm, accept=True)
+        job = None
+        if not spec.hold:
+            placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
+                                             zone=spec.zone)
+            server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
+            job = new_job(session, outbox, server, action=Action.CREATE.value,
+                          params=create_params(server, flavor, image, ssh_key), actor=actor,
+                          commission_id=commission.id, host=placed.host)
+            commission.job_id = job.id
+            server.task, server.task_job_id = "BUILD", job.id
+        events.record(session, server, "action", action=Action.CREATE.value, after=state.value,
+                      job_id=job.id if job else None, user_id=actor.user_id,
+                      message="created on hold" if spec.hold else f"placed on {server.host}")
+        created.append(Created(server, job))
+    await session.flush()
+    return created
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    operstate: str | None = None
+    name: str | None = None
+    zone: str | None = None
+    host: str | None = None
+    user_id: uuid.UUID | None = None
+    changes_since: datetime | None = None
+    all_projects: bool = False
+
+
+async def list_servers(session: AsyncSession, *, actor: Actor, filters: ListFilter, limit: int,
+                       cursor: str | None) -> Page[Server]:
+    stmt = sa.select(Server)
+    if not (actor.is_admin and filters.all_projects):
+        stmt = stmt.where(_servers.c.project_id == actor.project_id)
+    if filters.operstate is not None:
+        if filters.operstate not in Operstate.__members__:
+            raise BadRequest(f"unknown operstate {filters.operstate}", field="operstate")
+        stmt = stmt.where(_servers.c.operstate == filters.operstate)
+    elif filters.changes_since is None:
+        # Destroyed servers are listed only when asked for (or as changes).
+        stmt = stmt.where(_servers.c.operstate != Operstate.DESTROYED.value)
+    if filters.host is not None:
+        if not actor.is_admin:
+            raise Forbidden("filtering by host needs the admin role")
+        stmt = stmt.where(_servers.c.host == filters.host)
+    if filters.name is not None:
+        stmt = stmt.where(_servers.c.name == filters.name)
+    if filters.zone is not None:
+        stmt = stmt.where(_servers.c.zone == filters.zone)
+    if filters.user_id is not None:
+        stmt = stmt.where(_servers.c.user_id == filters.user_id)
+    if filters.changes_since is not None:
+        stmt = stmt.where(_servers.c.updated_at >= filters.changes_since)
+    return await paginate(session, stmt, _servers.c.id, limit=limit, cursor=cursor)
+
+
+async def update(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID, name: str | None,
+                 description: str | None, metadata: dict[str, str] | None) -> Server:
+    """Edit what a user may edit without a job: name, description, metadata."""
+    server = await lock(session, actor=actor, server_id=server_id)
+    if server.operstate == Operstate.DESTROYED.value:
+        raise InvalidState("a destroyed server cannot be edited", operstate=server.operstate,
+                           allowed_from=[s.value for s in Operstate if s is not Operstate.DESTROYED])
+    if name is not None:
+        server.name = name
+    if description is not None:
+        server.description = description
+    if metadata is not None:
+        server.meta = dict(metadata)
+    server.updated_at = utcnow()
+    events.record(session, server, "edited", user_id=actor.user_id,
+                  message=", ".join(k for k, v in (("name", name), ("description", description),
+                                                   ("metadata", metadata)) if v is not None))
+    return server

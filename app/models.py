@@ -1,0 +1,259 @@
+"""The tables. Every schema change is an alembic revision (``migrations/``).
+
+Ids are time-ordered UUIDs (``app.ids.uuid7``) so lists page on ``id`` alone.
+Timestamps are timezone-aware UTC on PostgreSQL and SQLite alike.
+Relationships are deliberately absent: async code never lazy-loads, it selects.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from app.ids import utcnow, uuid7
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes everywhere; SQLite stores them naive, so normalise."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _id() -> Any:
+    return Field(default_factory=uuid7, primary_key=True)
+
+
+def _ts(nullable: bool = False, default: bool = True) -> Any:
+    if default:
+        return Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=nullable)
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable)
+
+
+def _json() -> Any:
+    return Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
+
+
+class Project(SQLModel, table=True):
+    __tablename__ = "projects"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=128, unique=True)
+    created_at: datetime = _ts()
+
+
+class Quota(SQLModel, table=True):
+    """One row per (project, resource): the limit and the accepted usage."""
+
+    __tablename__ = "quotas"
+    project_id: uuid.UUID = Field(foreign_key="projects.id", primary_key=True)
+    resource: str = Field(max_length=32, primary_key=True)
+    hard_limit: int = Field(sa_type=sa.BigInteger)
+    usage: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=128)
+    email: str = Field(default="", max_length=256)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", index=True)
+    role: str = Field(default="user", max_length=16)
+    # SHA-256 of the bearer token: tokens are 256 random bits, so a fast hash
+    # is enough and lets authentication be one indexed lookup.
+    token_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+
+
+class Ec2Credential(SQLModel, table=True):
+    __tablename__ = "ec2_credentials"
+    access_key: str = Field(max_length=32, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    # Fernet token of the secret under the server key: SigV4 needs the secret
+    # itself, so it is encrypted rather than hashed.
+    secret_encrypted: str = Field(sa_type=sa.Text)
+    created_at: datetime = _ts()
+
+
+class Flavor(SQLModel, table=True):
+    __tablename__ = "flavors"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=64, unique=True)
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    created_at: datetime = _ts()
+
+
+class Image(SQLModel, table=True):
+    __tablename__ = "images"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=128, index=True)
+    # NULL project: a public image every project sees.
+    project_id: uuid.UUID | None = Field(default=None, foreign_key="projects.id", index=True)
+    is_public: bool = True
+    status: str = Field(default="active", max_length=16)
+    disk_format: str = Field(default="qcow2", max_length=16)
+    source_url: str = Field(default="", max_length=1024)
+    source_server_id: uuid.UUID | None = None
+    created_at: datetime = _ts()
+
+
+class Zone(SQLModel, table=True):
+    __tablename__ = "zones"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+
+
+class Host(SQLModel, table=True):
+    __tablename__ = "hosts"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=128, unique=True)
+    zone: str = Field(max_length=64, foreign_key="zones.name", index=True)
+    cpus: int
+    ram_mb: int
+    cpu_ratio: float = 4.0
+    ram_ratio: float = 1.0
+    used_cpus: int = 0
+    used_ram_mb: int = Field(default=0, sa_type=sa.BigInteger)
+    state: str = Field(default="up", max_length=16)
+    last_heartbeat: datetime | None = _ts(nullable=True, default=False)
+    # Last VNC display handed out on this host; placement bumps it in the same
+    # UPDATE that reserves capacity, so two VMs never share a port.
+    vnc_seq: int = 0
+    created_at: datetime = _ts()
+
+
+class Server(SQLModel, table=True):
+    __tablename__ = "servers"
+    __table_args__ = (sa.Index("ix_servers_project_id_operstate", "project_id", "operstate"),)
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=255)
+    description: str = Field(default="", sa_type=sa.Text)
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    flavor_id: uuid.UUID = Field(foreign_key="flavors.id")
+    image_id: uuid.UUID = Field(foreign_key="images.id")
+    host: str | None = Field(default=None, max_length=128, index=True)
+    zone: str | None = Field(default=None, max_length=64)
+    operstate: str = Field(max_length=16)
+    task: str | None = Field(default=None, max_length=32)
+    task_job_id: uuid.UUID | None = None
+    # "metadata" is reserved on declarative classes; the column keeps the name.
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column("metadata", sa.JSON, nullable=False))
+    key_name: str | None = Field(default=None, max_length=255)
+    user_data: str | None = Field(default=None, sa_type=sa.Text)
+    vnc_port: int | None = None
+    # Highest per-VM event sequence applied (agents stamp every event).
+    last_seq: int = Field(default=0, sa_type=sa.BigInteger)
+    lease_expires_at: datetime | None = _ts(nullable=True, default=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    destroyed_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Job(SQLModel, table=True):
+    """The outbox: committed with the action, published after the commit."""
+
+    __tablename__ = "jobs"
+    id: uuid.UUID = _id()
+    server_id: uuid.UUID = Field(foreign_key="servers.id", index=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    user_id: uuid.UUID | None = Field(default=None, foreign_key="users.id")
+    action: str = Field(max_length=32)
+    params: dict[str, Any] = _json()
+    host: str | None = Field(default=None, max_length=128)
+    status: str = Field(default="PENDING", max_length=16, index=True)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    commission_id: uuid.UUID | None = None
+    attempts: int = 0
+    deadline: datetime = Field(sa_type=UTCDateTime)
+    created_at: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True, default=False)
+    started_at: datetime | None = _ts(nullable=True, default=False)
+    finished_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Commission(SQLModel, table=True):
+    """Resource deltas reserved for an action (pending) and then accepted or rejected."""
+
+    __tablename__ = "commissions"
+    __table_args__ = (sa.Index("ix_commissions_project_id_state", "project_id", "state"),)
+    id: uuid.UUID = _id()
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    server_id: uuid.UUID | None = Field(default=None, foreign_key="servers.id", index=True)
+    job_id: uuid.UUID | None = None
+    issuer: str = Field(default="api", max_length=16)
+    state: str = Field(default="pending", max_length=16)
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    vm: int = Field(default=0, sa_type=sa.BigInteger)
+    cpu: int = Field(default=0, sa_type=sa.BigInteger)
+    ram: int = Field(default=0, sa_type=sa.BigInteger)
+    disk: int = Field(default=0, sa_type=sa.BigInteger)
+    active_cpu: int = Field(default=0, sa_type=sa.BigInteger)
+    active_ram: int = Field(default=0, sa_type=sa.BigInteger)
+    created_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class ServerEvent(SQLModel, table=True):
+    __tablename__ = "server_events"
+    id: uuid.UUID = _id()
+    server_id: uuid.UUID = Field(foreign_key="servers.id", index=True)
+    job_id: uuid.UUID | None = None
+    user_id: uuid.UUID | None = None
+    kind: str = Field(max_length=32)
+    action: str | None = Field(default=None, max_length=32)
+    operstate_from: str | None = Field(default=None, max_length=16)
+    operstate_to: str | None = Field(default=None, max_length=16)
+    message: str = Field(default="", sa_type=sa.Text)
+    created_at: datetime = _ts()
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency_records"
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    key: str = Field(max_length=255, primary_key=True)
+    fingerprint: str = Field(max_length=64)
+    status_code: int
+    response: Any = Field(default=None, sa_type=sa.JSON)
+    created_at: datetime = _ts()
+
+
+class KeyPair(SQLModel, table=True):
+    __tablename__ = "keypairs"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
+    id: uuid.UUID = _id()
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    user_id: uuid.UUID = Field(foreign_key="users.id")
+    name: str = Field(max_length=255)
+    key_type: str = Field(max_length=16)
+    public_key: str = Field(sa_type=sa.Text)
+    fingerprint: str = Field(max_length=128)
+    created_at: datetime = _ts()

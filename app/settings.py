@@ -1,0 +1,67 @@
+"""Typed settings: every Nephos process reads the same ``NEPHOS_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A simulated hypervisor host from ``NEPHOS_HOSTS`` (``name:cpus:ram_mb[:zone]``)."""
+
+    name: str
+    cpus: int
+    ram_mb: int
+    zone: str = "default"
+
+
+def parse_hosts(value: str) -> list[HostSpec]:
+    specs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        fields = item.split(":")
+        if len(fields) not in (3, 4) or not fields[0]:
+            raise ValueError(f"host {item!r} is not name:cpus:ram_mb[:zone]")
+        try:
+            cpus, ram = int(fields[1]), int(fields[2])
+        except ValueError:
+            raise ValueError(f"host {item!r}: cpus and ram_mb must be integers") from None
+        if cpus <= 0 or ram <= 0:
+            raise ValueError(f"host {item!r}: cpus and ram_mb must be positive")
+        specs.append(HostSpec(fields[0], cpus, ram, fields[3] if len(fields) == 4 else "default"))
+    return specs
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEPHOS_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./var/nephos.db"
+    amqp_url: str = "memory://"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: SecretStr | None = None
+    hosts: str = "host-1:16:32768,host-2:16:32768"
+    # Key that encrypts stored EC2 secrets (a Fernet key). When unset, one is
+    # generated into ``secret_key_file`` on first start and reused after.
+    secret_key: SecretStr | None = None
+    secret_key_file: Path = Path("./var/secret.key")
+    # Seconds a job may run before the stuck-task sweeper resolves it.
+    job_deadline_seconds: int = Field(default=600, gt=0)
+    log_level: str = "info"
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        parse_hosts(value)
+        return value
+
+    @property
+    def host_specs(self) -> list[HostSpec]:
+        return parse_hosts(self.hosts)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
