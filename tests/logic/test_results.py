@@ -1,0 +1,154 @@
+"""``apply_result`` for every action: success, failure and a duplicate, on both databases.
+
+Each case drives a VM through the API to the action's starting state, accepts
+the action, applies the job's outcome as the dispatcher would, and checks the
+operstate, task, job, commission, quota usage and host usage against DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from app.models import Commission, Host, Image, Job
+from tests.api.helpers import MEDIUM, SMALL, expected_usage, pending, server_in, usage
+from tests.conftest import Cloud
+
+# action: (from state, extra body, state on success, state on failure)
+CASES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "create": ("-", {}, "STARTED", "ERROR"),
+    "release": ("HOLD", {}, "STARTED", "ERROR"),
+    "start": ("STOPPED", {}, "STARTED", "STOPPED"),
+    "stop": ("STARTED", {}, "STOPPED", "STARTED"),
+    "reboot": ("STARTED", {}, "STARTED", "STARTED"),
+    "suspend": ("STARTED", {}, "SUSPENDED", "STARTED"),
+    "resume": ("SUSPENDED", {}, "STARTED", "SUSPENDED"),
+    "resize": ("STOPPED", {"flavor": "medium"}, "STOPPED", "STOPPED"),
+    "migrate": ("STOPPED", {}, "STOPPED", "STOPPED"),
+    "live_migrate": ("STARTED", {}, "STARTED", "STARTED"),
+    "save_image": ("STARTED", {"image_name": "snap"}, "STOPPED", "STARTED"),
+    "console": ("STARTED", {}, "STARTED", "STARTED"),
+    "destroy": ("STARTED", {}, "DESTROYED", "STARTED"),
+}
+
+
+async def _hosts(cloud: Cloud) -> dict[str, tuple[int, int]]:
+    async with cloud.sessions() as s:
+        return {h.name: (h.used_cpus, h.used_ram_mb) for h in await s.scalars(sa.select(Host))}
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["success", "failure"])
+@pytest.mark.parametrize("action", list(CASES))
+async def test_apply_result(cloud: Cloud, action: str, success: bool) -> None:
+    start, extra, on_success, on_failure = CASES[action]
+    user = cloud.admin  # migrate needs the admin; the admin's project is a project like any
+    if action == "create":
+        reply = await cloud.create(user)
+        server, job_id = reply["servers"][0], reply["job_ids"][0]
+    else:
+        server = await server_in(cloud, user, start)
+        job_id = (await cloud.act(user, server["id"], action,
+                                  expect=200 if action == "console" else 202, **extra))["job_id"]
+    hosts_before = await _hosts(cloud)
+    source = (await cloud.server(user, server["id"]))["host"]
+
+    assert await cloud.finish(job_id, success=success, error=None if success else "libvirt: boom") == "applied"
+
+    after = await cloud.server(user, server["id"])
+    expected_state = on_success if success else on_failure
+    assert after["operstate"] == expected_state
+    assert after["task"] is None and after["task_job_id"] is None
+    job = (await cloud.client.get(f"/api/v1/jobs/{job_id}", headers=user)).json()
+    assert job["status"] == ("SUCCESS" if success else "ERROR") and job["finished_at"] is not None
+    assert job["error"] == (None if success else "libvirt: boom")
+    resized = action == "resize" and success
+    assert after["flavor_id"] != server["flavor_id"] if resized else after["flavor_id"] == server["flavor_id"]
+    q = await cloud.quotas(user)
+    assert usage(q) == expected_usage(expected_state, MEDIUM if resized else SMALL)
+    assert set(pending(q).values()) == {0}
+    async with cloud.sessions() as s:
+        row = await s.get(Job, uuid.UUID(job_id))
+        assert row is not None
+        if row.commission_id is not None:
+            commission = await s.get(Commission, row.commission_id)
+            assert commission is not None
+            immediate = action in ("create", "release")
+            assert commission.state == ("accepted" if success or immediate else "rejected")
+        if action == "save_image":
+            image = await s.get(Image, uuid.UUID(row.params["image_id"]))
+            assert image is not None and image.status == ("active" if success else "error")
+
+    hosts = await _hosts(cloud)
+    if action == "destroy" and success:
+        assert hosts[source] == (hosts_before[source][0] - SMALL[0], hosts_before[source][1] - SMALL[1])
+    elif action in ("migrate", "live_migrate"):
+        target = row.params["target_host"]
+        assert target != source
+        assert after["host"] == (target if success else source)
+        moved_off = target if not success else source
+        assert hosts[moved_off] == (hosts_before[moved_off][0] - 1, hosts_before[moved_off][1] - 2048)
+    elif action == "resize" and not success:
+        assert hosts[source] == (hosts_before[source][0] - 1, hosts_before[source][1] - 2048)
+    else:
+        assert hosts == hosts_before
+
+    # The same result again (a redelivered message) changes nothing.
+    snapshot = (after, await cloud.quotas(user), await _hosts(cloud))
+    assert await cloud.finish(job_id, success=success) == "duplicate"
+    assert await cloud.finish(job_id, success=not success) == "duplicate"
+    assert (await cloud.server(user, server["id"]), await cloud.quotas(user), await _hosts(cloud)) == snapshot
+
+
+async def test_unknown_job_is_reported_not_raised(cloud: Cloud) -> None:
+    assert await cloud.finish(str(uuid.uuid4())) == "unknown"
+
+
+async def test_destroy_overtaking_a_task(cloud: Cloud) -> None:
+    user = await cloud.user()
+    server = await server_in(cloud, user, "STOPPED")
+    start = (await cloud.act(user, server["id"], "start"))["job_id"]
+    assert (await cloud.quotas(user))["active_cpu"]["pending"] == 1
+    destroy = (await cloud.act(user, server["id"], "destroy"))["job_id"]
+    after = await cloud.server(user, server["id"])
+    assert after["task"] == "DESTROY" and after["task_job_id"] == destroy
+    # The overtaken start's reservation was rejected at once.
+    assert set(pending(await cloud.quotas(user)).values()) == {0}
+    # A second DELETE while the destroy is pending answers with the same job.
+    again = await cloud.client.delete(f"/api/v1/servers/{server['id']}", headers=user)
+    assert again.status_code == 202 and again.json()["job_id"] == destroy
+    # The overtaken start still happened on the host before the destroy ran:
+    assert await cloud.finish(start) == "applied"
+    mid = await cloud.server(user, server["id"])
+    assert mid["operstate"] == "STARTED" and mid["task"] == "DESTROY"
+    assert usage(await cloud.quotas(user)) == expected_usage("STARTED")
+    assert await cloud.finish(destroy) == "applied"
+    assert usage(await cloud.quotas(user)) == expected_usage("DESTROYED")
+    final = await cloud.server(user, server["id"])
+    assert final["operstate"] == "DESTROYED" and final["task"] is None
+
+
+async def test_destroy_finishes_overtaken_jobs(cloud: Cloud) -> None:
+    server = await server_in(cloud, cloud.admin, "STOPPED")
+    migrate = (await cloud.act(cloud.admin, server["id"], "migrate"))["job_id"]
+    hosts_mid = await _hosts(cloud)
+    destroy = (await cloud.act(cloud.admin, server["id"], "destroy"))["job_id"]
+    hosts_after_destroy_accepted = await _hosts(cloud)
+    # The migration's reservation on its target was given back when destroy overtook it.
+    assert sum(c for c, _ in hosts_after_destroy_accepted.values()) == sum(c for c, _ in hosts_mid.values()) - 1
+    assert await cloud.finish(destroy) == "applied"
+    job = (await cloud.client.get(f"/api/v1/jobs/{migrate}", headers=cloud.admin)).json()
+    assert job["status"] == "ERROR" and job["error"] == "superseded by destroy"
+    assert await cloud.finish(migrate) == "duplicate"
+    assert all(c == 0 for c, _ in (await _hosts(cloud)).values())
+
+
+async def test_destroy_of_a_held_server_completes_at_once(cloud: Cloud) -> None:
+    user = await cloud.user()
+    server = await server_in(cloud, user, "HOLD")
+    job_id = (await cloud.act(user, server["id"], "destroy"))["job_id"]
+    assert (await cloud.server(user, server["id"]))["operstate"] == "DESTROYED"
+    assert (await cloud.client.get(f"/api/v1/jobs/{job_id}", headers=user)).json()["status"] == "SUCCESS"
+    assert usage(await cloud.quotas(user)) == expected_usage("DESTROYED")
