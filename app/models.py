@@ -257,3 +257,10 @@ class KeyPair(SQLModel, table=True):
     public_key: str = Field(sa_type=sa.Text)
     fingerprint: str = Field(max_length=128)
     created_at: datetime = _ts()
+
+
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The Core table of a model, typed (SQLModel hides ``__table__`` from type checkers)."""
+    table = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, sa.Table)
+    return table

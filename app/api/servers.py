@@ -93,25 +93,26 @@ async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> 
 async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()], tx: TxDep,
                         actor: CurrentUser, idem: IdempotentDep) -> JSONResponse:
     """Run a lifecycle action; 202 with its job, or 200 with VNC details for `console`."""
-    args = {"actor": actor, "server_id": server_id}
-    s, o = tx.session, tx.outbox
+    s, o, sid = tx.session, tx.outbox, server_id
     if body.action == "console":
         async def console() -> ConsoleOut:
-            c = await actions.console(s, o, **args)
+            c = await actions.console(s, o, actor=actor, server_id=sid)
             return ConsoleOut(host=c.host, port=c.port, password=c.password, url=c.url, job_id=c.job.id)
         return await idem.run(200, console)
 
     async def act() -> JobAccepted:
         if isinstance(body, RebootAction):
-            job = await actions.reboot(s, o, hard=body.hard, **args)
+            job = await actions.reboot(s, o, actor=actor, server_id=sid, hard=body.hard)
         elif isinstance(body, ResizeAction):
-            job = await actions.resize(s, o, flavor_id=body.flavor_id, flavor=body.flavor, **args)
+            job = await actions.resize(s, o, actor=actor, server_id=sid, flavor_id=body.flavor_id,
+                                       flavor=body.flavor)
         elif isinstance(body, MigrateAction):
-            job = await actions.migrate(s, o, host=body.host, live=body.action == "live_migrate", **args)
+            job = await actions.migrate(s, o, actor=actor, server_id=sid, host=body.host,
+                                        live=body.action == "live_migrate")
         elif isinstance(body, SaveImageAction):
-            job = await actions.save_image(s, o, image_name=body.image_name, **args)
+            job = await actions.save_image(s, o, actor=actor, server_id=sid, image_name=body.image_name)
         else:
-            job = await getattr(actions, body.action)(s, o, **args)
+            job = await getattr(actions, body.action)(s, o, actor=actor, server_id=sid)
         return JobAccepted(job_id=job.id)
     return await idem.run(202, act)
 

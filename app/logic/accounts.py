@@ -23,10 +23,10 @@ from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound, Unauthorized
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
-from app.models import Ec2Credential, Project, User
+from app.models import Ec2Credential, Project, User, table_of
 
-_users = User.__table__
-_creds = Ec2Credential.__table__
+_users = table_of(User)
+_creds = table_of(Ec2Credential)
 ROLES = ("user", "admin")
 
 
@@ -73,8 +73,7 @@ async def update_project(session: AsyncSession, *, actor: Actor, project_id: uui
     require_admin(actor)
     project = await get_project(session, actor=actor, project_id=project_id)
     if name is not None and name != project.name:
-        clash = (await session.scalars(sa.select(Project.id).where(Project.__table__.c.name == name))).first()
-        if clash is not None:
+        if await find_project(session, name) is not None:
             raise BadRequest(f"project {name} already exists", field="name")
         project.name = name
     if limits:
@@ -86,12 +85,12 @@ async def update_project(session: AsyncSession, *, actor: Actor, project_id: uui
 async def list_projects(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
                         ) -> Page[Project]:
     require_admin(actor)
-    table = Project.__table__
+    table = table_of(Project)
     return await paginate(session, sa.select(Project), table.c.id, limit=limit, cursor=cursor)
 
 
 async def find_project(session: AsyncSession, name: str) -> Project | None:
-    return (await session.scalars(sa.select(Project).where(Project.__table__.c.name == name))).first()
+    return (await session.scalars(sa.select(Project).where(table_of(Project).c.name == name))).first()
 
 
 # -- users -----------------------------------------------------------------------
@@ -131,7 +130,7 @@ async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: s
             found.role = "admin"
             return None
     else:
-        exists = (await session.scalars(sa.select(User.id).where(_users.c.role == "admin"))).first()
+        exists = (await session.scalars(sa.select(_users.c.id).where(_users.c.role == "admin"))).first()
         if exists is not None:
             return None
     system = Actor(user_id=None, project_id=None, is_admin=True)
@@ -170,7 +169,7 @@ async def list_ec2_credentials(session: AsyncSession, *, actor: Actor, limit: in
     return await paginate_by_key(session, stmt, limit=limit, cursor=cursor)
 
 
-async def paginate_by_key(session: AsyncSession, stmt: sa.Select[tuple[Ec2Credential]], *,
+async def paginate_by_key(session: AsyncSession, stmt: sa.Select[Ec2Credential], *,
                           limit: int, cursor: str | None) -> Page[Ec2Credential]:
     if cursor:
         stmt = stmt.where(_creds.c.access_key > cursor)

@@ -25,7 +25,7 @@ from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden
 from app.logic.jobs import JobStatus, Outbox, new_job
 from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
-from app.models import Flavor, Image, Job, KeyPair, Server
+from app.models import Flavor, Image, Job, KeyPair, Server, table_of
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ async def _begin(
 async def _ssh_key(session: AsyncSession, server: Server) -> str | None:
     if not server.key_name:
         return None
-    stmt = sa.select(KeyPair.public_key).where(
-        KeyPair.__table__.c.project_id == server.project_id, KeyPair.__table__.c.name == server.key_name
+    stmt = sa.select(table_of(KeyPair).c.public_key).where(
+        table_of(KeyPair).c.project_id == server.project_id, table_of(KeyPair).c.name == server.key_name
     )
     return (await session.scalars(stmt)).first()
 

@@ -10,17 +10,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic import accounts, catalogue, quotas
 from app.logic.actor import SYSTEM
-from app.models import Flavor, Image, Project
+from app.models import Flavor, Image, Project, table_of
 
 FLAVORS = (("tiny", 1, 512, 1), ("small", 1, 2048, 20), ("medium", 2, 4096, 40), ("large", 4, 8192, 80))
 IMAGES = ("debian-12", "ubuntu-24.04")
 
 
 class HostLike(Protocol):
-    name: str
-    cpus: int
-    ram_mb: int
-    zone: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def cpus(self) -> int: ...
+    @property
+    def ram_mb(self) -> int: ...
+    @property
+    def zone(self) -> str: ...
 
 
 async def seed(session: AsyncSession, *, admin_token: str | None, hosts: Iterable[HostLike] = ()
@@ -33,11 +37,11 @@ async def seed(session: AsyncSession, *, admin_token: str | None, hosts: Iterabl
         await session.flush()
     await quotas.set_limits(session, project.id, {})
     new_admin = await accounts.ensure_admin(session, project_id=project.id, token=admin_token)
-    have = set(await session.scalars(sa.select(Flavor.name)))
+    have = set(await session.scalars(sa.select(table_of(Flavor).c.name)))
     for name, vcpus, ram, disk in FLAVORS:
         if name not in have:
             session.add(Flavor(name=name, vcpus=vcpus, ram_mb=ram, disk_gb=disk))
-    images = set(await session.scalars(sa.select(Image.name).where(Image.__table__.c.project_id.is_(None))))
+    images = set(await session.scalars(sa.select(table_of(Image).c.name).where(table_of(Image).c.project_id.is_(None))))
     for name in IMAGES:
         if name not in images:
             session.add(Image(name=name, is_public=True))

@@ -13,12 +13,12 @@ from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
-from app.models import Flavor, Host, Image, Zone
+from app.models import Flavor, Host, Image, Zone, table_of
 
-_flavors = Flavor.__table__
-_images = Image.__table__
-_hosts = Host.__table__
-_zones = Zone.__table__
+_flavors = table_of(Flavor)
+_images = table_of(Image)
+_hosts = table_of(Host)
+_zones = table_of(Zone)
 
 
 # -- flavors -------------------------------------------------------------------
@@ -54,7 +54,7 @@ async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus
 
 # -- images --------------------------------------------------------------------
 
-def _visible_images(actor: Actor) -> sa.Select[tuple[Image]]:
+def _visible_images(actor: Actor) -> sa.Select[Image]:
     stmt = sa.select(Image).where(_images.c.status != "deleted")
     if not actor.is_admin:
         stmt = stmt.where(sa.or_(_images.c.is_public.is_(True), _images.c.project_id == actor.project_id))
@@ -105,7 +105,7 @@ async def ensure_zone(session: AsyncSession, name: str) -> Zone:
 
 
 async def check_zone(session: AsyncSession, name: str) -> None:
-    if (await session.scalars(sa.select(Zone.id).where(_zones.c.name == name))).first() is None:
+    if (await session.scalars(sa.select(_zones.c.id).where(_zones.c.name == name))).first() is None:
         raise BadRequest(f"zone {name} does not exist", field="zone")
 
 

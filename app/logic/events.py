@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic.pagination import Page, paginate
-from app.models import Server, ServerEvent
+from app.models import Server, ServerEvent, table_of
 
 
 def record(
@@ -25,6 +25,6 @@ def record(
 
 async def list_for(session: AsyncSession, server_id: uuid.UUID, *, limit: int,
                    cursor: str | None) -> Page[ServerEvent]:
-    table = ServerEvent.__table__
+    table = table_of(ServerEvent)
     stmt = sa.select(ServerEvent).where(table.c.server_id == server_id)
     return await paginate(session, stmt, table.c.id, limit=limit, cursor=cursor)

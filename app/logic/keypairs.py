@@ -17,9 +17,9 @@ from app.logic.actor import Actor
 from app.logic.errors import BadRequest, NotFound
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
-from app.models import KeyPair
+from app.models import KeyPair, table_of
 
-_keypairs = KeyPair.__table__
+_keypairs = table_of(KeyPair)
 KEY_TYPES = ("ed25519", "rsa")
 
 

@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic.errors import NoCapacity
-from app.models import Flavor, Host
+from app.models import Flavor, Host, table_of
 
-_hosts = Host.__table__
+_hosts = table_of(Host)
 VNC_BASE = 5900
 VNC_RANGE = 10000
 

@@ -19,20 +19,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import utcnow
 from app.logic.errors import BadRequest, OverLimit
 from app.logic.operstate import RESOURCES, Deltas
-from app.models import Commission, Project, Quota
+from app.models import Commission, Project, Quota, table_of
 
 #: Limits of a project created without explicit quotas (ram MiB, disk GiB).
 DEFAULT_LIMITS: dict[str, int] = {
     "vm": 20, "cpu": 40, "ram": 81920, "disk": 1000, "active_cpu": 40, "active_ram": 81920,
 }
 
-_commissions = Commission.__table__
-_quotas = Quota.__table__
+_commissions = table_of(Commission)
+_quotas = table_of(Quota)
 
 
 async def lock_project(session: AsyncSession, project_id: uuid.UUID) -> None:
     await session.execute(
-        sa.select(Project.__table__.c.id).where(Project.__table__.c.id == project_id).with_for_update()
+        sa.select(table_of(Project).c.id).where(table_of(Project).c.id == project_id).with_for_update()
     )
 
 
@@ -119,8 +119,9 @@ async def issue(
     issuer: str = "api", accept: bool = False, reason: str | None = None,
 ) -> Commission:
     """Record a commission; with ``accept`` usage moves at once. No limit check here."""
-    commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer,
-                            reason=reason, **deltas.as_dict())
+    commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer, reason=reason)
+    for resource, amount in deltas.as_dict().items():
+        setattr(commission, resource, amount)
     if accept:
         commission.state = "accepted"
         commission.resolved_at = utcnow()

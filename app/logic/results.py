@@ -28,9 +28,9 @@ from app.ids import utcnow
 from app.logic import events, placement, quotas
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import Action, Operstate, footprint, target_state
-from app.models import Flavor, Image, Job, Server
+from app.models import Flavor, Image, Job, Server, table_of
 
-_jobs = Job.__table__
+_jobs = table_of(Job)
 
 
 class Outcome(StrEnum):
@@ -49,7 +49,7 @@ async def apply_result(
         return Outcome.UNKNOWN
     # Lock order: server first, as every other writer does.
     server = (await session.scalars(
-        sa.select(Server).where(Server.__table__.c.id == found.server_id).with_for_update()
+        sa.select(Server).where(table_of(Server).c.id == found.server_id).with_for_update()
         .execution_options(populate_existing=True)
     )).one()
     job = (await session.scalars(
@@ -74,6 +74,7 @@ async def apply_result(
     assert flavor is not None
     new_flavor = flavor
 
+    after: Operstate
     if before is Operstate.DESTROYED:
         after = before  # nothing happens to a destroyed VM any more
     else:

@@ -21,9 +21,9 @@ from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
 from app.logic.operstate import Action, Operstate, footprint
 from app.logic.pagination import Page, paginate
-from app.models import Flavor, Image, Job, Server
+from app.models import Flavor, Image, Job, Server, table_of
 
-_servers = Server.__table__
+_servers = table_of(Server)
 MAX_COUNT = 100
 
 

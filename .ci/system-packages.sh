@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Debian packages the install needs; installs only what is missing (root, or sudo).
+set -euo pipefail
+need=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+command -v gcc >/dev/null || need+=(build-essential python3-dev)
+if ((${#need[@]})); then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi

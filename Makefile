@@ -1,0 +1,38 @@
+# Nephos: every set-up step lives here, so a fresh Debian machine needs only `make run` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-sqlite lint services clean
+
+$(STAMP): pyproject.toml
+	@.ci/system-packages.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+## make run: the embedded cloud (SQLite, in-memory bus) on http://127.0.0.1:8000 — Swagger UI at /docs
+run: install
+	$(BIN)/nephos up
+
+## make services: install and start PostgreSQL and RabbitMQ when they are absent or stopped
+services:
+	@.ci/services.sh
+
+## make test: lint, then the whole suite against PostgreSQL and SQLite
+test: install services lint
+	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check app tests migrations
+	$(BIN)/mypy app
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
