@@ -1,65 +1,39 @@
-"""The commands as an operator runs them: ``nephos up`` serves, ``nephos db upgrade`` migrates."""
+"""The commands as an operator runs them: ``nephos up`` serves, ``nephos seed`` is idempotent."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from app.db import upgrade_sync
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _nephos() -> str:
-    return shutil.which("nephos", path=str(Path(sys.executable).parent)) or "nephos"
+from tests.procs import nephos_bin, nephos_up
 
 
 def test_up_serves_healthz_and_docs(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {**os.environ, "NEPHOS_PORT": str(port), "NEPHOS_HOSTS": "h1:8:16384,h2:8:16384:edge"}
-    env.pop("NEPHOS_ADMIN_TOKEN", None)
-    proc = subprocess.Popen([_nephos(), "up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.1)
-        health = httpx.get(f"{base}/healthz").json()
-        assert health == {"database": "ok", "bus": "ok", "hosts_up": 2}
+    env = {"NEPHOS_HOSTS": "h1:8:16384,h2:8:16384:edge"}
+    with nephos_up(tmp_path, **env) as (base, output):
+        assert httpx.get(f"{base}/healthz").json() == {"database": "ok", "bus": "ok", "hosts_up": 2}
         docs = httpx.get(f"{base}/docs")
         assert docs.status_code == 200 and "swagger-ui" in docs.text
         spec = httpx.get(f"{base}/openapi.json").json()
         assert "/api/v1/servers/{server_id}/actions" in spec["paths"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+    out = "\n".join(output)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
-    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+    assert output[-1] in ("exit 0", "exit -15") and "Application shutdown complete" in out, out
     token = re.search(r"bootstrap admin token \(shown once\): (\S+)", out)
     assert token, out
     assert (tmp_path / "var" / "nephos.db").exists()
-    # The token works, and a second start neither prints nor makes another admin.
-    again = subprocess.run([_nephos(), "seed"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    # A second start neither prints nor makes another admin, and the first token still works.
+    again = subprocess.run([nephos_bin(), "seed"], cwd=tmp_path, env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "bootstrap admin token" not in again.stdout
+    with nephos_up(tmp_path, **env) as (base, _):
+        r = httpx.get(f"{base}/api/v1/admin/hosts", headers={"Authorization": f"Bearer {token.group(1)}"})
+        assert r.status_code == 200 and [h["name"] for h in r.json()["items"]] == ["h1", "h2"]
 
 
 def test_migrations_match_the_models(pg_url: str, tmp_path: Path) -> None:

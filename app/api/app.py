@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 
 from app.api import admin, catalogue, errors, health, jobs, keys, servers
 from app.api.deps import AppState
@@ -20,6 +21,14 @@ Every call but `/healthz`, `/openapi.json` and `/docs` needs `Authorization: Bea
 Actions answer **202** with a job; poll `GET /api/v1/jobs/{id}` or the server's `task`.
 Errors share one body: `{"error": {"code", "message", "details"}}`.
 """
+
+
+async def no_nul_in_url(request: Request) -> None:
+    """A NUL in a path or query parameter is a validation error (PostgreSQL text cannot hold one)."""
+    for where, value in (("path", request.url.path), *(("query", v) for v in request.query_params.values())):
+        if "\x00" in value:
+            raise RequestValidationError([{"loc": [where], "msg": "NUL characters are not allowed",
+                                           "type": "value_error"}])
 
 
 def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
@@ -40,7 +49,8 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         finally:
             await engine.dispose()
 
-    app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  dependencies=[Depends(no_nul_in_url)])
     errors.install(app)
     for module in (servers, jobs, catalogue, keys, admin, health):
         app.include_router(module.router)

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.logic.operstate import RESOURCES
 
@@ -15,8 +15,30 @@ Name = Annotated[str, Field(min_length=1, max_length=255)]
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=1024)]], Field(max_length=128)]
 
 
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL; refuse it here as a schema error, not a 500 there."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL characters are not allowed")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(k)
+            _no_nul(v)
+    elif isinstance(value, list):
+        for v in value:
+            _no_nul(v)
+    return value
+
+
 class Strict(BaseModel):
+    """A request body: unknown fields and NUL characters are validation errors."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_nul(cls, data: Any) -> Any:
+        return _no_nul(data)
 
 
 class Page(BaseModel, Generic[T]):
@@ -230,7 +252,7 @@ class Ec2CredentialOut(BaseModel):
 
 # -- admin ----------------------------------------------------------------------------
 
-Quotas = dict[str, Annotated[int, Field(ge=0)]]
+Quotas = dict[str, Annotated[int, Field(ge=0, le=2**53)]]
 
 
 def _check_resources(value: Quotas | None) -> Quotas | None:
@@ -298,7 +320,7 @@ class HostCreate(Strict):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     zone: Annotated[str, Field(min_length=1, max_length=64)] = "default"
     cpus: int = Field(gt=0, le=65536)
-    ram_mb: int = Field(gt=0)
+    ram_mb: int = Field(gt=0, le=2**31 - 1)
     cpu_ratio: float = Field(default=4.0, gt=0, le=64)
     ram_ratio: float = Field(default=1.0, gt=0, le=64)
 

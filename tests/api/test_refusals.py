@@ -158,3 +158,22 @@ async def test_503_no_capacity(cloud: Cloud) -> None:
     r = await cloud.client.post("/api/v1/servers", headers=user,
                                 json={"name": "x", "flavor": "tiny", "image": "debian-12", "zone": "mars"})
     error(r, 400, "BadRequest")
+
+
+async def test_what_postgresql_cannot_store_is_a_422_not_a_500(cloud: Cloud) -> None:
+    """Found by schemathesis against PostgreSQL: NUL characters and integers past a column's range."""
+    user = await cloud.user()
+    for r in (
+        await cloud.client.post("/api/v1/servers", headers=user,
+                                json={"name": "a\u0000b", "flavor": "small", "image": "debian-12"}),
+        await cloud.client.post("/api/v1/servers", headers=user,
+                                json={"name": "a", "flavor": "small", "image": "debian-12",
+                                      "metadata": {"k": "\u0000"}}),
+        await cloud.client.get("/api/v1/servers", params={"name": "x\u0000"}, headers=user),
+        await cloud.client.delete("/api/v1/keypairs/a%00b", headers=user),
+        await cloud.client.post("/api/v1/admin/hosts", headers=cloud.admin,
+                                json={"name": "h", "cpus": 4, "ram_mb": 177263041841886}),
+        await cloud.client.post("/api/v1/admin/projects", headers=cloud.admin,
+                                json={"name": "big", "quotas": {"vm": 2**70}}),
+    ):
+        assert error(r, 422, "ValidationError")["errors"]
