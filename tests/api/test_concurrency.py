@@ -1,7 +1,8 @@
-"""Races on PostgreSQL: the task lock, quota serialization and host capacity hold under load.
+"""Races: the task lock, quota serialization and host capacity hold under load.
 
-Requests run concurrently through one app and asyncpg's pool, so each has its
-own connection and transaction, as with many clients against one API process.
+Requests run concurrently through one app and the engine's pool, so each has its own
+connection and transaction, as with many clients against one API process. On PostgreSQL
+row locks serialize them; on SQLite (the embedded mode) ``BEGIN IMMEDIATE`` does.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from tests.conftest import Cloud, start_cloud, stop_cloud
 BODY = {"name": "race", "flavor": "small", "image": "debian-12"}
 
 
-async def test_twenty_starts_one_wins(pg_cloud: Cloud) -> None:
-    user = await pg_cloud.user()
-    server = await server_in(pg_cloud, user, "STOPPED")
+async def test_twenty_starts_one_wins(cloud: Cloud) -> None:
+    user = await cloud.user()
+    server = await server_in(cloud, user, "STOPPED")
     url = f"/api/v1/servers/{server['id']}/actions"
-    replies = await asyncio.gather(*(pg_cloud.client.post(url, headers=user, json={"action": "start"})
+    replies = await asyncio.gather(*(cloud.client.post(url, headers=user, json={"action": "start"})
                                      for _ in range(20)))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 1, 409: 19}
@@ -34,42 +35,42 @@ async def test_twenty_starts_one_wins(pg_cloud: Cloud) -> None:
         if r.status_code == 409:
             assert r.json()["error"] == {"code": "TaskPending", "message": "task START is pending on this server",
                                          "details": {"task": "START", "job_id": winner}}
-    q = await pg_cloud.quotas(user)
+    q = await cloud.quotas(user)
     assert q["active_cpu"]["pending"] == 1  # one reservation, not twenty
 
 
-async def test_destroy_during_a_pending_task_replaces_it(pg_cloud: Cloud) -> None:
-    user = await pg_cloud.user()
-    server = await server_in(pg_cloud, user, "STARTED")
+async def test_destroy_during_a_pending_task_replaces_it(cloud: Cloud) -> None:
+    user = await cloud.user()
+    server = await server_in(cloud, user, "STARTED")
     url = f"/api/v1/servers/{server['id']}/actions"
     reboot, destroy = await asyncio.gather(
-        pg_cloud.client.post(url, headers=user, json={"action": "reboot"}),
-        pg_cloud.client.delete(f"/api/v1/servers/{server['id']}", headers=user),
+        cloud.client.post(url, headers=user, json={"action": "reboot"}),
+        cloud.client.delete(f"/api/v1/servers/{server['id']}", headers=user),
     )
     assert destroy.status_code == 202
-    after = await pg_cloud.server(user, server["id"])
+    after = await cloud.server(user, server["id"])
     assert after["task"] == "DESTROY" and after["task_job_id"] == destroy.json()["job_id"]
     # Whichever came first, a reboot after the destroy is refused and one before it was overtaken.
     assert reboot.status_code in (202, 409)
 
 
-async def test_fifty_creates_with_room_for_ten(pg_cloud: Cloud) -> None:
-    user = await pg_cloud.user(vm=10, cpu=100, ram=10**6, active_cpu=100, active_ram=10**6, disk=10**4)
-    replies = await asyncio.gather(*(pg_cloud.client.post("/api/v1/servers", headers=user, json=BODY)
+async def test_fifty_creates_with_room_for_ten(cloud: Cloud) -> None:
+    user = await cloud.user(vm=10, cpu=100, ram=10**6, active_cpu=100, active_ram=10**6, disk=10**4)
+    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=user, json=BODY)
                                      for _ in range(50)))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 10, 413: 40}
     assert all(r.json()["error"]["details"]["resource"] == "vm" for r in replies if r.status_code == 413)
-    q = await pg_cloud.quotas(user)
+    q = await cloud.quotas(user)
     assert q["vm"]["usage"] == 10 and q["cpu"]["usage"] == 10 and q["ram"]["usage"] == 10 * 2048
     assert q["active_cpu"]["usage"] == 10 and q["disk"]["usage"] == 10 * 20
-    listed = (await pg_cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
+    listed = (await cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
     assert len(listed) == 10
 
 
 @pytest.fixture
-async def one_host_cloud(pg_url: str) -> AsyncIterator[Cloud]:
-    cloud, manager = await start_cloud(pg_url, hosts=[HostSpec("solo", 2, 8192)])
+async def one_host_cloud(db_url: str) -> AsyncIterator[Cloud]:
+    cloud, manager = await start_cloud(db_url, hosts=[HostSpec("solo", 2, 8192)])
     yield cloud
     await stop_cloud(cloud, manager)
 
@@ -93,15 +94,15 @@ async def test_two_projects_filling_one_host(one_host_cloud: Cloud) -> None:
     assert qa["vm"]["usage"] + qb["vm"]["usage"] == 4
 
 
-async def test_concurrent_actions_on_many_servers_keep_usage_exact(pg_cloud: Cloud) -> None:
-    user = await pg_cloud.user(vm=20, cpu=20, active_cpu=3, ram=10**6, active_ram=10**6, disk=10**4)
-    servers = [await server_in(pg_cloud, user, "STOPPED") for _ in range(8)]
-    replies = await asyncio.gather(*(pg_cloud.client.post(f"/api/v1/servers/{s['id']}/actions", headers=user,
+async def test_concurrent_actions_on_many_servers_keep_usage_exact(cloud: Cloud) -> None:
+    user = await cloud.user(vm=20, cpu=20, active_cpu=3, ram=10**6, active_ram=10**6, disk=10**4)
+    servers = [await server_in(cloud, user, "STOPPED") for _ in range(8)]
+    replies = await asyncio.gather(*(cloud.client.post(f"/api/v1/servers/{s['id']}/actions", headers=user,
                                                           json={"action": "start"}) for s in servers))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 3, 413: 5}  # active_cpu 3 admits three pending starts, not more
     for r in replies:
         if r.status_code == 202:
-            await pg_cloud.finish(r.json()["job_id"])
-    q = await pg_cloud.quotas(user)
+            await cloud.finish(r.json()["job_id"])
+    q = await cloud.quotas(user)
     assert q["active_cpu"] == {"limit": 3, "usage": 3, "pending": 0}
