@@ -40,6 +40,10 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./var/nephos.db"
     amqp_url: str = "memory://"
+    # Names of exchanges and queues start with this, so deployments (and test runs) sharing a
+    # broker never see each other's messages.
+    amqp_prefix: str = "nephos"
+    amqp_prefetch: int = Field(default=64, gt=0, le=65535)
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None

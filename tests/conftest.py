@@ -214,3 +214,26 @@ async def pg_cloud(pg_url: str) -> AsyncIterator[Cloud]:
     c, manager = await start_cloud(pg_url)
     yield c
     await stop_cloud(c, manager)
+
+
+AMQP_URL = os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def need_amqp() -> None:
+    async def ping() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(AMQP_URL, timeout=5)
+        await connection.close()
+
+    try:
+        _in_thread(asyncio.run, ping())
+    except Exception as exc:  # any failure to reach the broker
+        message = f"RabbitMQ is not reachable at {AMQP_URL}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def amqp_prefix() -> str:
+    return f"nephos-test-{uuid.uuid4().hex[:12]}"

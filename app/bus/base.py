@@ -1,0 +1,83 @@
+"""The bus interface, shared retry policy and dead-letter accounting."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("nephos.bus")
+
+Handler = Callable[[bytes], Awaitable[None]]
+
+
+class Poison(Exception):
+    """The message can never be handled (malformed, unknown version): dead-letter it now."""
+
+
+class Bus(abc.ABC):
+    max_attempts = 6
+    base_backoff = 0.05
+    max_backoff = 5.0
+
+    def __init__(self) -> None:
+        self.dead_lettered = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def publish_job(self, host: str, body: bytes, message_id: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_result(self, body: bytes, message_id: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def consume_jobs(self, host: str, handler: Handler) -> None: ...
+
+    @abc.abstractmethod
+    async def consume_results(self, handler: Handler) -> None: ...
+
+    @abc.abstractmethod
+    async def dead_count(self) -> int:
+        """Messages parked in the dead-letter queue (all processes, where the broker knows)."""
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.max_backoff, self.base_backoff * 2 ** max(0, attempt - 1)))
+
+    async def run_handler(self, handler: Handler, body: bytes, attempt: int, where: str) -> str:
+        """Run one delivery: ``"ack"``, ``"retry"`` (after the backoff) or ``"dead"``."""
+        try:
+            await handler(body)
+            return "ack"
+        except Poison as exc:
+            log.warning("dead-lettering a poison message on %s: %s", where, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if attempt < self.max_attempts:
+                log.warning("handler failed on %s (attempt %d), retrying", where, attempt, exc_info=True)
+                await asyncio.sleep(self.backoff(attempt))
+                return "retry"
+            log.exception("handler failed %d times on %s: dead-lettering", attempt, where)
+        self.dead_lettered += 1
+        return "dead"
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
