@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Annotated, Any
 
 import typer
-import uvicorn
 
 from app.db import make_engine, make_sessionmaker, upgrade
 from app.logic import bootstrap
@@ -51,27 +51,65 @@ def db_upgrade(revision: str = "head") -> None:
     typer.echo(f"database at {revision}")
 
 
+def _run(coro: Any) -> None:
+    """Run on uvloop when it is there (it is, with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
 @cli.command()
 def up() -> None:
-    """Everything in one process on the embedded defaults: migrate, seed, serve."""
+    """Everything in one process on the embedded defaults: migrate, seed, api + dispatcher + agents."""
     settings = Settings()
     _logging(settings)
-    asyncio.run(_prepare(settings, seed_hosts=True))
-    from app.api.app import create_app
+    asyncio.run(_prepare(settings, seed_hosts=False))
+    from app.runtime import run_up
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, loop="uvloop", http="httptools")
+    _run(run_up(settings))
 
 
 @cli.command()
 def api() -> None:
-    """The REST API alone (production: run as many as you like behind a balancer)."""
+    """The REST API (production: as many as you like behind a load balancer)."""
     settings = Settings()
     _logging(settings)
-    from app.api.app import create_app
+    from app.runtime import run_api
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, loop="uvloop", http="httptools")
+    _run(run_api(settings))
+
+
+@cli.command()
+def dispatcher() -> None:
+    """Consume results, apply them, run the sweepers (production: run two or more)."""
+    settings = Settings()
+    _logging(settings)
+    from app.runtime import run_dispatcher
+
+    _run(run_dispatcher(settings))
+
+
+@cli.command()
+def agent(
+    host: Annotated[str, typer.Option(help="This hypervisor's name (its job queue)")],
+    libvirt_uri: Annotated[str, typer.Option(help="qemu:///system, or test:///path/node.xml")] = "qemu:///system",
+    zone: Annotated[str, typer.Option(help="The zone this host serves")] = "default",
+    simulate: Annotated[str | None, typer.Option(help="CPUS:RAM_MB: a private test-driver host of that size")] = None,
+    migration_uri: Annotated[str | None, typer.Option(help="How peers' libvirt reaches this host")] = None,
+) -> None:
+    """The agent of one hypervisor host."""
+    settings = Settings()
+    _logging(settings)
+    from app.backend.driver import write_test_node
+    from app.runtime import run_agent
+
+    if simulate:
+        cpus, ram = (int(x) for x in simulate.split(":"))
+        libvirt_uri = write_test_node(settings.state_dir / "hosts", host, cpus, ram)
+    _run(run_agent(settings, host=host, uri=libvirt_uri, zone=zone, migration_uri=migration_uri))
 
 
 @cli.command()

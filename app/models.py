@@ -144,6 +144,11 @@ class Host(SQLModel, table=True):
     used_ram_mb: int = Field(default=0, sa_type=sa.BigInteger)
     state: str = Field(default="up", max_length=16)
     last_heartbeat: datetime | None = _ts(nullable=True, default=False)
+    # The agent's latest inventory (``messages.Inventory`` as JSON) and when it was taken.
+    inventory: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    inventory_at: datetime | None = _ts(nullable=True, default=False)
+    # Where a peer agent's libvirt reaches this host for migrations (``qemu+ssh://...``), if any.
+    migration_uri: str | None = Field(default=None, max_length=512)
     # Last VNC display handed out on this host; placement bumps it in the same
     # UPDATE that reserves capacity, so two VMs never share a port.
     vnc_seq: int = 0

@@ -55,6 +55,19 @@ class Settings(BaseSettings):
     # Seconds a job may run before the stuck-task sweeper resolves it.
     job_deadline_seconds: int = Field(default=600, gt=0)
     log_level: str = "info"
+    # Agents: how often they say they are alive and send their whole inventory.
+    heartbeat_interval: float = Field(default=3.0, gt=0)
+    inventory_interval: float = Field(default=30.0, gt=0)
+    # Dispatchers: how often the sweepers run, when a silent host is down, when to re-send.
+    sweep_interval: float = Field(default=1.0, gt=0)
+    host_timeout: float = Field(default=15.0, gt=0)
+    resend_after: float = Field(default=3.0, gt=0)
+    # Where ``up`` keeps the node definitions of its simulated hosts.
+    state_dir: Path = Path("./var")
+    # Agents on real hypervisors: image store, VM disks, graceful-stop timeout.
+    image_dir: Path = Path("/var/lib/nephos/images")
+    instance_dir: Path = Path("/var/lib/nephos/instances")
+    stop_timeout: float = Field(default=60.0, gt=0)
 
     @field_validator("hosts")
     @classmethod

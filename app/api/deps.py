@@ -25,7 +25,7 @@ from app.logic.errors import Forbidden
 from app.logic.jobs import Outbox
 from app.settings import Settings
 
-Publish = Callable[[list[Any]], Awaitable[None]]
+Publish = Callable[[list[Any]], Awaitable[Any]]
 
 
 async def _publish_nothing(job_ids: list[Any]) -> None:

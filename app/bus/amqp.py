@@ -95,12 +95,18 @@ class AmqpBus(Bus):
             await queue.bind(self._jobs, routing_key=host)
             self._declared.add(host)
 
+    def _require(self) -> None:
+        if self._publish_channel is None or self._jobs is None:
+            raise ConnectionError("the bus is not connected")
+
     async def publish_job(self, host: str, body: bytes, message_id: str | None = None) -> None:
+        self._require()
         await self._declare_host(host)
         assert self._jobs is not None
         await self._jobs.publish(self._message(body, message_id), routing_key=host, mandatory=True)
 
     async def publish_result(self, body: bytes, message_id: str | None = None) -> None:
+        self._require()
         assert self._publish_channel is not None
         await self._publish_channel.default_exchange.publish(self._message(body, message_id),
                                                              routing_key=self.results_queue, mandatory=True)

@@ -15,12 +15,14 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
+from app.logic import events
 from app.logic.actor import Actor
 from app.logic.errors import NotFound
-from app.models import Job, Server
+from app.models import Job, Server, table_of
 
 
 class JobStatus(StrEnum):
@@ -66,3 +68,47 @@ async def get(session: AsyncSession, *, actor: Actor, job_id: uuid.UUID) -> Job:
     if job is None or not actor.sees(job.project_id):
         raise NotFound(f"job {job_id} not found", job_id=str(job_id))
     return job
+
+
+# -- the outbox's side: what to (re)send, and what was sent ---------------------------------
+
+_jobs = table_of(Job)
+
+
+async def to_publish(session: AsyncSession, job_ids: list[uuid.UUID]) -> list[Job]:
+    """The jobs among ``job_ids`` still waiting to be published (no lock: a publish is idempotent)."""
+    if not job_ids:
+        return []
+    stmt = sa.select(Job).where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
+    return list(await session.scalars(stmt))
+
+
+async def unsent(session: AsyncSession, *, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:
+    """PENDING jobs committed more than ``older_than`` ago: their publish failed or never ran."""
+    stmt = (sa.select(_jobs.c.id)
+            .where(_jobs.c.status == JobStatus.PENDING.value, _jobs.c.created_at < utcnow() - older_than)
+            .order_by(_jobs.c.id).limit(limit))
+    return list(await session.scalars(stmt))
+
+
+async def mark_sent(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
+    """Confirmed by the broker. Only PENDING moves: a result may already have been applied."""
+    if job_ids:
+        await session.execute(
+            _jobs.update().where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
+            .values(status=JobStatus.SENT.value, sent_at=utcnow(), attempts=_jobs.c.attempts + 1)
+        )
+
+
+async def mark_running(session: AsyncSession, *, job_id: uuid.UUID) -> bool:
+    """The agent started the job; ``False`` when it is unknown or already past that."""
+    job = (await session.scalars(sa.select(Job).where(_jobs.c.id == job_id).with_for_update())).first()
+    if job is None or job.status in FINAL or job.status == JobStatus.RUNNING.value:
+        return False
+    job.status = JobStatus.RUNNING.value
+    job.started_at = utcnow()
+    server = await session.get(Server, job.server_id)
+    if server is not None:
+        events.record(session, server, "job_started", job_id=job.id, action=job.action,
+                      message=f"running on {job.host}")
+    return True

@@ -164,3 +164,62 @@ async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: 
         job.status, job.error, job.finished_at = JobStatus.ERROR.value, "superseded by destroy", now
         events.record(session, server, "job_failed", job_id=job.id, action=job.action,
                       message="superseded by destroy")
+
+
+#: What a domain state observed on a host means for the VM's operstate (``None``: no domain).
+OBSERVED: dict[str, Operstate | None] = {
+    "running": Operstate.STARTED,
+    "paused": Operstate.SUSPENDED,
+    "shutoff": Operstate.STOPPED,
+    "crashed": Operstate.STOPPED,
+    "missing": None,
+}
+
+
+async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, observed: str, seq: int | None,
+                             reason: str = "", issuer: str = "dispatcher") -> Outcome:
+    """A change nobody commissioned (guest shut down, crash, an operator on the host).
+
+    The VM takes the observed operstate, the pending commission of its task (which described
+    a view that is now stale) is rejected, and a commission for the real change, computed from
+    the state before it, is issued and accepted -- so quotas follow reality without anyone
+    running anything. A VM being built is left to its build job's result; a missing domain is
+    reconciliation's business (it may be mid-migration or never created).
+    """
+    server = (await session.scalars(
+        sa.select(Server).where(table_of(Server).c.id == server_id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).first()
+    if server is None:
+        return Outcome.UNKNOWN
+    if seq is not None:
+        if seq <= server.last_seq:
+            return Outcome.DUPLICATE
+        server.last_seq = seq
+    before = Operstate(server.operstate)
+    after = OBSERVED.get(observed)
+    if (after is None or after is before or before in (Operstate.DESTROYED, Operstate.HOLD)
+            or server.task in ("BUILD", "DESTROY")):
+        return Outcome.APPLIED
+    task_job = await session.get(Job, server.task_job_id) if server.task_job_id is not None else None
+    if task_job is not None and after is target_state(Action(task_job.action), before, True):
+        # The pending task doing what it was asked (its event overtook its result, which
+        # dispatchers may handle in any order): the job's result applies it, with its commission.
+        return Outcome.APPLIED
+    await quotas.lock_project(session, server.project_id)
+    if task_job is not None:
+        commission = await quotas.get_commission(session, task_job.commission_id)
+        if commission is not None:
+            await quotas.reject(session, commission, f"stale: the VM went {after.value} on its own")
+    flavor = await session.get(Flavor, server.flavor_id)
+    assert flavor is not None
+    real = (footprint(after, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    if not real.is_zero():
+        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
+                           issuer=issuer, accept=True, reason=f"out-of-band {before.value} -> {after.value}")
+    server.operstate = after.value
+    server.updated_at = utcnow()
+    events.record(session, server, "out_of_band", before=before.value, after=after.value,
+                  message=reason or f"the host reports the domain {observed}")
+    return Outcome.APPLIED

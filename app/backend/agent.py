@@ -1,0 +1,244 @@
+"""The agent of one hypervisor host: runs jobs on libvirt and reports what happens.
+
+It consumes its host's job queue and publishes to the results queue: a RUNNING and a final
+status per job, state changes nobody asked for (libvirt lifecycle events), its inventory (on
+start, periodically and when asked) and heartbeats (the first one registers the host).
+
+Every report about a VM carries ``seq``, which only grows: a hybrid clock, the larger of
+"last + 1" and the wall clock in nanoseconds, so it keeps growing across agent restarts.
+While a job runs on a domain, lifecycle events for that domain are not reported: the job's
+own result says where it ended, and a stray event must not overtake it.
+
+The agent imports only the message schemas, the bus and its driver: it never touches the
+database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import libvirt
+from pydantic import ValidationError
+
+from app.backend.driver import Driver
+from app.bus import Bus, Poison
+from app.messages import (
+    TO_AGENT,
+    VERSION,
+    Heartbeat,
+    Inventory,
+    InventoryRequest,
+    JobMessage,
+    JobStatus,
+    PeerAck,
+    PeerTransfer,
+    StateChange,
+    encode,
+)
+
+log = logging.getLogger("nephos.agent")
+_events_registered = False
+
+
+def register_event_loop_impl() -> None:
+    """libvirt's event loop on asyncio (once per process, before any connection opens)."""
+    global _events_registered
+    if not _events_registered:
+        import libvirtaio
+
+        libvirtaio.virEventRegisterAsyncIOImpl()
+        _events_registered = True
+
+
+class Agent:
+    def __init__(self, *, host: str, zone: str, driver: Driver, bus: Bus, heartbeat_interval: float = 3.0,
+                 inventory_interval: float = 30.0, migration_uri: str | None = None,
+                 peer_timeout: float = 60.0) -> None:
+        self.host, self.zone, self.driver, self.bus = host, zone, driver, bus
+        self.heartbeat_interval, self.inventory_interval = heartbeat_interval, inventory_interval
+        self.migration_uri, self.peer_timeout = migration_uri, peer_timeout
+        self._seq = 0
+        self._locks: defaultdict[uuid.UUID, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._busy: set[uuid.UUID] = set()
+        self._peers: dict[uuid.UUID, asyncio.Future[PeerAck]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._callback_id: int | None = None
+        self.cpus, self.ram_mb = 0, 0
+
+    def next_seq(self) -> int:
+        self._seq = max(self._seq + 1, time.time_ns())
+        return self._seq
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        register_event_loop_impl()
+        await self.driver.open()
+        self.cpus, self.ram_mb = await self.driver.capacity()
+        assert self.driver.conn is not None
+        self._callback_id = self.driver.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        await self.heartbeat()
+        await self.publish_inventory()
+        await self.bus.consume_jobs(self.host, self.handle)
+        self._loops = [asyncio.create_task(self._every(self.heartbeat_interval, self.heartbeat)),
+                       asyncio.create_task(self._every(self.inventory_interval, self.publish_inventory))]
+        log.info("agent for %s (%s) up: %d CPUs, %d MiB on %s", self.host, self.zone, self.cpus, self.ram_mb,
+                 self.driver.uri)
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._callback_id is not None and self.driver.conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.driver.conn.domainEventDeregisterAny(self._callback_id)
+        await self.driver.close()
+
+    async def _every(self, interval: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await fn()
+            except Exception:  # the broker may be away; the next tick tries again
+                log.warning("periodic %s failed", getattr(fn, "__name__", fn), exc_info=True)
+
+    async def heartbeat(self) -> None:
+        await self.bus.publish_result(encode(Heartbeat(host=self.host, zone=self.zone, cpus=self.cpus,
+                                                       ram_mb=self.ram_mb, sent_at=datetime.now(UTC))))
+
+    async def publish_inventory(self, request_id: str | None = None) -> None:
+        domains = await self.driver.domains()
+        await self.bus.publish_result(encode(Inventory(
+            host=self.host, zone=self.zone, cpus=self.cpus, ram_mb=self.ram_mb, domains=domains,
+            taken_at=datetime.now(UTC), request_id=request_id)))
+
+    # -- unsolicited changes ------------------------------------------------------------------
+    def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
+        try:
+            server_id = uuid.UUID(dom.UUIDString())
+        except ValueError:
+            return
+        if server_id in self._busy:
+            return  # the running job reports where it ends
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            state = "missing"
+        else:
+            try:
+                state = Driver._state(dom)
+            except libvirt.libvirtError:
+                state = "missing"
+        message = StateChange(server_id=server_id, host=self.host, domain_state=state, seq=self.next_seq(),
+                              reason=f"libvirt lifecycle event {event}/{detail}")
+        self.bus.spawn(self._report(message))
+
+    async def _report(self, message: StateChange) -> None:
+        try:
+            await self.bus.publish_result(encode(message))
+        except Exception:
+            log.warning("could not report a state change of %s: the next inventory will", message.server_id,
+                        exc_info=True)
+
+    # -- jobs ---------------------------------------------------------------------------------
+    async def handle(self, body: bytes) -> None:
+        try:
+            message = TO_AGENT.validate_json(body)
+        except ValidationError as exc:
+            raise Poison(f"not a message for an agent: {exc.errors()[:1]}") from None
+        if message.v != VERSION:
+            raise Poison(f"message version {message.v} is not {VERSION}")
+        if isinstance(message, JobMessage):
+            await self.run_job(message)
+        elif isinstance(message, InventoryRequest):
+            await self.publish_inventory(message.request_id)
+        elif isinstance(message, PeerTransfer):
+            await self._adopt(message)
+        elif isinstance(message, PeerAck):
+            waiter = self._peers.get(message.job_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+
+    async def _status(self, job: JobMessage, status: str, **kw: Any) -> None:
+        await self.bus.publish_result(encode(JobStatus(job_id=job.job_id, server_id=job.server_id, host=self.host,
+                                                       status=status, seq=self.next_seq(), **kw)))
+
+    async def run_job(self, job: JobMessage) -> None:
+        if job.host != self.host:
+            raise Poison(f"job {job.job_id} is for {job.host}, not {self.host}")
+        async with self._locks[job.server_id]:
+            self._busy.add(job.server_id)
+            try:
+                await self._status(job, "RUNNING")
+                try:
+                    details = await self._run(job)
+                    error = None
+                except libvirt.libvirtError as exc:
+                    details, error = {}, str(exc)
+                except Exception as exc:  # never crash on a job: report it
+                    log.exception("job %s (%s) failed", job.job_id, job.action)
+                    details, error = {}, f"{type(exc).__name__}: {exc}"
+                state = await self.driver.state(job.server_id)
+                # Publishing may fail (broker away): then the job is redelivered, runs again
+                # (idempotent), and its result is published then.
+                await self._status(job, "ERROR" if error else "SUCCESS", error=error, domain_state=state,
+                                   details=details)
+            finally:
+                self._busy.discard(job.server_id)
+
+    async def _run(self, job: JobMessage) -> dict[str, Any]:
+        d, sid, p = self.driver, job.server_id, job.params
+        if job.action == "create" or job.action == "release":
+            return await d.create(sid, p)
+        if job.action in ("migrate", "live_migrate"):
+            return await self._migrate(job)
+        handler = getattr(d, job.action, None)
+        if handler is None or job.action.startswith("_"):
+            raise libvirt.libvirtError(f"unknown action {job.action}")
+        return await handler(sid, p)  # type: ignore[no-any-return]
+
+    async def _migrate(self, job: JobMessage) -> dict[str, Any]:
+        target = str(job.params["target_host"])
+        live = job.action == "live_migrate"
+        target_uri = job.params.get("target_uri")
+        if target_uri and not self.driver.simulated:
+            await self.driver.migrate_native(job.server_id, str(target_uri), live)
+            return {"target_host": target}
+        exported = await self.driver.export(job.server_id, job.params.get("target_vnc_port"))
+        if exported is None:
+            # Not here: a redelivered job whose migration already happened.
+            return {"target_host": target, "already_moved": True}
+        domain_xml, running = exported
+        waiter: asyncio.Future[PeerAck] = asyncio.get_running_loop().create_future()
+        self._peers[job.job_id] = waiter
+        try:
+            await self.bus.publish_job(target, encode(PeerTransfer(
+                job_id=job.job_id, server_id=job.server_id, source=self.host, domain_xml=domain_xml,
+                start=running)))
+            ack = await asyncio.wait_for(waiter, self.peer_timeout)
+        except TimeoutError:
+            message = f"host {target} did not take the domain within {self.peer_timeout:.0f}s"
+            raise libvirt.libvirtError(message) from None
+        finally:
+            self._peers.pop(job.job_id, None)
+        if not ack.ok:
+            raise libvirt.libvirtError(f"host {target} refused the domain: {ack.error}")
+        await self.driver.forget(job.server_id)
+        return {"target_host": target}
+
+    async def _adopt(self, transfer: PeerTransfer) -> None:
+        async with self._locks[transfer.server_id]:
+            self._busy.add(transfer.server_id)
+            try:
+                await self.driver.adopt(transfer.domain_xml, transfer.start)
+                ack = PeerAck(job_id=transfer.job_id, ok=True)
+            except libvirt.libvirtError as exc:
+                ack = PeerAck(job_id=transfer.job_id, ok=False, error=str(exc))
+            finally:
+                self._busy.discard(transfer.server_id)
+        await self.bus.publish_job(transfer.source, encode(ack))

@@ -1,0 +1,361 @@
+"""The libvirt driver of an agent: domain XML and every action of the operstate table.
+
+Every libvirt call runs on a worker thread (``_call``), never on the event loop. Every action
+is idempotent: a job whose effect is already there succeeds again (a redelivered job, or one
+the dispatcher re-sent), and destroying a missing domain succeeds. Errors are libvirt's own
+``libvirtError``; the agent reports their text.
+
+Domains are named ``nephos-<server id>`` with the server id as their UUID. On libvirt's
+``test://`` driver (the embedded hypervisor) there are no disks and no real migration; on
+``qemu://`` a VM boots from a qcow2 overlay of its image, and migrations use
+``migrateToURI3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from xml.etree import ElementTree as ET
+
+import libvirt
+
+from app.messages import DomainInfo, DomainState
+
+log = logging.getLogger("nephos.agent")
+T = TypeVar("T")
+NS = "https://nephos.dev/xmlns/vm/1"
+
+_STATES: dict[int, DomainState] = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",  # shutting down: still running until it is off
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt prints every error to stderr by default; they are reported through jobs instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def test_node_xml(cpus: int, ram_mb: int) -> str:
+    """A private node for libvirt's test driver with this many CPUs and this much memory."""
+    return (f"<node><cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active><nodes>1</nodes>"
+            f"<sockets>1</sockets><cores>{cpus}</cores><threads>1</threads></cpu>"
+            f"<memory>{ram_mb * 1024}</memory></node>")
+
+
+def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.xml"
+    path.write_text(test_node_xml(cpus, ram_mb))
+    return f"test://{path.resolve()}"
+
+
+class Driver:
+    def __init__(self, uri: str, *, vnc_listen: str = "0.0.0.0", image_dir: Path | None = None,
+                 instance_dir: Path | None = None, stop_timeout: float = 60.0) -> None:
+        self.uri = uri
+        self.vnc_listen = vnc_listen
+        self.image_dir = image_dir or Path("/var/lib/nephos/images")
+        self.instance_dir = instance_dir or Path("/var/lib/nephos/instances")
+        self.stop_timeout = stop_timeout
+        self.conn: libvirt.virConnect | None = None
+        # One thread: a libvirt connection is used from one worker, calls are short, and the
+        # event loop never waits on one.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt")
+
+    @property
+    def simulated(self) -> bool:
+        return self.uri.startswith("test:")
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        _silence_libvirt_stderr()
+        self.conn = await self._call(libvirt.open, self.uri)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                await self._call(self.conn.close)
+            self.conn = None
+        self._executor.shutdown(wait=False)
+
+    # -- reading ---------------------------------------------------------------------------
+    async def capacity(self) -> tuple[int, int]:
+        """(CPUs, MiB) of the host, as libvirt reads them."""
+        assert self.conn is not None
+        info = await self._call(self.conn.getInfo)
+        return int(info[2]), int(info[1])
+
+    def _lookup(self, server_id: uuid.UUID) -> libvirt.virDomain | None:
+        assert self.conn is not None
+        try:
+            return self.conn.lookupByUUIDString(str(server_id))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    @staticmethod
+    def _state(dom: libvirt.virDomain | None) -> DomainState:
+        if dom is None:
+            return "missing"
+        return _STATES.get(dom.state()[0], "other")
+
+    async def state(self, server_id: uuid.UUID) -> DomainState:
+        return await self._call(lambda: self._state(self._lookup(server_id)))  # type: ignore[no-any-return]
+
+    async def domains(self) -> list[DomainInfo]:
+        assert self.conn is not None
+        conn = self.conn
+
+        def read() -> list[DomainInfo]:
+            out = []
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError, ValueError):  # vanished while listed
+                    info = dom.info()
+                    out.append(DomainInfo(server_id=uuid.UUID(dom.UUIDString()), state=self._state(dom),
+                                          vcpus=int(info[3]), ram_mb=int(info[1]) // 1024))
+            return out
+        return await self._call(read)  # type: ignore[no-any-return]
+
+    # -- building --------------------------------------------------------------------------
+    def domain_xml(self, server_id: uuid.UUID, p: dict[str, Any], *, disk: str | None = None) -> str:
+        kind = "test" if self.simulated else "kvm"
+        root = ET.Element("domain", type=kind)
+        ET.SubElement(root, "name").text = f"nephos-{server_id}"
+        ET.SubElement(root, "uuid").text = str(server_id)
+        ET.SubElement(root, "title").text = str(p.get("name", ""))
+        ET.SubElement(root, "memory", unit="MiB").text = str(p["ram_mb"])
+        ET.SubElement(root, "vcpu").text = str(p["vcpus"])
+        os_el = ET.SubElement(root, "os")
+        ET.SubElement(os_el, "type", arch="x86_64" if not self.simulated else "i686").text = "hvm"
+        ET.SubElement(os_el, "boot", dev="hd")
+        meta = ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NS}}}vm")
+        for key in ("ssh_key", "user_data"):
+            if p.get(key):
+                ET.SubElement(meta, f"{{{NS}}}{key}").text = str(p[key])
+        ET.SubElement(meta, f"{{{NS}}}image").text = str(p.get("image", {}).get("name", ""))
+        devices = ET.SubElement(root, "devices")
+        if disk is not None:
+            d = ET.SubElement(devices, "disk", type="file", device="disk")
+            ET.SubElement(d, "driver", name="qemu", type="qcow2")
+            ET.SubElement(d, "source", file=disk)
+            ET.SubElement(d, "target", dev="vda", bus="virtio")
+        nic = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(nic, "source", network="default")
+        if not self.simulated:
+            ET.SubElement(nic, "model", type="virtio")
+        graphics = {"type": "vnc", "listen": self.vnc_listen}
+        if p.get("vnc_port"):
+            graphics.update(port=str(p["vnc_port"]), autoport="no")
+        else:
+            graphics.update(autoport="yes")
+        ET.SubElement(devices, "graphics", graphics)
+        ET.register_namespace("nephos", NS)
+        return ET.tostring(root, encoding="unicode")
+
+    def _overlay(self, server_id: uuid.UUID, p: dict[str, Any]) -> str | None:
+        """A qcow2 overlay on the image (real hypervisors only); made once, kept on redelivery."""
+        if self.simulated:
+            return None
+        base = self.image_dir / f"{p['image']['id']}.qcow2"
+        overlay = self.instance_dir / f"{server_id}.qcow2"
+        if not overlay.exists():
+            self.instance_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay),
+                            f"{int(p.get('disk_gb') or 1)}G"], check=True, capture_output=True)
+        return str(overlay)
+
+    # -- actions (each returns details for the job's result) -------------------------------------
+    async def create(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            assert self.conn is not None
+            dom = self._lookup(server_id)
+            if dom is None:
+                dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
+            if not dom.isActive():
+                dom.create()
+            return {}
+        return await self._call(run)  # type: ignore[no-any-return]
+
+    def _need(self, server_id: uuid.UUID) -> libvirt.virDomain:
+        dom = self._lookup(server_id)
+        if dom is None:
+            raise libvirt.libvirtError(f"Domain not found: no domain with UUID {server_id}")
+        return dom
+
+    async def start(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> None:
+            dom = self._need(server_id)
+            if not dom.isActive():
+                dom.create()
+        await self._call(run)
+        return {}
+
+    async def stop(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """Graceful shutdown, waiting up to ``stop_timeout``; then forced off."""
+        dom = await self._call(self._need, server_id)
+        state = await self._call(self._state, dom)
+        if state == "shutoff":
+            return {}
+        if state == "paused":  # a paused guest cannot answer ACPI
+            await self._call(dom.destroy)
+            return {"forced": True}
+        await self._call(dom.shutdown)
+        deadline = time.monotonic() + float(p.get("timeout", self.stop_timeout))
+        while time.monotonic() < deadline:
+            if await self._call(self._state, dom) == "shutoff":
+                return {}
+            await asyncio.sleep(0.5)
+        with contextlib.suppress(libvirt.libvirtError):  # it may have gone off meanwhile
+            await self._call(dom.destroy)
+        return {"forced": True}
+
+    async def reboot(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> None:
+            dom = self._need(server_id)
+            if p.get("hard"):
+                dom.reset(0)
+            else:
+                dom.reboot(0)
+        await self._call(run)
+        return {}
+
+    async def suspend(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> None:
+            dom = self._need(server_id)
+            if self._state(dom) != "paused":
+                dom.suspend()
+        await self._call(run)
+        return {}
+
+    async def resume(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> None:
+            dom = self._need(server_id)
+            if self._state(dom) == "paused":
+                dom.resume()
+        await self._call(run)
+        return {}
+
+    async def resize(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        vcpus, kib = int(p["vcpus"]), int(p["ram_mb"]) * 1024
+
+        def run() -> None:
+            dom = self._need(server_id)
+            config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            dom.setVcpusFlags(vcpus, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+            dom.setVcpusFlags(vcpus, config)
+            dom.setMemoryFlags(kib, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
+            dom.setMemoryFlags(kib, config)
+        await self._call(run)
+        return {"vcpus": vcpus, "ram_mb": kib // 1024}
+
+    async def console(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """Attach: set a fresh VNC password (live where the driver can, in the definition always)."""
+        password = str(p["password"])
+
+        def run() -> dict[str, Any]:
+            assert self.conn is not None
+            dom = self._need(server_id)
+            if not dom.isActive():
+                raise libvirt.libvirtError("Requested operation is not valid: domain is not running")
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+            graphics = root.find("./devices/graphics[@type='vnc']")
+            if graphics is None:
+                raise libvirt.libvirtError("the domain has no VNC graphics device")
+            graphics.set("passwd", password)
+            try:
+                dom.updateDeviceFlags(ET.tostring(graphics, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+            self.conn.defineXML(ET.tostring(root, encoding="unicode"))
+            return {"port": int(graphics.get("port", "0") or 0)}
+        return await self._call(run)  # type: ignore[no-any-return]
+
+    async def save_image(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """save_and_shutdown: stop the VM, then copy its disk into a new image."""
+        await self.stop(server_id, p)
+        if self.simulated:
+            return {"image_id": p["image_id"]}
+        source = self.instance_dir / f"{server_id}.qcow2"
+        target = self.image_dir / f"{p['image_id']}.qcow2"
+        if not target.exists():
+            tmp = target.with_suffix(".part")
+            await asyncio.to_thread(subprocess.run, ["qemu-img", "convert", "-O", "qcow2", str(source), str(tmp)],
+                                    check=True, capture_output=True)
+            os.replace(tmp, target)
+        return {"image_id": p["image_id"], "size_bytes": target.stat().st_size}
+
+    async def destroy(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        def run() -> None:
+            dom = self._lookup(server_id)
+            if dom is None:
+                return
+            if dom.isActive():
+                dom.destroy()
+            flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            dom.undefineFlags(flags)
+        await self._call(run)
+        if not self.simulated:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.instance_dir / f"{server_id}.qcow2")
+        return {}
+
+    # -- migration ---------------------------------------------------------------------------
+    async def migrate_native(self, server_id: uuid.UUID, target_uri: str, live: bool) -> None:
+        flags = (libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | (libvirt.VIR_MIGRATE_LIVE if live else 0))
+
+        def run() -> None:
+            dom = self._lookup(server_id)
+            if dom is not None:
+                dom.migrateToURI3(target_uri, {}, flags)
+        await self._call(run)
+
+    async def export(self, server_id: uuid.UUID, vnc_port: int | None) -> tuple[str, bool] | None:
+        """The definition to hand to a peer (with the port it will use there), and whether it runs."""
+        def run() -> tuple[str, bool] | None:
+            dom = self._lookup(server_id)
+            if dom is None:
+                return None
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE))
+            graphics = root.find("./devices/graphics[@type='vnc']")
+            if graphics is not None and vnc_port:
+                graphics.set("port", str(vnc_port))
+                graphics.set("autoport", "no")
+            return ET.tostring(root, encoding="unicode"), bool(dom.isActive())
+        return await self._call(run)  # type: ignore[no-any-return]
+
+    async def adopt(self, domain_xml: str, start: bool) -> None:
+        def run() -> None:
+            assert self.conn is not None
+            dom = self.conn.defineXML(domain_xml)
+            if start and not dom.isActive():
+                dom.create()
+        await self._call(run)
+
+    async def forget(self, server_id: uuid.UUID) -> None:
+        """Drop the source copy after a peer adopted the domain (no disk to delete)."""
+        def run() -> None:
+            dom = self._lookup(server_id)
+            if dom is not None:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        await self._call(run)

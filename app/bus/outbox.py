@@ -1,0 +1,72 @@
+"""Publishing the outbox: jobs committed by a transaction go to their hosts' queues.
+
+Called after the commit (never inside a transaction, so no row lock is held across the
+network), and again by the dispatcher's sweeper for jobs still PENDING. Publishes run
+concurrently and their confirms are awaited together (a window, not one by one); the jobs
+the broker confirmed are then marked SENT in one short transaction. A job whose publish
+failed stays PENDING and is sent again later: agents treat a repeated job as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.bus.base import Bus
+from app.logic import jobs
+from app.messages import JobMessage, encode
+from app.models import Job
+
+log = logging.getLogger("nephos.outbox")
+
+
+def job_message(job: Job) -> JobMessage:
+    assert job.host is not None
+    return JobMessage(job_id=job.id, server_id=job.server_id, action=job.action, host=job.host,
+                      params=job.params)
+
+
+class OutboxPublisher:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, *, timeout: float = 5.0) -> None:
+        self.sessions, self.bus, self.timeout = sessions, bus, timeout
+
+    async def publish(self, job_ids: Iterable[uuid.UUID]) -> int:
+        """Publish these jobs if still PENDING; returns how many the broker confirmed."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        async with self.sessions() as session:
+            pending = await jobs.to_publish(session, ids)
+        if not pending:
+            return 0
+        outcomes = await asyncio.gather(*(self._send(job) for job in pending))
+        confirmed = [job.id for job, ok in zip(pending, outcomes, strict=True) if ok]
+        if confirmed:
+            async with self.sessions() as session:
+                await jobs.mark_sent(session, confirmed)
+                await session.commit()
+        return len(confirmed)
+
+    async def _send(self, job: Job) -> bool:
+        try:
+            await asyncio.wait_for(self.bus.publish_job(job.host or "", encode(job_message(job)), str(job.id)),
+                                   self.timeout)
+            return True
+        except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
+            # The broker is away: the job stays PENDING and the sweeper sends it later.
+            log.warning("job %s not published yet (%s): left for the sweeper", job.id, exc or type(exc).__name__)
+            return False
+        except Exception:
+            log.exception("job %s not published: left for the sweeper", job.id)
+            return False
+
+    async def sweep(self, *, older_than: timedelta = timedelta(seconds=5)) -> int:
+        """Send again what was committed but never confirmed as published."""
+        async with self.sessions() as session:
+            ids = await jobs.unsent(session, older_than=older_than)
+        return await self.publish(ids) if ids else 0

@@ -1,0 +1,59 @@
+"""The dispatcher's periodic passes: nothing committed is lost, no task is held forever.
+
+* the outbox: jobs committed but never confirmed as published are published again;
+* hosts: an agent silent for ``host_timeout`` marks its host down (no placement there);
+* deadlines: jobs past their deadline are resolved from their host's inventory, or ended in
+  ERROR when the host is down (``logic.deadlines``); hosts whose inventory is older than a
+  deadline are asked for a fresh one.
+
+Any number of dispatchers may run these at once: every step is idempotent and row-locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.bus import Bus
+from app.bus.outbox import OutboxPublisher
+from app.logic import deadlines, hosts
+from app.messages import InventoryRequest, encode
+
+log = logging.getLogger("nephos.dispatcher")
+
+
+class Sweepers:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, outbox: OutboxPublisher, *,
+                 interval: float = 1.0, host_timeout: float = 15.0, resend_after: float = 3.0) -> None:
+        self.sessions, self.bus, self.outbox = sessions, bus, outbox
+        self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.once()
+            except Exception:  # the database or the broker may be away; the next pass retries
+                log.warning("sweeper pass failed", exc_info=True)
+            await asyncio.sleep(self.interval)
+
+    async def once(self) -> dict[str, int]:
+        sent = await self.outbox.sweep(older_than=timedelta(seconds=self.resend_after))
+        async with self.sessions() as session:
+            down = await hosts.mark_silent_down(session, silent_for=timedelta(seconds=self.host_timeout))
+            await session.commit()
+        if down:
+            log.warning("hosts silent for %.0fs, marked down: %s", self.host_timeout, ", ".join(down))
+        passed = deadlines.Pass()
+        async with self.sessions() as session:
+            expired = await deadlines.expired(session)
+        for job_id in expired:
+            async with self.sessions() as session:
+                await deadlines.resolve(session, job_id, passed)
+                await session.commit()
+        for host in passed.need_inventory:
+            await self.bus.publish_job(host, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
+        return {"resent": sent, "hosts_down": len(down), "deadlines_resolved": len(passed.resolved)}

@@ -1,0 +1,71 @@
+"""Hosts as their agents report them: heartbeats register and revive, silence marks down,
+inventories say what each host really runs."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic import catalogue
+from app.models import Host, table_of
+
+_hosts = table_of(Host)
+
+
+async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, ram_mb: int, at: datetime,
+                    migration_uri: str | None = None) -> Host:
+    """Register the host on its first heartbeat; after that keep capacity current and mark it up.
+
+    A host an admin disabled stays disabled: a heartbeat says the agent lives, not that the
+    operator wants VMs placed there.
+    """
+    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name).with_for_update())).first()
+    if host is None:
+        await catalogue.ensure_zone(session, zone)
+        host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, state="up")
+        session.add(host)
+    else:
+        if host.zone != zone:
+            await catalogue.ensure_zone(session, zone)
+            host.zone = zone
+        host.cpus, host.ram_mb = cpus, ram_mb
+        if host.state == "down":
+            host.state = "up"
+    if host.last_heartbeat is None or at > host.last_heartbeat:
+        host.last_heartbeat = at
+    host.migration_uri = migration_uri
+    await session.flush()
+    return host
+
+
+async def store_inventory(session: AsyncSession, *, name: str, inventory: dict[str, Any], taken_at: datetime
+                          ) -> bool:
+    """Keep the newest inventory of a host; ``False`` if the host is unknown or this one is older."""
+    done = await session.execute(
+        _hosts.update()
+        .where(_hosts.c.name == name,
+               sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < taken_at))
+        .values(inventory=inventory, inventory_at=taken_at)
+    )
+    return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+async def mark_silent_down(session: AsyncSession, *, silent_for: timedelta) -> list[str]:
+    """Hosts whose agent has not been heard for ``silent_for`` are down (no VM is placed there)."""
+    cutoff = utcnow() - silent_for
+    rows = await session.execute(
+        _hosts.update()
+        .where(_hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None), _hosts.c.last_heartbeat < cutoff)
+        .values(state="down").returning(_hosts.c.name)
+    )
+    return [r[0] for r in rows]
+
+
+async def get(session: AsyncSession, name: str | None) -> Host | None:
+    if name is None:
+        return None
+    return (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()

@@ -1,0 +1,145 @@
+"""The processes: each role is a plain asyncio program built from the same pieces.
+
+``api``, ``dispatcher`` and ``agent`` run separately in production (PostgreSQL + RabbitMQ);
+``up`` runs all of them in one event loop on the embedded defaults (SQLite, the in-memory
+bus, agents on libvirt's test driver). The code paths are the same; only transports differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.backend.agent import Agent
+from app.backend.driver import Driver, write_test_node
+from app.bus import Bus, make_bus
+from app.bus.outbox import OutboxPublisher
+from app.db import make_engine, make_sessionmaker
+from app.dispatcher.handlers import Dispatcher
+from app.dispatcher.sweepers import Sweepers
+from app.settings import Settings
+
+log = logging.getLogger("nephos")
+
+
+@dataclass
+class Plane:
+    """Database and bus of one process, and what runs on them."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    bus: Bus
+    outbox: OutboxPublisher
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    agents: list[Agent] = field(default_factory=list)
+    dispatcher: Dispatcher | None = None
+    sweepers: Sweepers | None = None
+
+    async def start_dispatcher(self) -> Dispatcher:
+        self.dispatcher = Dispatcher(self.sessions)
+        await self.bus.consume_results(self.dispatcher.handle)
+        s = self.settings
+        self.sweepers = Sweepers(self.sessions, self.bus, self.outbox, interval=s.sweep_interval,
+                                 host_timeout=s.host_timeout, resend_after=s.resend_after)
+        self.tasks.append(asyncio.create_task(self.sweepers.run()))
+        return self.dispatcher
+
+    async def start_agent(self, *, host: str, uri: str, zone: str = "default",
+                          migration_uri: str | None = None) -> Agent:
+        s = self.settings
+        driver = Driver(uri, image_dir=s.image_dir, instance_dir=s.instance_dir, stop_timeout=s.stop_timeout)
+        agent = Agent(host=host, zone=zone, driver=driver, bus=self.bus, heartbeat_interval=s.heartbeat_interval,
+                      inventory_interval=s.inventory_interval, migration_uri=migration_uri)
+        await agent.start()
+        self.agents.append(agent)
+        return agent
+
+
+async def connect_bus(bus: Bus, *, attempts: int = 60, delay: float = 1.0) -> None:
+    """Connect, waiting for a broker that is still starting."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await bus.start()
+            return
+        except (ConnectionError, OSError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("message bus not reachable (%s); retrying", exc)
+            await asyncio.sleep(delay)
+
+
+@contextlib.asynccontextmanager
+async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Plane]:
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    bus = bus or make_bus(settings)
+    await connect_bus(bus)
+    p = Plane(settings, engine, sessions, bus, OutboxPublisher(sessions, bus))
+    try:
+        yield p
+    finally:
+        for task in p.tasks:
+            task.cancel()
+        await asyncio.gather(*p.tasks, return_exceptions=True)
+        for agent in p.agents:
+            await agent.stop()
+        await bus.close()
+        await engine.dispose()
+
+
+async def until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_api(p: Plane) -> None:
+    """The REST API on this plane's database and bus, until SIGTERM/SIGINT."""
+    from app.api.app import create_app
+    from app.api.deps import AppState
+    from app.serverkey import load_cipher
+
+    s = p.settings
+    state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.publish,
+                     bus_ok=lambda: p.bus.connected)
+    config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
+                            http="httptools", lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+async def run_api(settings: Settings) -> None:
+    async with plane(settings) as p:
+        await serve_api(p)
+
+
+async def run_dispatcher(settings: Settings) -> None:
+    async with plane(settings) as p:
+        await p.start_dispatcher()
+        log.info("dispatcher consuming results")
+        await until_signalled()
+
+
+async def run_agent(settings: Settings, *, host: str, uri: str, zone: str, migration_uri: str | None) -> None:
+    async with plane(settings) as p:
+        await p.start_agent(host=host, uri=uri, zone=zone, migration_uri=migration_uri)
+        await until_signalled()
+
+
+async def run_up(settings: Settings) -> None:
+    """api + dispatcher + one agent per ``NEPHOS_HOSTS`` entry on the test driver, one process."""
+    async with plane(settings) as p:
+        await p.start_dispatcher()
+        for spec in settings.host_specs:
+            uri = write_test_node(settings.state_dir / "hosts", spec.name, spec.cpus, spec.ram_mb)
+            await p.start_agent(host=spec.name, uri=uri, zone=spec.zone)
+        await serve_api(p)
