@@ -100,6 +100,12 @@ async def apply_result(
                            reason=f"{action.value} result moved usage uncommissioned")
 
     now = utcnow()
+    if seq is not None and job.started_at is None:
+        # An agent ran it, but its RUNNING report is late (dispatchers handle messages
+        # concurrently, and a late RUNNING is ignored): the history still says it started.
+        job.started_at = now
+        events.record(session, server, "job_started", job_id=job.id, action=action.value,
+                      message=f"running on {job.host}")
     server.operstate = after.value
     server.flavor_id = new_flavor.id
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
