@@ -44,17 +44,28 @@ from app.messages import (
 )
 
 log = logging.getLogger("nephos.agent")
-_events_registered = False
+_events_loop: asyncio.AbstractEventLoop | None = None
 
 
 def register_event_loop_impl() -> None:
-    """libvirt's event loop on asyncio (once per process, before any connection opens)."""
-    global _events_registered
-    if not _events_registered:
-        import libvirtaio
+    """Dispatch libvirt's events on the running asyncio loop (before any connection opens).
 
-        libvirtaio.virEventRegisterAsyncIOImpl()
-        _events_registered = True
+    A process normally has one loop; when a new one runs (tests), the registration follows it,
+    or lifecycle events would go to a loop that no longer runs.
+    """
+    global _events_loop
+    import libvirtaio
+
+    loop = asyncio.get_running_loop()
+    if _events_loop is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    elif _events_loop is not loop:
+        # libvirt takes one registration per process; handles and timers that connections
+        # opened from now on add go to the loop the implementation points at.
+        impl = libvirtaio.getCurrentImpl()
+        assert impl is not None
+        impl.loop = loop
+    _events_loop = loop
 
 
 class Agent:

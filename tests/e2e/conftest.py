@@ -109,7 +109,9 @@ async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, a
     port = free_port()
     env = {**_base_env(workdir), "NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL,
            "NEPHOS_AMQP_PREFIX": prefix, "NEPHOS_PORT": str(port)}
-    subprocess.run([nephos_bin(), "seed"], cwd=workdir, env=env, check=True, capture_output=True, timeout=120)
+    seed = await asyncio.create_subprocess_exec(nephos_bin(), "seed", cwd=workdir, env=env,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert await seed.wait() == 0
     cluster = Cluster("production", f"http://127.0.0.1:{port}", env, workdir)
     for i in range(apis):
         name = "api" if i == 0 else f"api-{i + 1}"

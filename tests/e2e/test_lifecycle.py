@@ -102,7 +102,8 @@ async def test_a_failing_job_reports_libvirts_error(cluster: Cluster) -> None:
                             json={"name": "wide", "vcpus": 40, "ram_mb": 2048, "disk_gb": 20})
     assert r.status_code == 201
     user = await new_user(c)
-    r = await c.client.post("/api/v1/servers", headers=user, json={"name": "f", "flavor": "small", "image": "debian-12"})
+    r = await c.client.post("/api/v1/servers", headers=user,
+                            json={"name": "f", "flavor": "small", "image": "debian-12"})
     sid = r.json()["servers"][0]["id"]
     await c.job_done(r.json()["job_ids"][0])
     await step(c, user, sid, "stop", "STOPPED")
