@@ -4,6 +4,9 @@ set -euo pipefail
 need=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 command -v gcc >/dev/null || need+=(build-essential python3-dev)
+# libvirt-python compiles against libvirt's headers, found through pkg-config.
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
+dpkg -s python3-dev >/dev/null 2>&1 || need+=(python3-dev)
 if ((${#need[@]})); then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import timedelta
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.bus.base import Bus
@@ -40,16 +41,26 @@ class OutboxPublisher:
         ids = list(job_ids)
         if not ids:
             return 0
-        async with self.sessions() as session:
-            pending = await jobs.to_publish(session, ids)
+        try:
+            async with self.sessions() as session:
+                pending = await jobs.to_publish(session, ids)
+        except SQLAlchemyError:
+            log.warning("could not read %d jobs to publish; the sweeper will", len(ids), exc_info=True)
+            return 0
         if not pending:
             return 0
         outcomes = await asyncio.gather(*(self._send(job) for job in pending))
         confirmed = [job.id for job, ok in zip(pending, outcomes, strict=True) if ok]
         if confirmed:
-            async with self.sessions() as session:
-                await jobs.mark_sent(session, confirmed)
-                await session.commit()
+            try:
+                async with self.sessions() as session:
+                    await jobs.mark_sent(session, confirmed)
+                    await session.commit()
+            except SQLAlchemyError:
+                # Sent, but not marked: the sweeper sends them again, and agents treat a
+                # repeated job as done. Never an error for the request that committed them.
+                log.warning("could not mark %d jobs SENT; the sweeper will resend them", len(confirmed),
+                            exc_info=True)
         return len(confirmed)
 
     async def _send(self, job: Job) -> bool:

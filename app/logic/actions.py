@@ -134,7 +134,7 @@ async def _ssh_key(session: AsyncSession, server: Server) -> str | None:
 async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> None:
     """Destroy overtakes the pending task: its commission described a view that will not
     come true, so it is rejected now, and the host room it reserved is given back."""
-    old = await session.get(Job, server.task_job_id, with_for_update=True)
+    old = await session.get(Job, server.task_job_id, with_for_update={"key_share": True})
     if old is None or old.status in (JobStatus.SUCCESS.value, JobStatus.ERROR.value):
         return
     commission = await quotas.get_commission(session, old.commission_id)

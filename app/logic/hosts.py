@@ -23,7 +23,7 @@ async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, r
     A host an admin disabled stays disabled: a heartbeat says the agent lives, not that the
     operator wants VMs placed there.
     """
-    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name).with_for_update())).first()
+    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name).with_for_update(key_share=True))).first()
     if host is None:
         await catalogue.ensure_zone(session, zone)
         host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, state="up")

@@ -92,23 +92,37 @@ async def unsent(session: AsyncSession, *, older_than: timedelta, limit: int = 5
 
 
 async def mark_sent(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
-    """Confirmed by the broker. Only PENDING moves: a result may already have been applied."""
-    if job_ids:
+    """Confirmed by the broker. Only PENDING moves (a result may already have been applied);
+    rows are taken in id order, and one being finished right now is skipped, not waited for."""
+    if not job_ids:
+        return
+    ids = list(await session.scalars(
+        sa.select(_jobs.c.id).where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
+        .order_by(_jobs.c.id).with_for_update(key_share=True, skip_locked=True)
+    ))
+    if ids:
         await session.execute(
-            _jobs.update().where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
+            _jobs.update().where(_jobs.c.id.in_(ids))
             .values(status=JobStatus.SENT.value, sent_at=utcnow(), attempts=_jobs.c.attempts + 1)
         )
 
 
 async def mark_running(session: AsyncSession, *, job_id: uuid.UUID) -> bool:
-    """The agent started the job; ``False`` when it is unknown or already past that."""
-    job = (await session.scalars(sa.select(Job).where(_jobs.c.id == job_id).with_for_update())).first()
-    if job is None or job.status in FINAL or job.status == JobStatus.RUNNING.value:
+    """The agent started the job; ``False`` when it is unknown or already past that.
+
+    One conditional UPDATE: no lock is held on the job before the event row is written, so
+    this never waits in the opposite order to ``apply_result`` (server row, then job row).
+    """
+    row = (await session.execute(
+        _jobs.update()
+        .where(_jobs.c.id == job_id, _jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.SENT.value]))
+        .values(status=JobStatus.RUNNING.value, started_at=utcnow())
+        .returning(_jobs.c.server_id, _jobs.c.action, _jobs.c.host)
+    )).first()
+    if row is None:
         return False
-    job.status = JobStatus.RUNNING.value
-    job.started_at = utcnow()
-    server = await session.get(Server, job.server_id)
+    server = await session.get(Server, row.server_id)
     if server is not None:
-        events.record(session, server, "job_started", job_id=job.id, action=job.action,
-                      message=f"running on {job.host}")
+        events.record(session, server, "job_started", job_id=job_id, action=row.action,
+                      message=f"running on {row.host}")
     return True

@@ -45,7 +45,7 @@ def free_of(host: Host) -> tuple[int, int]:
 
 
 async def _lock_candidates(session: AsyncSession, zone: str | None) -> list[Host]:
-    stmt = sa.select(Host).where(_hosts.c.state == "up").order_by(_hosts.c.id).with_for_update()
+    stmt = sa.select(Host).where(_hosts.c.state == "up").order_by(_hosts.c.id).with_for_update(key_share=True)
     if zone is not None:
         stmt = stmt.where(_hosts.c.zone == zone)
     stmt = stmt.execution_options(populate_existing=True)

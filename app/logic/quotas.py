@@ -32,7 +32,7 @@ _quotas = table_of(Quota)
 
 async def lock_project(session: AsyncSession, project_id: uuid.UUID) -> None:
     await session.execute(
-        sa.select(table_of(Project).c.id).where(table_of(Project).c.id == project_id).with_for_update()
+        sa.select(table_of(Project).c.id).where(table_of(Project).c.id == project_id).with_for_update(key_share=True)
     )
 
 
@@ -153,7 +153,7 @@ async def reject(session: AsyncSession, commission: Commission, reason: str) -> 
 async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:
     if commission_id is None:
         return None
-    return await session.get(Commission, commission_id, with_for_update=True)
+    return await session.get(Commission, commission_id, with_for_update={"key_share": True})
 
 
 def as_limits(raw: dict[str, Any] | None) -> dict[str, int]:

@@ -49,11 +49,11 @@ async def apply_result(
         return Outcome.UNKNOWN
     # Lock order: server first, as every other writer does.
     server = (await session.scalars(
-        sa.select(Server).where(table_of(Server).c.id == found.server_id).with_for_update()
+        sa.select(Server).where(table_of(Server).c.id == found.server_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )).one()
     job = (await session.scalars(
-        sa.select(Job).where(_jobs.c.id == job_id).with_for_update()
+        sa.select(Job).where(_jobs.c.id == job_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )).one()
     if job.status in FINAL:
@@ -160,7 +160,7 @@ async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: 
         sa.select(Job).where(
             _jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id,
             _jobs.c.status.notin_([s.value for s in FINAL]),
-        ).with_for_update()
+        ).with_for_update(key_share=True)
     ))
     now = utcnow()
     for job in overtaken:
@@ -193,7 +193,7 @@ async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, obs
     reconciliation's business (it may be mid-migration or never created).
     """
     server = (await session.scalars(
-        sa.select(Server).where(table_of(Server).c.id == server_id).with_for_update()
+        sa.select(Server).where(table_of(Server).c.id == server_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )).first()
     if server is None:

@@ -62,7 +62,7 @@ async def get(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> S
 
 async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
     """The server row, locked for this transaction (the per-VM task lock's first step)."""
-    stmt = (sa.select(Server).where(_servers.c.id == server_id).with_for_update()
+    stmt = (sa.select(Server).where(_servers.c.id == server_id).with_for_update(key_share=True)
             .execution_options(populate_existing=True))
     server = (await session.scalars(stmt)).first()
     if server is None or not actor.sees(server.project_id):

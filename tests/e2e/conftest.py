@@ -39,6 +39,7 @@ class Cluster:
     workdir: Path
     commands: dict[str, list[str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    bases: dict[str, str] = field(default_factory=dict)  # API processes beyond the first
     client: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,12 +103,12 @@ def _base_env(workdir: Path) -> dict[str, str]:
             "NEPHOS_SECRET_KEY_FILE": str(workdir / "var" / "secret.key")}
 
 
-async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, apis: int = 1
-                             ) -> AsyncIterator[Cluster]:
+async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, apis: int = 1,
+                             size: str = "16:32768", amqp_url: str = AMQP_URL) -> AsyncIterator[Cluster]:
     need_amqp()
     prefix = amqp_prefix()
     port = free_port()
-    env = {**_base_env(workdir), "NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL,
+    env = {**_base_env(workdir), "NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": amqp_url,
            "NEPHOS_AMQP_PREFIX": prefix, "NEPHOS_PORT": str(port)}
     seed = await asyncio.create_subprocess_exec(nephos_bin(), "seed", cwd=workdir, env=env,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,11 +117,13 @@ async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, a
     for i in range(apis):
         name = "api" if i == 0 else f"api-{i + 1}"
         extra = {} if i == 0 else {"NEPHOS_PORT": str(free_port())}
+        if extra:
+            cluster.bases[name] = f"http://127.0.0.1:{extra['NEPHOS_PORT']}"
         cluster.spawn(name, [nephos_bin(), "api"], **extra)
     for i in range(dispatchers):
         cluster.spawn("dispatcher" if i == 0 else f"dispatcher-{i + 1}", [nephos_bin(), "dispatcher"])
     for host in HOSTS:
-        cluster.spawn(host, [nephos_bin(), "agent", "--host", host, "--simulate", "16:32768"])
+        cluster.spawn(host, [nephos_bin(), "agent", "--host", host, "--simulate", size])
     try:
         await cluster.hosts_up()
         yield cluster
