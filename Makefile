@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-sqlite lint services clean
+.PHONY: install run test lint services clean bench
 
 $(STAMP): pyproject.toml
 	@.ci/system-packages.sh
@@ -36,3 +36,8 @@ lint: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+## make bench: the end-to-end benchmark on PostgreSQL + RabbitMQ (N=1000 VMs; BENCH_ARGS="--n 200")
+bench: install services
+	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

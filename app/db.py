@@ -28,9 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        kwargs.setdefault("pool_size", 20)
-        kwargs.setdefault("max_overflow", 20)
-        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 10)
+        # No pre-ping: it costs a round trip on every checkout (measured: ~9% of a dispatcher's
+        # time). Recycling bounds connection age instead; a broken connection fails its
+        # transaction, which the caller retries (dispatcher) or reports (API).
+        kwargs.setdefault("pool_recycle", 1800)
         return create_async_engine(url, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -78,11 +78,13 @@ async def connect_bus(bus: Bus, *, attempts: int = 60, delay: float = 1.0) -> No
 
 @contextlib.asynccontextmanager
 async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Plane]:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, **(
+        {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}))
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
     await connect_bus(bus)
     p = Plane(settings, engine, sessions, bus, OutboxPublisher(sessions, bus))
+    p.tasks.append(asyncio.create_task(p.outbox.run()))
     try:
         yield p
     finally:
@@ -110,7 +112,7 @@ async def serve_api(p: Plane) -> None:
     from app.serverkey import load_cipher
 
     s = p.settings
-    state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.publish,
+    state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.submit,
                      bus_ok=lambda: p.bus.connected)
     config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
                             http="httptools", lifespan="on")

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./var/nephos.db"
     amqp_url: str = "memory://"
+    # Connections each process may hold (PostgreSQL): pool size plus overflow under bursts.
+    db_pool_size: int = Field(default=10, gt=0)
+    db_max_overflow: int = Field(default=10, ge=0)
     # Names of exchanges and queues start with this, so deployments (and test runs) sharing a
     # broker never see each other's messages.
     amqp_prefix: str = "nephos"

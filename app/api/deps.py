@@ -41,7 +41,7 @@ class AppState:
     bus_ok: Callable[[], bool] = field(default=lambda: True)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.nephos
     return state
 
@@ -96,10 +96,7 @@ AdminUser = Annotated[Actor, Depends(admin_user)]
 class Idempotent:
     """Runs a creating request once per ``Idempotency-Key``; replays the first reply after."""
 
-    def __init__(self, request: Request, tx: TxDep, actor: CurrentUser,
-                 key: Annotated[str | None, Header(alias="Idempotency-Key",
-                                                   description="Replays the first reply for 24 h")] = None,
-                 ) -> None:
+    def __init__(self, request: Request, tx: Tx, actor: Actor, key: str | None) -> None:
         self.request, self.tx, self.actor, self.key = request, tx, actor, key
 
     async def run(self, status_code: int, make: Callable[[], Awaitable[BaseModel]]) -> JSONResponse:
@@ -130,4 +127,12 @@ class Idempotent:
         return JSONResponse(reply, status_code=status_code)
 
 
-IdempotentDep = Annotated[Idempotent, Depends()]
+async def idempotent(
+    request: Request, tx: TxDep, actor: CurrentUser,
+    key: Annotated[str | None, Header(alias="Idempotency-Key", description="Replays the first reply for 24 h")] = None,
+) -> Idempotent:
+    # An async factory, not the class itself: FastAPI runs sync dependencies on a thread pool.
+    return Idempotent(request, tx, actor, key)
+
+
+IdempotentDep = Annotated[Idempotent, Depends(idempotent)]

@@ -1,7 +1,8 @@
 """The agent of one hypervisor host: runs jobs on libvirt and reports what happens.
 
-It consumes its host's job queue and publishes to the results queue: a RUNNING and a final
-status per job, state changes nobody asked for (libvirt lifecycle events), its inventory (on
+It consumes its host's job queue and publishes to the results queue: a final status per job
+(and RUNNING first when the job takes longer than ``running_after``), state changes nobody
+asked for (libvirt lifecycle events), its inventory (on
 start, periodically and when asked) and heartbeats (the first one registers the host).
 
 Every report about a VM carries ``seq``, which only grows: a hybrid clock, the larger of
@@ -71,10 +72,10 @@ def register_event_loop_impl() -> None:
 class Agent:
     def __init__(self, *, host: str, zone: str, driver: Driver, bus: Bus, heartbeat_interval: float = 3.0,
                  inventory_interval: float = 30.0, migration_uri: str | None = None,
-                 peer_timeout: float = 60.0) -> None:
+                 peer_timeout: float = 60.0, running_after: float = 0.5) -> None:
         self.host, self.zone, self.driver, self.bus = host, zone, driver, bus
         self.heartbeat_interval, self.inventory_interval = heartbeat_interval, inventory_interval
-        self.migration_uri, self.peer_timeout = migration_uri, peer_timeout
+        self.migration_uri, self.peer_timeout, self.running_after = migration_uri, peer_timeout, running_after
         self._seq = 0
         self._locks: defaultdict[uuid.UUID, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._busy: set[uuid.UUID] = set()
@@ -184,8 +185,11 @@ class Agent:
             raise Poison(f"job {job.job_id} is for {job.host}, not {self.host}")
         async with self._locks[job.server_id]:
             self._busy.add(job.server_id)
+            # RUNNING is progress for slow jobs: one finished within ``running_after`` seconds
+            # goes straight to its result (which records the start), saving a message and a
+            # dispatcher transaction per job.
+            running = asyncio.create_task(self._report_running(job))
             try:
-                await self._status(job, "RUNNING")
                 try:
                     details = await self._run(job)
                     error = None
@@ -194,13 +198,20 @@ class Agent:
                 except Exception as exc:  # never crash on a job: report it
                     log.exception("job %s (%s) failed", job.job_id, job.action)
                     details, error = {}, f"{type(exc).__name__}: {exc}"
+                running.cancel()
                 state = await self.driver.state(job.server_id)
                 # Publishing may fail (broker away): then the job is redelivered, runs again
                 # (idempotent), and its result is published then.
                 await self._status(job, "ERROR" if error else "SUCCESS", error=error, domain_state=state,
                                    details=details)
             finally:
+                running.cancel()
                 self._busy.discard(job.server_id)
+
+    async def _report_running(self, job: JobMessage) -> None:
+        await asyncio.sleep(self.running_after)
+        with contextlib.suppress(Exception):  # progress only: the result is what counts
+            await self._status(job, "RUNNING")
 
     async def _run(self, job: JobMessage) -> dict[str, Any]:
         d, sid, p = self.driver, job.server_id, job.params

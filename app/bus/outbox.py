@@ -1,10 +1,12 @@
 """Publishing the outbox: jobs committed by a transaction go to their hosts' queues.
 
-Called after the commit (never inside a transaction, so no row lock is held across the
-network), and again by the dispatcher's sweeper for jobs still PENDING. Publishes run
-concurrently and their confirms are awaited together (a window, not one by one); the jobs
-the broker confirmed are then marked SENT in one short transaction. A job whose publish
-failed stays PENDING and is sent again later: agents treat a repeated job as done.
+Always after the commit (never inside a transaction, so no row lock is held across the
+network). The API hands the ids of the jobs it committed to ``submit`` and answers at once;
+a background flusher publishes whatever has been submitted since its last round concurrently
+(confirms awaited as a window, not one by one) and marks the confirmed jobs SENT in one short
+transaction per round. If the process dies in between, the jobs are still PENDING rows, and
+the dispatcher's sweeper (``sweep``) publishes them: nothing committed is lost. A job whose
+publish failed stays PENDING too; agents treat a repeated job as done.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ def job_message(job: Job) -> JobMessage:
 class OutboxPublisher:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, *, timeout: float = 5.0) -> None:
         self.sessions, self.bus, self.timeout = sessions, bus, timeout
+        self._submitted: list[uuid.UUID] = []
+        self._wake = asyncio.Event()
+
+    async def submit(self, job_ids: Iterable[uuid.UUID]) -> None:
+        """Queue committed jobs for the flusher (``run``); returns at once."""
+        self._submitted.extend(job_ids)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The flusher: publish what was submitted, a round at a time, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._submitted = self._submitted, []
+            try:
+                await self.publish(batch)
+            except Exception:  # never let the flusher die; the sweeper covers what it missed
+                log.exception("publishing %d jobs failed; the sweeper will resend them", len(batch))
 
     async def publish(self, job_ids: Iterable[uuid.UUID]) -> int:
         """Publish these jobs if still PENDING; returns how many the broker confirmed."""

@@ -3,10 +3,11 @@
 Every accepted action writes, in one transaction: the VM's task, a Job row
 (the outbox), its commission, and a server event. The sequence is always the
 same (``_begin``): lock the server row, check operstate and task against
-``operstate.TABLE``, compute the commission from the state *before* the
-change, lock the project and check the quota, make the host reservation the
-action needs, write the job. The lock order -- server, project, hosts -- is
-the same in every transaction, so two of them cannot deadlock.
+``operstate.TABLE``, make the host reservation the action needs, write the
+job, and last compute the commission from the state *before* the change --
+locking the project and checking the quota when it asks for more. The lock
+order -- server, hosts, project, quota rows -- is the same in every
+transaction, so two of them cannot deadlock.
 """
 
 from __future__ import annotations
@@ -65,14 +66,8 @@ async def _begin(
     deltas = (footprint(after, after_flavor.vcpus, after_flavor.ram_mb, after_flavor.disk_gb)
               - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
 
-    await quotas.lock_project(session, server.project_id)
     if decision.supersedes is not None:
         await _supersede(session, server, flavor)
-    commission = None
-    if not deltas.is_zero():
-        await quotas.check(session, server.project_id, deltas)
-        commission = await quotas.issue(session, project_id=server.project_id, server_id=server.id,
-                                        deltas=deltas, accept=rule.commit_at_once)
 
     host = server.host
     if action is Action.RELEASE:
@@ -101,9 +96,7 @@ async def _begin(
 
     now = utcnow()
     job = new_job(session, outbox, server, action=action.value, params=params, actor=actor,
-                  commission_id=commission.id if commission else None, host=host)
-    if commission is not None:
-        commission.job_id = job.id
+                  commission_id=None, host=host)
     server.task, server.task_job_id = rule.task, job.id
     if rule.on_accept is not None:
         server.operstate = rule.on_accept.value
@@ -111,6 +104,18 @@ async def _begin(
     events.record(session, server, "action", action=action.value, job_id=job.id,
                   user_id=actor.user_id, before=before.value, after=server.operstate,
                   message=f"superseded {decision.supersedes}" if decision.supersedes else "")
+
+    if not deltas.is_zero():
+        if any(v > 0 for v in deltas.as_tuple()):
+            # Wanting more of the project: serialize with every other such request, on a lock
+            # taken last so it is held only from the check to the commit.
+            await quotas.lock_project(session, server.project_id)
+            await quotas.check(session, server.project_id, deltas)
+        commission = await quotas.issue(session, project_id=server.project_id, server_id=server.id,
+                                        deltas=deltas, accept=rule.commit_at_once, move=False)
+        commission.job_id, job.commission_id = job.id, commission.id
+        if rule.commit_at_once:
+            await quotas.move_usage(session, server.project_id, deltas)
 
     if action is Action.DESTROY and server.host is None:
         # Never placed (on hold): no hypervisor has anything to undo, so the

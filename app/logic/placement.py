@@ -5,11 +5,11 @@ overcommit ratio, minus what placed VMs hold), weigh by free RAM, reserve.
 A VM holds its host's CPU and memory from placement until it is destroyed
 (a stopped VM can start again without being placed anew).
 
-Race safety: the candidate hosts are locked in id order before choosing
-(one order for every transaction, so a create of several VMs cannot deadlock
-with another), and the reservation itself is a conditional UPDATE
-(``used + want <= capacity * ratio``) that refuses to overfill a host even
-if the lock were missing. Lock order: server, project, hosts.
+Race safety: the reservation is a conditional UPDATE
+(``used + want <= capacity * ratio``) that refuses to overfill a host whatever
+runs concurrently; a transaction placing several VMs first locks the candidate
+hosts in id order (one order for every transaction, so two cannot deadlock).
+Lock order: server, hosts, project, quota rows.
 """
 
 from __future__ import annotations
@@ -52,15 +52,26 @@ async def _lock_candidates(session: AsyncSession, zone: str | None) -> list[Host
     return list(await session.scalars(stmt))
 
 
+async def _candidates(session: AsyncSession, zone: str | None) -> list[Host]:
+    stmt = sa.select(Host).where(_hosts.c.state == "up").execution_options(populate_existing=True)
+    if zone is not None:
+        stmt = stmt.where(_hosts.c.zone == zone)
+    return list(await session.scalars(stmt))
+
+
 async def reserve(
     session: AsyncSession, *, vcpus: int, ram_mb: int, zone: str | None,
-    host: str | None = None, exclude: str | None = None,
+    host: str | None = None, exclude: str | None = None, several: bool = False,
 ) -> Placed:
-    """Reserve ``vcpus`` / ``ram_mb`` on the best fitting host, or raise ``NoCapacity``."""
-    candidates = [
-        h for h in await _lock_candidates(session, zone)
-        if (host is None or h.name == host) and h.name != exclude
-    ]
+    """Reserve ``vcpus`` / ``ram_mb`` on the best fitting host, or raise ``NoCapacity``.
+
+    One VM needs no lock on the candidates: the conditional UPDATE locks just the host it
+    fills, and moves on to the next best when another transaction got there first. A
+    transaction that places ``several`` VMs locks the candidates in id order first, so two such
+    transactions cannot take the same hosts in opposite orders.
+    """
+    found = await (_lock_candidates(session, zone) if several else _candidates(session, zone))
+    candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
     for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):
         seq = (await session.execute(
@@ -75,10 +86,8 @@ async def reserve(
             .returning(_hosts.c.vnc_seq)
         )).scalar_one_or_none()
         if seq is not None:
-            # Keep the loaded object in step for a second reservation in this transaction.
-            chosen.used_cpus += vcpus
-            chosen.used_ram_mb += ram_mb
-            chosen.vnc_seq = seq
+            # The loaded Host is left untouched: the ORM would write it back as absolute values
+            # over concurrent reservations. A later read in this transaction re-reads the row.
             return Placed(chosen.name, chosen.zone, VNC_BASE + seq % VNC_RANGE)
     where = f"host {host}" if host else (f"zone {zone}" if zone else "any zone")
     raise NoCapacity(

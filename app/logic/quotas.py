@@ -3,9 +3,13 @@
 The invariant: once no task is pending, each project's recorded usage equals
 the usage recomputed from its VMs; while tasks are pending, usage plus the
 pending positive deltas never exceeds a limit. Every check runs with the
-project's row locked (``lock_project``), so concurrent requests in one
-project serialize on it and cannot both squeeze into the last free slot.
-Lock order everywhere: server row, then project row, then host rows.
+project's row locked (``lock_project``), so concurrent requests that want
+more of a project serialize on it and cannot both squeeze into the last free
+slot. Nothing else takes that lock: giving back (negative deltas) needs no
+check, and applying a result only moves a delta from pending to usage (an
+atomic UPDATE), which a check sees whole or not at all (``report``).
+Lock order everywhere: server row, host rows, project row, quota rows: the
+project is locked last (check, then commit), and usage moves last of all.
 """
 
 from __future__ import annotations
@@ -56,28 +60,43 @@ async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[
     await session.flush()
 
 
-async def pending_positive(session: AsyncSession, project_id: uuid.UUID) -> Deltas:
-    """Sum of the positive deltas of the project's pending commissions."""
-    cols = [
-        sa.func.coalesce(sa.func.sum(sa.case((_commissions.c[r] > 0, _commissions.c[r]), else_=0)), 0)
+def _pending_columns() -> list[sa.ColumnElement[int]]:
+    return [
+        sa.func.coalesce(sa.func.sum(sa.case((_commissions.c[r] > 0, _commissions.c[r]), else_=0)), 0).label(r)
         for r in RESOURCES
     ]
+
+
+async def pending_positive(session: AsyncSession, project_id: uuid.UUID) -> Deltas:
+    """Sum of the positive deltas of the project's pending commissions."""
     row = (await session.execute(
-        sa.select(*cols).where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
+        sa.select(*_pending_columns())
+        .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
     )).one()
     return Deltas(*(int(v) for v in row))
 
 
 async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict[str, int]]:
-    """``{resource: {limit, usage, pending}}`` for one project."""
+    """``{resource: {limit, usage, pending}}`` for one project, read in one statement.
+
+    One statement is one snapshot: a result applied concurrently (moving a delta from pending
+    to usage) is seen entirely or not at all, never half -- which ``check`` relies on, since
+    applying a result does not take the project's lock.
+    """
+    pending = (sa.select(*_pending_columns())
+               .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
+               .subquery())
     rows = (await session.execute(
-        sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage)
+        sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage, *pending.c)
+        .select_from(_quotas.join(pending, sa.true()))  # the sums are one row
         .where(_quotas.c.project_id == project_id)
     )).all()
-    pending = (await pending_positive(session, project_id)).as_dict()
-    out = {r: {"limit": 0, "usage": 0, "pending": pending[r]} for r in RESOURCES}
-    for resource, limit, usage in rows:
-        out[resource].update(limit=int(limit), usage=int(usage))
+    out = {r: {"limit": 0, "usage": 0, "pending": 0} for r in RESOURCES}
+    for row in rows:
+        out[row.resource].update(limit=int(row.hard_limit), usage=int(row.usage))
+    if rows:
+        for r in RESOURCES:
+            out[r]["pending"] = int(getattr(rows[0], r))
     return out
 
 
@@ -101,7 +120,9 @@ async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas)
             )
 
 
-async def _move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+    """Add ``deltas`` to the project's usage in one statement. Quota rows are the last rows a
+    transaction locks (after hosts): callers move usage at the end of their work."""
     changes = {r: v for r, v in deltas.as_dict().items() if v}
     if not changes:
         return
@@ -116,16 +137,18 @@ async def _move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delt
 
 async def issue(
     session: AsyncSession, *, project_id: uuid.UUID, server_id: uuid.UUID | None, deltas: Deltas,
-    issuer: str = "api", accept: bool = False, reason: str | None = None,
+    issuer: str = "api", accept: bool = False, reason: str | None = None, move: bool = True,
 ) -> Commission:
-    """Record a commission; with ``accept`` usage moves at once. No limit check here."""
+    """Record a commission; with ``accept`` it is accepted at once, and usage moves now unless
+    ``move`` is false (the caller then moves it last, with ``move_usage``). No limit check here."""
     commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer, reason=reason)
     for resource, amount in deltas.as_dict().items():
         setattr(commission, resource, amount)
     if accept:
         commission.state = "accepted"
         commission.resolved_at = utcnow()
-        await _move_usage(session, project_id, deltas)
+        if move:
+            await move_usage(session, project_id, deltas)
     session.add(commission)
     return commission
 
@@ -137,7 +160,7 @@ def deltas_of(commission: Commission) -> Deltas:
 async def accept(session: AsyncSession, commission: Commission) -> None:
     if commission.state != "pending":
         return
-    await _move_usage(session, commission.project_id, deltas_of(commission))
+    await move_usage(session, commission.project_id, deltas_of(commission))
     commission.state = "accepted"
     commission.resolved_at = utcnow()
 

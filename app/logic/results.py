@@ -58,7 +58,6 @@ async def apply_result(
     )).one()
     if job.status in FINAL:
         return Outcome.DUPLICATE
-    await quotas.lock_project(session, server.project_id)
 
     # A result older than an event already applied to this VM still ends its
     # job, but says nothing current about the operstate.
@@ -84,20 +83,6 @@ async def apply_result(
         if success and action is Action.RESIZE:
             new_flavor = await session.get(Flavor, uuid.UUID(params["flavor_id"])) or flavor
         await _move_host_room(session, server, job, action, success, superseded)
-
-    real = (footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb)
-            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
-    commission = await quotas.get_commission(session, job.commission_id)
-    if commission is not None and commission.state == "pending":
-        if quotas.deltas_of(commission) == real:
-            await quotas.accept(session, commission)
-            real = real - real
-        else:
-            await quotas.reject(session, commission, "the change it described did not happen as described")
-    if not real.is_zero():
-        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
-                           issuer="dispatcher", accept=True,
-                           reason=f"{action.value} result moved usage uncommissioned")
 
     now = utcnow()
     if seq is not None and job.started_at is None:
@@ -127,6 +112,22 @@ async def apply_result(
                   message=error or ("stale result: operstate kept" if stale else ""))
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
         await _finish_overtaken(session, server, job)
+    # Usage moves last: the quota rows it updates stay locked only until the commit.
+    await session.flush()
+    real = (footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb)
+            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    commission = await quotas.get_commission(session, job.commission_id)
+    if commission is not None and commission.state == "pending":
+        if quotas.deltas_of(commission) == real:
+            await quotas.accept(session, commission)
+            real = real - real
+        else:
+            await quotas.reject(session, commission, "the change it described did not happen as described")
+    if not real.is_zero():
+        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
+                           issuer="dispatcher", accept=True,
+                           reason=f"{action.value} result moved usage uncommissioned")
+
     return Outcome.APPLIED
 
 
@@ -212,7 +213,6 @@ async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, obs
         # The pending task doing what it was asked (its event overtook its result, which
         # dispatchers may handle in any order): the job's result applies it, with its commission.
         return Outcome.APPLIED
-    await quotas.lock_project(session, server.project_id)
     if task_job is not None:
         commission = await quotas.get_commission(session, task_job.commission_id)
         if commission is not None:

@@ -102,9 +102,6 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
 
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
-    await quotas.lock_project(session, actor.project_id)
-    await quotas.check(session, actor.project_id, per_vm * spec.count)
-
     created = []
     for i in range(spec.count):
         now = utcnow()
@@ -116,22 +113,34 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             created_at=now, updated_at=now,
         )
         session.add(server)
-        commission = await quotas.issue(session, project_id=actor.project_id, server_id=server.id,
-                                        deltas=per_vm, accept=True)
+        # Written before the rows that refer to it: without relationship() the unit of work
+        # does not order inserts by foreign key.
+        await session.flush()
         job = None
         if not spec.hold:
             placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
-                                             zone=spec.zone)
+                                             zone=spec.zone, several=spec.count > 1)
             server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
             job = new_job(session, outbox, server, action=Action.CREATE.value,
                           params=create_params(server, flavor, image, ssh_key), actor=actor,
-                          commission_id=commission.id, host=placed.host)
-            commission.job_id = job.id
+                          commission_id=None, host=placed.host)
             server.task, server.task_job_id = "BUILD", job.id
         events.record(session, server, "action", action=Action.CREATE.value, after=state.value,
                       job_id=job.id if job else None, user_id=actor.user_id,
                       message="created on hold" if spec.hold else f"placed on {server.host}")
         created.append(Created(server, job))
+    await session.flush()
+
+    # The quota check comes last, under the project's lock, right before the commit: the lock
+    # serializes every request that wants more of this project, so it is held only for this.
+    await quotas.lock_project(session, actor.project_id)
+    await quotas.check(session, actor.project_id, per_vm * spec.count)
+    for c in created:
+        commission = await quotas.issue(session, project_id=actor.project_id, server_id=c.server.id,
+                                        deltas=per_vm, accept=True, move=False)
+        if c.job is not None:
+            commission.job_id, c.job.commission_id = c.job.id, commission.id
+    await quotas.move_usage(session, actor.project_id, per_vm * spec.count)
     await session.flush()
     return created
 

@@ -8,6 +8,8 @@ SQLite and the in-memory bus. Both serve the same HTTP API, so the same tests dr
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +30,10 @@ TOKEN = "nph_e2e_admin_token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 HOSTS = ("host-1", "host-2")
 FAST = {"NEPHOS_HEARTBEAT_INTERVAL": "0.5", "NEPHOS_SWEEP_INTERVAL": "0.3", "NEPHOS_RESEND_AFTER": "1",
-        "NEPHOS_HOST_TIMEOUT": "5", "NEPHOS_INVENTORY_INTERVAL": "2", "NEPHOS_LOG_LEVEL": "warning"}
+        "NEPHOS_HOST_TIMEOUT": "5", "NEPHOS_INVENTORY_INTERVAL": "2", "NEPHOS_LOG_LEVEL": "warning",
+        # Small pools: clusters of several processes share PostgreSQL's 100 connections with
+        # the other test worker.
+        "NEPHOS_DB_POOL_SIZE": "4", "NEPHOS_DB_MAX_OVERFLOW": "8"}
 
 
 @dataclass
@@ -51,11 +56,23 @@ class Cluster:
         log = (self.workdir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(argv, cwd=self.workdir, env={**self.env, **extra}, stdout=log,
                                             stderr=subprocess.STDOUT)
+        _SPAWNED.append(self.procs[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
         proc.send_signal(sig)
         proc.wait(timeout=30)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Cluster]:
+        """Until the body ends: wait for both hosts, then stop every process."""
+        try:
+            await self.hosts_up()
+            yield self
+        finally:
+            await self.client.aclose()
+            for name in list(self.procs):
+                self.kill(name, signal.SIGTERM)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
@@ -103,6 +120,7 @@ def _base_env(workdir: Path) -> dict[str, str]:
             "NEPHOS_SECRET_KEY_FILE": str(workdir / "var" / "secret.key")}
 
 
+@contextlib.asynccontextmanager
 async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, apis: int = 1,
                              size: str = "16:32768", amqp_url: str = AMQP_URL) -> AsyncIterator[Cluster]:
     need_amqp()
@@ -125,46 +143,50 @@ async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, a
     for host in HOSTS:
         cluster.spawn(host, [nephos_bin(), "agent", "--host", host, "--simulate", size])
     try:
-        await cluster.hosts_up()
-        yield cluster
+        async with cluster.running():
+            yield cluster
     finally:
-        await cluster.client.aclose()
-        for name in list(cluster.procs):
-            cluster.kill(name, signal.SIGTERM)
         cleaner = AmqpBus(AMQP_URL, prefix=prefix)
         await cleaner.start()
         await cleaner.purge_and_delete(list(HOSTS))
         await cleaner.close()
 
 
+@contextlib.asynccontextmanager
 async def embedded_cluster(workdir: Path) -> AsyncIterator[Cluster]:
     port = free_port()
     env = {**_base_env(workdir), "NEPHOS_PORT": str(port), "NEPHOS_HOSTS": ",".join(f"{h}:16:32768" for h in HOSTS),
            "NEPHOS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'var' / 'nephos.db'}"}
     cluster = Cluster("embedded", f"http://127.0.0.1:{port}", env, workdir)
     cluster.spawn("up", [nephos_bin(), "up"])
-    try:
-        await cluster.hosts_up()
+    async with cluster.running():
         yield cluster
-    finally:
-        await cluster.client.aclose()
-        for name in list(cluster.procs):
-            cluster.kill(name, signal.SIGTERM)
 
 
 @pytest.fixture(params=["embedded", "production"])
 async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
     if request.param == "embedded":
-        async for c in embedded_cluster(tmp_path):
+        async with embedded_cluster(tmp_path) as c:
             yield c
     else:
         # The template is a plain fixture; an async one cannot be asked for from inside a loop.
         async for url in _pg_database(request.getfixturevalue("pg_template")):
-            async for c in production_cluster(url, tmp_path):
+            async with production_cluster(url, tmp_path) as c:
                 yield c
 
 
 @pytest.fixture
 async def prod_cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    async for c in production_cluster(pg_url, tmp_path):
+    async with production_cluster(pg_url, tmp_path) as c:
         yield c
+
+
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A run cut short (a timeout, ^C) skips fixture teardown: never leave processes behind."""
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()

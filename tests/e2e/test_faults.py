@@ -40,7 +40,7 @@ async def exact_usage(c: Cluster, user: dict[str, str], vms: int, active: bool =
 @pytest.fixture
 async def big_cluster(pg_template: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     async for url in _pg_database(pg_template):
-        async for c in production_cluster(url, tmp_path, size="64:262144"):
+        async with production_cluster(url, tmp_path, size="64:262144") as c:
             yield c
 
 
@@ -108,7 +108,7 @@ async def test_jobs_committed_while_the_broker_is_down_are_delivered_when_it_is_
     proxy = Proxy()
     await proxy.start()
     async for url in _pg_database(pg_template):
-        async for c in production_cluster(url, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"):
+        async with production_cluster(url, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as c:
             user = await new_user(c)
             await proxy.cut()  # the broker is gone for every Nephos process
             r = await c.client.post("/api/v1/servers", headers=user,
@@ -126,7 +126,7 @@ async def test_jobs_committed_while_the_broker_is_down_are_delivered_when_it_is_
 
 async def test_two_dispatchers_and_two_apis_keep_every_rule(pg_template: str, tmp_path: Path) -> None:
     async for url in _pg_database(pg_template):
-        async for c in production_cluster(url, tmp_path, dispatchers=2, apis=2, size="64:262144"):
+        async with production_cluster(url, tmp_path, dispatchers=2, apis=2, size="64:262144") as c:
             second = httpx.AsyncClient(base_url=c.bases["api-2"], timeout=30)
             await c.wait_for("the second API", lambda second=second: _healthy(second))
             user = await new_user(c, **HUGE)

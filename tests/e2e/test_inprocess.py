@@ -83,7 +83,7 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             from app.backend.driver import write_test_node
             await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
         state = AppState(settings=settings, sessions=p.sessions, cipher=Fernet(Fernet.generate_key()),
-                         publish=p.outbox.publish, bus_ok=lambda: p.bus.connected)
+                         publish=p.outbox.submit, bus_ok=lambda: p.bus.connected)
         app = create_app(settings, state)
         async with LifespanManager(app) as manager:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
