@@ -133,28 +133,25 @@ class Agent:
 
     # -- unsolicited changes ------------------------------------------------------------------
     def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
+        # Runs on the event loop: read only what the domain object already holds (its UUID);
+        # the state is asked of libvirt off the loop, in ``_report``.
         try:
             server_id = uuid.UUID(dom.UUIDString())
         except ValueError:
             return
         if server_id in self._busy:
             return  # the running job reports where it ends
-        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
-            state = "missing"
-        else:
-            try:
-                state = Driver._state(dom)
-            except libvirt.libvirtError:
-                state = "missing"
-        message = StateChange(server_id=server_id, host=self.host, domain_state=state, seq=self.next_seq(),
-                              reason=f"libvirt lifecycle event {event}/{detail}")
-        self.bus.spawn(self._report(message))
+        self.bus.spawn(self._report(server_id, f"libvirt lifecycle event {event}/{detail}"))
 
-    async def _report(self, message: StateChange) -> None:
+    async def _report(self, server_id: uuid.UUID, reason: str) -> None:
         try:
-            await self.bus.publish_result(encode(message))
+            state = await self.driver.state(server_id)
+            if server_id in self._busy:
+                return
+            await self.bus.publish_result(encode(StateChange(
+                server_id=server_id, host=self.host, domain_state=state, seq=self.next_seq(), reason=reason)))
         except Exception:
-            log.warning("could not report a state change of %s: the next inventory will", message.server_id,
+            log.warning("could not report a state change of %s: the next inventory will", server_id,
                         exc_info=True)
 
     # -- jobs ---------------------------------------------------------------------------------
