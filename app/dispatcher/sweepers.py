@@ -26,6 +26,18 @@ from app.messages import InventoryRequest, encode
 log = logging.getLogger("nephos.dispatcher")
 
 
+async def resolve_deadlines(sessions: async_sessionmaker[AsyncSession]) -> deadlines.Pass:
+    """One pass over the jobs past their deadline, each resolved in its own transaction."""
+    passed = deadlines.Pass()
+    async with sessions() as session:
+        expired = await deadlines.expired(session)
+    for job_id in expired:
+        async with sessions() as session:
+            await deadlines.resolve(session, job_id, passed)
+            await session.commit()
+    return passed
+
+
 class Sweepers:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, outbox: OutboxPublisher, *,
                  interval: float = 1.0, host_timeout: float = 15.0, resend_after: float = 3.0) -> None:
@@ -47,13 +59,7 @@ class Sweepers:
             await session.commit()
         if down:
             log.warning("hosts silent for %.0fs, marked down: %s", self.host_timeout, ", ".join(down))
-        passed = deadlines.Pass()
-        async with self.sessions() as session:
-            expired = await deadlines.expired(session)
-        for job_id in expired:
-            async with self.sessions() as session:
-                await deadlines.resolve(session, job_id, passed)
-                await session.commit()
+        passed = await resolve_deadlines(self.sessions)
         for host in passed.need_inventory:
             await self.bus.publish_job(host, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
         return {"resent": sent, "hosts_down": len(down), "deadlines_resolved": len(passed.resolved)}

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from app.dispatcher.sweepers import resolve_deadlines
 from app.ids import utcnow
 from app.logic import deadlines, hosts
 from app.models import Host, Job
@@ -30,14 +31,7 @@ async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]]) 
 
 
 async def _sweep(cloud: Cloud) -> deadlines.Pass:
-    passed = deadlines.Pass()
-    async with cloud.sessions() as s:
-        expired = await deadlines.expired(s)
-    for job_id in expired:
-        async with cloud.sessions() as s:
-            await deadlines.resolve(s, job_id, passed)
-            await s.commit()
-    return passed
+    return await resolve_deadlines(cloud.sessions)
 
 
 async def test_a_lost_result_is_resolved_from_a_fresh_inventory(cloud: Cloud) -> None:
