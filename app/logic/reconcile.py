@@ -1,0 +1,220 @@
+"""Reconciliation: is the database true to the hypervisors, and are quotas true to the VMs?
+
+``compare`` reads every host's latest inventory (the edge asks the agents for fresh ones first;
+a host whose inventory is older than ``fresh_since`` is reported as unreachable, never treated
+as empty) and the quota tables, and reports, per kind:
+
+* ``stale``: a VM the database places on a host that does not have it;
+* ``orphans``: a domain on a host that no live VM row owns there;
+* ``unsynced_operstate`` / ``unsynced_flavor``: the host runs the VM in another state or size;
+* ``stuck_tasks``: jobs past their deadline;
+* ``quota_drift``: recorded usage differs from usage recomputed from the VMs (only counted for
+  projects with no task pending, when the invariant must hold exactly);
+* ``pending_without_job``: pending commissions whose job is final or gone.
+
+A VM with a task pending is never judged: its job is in flight and will say where it ends.
+``fix_entry`` repairs one finding through the paths live events use: out-of-band transitions
+with their own commissions, the deadline resolver; ``fix_usage`` then records an adjustment
+commission (issuer ``reconcile``) for whatever usage still drifts. Orphans are for the edge to
+destroy with a job to their host (logic sends nothing).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic import deadlines, events, placement, quotas, results
+from app.logic.jobs import FINAL
+from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
+from app.models import Commission, Flavor, Host, Job, Quota, Server, table_of
+
+_servers, _flavors, _jobs = table_of(Server), table_of(Flavor), table_of(Job)
+_hosts, _quotas, _commissions = table_of(Host), table_of(Quota), table_of(Commission)
+
+
+@dataclass
+class Report:
+    stale: list[dict[str, Any]] = field(default_factory=list)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+    unsynced_operstate: list[dict[str, Any]] = field(default_factory=list)
+    unsynced_flavor: list[dict[str, Any]] = field(default_factory=list)
+    stuck_tasks: list[dict[str, Any]] = field(default_factory=list)
+    quota_drift: list[dict[str, Any]] = field(default_factory=list)
+    pending_without_job: list[dict[str, Any]] = field(default_factory=list)
+    unreachable_hosts: list[str] = field(default_factory=list)
+    fixed: bool = False
+    actions: list[str] = field(default_factory=list)
+
+    KINDS = ("stale", "orphans", "unsynced_operstate", "unsynced_flavor", "stuck_tasks", "quota_drift",
+             "pending_without_job")
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(getattr(self, kind)) for kind in self.KINDS}
+
+    def empty(self) -> bool:
+        return not any(self.counts().values())
+
+
+async def recomputed_usage(session: AsyncSession) -> dict[uuid.UUID, Deltas]:
+    """Usage per project as its VMs say it should be (the invariant's right-hand side)."""
+    rows = (await session.execute(
+        sa.select(_servers.c.project_id, _servers.c.operstate, _flavors.c.vcpus, _flavors.c.ram_mb,
+                  _flavors.c.disk_gb, sa.func.count())
+        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+        .where(_servers.c.operstate != Operstate.DESTROYED.value)
+        .group_by(_servers.c.project_id, _servers.c.operstate, _flavors.c.vcpus, _flavors.c.ram_mb,
+                  _flavors.c.disk_gb)
+    )).all()
+    out: dict[uuid.UUID, Deltas] = defaultdict(Deltas)
+    for project_id, state, vcpus, ram, disk, n in rows:
+        out[project_id] = out[project_id] + footprint(Operstate(state), vcpus, ram, disk) * int(n)
+    return out
+
+
+async def _quota_drift(session: AsyncSession, report: Report) -> None:
+    busy = set(await session.scalars(
+        sa.select(_servers.c.project_id).where(_servers.c.task.is_not(None)).distinct()))
+    actual = await recomputed_usage(session)
+    for project_id, resource, usage in (await session.execute(
+            sa.select(_quotas.c.project_id, _quotas.c.resource, _quotas.c.usage))).all():
+        if project_id in busy:
+            continue
+        want = getattr(actual.get(project_id, Deltas()), resource)
+        if int(usage) != want:
+            report.quota_drift.append({"project_id": str(project_id), "resource": resource,
+                                       "recorded": int(usage), "recomputed": want})
+
+
+async def _pending_without_job(session: AsyncSession, report: Report) -> None:
+    rows = (await session.execute(
+        sa.select(_commissions.c.id, _commissions.c.project_id, _commissions.c.server_id, _jobs.c.status)
+        .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
+        .where(_commissions.c.state == "pending")
+    )).all()
+    for commission_id, project_id, server_id, status in rows:
+        if status is None or status in FINAL:
+            report.pending_without_job.append({"commission_id": str(commission_id), "project_id": str(project_id),
+                                               "server_id": str(server_id) if server_id else None,
+                                               "job_status": status})
+
+
+async def compare(session: AsyncSession, *, fresh_since: datetime | None = None) -> Report:
+    report = Report()
+    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state != "disabled")))
+    domains: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
+    for host in hosts:
+        if host.inventory is None or (fresh_since is not None and (host.inventory_at or fresh_since) < fresh_since):
+            report.unreachable_hosts.append(host.name)
+            continue
+        domains[host.name] = {uuid.UUID(d["server_id"]): d for d in host.inventory.get("domains", [])}
+
+    flavors = {f.id: f for f in await session.scalars(sa.select(Flavor))}
+    placed = list(await session.scalars(sa.select(Server).where(
+        _servers.c.host.is_not(None), _servers.c.operstate != Operstate.DESTROYED.value)))
+    owned: dict[str, set[uuid.UUID]] = defaultdict(set)
+    for server in placed:
+        assert server.host is not None
+        owned[server.host].add(server.id)
+        if server.host not in domains or server.task is not None:
+            continue  # unreachable host, or a job in flight: not judged now
+        seen = domains[server.host].get(server.id)
+        entry = {"server_id": str(server.id), "project_id": str(server.project_id), "host": server.host,
+                 "operstate": server.operstate}
+        if seen is None or seen["state"] == "missing":
+            report.stale.append(entry)
+            continue
+        observed = results.OBSERVED.get(seen["state"])
+        if observed is not None and observed.value != server.operstate:
+            report.unsynced_operstate.append({**entry, "observed": seen["state"]})
+        flavor = flavors[server.flavor_id]
+        if (seen["vcpus"], seen["ram_mb"]) != (flavor.vcpus, flavor.ram_mb):
+            report.unsynced_flavor.append({**entry, "flavor": flavor.name,
+                                           "expected": {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb},
+                                           "observed": {"vcpus": seen["vcpus"], "ram_mb": seen["ram_mb"]}})
+    in_flight = set(await session.scalars(sa.select(_jobs.c.server_id).where(_jobs.c.status.notin_(list(FINAL)))))
+    for host_name, seen_domains in domains.items():
+        for server_id, seen in seen_domains.items():
+            if server_id not in owned[host_name] and server_id not in in_flight:
+                report.orphans.append({"server_id": str(server_id), "host": host_name, "state": seen["state"]})
+
+    for job_id in await deadlines.expired(session):
+        job = await session.get(Job, job_id)
+        assert job is not None
+        report.stuck_tasks.append({"job_id": str(job.id), "server_id": str(job.server_id), "action": job.action,
+                                   "host": job.host, "deadline": job.deadline.isoformat()})
+    await _quota_drift(session, report)
+    await _pending_without_job(session, report)
+    return report
+
+
+FIXABLE = ("unsynced_operstate", "stale", "stuck_tasks", "pending_without_job")
+
+
+async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> list[str]:
+    """Repair one finding, in the caller's transaction (one per finding: each touches one VM's
+    rows in the usual lock order). Returns what was done, for the report."""
+    if kind == "unsynced_operstate":
+        outcome = await results.apply_state_change(session, server_id=uuid.UUID(entry["server_id"]),
+                                                   observed=entry["observed"], seq=None, issuer="reconcile",
+                                                   reason="reconcile: the host runs it " + entry["observed"])
+        return [f"server {entry['server_id']}: operstate set from the host ({outcome.value})"]
+    if kind == "stale":
+        await vanished(session, uuid.UUID(entry["server_id"]))
+        return [f"server {entry['server_id']}: gone from {entry['host']}, marked DESTROYED"]
+    if kind == "stuck_tasks":
+        passed = deadlines.Pass()
+        await deadlines.resolve(session, uuid.UUID(entry["job_id"]), passed)
+        return ([f"job {j}: resolved past its deadline" for j in passed.resolved]
+                + [f"host {h}: must send a fresh inventory first" for h in passed.need_inventory])
+    if kind == "pending_without_job":
+        commission = await quotas.get_commission(session, uuid.UUID(entry["commission_id"]))
+        if commission is None:
+            return []
+        await quotas.reject(session, commission, "reconcile: its job is no longer live")
+        return [f"commission {entry['commission_id']}: rejected (no live job)"]
+    raise ValueError(f"{kind} is not fixed here")
+
+
+async def fix_usage(session: AsyncSession) -> list[str]:
+    """Record an adjustment for every project whose usage drifted from its VMs (after the other
+    fixes, which move usage themselves)."""
+    drift = Report()
+    await _quota_drift(session, drift)
+    by_project: dict[str, dict[str, int]] = defaultdict(dict)
+    for entry in drift.quota_drift:
+        by_project[entry["project_id"]][entry["resource"]] = entry["recomputed"] - entry["recorded"]
+    done = []
+    for project_id, change in by_project.items():
+        deltas = Deltas(**{r: change.get(r, 0) for r in RESOURCES})
+        await quotas.issue(session, project_id=uuid.UUID(project_id), server_id=None, deltas=deltas,
+                           issuer="reconcile", accept=True, reason="reconcile: usage recomputed from the VMs")
+        done.append(f"project {project_id}: usage adjusted by {change}")
+    return done
+
+
+async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
+    """A VM its host no longer has: it is gone (DESTROYED), its quota and host room given back."""
+    server = (await session.scalars(
+        sa.select(Server).where(_servers.c.id == server_id).with_for_update(key_share=True)
+        .execution_options(populate_existing=True))).first()
+    if server is None or server.operstate == Operstate.DESTROYED.value or server.task is not None:
+        return
+    flavor = await session.get(Flavor, server.flavor_id)
+    assert flavor is not None
+    before = Operstate(server.operstate)
+    await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    server.operstate, server.destroyed_at, server.updated_at = Operstate.DESTROYED.value, utcnow(), utcnow()
+    events.record(session, server, "out_of_band", before=before.value, after=Operstate.DESTROYED.value,
+                  message=f"reconcile: host {server.host} no longer has it")
+    await session.flush()
+    await quotas.issue(session, project_id=server.project_id, server_id=server.id,
+                       deltas=Deltas() - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb),
+                       issuer="reconcile", accept=True, reason="reconcile: vanished from its host")

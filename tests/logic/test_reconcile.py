@@ -1,0 +1,167 @@
+"""Reconciliation, kind by kind: make that exact drift, see it reported, fix it, see it gone."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from app.dispatcher import reconciler
+from app.ids import utcnow
+from app.logic import hosts
+from app.models import Commission, Job, Quota, table_of
+from tests.api.helpers import expected_usage, server_in, usage
+from tests.conftest import Cloud
+
+
+def _domain(vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_mb: int = 2048) -> dict[str, object]:
+    return {"server_id": vm["id"], "state": state, "vcpus": vcpus, "ram_mb": ram_mb}
+
+
+async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]]) -> None:
+    async with cloud.sessions() as s:
+        await hosts.store_inventory(s, name=host, inventory={"host": host, "domains": domains}, taken_at=utcnow())
+        await s.commit()
+
+
+async def _all_seen(cloud: Cloud, vms: list[dict[str, object]]) -> None:
+    """Both hosts report exactly the VMs placed on them, as the database has them."""
+    for host in ("host-1", "host-2"):
+        await _inventory(cloud, host, [_domain(v, "running" if v["operstate"] == "STARTED" else "shutoff")
+                                       for v in vms if v["host"] == host])
+
+
+async def _report(cloud: Cloud, fix: bool = False) -> reconciler.reconcile.Report:
+    return await reconciler.run(cloud.sessions, fix=fix)
+
+
+async def test_a_consistent_cloud_reports_nothing(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vms = [await server_in(cloud, user, "STARTED"), await server_in(cloud, user, "STOPPED")]
+    await _all_seen(cloud, vms)
+    report = await _report(cloud)
+    assert report.empty() and report.unreachable_hosts == []
+
+
+async def test_stale_vm(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _all_seen(cloud, [])  # its host lost it
+    report = await _report(cloud)
+    assert [e["server_id"] for e in report.stale] == [vm["id"]]
+    fixed = await _report(cloud, fix=True)
+    assert fixed.fixed and any("marked DESTROYED" in a for a in fixed.actions)
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
+    assert usage(await cloud.quotas(user)) == expected_usage("DESTROYED")
+    hosts_now = (await cloud.client.get("/api/v1/admin/hosts", headers=cloud.admin)).json()["items"]
+    assert all(h["used_cpus"] == 0 for h in hosts_now)
+    assert (await _report(cloud)).empty()
+
+
+async def test_orphan_domain(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    stranger = {"id": str(uuid.uuid4())}
+    await _inventory(cloud, vm["host"], [_domain(vm), _domain(stranger)])
+    other = "host-2" if vm["host"] == "host-1" else "host-1"
+    await _inventory(cloud, other, [_domain(vm)])  # a copy left behind where it is not placed
+    report = await _report(cloud)
+    assert sorted((o["server_id"], o["host"]) for o in report.orphans) == sorted(
+        [(stranger["id"], vm["host"]), (vm["id"], other)])
+    assert report.stale == []
+
+
+async def test_unsynced_operstate(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _inventory(cloud, vm["host"], [_domain(vm, "shutoff")])
+    report = await _report(cloud)
+    assert [(e["server_id"], e["observed"]) for e in report.unsynced_operstate] == [(vm["id"], "shutoff")]
+    await _report(cloud, fix=True)
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "STOPPED"
+    assert usage(await cloud.quotas(user)) == expected_usage("STOPPED")
+    assert (await _report(cloud)).empty()
+
+
+async def test_unsynced_flavor(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _inventory(cloud, vm["host"], [_domain(vm, vcpus=4, ram_mb=8192)])
+    report = await _report(cloud)
+    assert report.unsynced_flavor == [{
+        "server_id": vm["id"], "project_id": user["X-Project"], "host": vm["host"], "operstate": "STARTED",
+        "flavor": "small", "expected": {"vcpus": 1, "ram_mb": 2048}, "observed": {"vcpus": 4, "ram_mb": 8192}}]
+
+
+async def test_stuck_task(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    job_id = (await cloud.act(user, vm["id"], "stop"))["job_id"]
+    async with cloud.sessions() as s:
+        job = await s.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.deadline = utcnow() - timedelta(seconds=1)
+        await s.commit()
+    await _inventory(cloud, vm["host"], [_domain(vm, "shutoff")])
+    report = await _report(cloud)
+    assert [e["job_id"] for e in report.stuck_tasks] == [job_id]
+    assert report.unsynced_operstate == []  # a VM with a task in flight is not judged
+    await _report(cloud, fix=True)
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "STOPPED"
+    assert (await _report(cloud)).empty()
+
+
+async def test_quota_drift(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _all_seen(cloud, [vm])
+    quotas = table_of(Quota)
+    async with cloud.sessions() as s:  # someone edits a usage row by hand
+        await s.execute(quotas.update().where(quotas.c.project_id == uuid.UUID(user["X-Project"]),
+                                              quotas.c.resource == "cpu").values(usage=7))
+        await s.commit()
+    report = await _report(cloud)
+    assert report.quota_drift == [{"project_id": user["X-Project"], "resource": "cpu", "recorded": 7,
+                                   "recomputed": 1}]
+    fixed = await _report(cloud, fix=True)
+    assert any("usage adjusted by {'cpu': -6}" in a for a in fixed.actions)
+    assert usage(await cloud.quotas(user)) == expected_usage("STARTED")
+    assert (await _report(cloud)).empty()
+    async with cloud.sessions() as s:
+        adjustments = list(await s.scalars(sa.select(Commission).where(table_of(Commission).c.issuer == "reconcile")))
+    assert [(a.cpu, a.state) for a in adjustments] == [(-6, "accepted")]
+
+
+async def test_pending_commission_without_a_live_job(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STOPPED")
+    job_id = (await cloud.act(user, vm["id"], "start"))["job_id"]
+    async with cloud.sessions() as s:  # a job ended without its commission being resolved
+        job = await s.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.status = "ERROR"
+        await s.commit()
+    async with cloud.sessions() as s:
+        from app.models import Server
+        server = await s.get(Server, uuid.UUID(vm["id"]))
+        assert server is not None
+        server.task, server.task_job_id = None, None
+        await s.commit()
+    await _all_seen(cloud, [vm])
+    report = await _report(cloud)
+    assert [e["server_id"] for e in report.pending_without_job] == [vm["id"]]
+    assert (await cloud.quotas(user))["active_cpu"]["pending"] == 1
+    await _report(cloud, fix=True)
+    assert (await cloud.quotas(user))["active_cpu"]["pending"] == 0
+    assert (await _report(cloud)).empty()
+
+
+async def test_a_host_without_a_fresh_inventory_is_unreachable_not_empty(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _all_seen(cloud, [])
+    report = await reconciler.run(cloud.sessions, fix=True, fresh_since=utcnow() + timedelta(seconds=1))
+    assert sorted(report.unreachable_hosts) == ["host-1", "host-2"]
+    assert report.stale == [] and report.empty()
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "STARTED"
