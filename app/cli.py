@@ -16,6 +16,8 @@ cli = typer.Typer(help="Nephos: an asynchronous control plane for virtual machin
                   no_args_is_help=True)
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+admin_cli = typer.Typer(help="Operator commands.", no_args_is_help=True)
+cli.add_typer(admin_cli, name="admin")
 log = logging.getLogger("nephos")
 
 
@@ -117,6 +119,43 @@ def seed() -> None:
     """Apply migrations and seed the default project, admin, flavors and images."""
     settings = Settings()
     asyncio.run(_prepare(settings, seed_hosts=False))
+
+
+@admin_cli.command("reconcile")
+def admin_reconcile(
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what is found (default: report only)")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the hosts' fresh inventories")] = 10.0,
+) -> None:
+    """Compare the database with every host and quotas with the VMs; with --fix, repair."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from app.dispatcher import reconciler
+    from app.logic.reconcile import Report
+    from app.runtime import plane
+
+    settings = Settings()
+    console = Console()
+
+    async def go() -> Report:
+        async with plane(settings) as p:
+            with console.status("asking the hosts for their inventories and comparing..."):
+                return await reconciler.fresh(p.sessions, p.bus, fix=fix, wait=wait)
+
+    report = asyncio.run(go())
+    table = Table(title="reconciliation" + (" (fixed)" if report.fixed else " (dry run)"))
+    for column in ("kind", "count", "what"):
+        table.add_column(column)
+    for kind, count in report.counts().items():
+        entries = getattr(report, kind)
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in e.items()) for e in entries[:5])
+        table.add_row(kind, str(count), shown + (f" (+{count - 5} more)" if count > 5 else ""))
+    console.print(table)
+    if report.unreachable_hosts:
+        console.print(f"[yellow]no fresh inventory from: {', '.join(report.unreachable_hosts)} (not judged)")
+    for action in report.actions:
+        console.print(f"fixed: {action}")
+    raise typer.Exit(0 if report.empty() or report.fixed else 1)
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ async def serve_api(p: Plane) -> None:
 
     s = p.settings
     state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.submit,
-                     bus_ok=lambda: p.bus.connected)
+                     bus_ok=lambda: p.bus.connected, bus=p.bus)
     config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
                             http="httptools", lifespan="on")
     await uvicorn.Server(config).serve()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import AdminUser, IdempotentDep, TxDep
+from app.api.deps import AdminUser, IdempotentDep, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     FlavorCreate,
@@ -24,9 +24,12 @@ from app.api.schemas import (
     ProjectOut,
     ProjectPatch,
     QuotasOut,
+    ReconcileReport,
+    ReconcileRequest,
     UserCreate,
     UserOut,
 )
+from app.dispatcher import reconciler
 from app.logic import accounts, catalogue, placement, quotas
 from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from app.models import Project
@@ -140,3 +143,16 @@ async def create_image(body: ImageCreate, tx: TxDep, actor: AdminUser, idem: Ide
         return ImageOut.model_validate(await catalogue.create_image(tx.session, actor=actor,
                                                                     **body.model_dump()))
     return await idem.run(201, make)
+
+
+@router.post("/reconcile", response_model=ReconcileReport, responses=ADMIN)
+async def reconcile(body: ReconcileRequest, state: StateDep, tx: TxDep, _: AdminUser) -> ReconcileReport:
+    """Compare the database with every host's fresh inventory and quotas with the VMs; fix on request."""
+    # This request's own transaction (it authenticated the caller) ends here: the work below
+    # runs its own, and on SQLite an open transaction would hold the write lock throughout.
+    await tx.session.commit()
+    if state.bus is not None:
+        report = await reconciler.fresh(state.sessions, state.bus, fix=body.fix, wait=body.wait)
+    else:  # no bus (tests of the API alone): the inventories the hosts last sent
+        report = await reconciler.run(state.sessions, fix=body.fix)
+    return ReconcileReport.model_validate(report, from_attributes=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.bus import Bus
 from app.logic import accounts, idempotency
 from app.logic.actor import Actor
 from app.logic.errors import Forbidden
@@ -39,6 +40,7 @@ class AppState:
     cipher: Fernet
     publish: Publish = _publish_nothing
     bus_ok: Callable[[], bool] = field(default=lambda: True)
+    bus: Bus | None = None  # for admin work that talks to agents (reconcile)
 
 
 async def get_state(request: Request) -> AppState:

@@ -333,3 +333,21 @@ class Health(BaseModel):
     database: str
     bus: str
     hosts_up: int
+
+
+class ReconcileRequest(Strict):
+    fix: bool = Field(default=False, description="Repair what is found (dry run when false)")
+    wait: float = Field(default=10.0, ge=0, le=120, description="Seconds to wait for fresh inventories")
+
+
+class ReconcileReport(BaseModel):
+    stale: list[dict[str, Any]] = Field(description="VMs the database places on a host that does not have them")
+    orphans: list[dict[str, Any]] = Field(description="Domains on a host that no live VM owns there")
+    unsynced_operstate: list[dict[str, Any]]
+    unsynced_flavor: list[dict[str, Any]]
+    stuck_tasks: list[dict[str, Any]] = Field(description="Jobs past their deadline")
+    quota_drift: list[dict[str, Any]] = Field(description="Recorded usage that differs from the VMs")
+    pending_without_job: list[dict[str, Any]] = Field(description="Pending commissions with no live job")
+    unreachable_hosts: list[str] = Field(description="Hosts with no fresh inventory: not judged")
+    fixed: bool
+    actions: list[str] = Field(description="What the fix did")

@@ -199,6 +199,8 @@ class Agent:
                 state = await self.driver.state(job.server_id)
                 # Publishing may fail (broker away): then the job is redelivered, runs again
                 # (idempotent), and its result is published then.
+                if job.params.get("purge"):
+                    details = {**details, "purge": True}
                 await self._status(job, "ERROR" if error else "SUCCESS", error=error, domain_state=state,
                                    details=details)
             finally:

@@ -48,6 +48,8 @@ class Dispatcher:
                 session, job_id=message.job_id, success=message.status == "SUCCESS", error=message.error,
                 seq=message.seq, details=message.details)
             if outcome is results.Outcome.UNKNOWN:
+                if message.details.get("purge"):
+                    return "purged"  # reconciliation destroyed an orphan: no job row to update
                 self.counts["unknown_job"] += 1
                 raise Poison(f"result for unknown job {message.job_id}")
             return outcome.value

@@ -1,12 +1,56 @@
-"""Running reconciliation: compare, then (with ``fix``) repair each finding in its own transaction."""
+"""Running reconciliation: ask the hosts for fresh inventories, compare, and (with ``fix``)
+repair each finding in its own transaction; orphan domains are destroyed by a job to their host.
+
+The same function serves ``POST /api/v1/admin/reconcile``, ``nephos admin reconcile`` and the
+dispatcher's periodic pass.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.bus import Bus
+from app.ids import utcnow
 from app.logic import reconcile
+from app.messages import InventoryRequest, JobMessage, encode
+from app.models import Host, table_of
+
+_hosts = table_of(Host)
+
+
+async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0
+                ) -> reconcile.Report:
+    """Ask every host that is not disabled for its inventory, wait for the answers (up to
+    ``wait`` seconds), then reconcile against them; a host that did not answer is reported."""
+    started = utcnow()
+    async with sessions() as session:
+        names = list(await session.scalars(sa.select(_hosts.c.name).where(_hosts.c.state != "disabled")))
+    for name in names:
+        await bus.publish_job(name, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        async with sessions() as session:
+            behind = (await session.execute(
+                sa.select(sa.func.count()).select_from(_hosts).where(
+                    _hosts.c.name.in_(names),
+                    sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < started)))).scalar_one()
+        if not behind:
+            break
+        await asyncio.sleep(0.1)
+    report = await run(sessions, fix=fix, fresh_since=started)
+    if fix:
+        for orphan in report.orphans:
+            await bus.publish_job(orphan["host"], encode(JobMessage(
+                job_id=uuid.uuid4(), server_id=uuid.UUID(orphan["server_id"]), action="destroy",
+                host=orphan["host"], params={"purge": True})))
+            report.actions.append(f"domain {orphan['server_id']} on {orphan['host']}: destroy sent")
+    return report
 
 
 async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_since: datetime | None = None

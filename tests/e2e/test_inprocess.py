@@ -83,7 +83,7 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             from app.backend.driver import write_test_node
             await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
         state = AppState(settings=settings, sessions=p.sessions, cipher=Fernet(Fernet.generate_key()),
-                         publish=p.outbox.submit, bus_ok=lambda: p.bus.connected)
+                         publish=p.outbox.submit, bus_ok=lambda: p.bus.connected, bus=p.bus)
         app = create_app(settings, state)
         async with LifespanManager(app) as manager:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
@@ -157,3 +157,42 @@ async def test_duplicates_reordering_and_garbage_on_the_results_queue(cloud: Clo
 
 async def _dead(bus: Any, n: int) -> bool:
     return bool(await bus.dead_count() == n)
+
+
+async def test_reconcile_through_the_api(cloud: Cloud) -> None:
+    kept, lost = await cloud.started_vm(), await cloud.started_vm()
+    agents = {a.host: a for a in cloud.plane.agents}
+    conn = agents[kept["host"]].driver.conn
+    assert conn is not None
+    # Behind Nephos's back: a domain nobody created, and a VM's domain undefined on its host.
+    stranger = uuid.uuid4()
+    conn.defineXML(agents[kept["host"]].driver.domain_xml(stranger, {"name": "x", "vcpus": 1, "ram_mb": 64}))
+    lost_conn = agents[lost["host"]].driver.conn
+    assert lost_conn is not None
+    lost_dom = lost_conn.lookupByUUIDString(lost["id"])
+    lost_dom.destroy()
+    lost_dom.undefine()
+
+    async def report(fix: bool) -> dict[str, Any]:
+        r = await cloud.client.post("/api/v1/admin/reconcile", headers=ADMIN, json={"fix": fix, "wait": 10})
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    async def found() -> dict[str, Any] | None:
+        dry = await report(False)
+        return dry if dry["stale"] and dry["orphans"] else None
+    dry = await cloud.until("the drift to show", found)
+    assert [o["server_id"] for o in dry["orphans"]] == [str(stranger)]
+    assert [s["server_id"] for s in dry["stale"]] == [lost["id"]]
+    assert dry["fixed"] is False and dry["unreachable_hosts"] == []
+    fixed = await report(True)
+    assert fixed["fixed"] and len(fixed["actions"]) >= 2, fixed
+    assert (await cloud.server(lost["id"]))["operstate"] == "DESTROYED"
+
+    async def clean() -> bool:
+        again = await report(False)
+        return not any(again[k] for k in ("stale", "orphans", "unsynced_operstate", "quota_drift"))
+    await cloud.until("an empty report", clean)
+    assert (await cloud.server(kept["id"]))["operstate"] == "STARTED"
+    q = await cloud.quotas()
+    assert q["vm"]["usage"] == 1 and q["active_cpu"]["usage"] == 1

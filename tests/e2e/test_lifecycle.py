@@ -5,10 +5,12 @@ After each step the operstate, task, job, events and quota usage are what DESIGN
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tests.api.helpers import MEDIUM, SMALL, expected_usage
 from tests.e2e.conftest import ADMIN, HOSTS, Cluster
+from tests.procs import nephos_bin
 
 BIG = {"vm": 10, "cpu": 100, "ram": 10**6, "disk": 10**4, "active_cpu": 100, "active_ram": 10**6}
 
@@ -117,3 +119,19 @@ async def test_a_failing_job_reports_libvirts_error(cluster: Cluster) -> None:
     assert await usage(c, user) == before == expected_usage("STOPPED", SMALL)
     hosts = {h["name"]: h for h in (await c.get("/api/v1/admin/hosts"))["items"]}
     assert hosts[server["host"]]["used_cpus"] == 1  # the resize's reservation was given back
+
+
+async def test_admin_reconcile_command(prod_cluster: Cluster) -> None:
+    """``nephos admin reconcile`` asks the live hosts for inventories and prints the report."""
+    c = prod_cluster
+    user = await new_user(c)
+    r = await c.client.post("/api/v1/servers", headers=user, json={"name": "r", "flavor": "tiny", "image": "debian-12"})
+    await c.job_done(r.json()["job_ids"][0])
+    run = await asyncio.create_subprocess_exec(nephos_bin(), "admin", "reconcile", "--wait", "20", env=c.env,
+                                               cwd=c.workdir, stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.STDOUT)
+    out = (await run.communicate())[0].decode()
+    assert run.returncode == 0, out
+    assert "reconciliation (dry run)" in out and "no fresh inventory" not in out
+    for kind in ("stale", "orphans", "unsynced_operstate", "quota_drift"):
+        assert f"│ {kind}" in out.replace("┃", "│")
