@@ -264,6 +264,18 @@ class KeyPair(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class DriftReport(SQLModel, table=True):
+    """What a periodic reconciliation pass found and fixed (the latest one is the drift report)."""
+
+    __tablename__ = "drift_reports"
+    id: uuid.UUID = _id()
+    started_at: datetime = _ts()
+    duration_s: float = 0.0
+    fixed: bool = False
+    counts: dict[str, Any] = _json()
+    report: dict[str, Any] = _json()
+
+
 def table_of(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, typed (SQLModel hides ``__table__`` from type checkers)."""
     table = model.__table__  # type: ignore[attr-defined]

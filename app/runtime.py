@@ -48,8 +48,10 @@ class Plane:
         await self.bus.consume_results(self.dispatcher.handle)
         s = self.settings
         self.sweepers = Sweepers(self.sessions, self.bus, self.outbox, interval=s.sweep_interval,
-                                 host_timeout=s.host_timeout, resend_after=s.resend_after)
+                                 host_timeout=s.host_timeout, resend_after=s.resend_after,
+                                 reconcile_interval=s.reconcile_interval)
         self.tasks.append(asyncio.create_task(self.sweepers.run()))
+        self.tasks.append(asyncio.create_task(self.sweepers.reconcile_forever()))
         return self.dispatcher
 
     async def start_agent(self, *, host: str, uri: str, zone: str = "default",

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=1.0, gt=0)
     host_timeout: float = Field(default=15.0, gt=0)
     resend_after: float = Field(default=3.0, gt=0)
+    # Seconds between the dispatcher's reconciliation passes (the drift report).
+    reconcile_interval: float = Field(default=60.0, gt=0)
     # Where ``up`` keeps the node definitions of its simulated hosts.
     state_dir: Path = Path("./var")
     # Agents on real hypervisors: image store, VM disks, graceful-stop timeout.

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api.deps import AdminUser, IdempotentDep, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
+    DriftOut,
     FlavorCreate,
     FlavorOut,
     HostCreate,
@@ -31,6 +32,7 @@ from app.api.schemas import (
 )
 from app.dispatcher import reconciler
 from app.logic import accounts, catalogue, placement, quotas
+from app.logic import reconcile as reconcile_logic
 from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from app.models import Project
 
@@ -156,3 +158,13 @@ async def reconcile(body: ReconcileRequest, state: StateDep, tx: TxDep, _: Admin
     else:  # no bus (tests of the API alone): the inventories the hosts last sent
         report = await reconciler.run(state.sessions, fix=body.fix)
     return ReconcileReport.model_validate(report, from_attributes=True)
+
+
+@router.get("/drift", response_model=DriftOut, responses=ADMIN)
+async def drift(tx: TxDep, _: AdminUser) -> DriftOut:
+    """The last periodic reconciliation pass: when, how long, what it found and what it fixed."""
+    last = await reconcile_logic.latest(tx.session)
+    if last is None:
+        return DriftOut(started_at=None, duration_s=None, fixed=False, counts={}, report={})
+    return DriftOut(started_at=last.started_at, duration_s=last.duration_s, fixed=last.fixed,
+                    counts=last.counts, report=last.report)

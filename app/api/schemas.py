@@ -351,3 +351,11 @@ class ReconcileReport(BaseModel):
     unreachable_hosts: list[str] = Field(description="Hosts with no fresh inventory: not judged")
     fixed: bool
     actions: list[str] = Field(description="What the fix did")
+
+
+class DriftOut(BaseModel):
+    started_at: datetime | None = Field(description="When the last periodic pass started (null: none yet)")
+    duration_s: float | None
+    fixed: bool
+    counts: dict[str, int] = Field(description="Findings per kind")
+    report: dict[str, Any] = Field(description="The findings and what the pass did about them")

@@ -69,3 +69,13 @@ async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_si
         await session.commit()
     report.fixed = True
     return report
+
+
+async def periodic_pass(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, wait: float) -> reconcile.Report:
+    """The dispatcher's pass: reconcile with fixes, and store the report (``GET /admin/drift``)."""
+    started, t0 = utcnow(), time.monotonic()
+    report = await fresh(sessions, bus, fix=True, wait=wait)
+    async with sessions() as session:
+        await reconcile.record(session, report, started_at=started, duration_s=time.monotonic() - t0)
+        await session.commit()
+    return report

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.bus import Bus
 from app.bus.outbox import OutboxPublisher
+from app.dispatcher import reconciler
 from app.logic import deadlines, hosts
 from app.messages import InventoryRequest, encode
 
@@ -40,9 +41,23 @@ async def resolve_deadlines(sessions: async_sessionmaker[AsyncSession]) -> deadl
 
 class Sweepers:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, outbox: OutboxPublisher, *,
-                 interval: float = 1.0, host_timeout: float = 15.0, resend_after: float = 3.0) -> None:
+                 interval: float = 1.0, host_timeout: float = 15.0, resend_after: float = 3.0,
+                 reconcile_interval: float = 60.0) -> None:
         self.sessions, self.bus, self.outbox = sessions, bus, outbox
         self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
+        self.reconcile_interval = reconcile_interval
+
+    async def reconcile_forever(self) -> None:
+        """The periodic reconciliation pass, whose report ``GET /api/v1/admin/drift`` shows."""
+        while True:
+            await asyncio.sleep(self.reconcile_interval)
+            try:
+                report = await reconciler.periodic_pass(self.sessions, self.bus,
+                                                        wait=min(10.0, self.reconcile_interval / 2))
+                if not report.empty():
+                    log.warning("reconciliation found drift %s and fixed it: %s", report.counts(), report.actions)
+            except Exception:
+                log.warning("reconciliation pass failed", exc_info=True)
 
     async def run(self) -> None:
         while True:

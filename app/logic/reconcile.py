@@ -34,10 +34,11 @@ from app.ids import utcnow
 from app.logic import deadlines, events, placement, quotas, results
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
-from app.models import Commission, Flavor, Host, Job, Quota, Server, table_of
+from app.models import Commission, DriftReport, Flavor, Host, Job, Quota, Server, table_of
 
 _servers, _flavors, _jobs = table_of(Server), table_of(Flavor), table_of(Job)
 _hosts, _quotas, _commissions = table_of(Host), table_of(Quota), table_of(Commission)
+_drift = table_of(DriftReport)
 
 
 @dataclass
@@ -218,3 +219,22 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     await quotas.issue(session, project_id=server.project_id, server_id=server.id,
                        deltas=Deltas() - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb),
                        issuer="reconcile", accept=True, reason="reconcile: vanished from its host")
+
+
+# -- the continuous drift report -----------------------------------------------------------------
+
+async def record(session: AsyncSession, report: Report, *, started_at: datetime, duration_s: float,
+                 keep: int = 100) -> DriftReport:
+    """Store a periodic pass's report; only the latest ``keep`` are kept."""
+    row = DriftReport(started_at=started_at, duration_s=duration_s, fixed=report.fixed, counts=report.counts(),
+                      report={k: getattr(report, k) for k in (*Report.KINDS, "unreachable_hosts", "actions")})
+    session.add(row)
+    await session.flush()
+    old = list(await session.scalars(sa.select(_drift.c.id).order_by(_drift.c.id.desc()).offset(keep)))
+    if old:
+        await session.execute(_drift.delete().where(_drift.c.id.in_(old)))
+    return row
+
+
+async def latest(session: AsyncSession) -> DriftReport | None:
+    return (await session.scalars(sa.select(DriftReport).order_by(_drift.c.id.desc()).limit(1))).first()

@@ -196,3 +196,30 @@ async def test_reconcile_through_the_api(cloud: Cloud) -> None:
     assert (await cloud.server(kept["id"]))["operstate"] == "STARTED"
     q = await cloud.quotas()
     assert q["vm"]["usage"] == 1 and q["active_cpu"]["usage"] == 1
+
+
+async def test_drift_report_and_gauges_show_drift_then_its_repair(cloud: Cloud) -> None:
+    vm = await cloud.started_vm()
+    sweepers = cloud.plane.sweepers
+    assert sweepers is not None
+    agent = next(a for a in cloud.plane.agents if a.host == vm["host"])
+    assert agent.driver.conn is not None
+    dom = agent.driver.conn.lookupByUUIDString(vm["id"])
+    dom.destroy()
+    dom.undefine()  # the host loses the VM
+    from app.dispatcher import reconciler
+
+    async def drift_seen() -> dict[str, Any] | None:
+        await reconciler.periodic_pass(cloud.plane.sessions, cloud.plane.bus, wait=5)
+        d = (await cloud.client.get("/api/v1/admin/drift", headers=ADMIN)).json()
+        return d if d["counts"].get("stale") else None
+    drift = await cloud.until("the pass to see the drift", drift_seen)
+    assert drift["fixed"] and any("marked DESTROYED" in a for a in drift["report"]["actions"])
+    metrics = (await cloud.client.get("/metrics")).text
+    assert 'nephos_drift_findings{kind="stale"} 1.0' in metrics
+    # The next pass finds the cloud repaired.
+    await reconciler.periodic_pass(cloud.plane.sessions, cloud.plane.bus, wait=5)
+    drift = (await cloud.client.get("/api/v1/admin/drift", headers=ADMIN)).json()
+    assert not any(drift["counts"].values()), drift
+    assert 'nephos_drift_findings{kind="stale"} 0.0' in (await cloud.client.get("/metrics")).text
+    assert (await cloud.server(vm["id"]))["operstate"] == "DESTROYED"
