@@ -17,16 +17,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import catalogue, events, placement, quotas, results, servers
+from app.logic import catalogue, events, keypairs, placement, quotas, results, servers
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden
 from app.logic.jobs import JobStatus, Outbox, new_job
 from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
-from app.models import Flavor, Image, Job, KeyPair, Server, table_of
+from app.models import Flavor, Image, Job, Server
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,9 @@ async def _begin(
         host = placed.host
         image = await session.get(Image, server.image_id)
         assert image is not None
-        params = servers.create_params(server, flavor, image, await _ssh_key(session, server))
+        keypair = (await keypairs.find(session, project_id=server.project_id, name=server.key_name)
+                   if server.key_name else None)
+        params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
@@ -125,15 +126,6 @@ async def _begin(
         await results.apply_result(session, job_id=job.id, success=True)
         outbox.job_ids.remove(job.id)
     return job
-
-
-async def _ssh_key(session: AsyncSession, server: Server) -> str | None:
-    if not server.key_name:
-        return None
-    stmt = sa.select(table_of(KeyPair).c.public_key).where(
-        table_of(KeyPair).c.project_id == server.project_id, table_of(KeyPair).c.name == server.key_name
-    )
-    return (await session.scalars(stmt)).first()
 
 
 async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> None:

@@ -44,18 +44,13 @@ def free_of(host: Host) -> tuple[int, int]:
     )
 
 
-async def _lock_candidates(session: AsyncSession, zone: str | None) -> list[Host]:
-    stmt = sa.select(Host).where(_hosts.c.state == "up").order_by(_hosts.c.id).with_for_update(key_share=True)
-    if zone is not None:
-        stmt = stmt.where(_hosts.c.zone == zone)
-    stmt = stmt.execution_options(populate_existing=True)
-    return list(await session.scalars(stmt))
-
-
-async def _candidates(session: AsyncSession, zone: str | None) -> list[Host]:
+async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = False) -> list[Host]:
+    """Up hosts (of ``zone``), read afresh; with ``lock``, locked in id order."""
     stmt = sa.select(Host).where(_hosts.c.state == "up").execution_options(populate_existing=True)
     if zone is not None:
         stmt = stmt.where(_hosts.c.zone == zone)
+    if lock:
+        stmt = stmt.order_by(_hosts.c.id).with_for_update(key_share=True)
     return list(await session.scalars(stmt))
 
 
@@ -70,7 +65,7 @@ async def reserve(
     transaction that places ``several`` VMs locks the candidates in id order first, so two such
     transactions cannot take the same hosts in opposite orders.
     """
-    found = await (_lock_candidates(session, zone) if several else _candidates(session, zone))
+    found = await _candidates(session, zone, lock=several)
     candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
     for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):

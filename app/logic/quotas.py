@@ -67,15 +67,6 @@ def _pending_columns() -> list[sa.ColumnElement[int]]:
     ]
 
 
-async def pending_positive(session: AsyncSession, project_id: uuid.UUID) -> Deltas:
-    """Sum of the positive deltas of the project's pending commissions."""
-    row = (await session.execute(
-        sa.select(*_pending_columns())
-        .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
-    )).one()
-    return Deltas(*(int(v) for v in row))
-
-
 async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict[str, int]]:
     """``{resource: {limit, usage, pending}}`` for one project, read in one statement.
 

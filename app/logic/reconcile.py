@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import deadlines, events, placement, quotas, results
+from app.logic import deadlines, events, placement, quotas, results, servers
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
 from app.models import Commission, DriftReport, Flavor, Host, Job, Quota, Server, table_of
@@ -203,9 +203,7 @@ async def fix_usage(session: AsyncSession) -> list[str]:
 
 async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     """A VM its host no longer has: it is gone (DESTROYED), its quota and host room given back."""
-    server = (await session.scalars(
-        sa.select(Server).where(_servers.c.id == server_id).with_for_update(key_share=True)
-        .execution_options(populate_existing=True))).first()
+    server = await servers.locked(session, server_id)
     if server is None or server.operstate == Operstate.DESTROYED.value or server.task is not None:
         return
     flavor = await session.get(Flavor, server.flavor_id)

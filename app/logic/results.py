@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import events, placement, quotas
+from app.logic import events, placement, quotas, servers
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import Action, Operstate, footprint, target_state
 from app.models import Flavor, Image, Job, Server, table_of
@@ -48,10 +48,8 @@ async def apply_result(
     if found is None:
         return Outcome.UNKNOWN
     # Lock order: server first, as every other writer does.
-    server = (await session.scalars(
-        sa.select(Server).where(table_of(Server).c.id == found.server_id).with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )).one()
+    server = await servers.locked(session, found.server_id)
+    assert server is not None  # jobs reference their server
     job = (await session.scalars(
         sa.select(Job).where(_jobs.c.id == job_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
@@ -193,10 +191,7 @@ async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, obs
     running anything. A VM being built is left to its build job's result; a missing domain is
     reconciliation's business (it may be mid-migration or never created).
     """
-    server = (await session.scalars(
-        sa.select(Server).where(table_of(Server).c.id == server_id).with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )).first()
+    server = await servers.locked(session, server_id)
     if server is None:
         return Outcome.UNKNOWN
     if seq is not None:

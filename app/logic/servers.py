@@ -60,11 +60,19 @@ async def get(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> S
     return server
 
 
-async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
-    """The server row, locked for this transaction (the per-VM task lock's first step)."""
+async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
+    """The server row, locked for this transaction and read afresh (``None`` if there is none).
+
+    Every writer of a VM takes this lock first: it is the per-VM task lock.
+    """
     stmt = (sa.select(Server).where(_servers.c.id == server_id).with_for_update(key_share=True)
             .execution_options(populate_existing=True))
-    server = (await session.scalars(stmt)).first()
+    return (await session.scalars(stmt)).first()
+
+
+async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
+    """The server row, locked, if ``actor`` may see it (else ``NotFound``)."""
+    server = await locked(session, server_id)
     if server is None or not actor.sees(server.project_id):
         raise _not_found(server_id)
     return server
