@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint services clean bench
+.PHONY: install run test lint services clean bench faults
 
 $(STAMP): pyproject.toml
 	@.ci/system-packages.sh
@@ -28,7 +28,7 @@ services:
 ## make test: lint, then the whole suite against PostgreSQL and SQLite
 test: install services lint
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
-	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check app tests migrations
@@ -41,3 +41,10 @@ clean:
 bench: install services
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## make faults: the fault suite at full size, restarting the real RabbitMQ and PostgreSQL (run it
+## alone), and the invariant suite with more examples; each prints its results
+faults: install services
+	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
+	NEPHOS_FAULTS=full NEPHOS_FAULTS_REAL_RESTART=1 $(BIN)/pytest -s -p no:randomly tests/e2e/test_fault_suite.py && \
+	NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-500} $(BIN)/pytest -s tests/logic/test_invariants.py

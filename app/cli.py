@@ -128,6 +128,7 @@ def admin_reconcile(
 ) -> None:
     """Compare the database with every host and quotas with the VMs; with --fix, repair."""
     from rich.console import Console
+    from rich.progress import Progress, TaskID
     from rich.table import Table
 
     from app.dispatcher import reconciler
@@ -139,8 +140,16 @@ def admin_reconcile(
 
     async def go() -> Report:
         async with plane(settings) as p:
-            with console.status("asking the hosts for their inventories and comparing..."):
-                return await reconciler.fresh(p.sessions, p.bus, fix=fix, wait=wait)
+            # Progress for large fleets: hosts that answered, then repairs made.
+            with Progress(*Progress.get_default_columns(), console=console, transient=True) as bar:
+                tasks: dict[str, TaskID] = {}
+
+                def progress(phase: str, done: int, total: int) -> None:
+                    if phase not in tasks:
+                        tasks[phase] = bar.add_task({"inventories": "hosts answered",
+                                                     "repairs": "repairs"}.get(phase, phase), total=total)
+                    bar.update(tasks[phase], completed=done, total=total)
+                return await reconciler.fresh(p.sessions, p.bus, fix=fix, wait=wait, progress=progress)
 
     report = asyncio.run(go())
     table = Table(title="reconciliation" + (" (fixed)" if report.fixed else " (dry run)"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -79,3 +80,25 @@ def upgrade_sync(url: str, revision: str = "head") -> None:
 async def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations (alembic runs its own event loop, so off this one)."""
     await asyncio.to_thread(upgrade_sync, url, revision)
+
+
+def sqlstate(exc: sa_exc.DBAPIError) -> str:
+    """The SQLSTATE of a database error ("" when the driver gave none)."""
+    return str(getattr(exc.orig, "sqlstate", "") or getattr(exc.orig, "pgcode", "") or "")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Is this the database being away (refused, dropped, shutting down) rather than a bug?"""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc.orig, OSError | ConnectionError | TimeoutError):
+            return True
+        # 08: connection exceptions; 57P: admin/crash shutdown, cannot connect now.
+        return sqlstate(exc).startswith(("08", "57P")) or "connection is closed" in str(exc)
+    return isinstance(exc, OSError | ConnectionError | TimeoutError)
+
+
+async def snapshot(session: AsyncSession) -> None:
+    """Read everything that follows in this transaction from one snapshot: REPEATABLE READ on
+    PostgreSQL (SQLite's single writer gives one already). Only at the start of a transaction."""
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})

@@ -43,3 +43,8 @@ def uuid7() -> uuid.UUID:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def ec2_id(prefix: str) -> str:
+    """An EC2-style id: ``prefix-`` and 17 lowercase hex digits (``i-``, ``r-``, ``ami-`` ...)."""
+    return f"{prefix}-{os.urandom(9).hex()[:17]}"

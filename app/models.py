@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-from app.ids import utcnow, uuid7
+from app.ids import ec2_id, utcnow, uuid7
 
 SQLModel.metadata.naming_convention = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -122,6 +122,7 @@ class Image(SQLModel, table=True):
     source_url: str = Field(default="", max_length=1024)
     source_server_id: uuid.UUID | None = None
     created_at: datetime = _ts()
+    ec2_id: str = Field(default_factory=lambda: ec2_id("ami"), max_length=32, unique=True)
 
 
 class Zone(SQLModel, table=True):
@@ -181,6 +182,13 @@ class Server(SQLModel, table=True):
     created_at: datetime = _ts()
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     destroyed_at: datetime | None = _ts(nullable=True, default=False)
+    # The EC2 facade's names for it (every VM has them, however it was made).
+    ec2_id: str = Field(default_factory=lambda: ec2_id("i"), max_length=32, unique=True)
+    reservation_id: str = Field(default_factory=lambda: ec2_id("r"), max_length=32, index=True)
+    client_token: str | None = Field(default=None, max_length=64)
+    # EC2's protections (ModifyInstanceAttribute): destroy / stop are refused while set, by REST too.
+    disable_api_termination: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    disable_api_stop: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
 
 
 class Job(SQLModel, table=True):
@@ -262,6 +270,7 @@ class KeyPair(SQLModel, table=True):
     public_key: str = Field(sa_type=sa.Text)
     fingerprint: str = Field(max_length=128)
     created_at: datetime = _ts()
+    ec2_id: str = Field(default_factory=lambda: ec2_id("key"), max_length=32, unique=True)
 
 
 class DriftReport(SQLModel, table=True):
@@ -281,3 +290,63 @@ def table_of(model: type[SQLModel]) -> sa.Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, sa.Table)
     return table
+
+
+class Ec2Tag(SQLModel, table=True):
+    """A tag on an EC2-visible resource (by its EC2 id), per project."""
+
+    __tablename__ = "ec2_tags"
+    project_id: uuid.UUID = Field(foreign_key="projects.id", index=True)
+    resource_id: str = Field(max_length=32, primary_key=True)
+    key: str = Field(max_length=128, primary_key=True)
+    value: str = Field(default="", max_length=256)
+
+
+class Ec2ClientToken(SQLModel, table=True):
+    """RunInstances' ClientToken: one reservation per (project, token), inserted with it."""
+
+    __tablename__ = "ec2_client_tokens"
+    project_id: uuid.UUID = Field(foreign_key="projects.id", primary_key=True)
+    token: str = Field(max_length=64, primary_key=True)
+    request_hash: str = Field(max_length=64)
+    reservation_id: str = Field(max_length=32)
+    created_at: datetime = _ts()
+
+
+class SecurityGroup(SQLModel, table=True):
+    """An EC2 security group, per project: stored and described (hosts do not filter traffic)."""
+
+    __tablename__ = "security_groups"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
+    id: uuid.UUID = _id()
+    ec2_id: str = Field(default_factory=lambda: ec2_id("sg"), max_length=32, unique=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    name: str = Field(max_length=255)
+    description: str = Field(default="", max_length=255)
+    created_at: datetime = _ts()
+
+
+class SecurityGroupRule(SQLModel, table=True):
+    """One ingress permission: a protocol and port range from a CIDR or from another group."""
+
+    __tablename__ = "security_group_rules"
+    __table_args__ = (sa.UniqueConstraint("group_id", "protocol", "from_port", "to_port", "cidr", "source_group",
+                                          name="uq_security_group_rules_rule"),)
+    id: uuid.UUID = _id()
+    ec2_id: str = Field(default_factory=lambda: ec2_id("sgr"), max_length=32, unique=True)
+    group_id: uuid.UUID = Field(foreign_key="security_groups.id", index=True)
+    protocol: str = Field(max_length=8)
+    from_port: int
+    to_port: int
+    # Exactly one of the two; the other is "" (not NULL, so the unique constraint sees duplicates).
+    cidr: str = Field(default="", max_length=64)
+    source_group: str = Field(default="", max_length=32)
+    description: str = Field(default="", max_length=255)
+
+
+class ServerSecurityGroup(SQLModel, table=True):
+    """A VM's membership of a security group."""
+
+    __tablename__ = "server_security_groups"
+    server_id: uuid.UUID = Field(foreign_key="servers.id", primary_key=True)
+    group_id: uuid.UUID = Field(foreign_key="security_groups.id", primary_key=True, index=True)

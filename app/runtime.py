@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -92,19 +95,47 @@ async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Pla
     finally:
         for task in p.tasks:
             task.cancel()
-        await asyncio.gather(*p.tasks, return_exceptions=True)
+        # Each step of the shutdown is bounded: a process asked to stop always stops.
+        await _bounded("background tasks", asyncio.gather(*p.tasks, return_exceptions=True))
         for agent in p.agents:
-            await agent.stop()
-        await bus.close()
-        await engine.dispose()
+            await _bounded(f"agent {agent.host}", agent.stop())
+        await _bounded("the bus", bus.close())
+        await _bounded("the database pool", engine.dispose())
 
 
-async def until_signalled() -> None:
+async def _bounded(what: str, step: Awaitable[Any], seconds: float = 5.0) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        log.warning("stopping %s took over %.0fs; going on without it", what, seconds)
+
+
+#: Seconds a process has to stop cleanly once told to, before its watchdog ends it.
+SHUTDOWN_GRACE = 20.0
+
+
+async def until_signalled(grace: float = SHUTDOWN_GRACE) -> None:
+    """Until SIGTERM/SIGINT; then the process has ``grace`` seconds to shut down cleanly before a
+    watchdog ends it (a driver that ignores cancellation must not keep a stopped process alive)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    start_watchdog(grace)
+
+
+def start_watchdog(grace: float = SHUTDOWN_GRACE) -> None:
+    watchdog = threading.Timer(grace, _give_up, args=(grace,))
+    watchdog.daemon = True
+    watchdog.start()
+
+
+def _give_up(grace: float) -> None:
+    log.warning("shutdown took over %.0fs: exiting now", grace)
+    logging.shutdown()
+    os._exit(1)
 
 
 async def serve_api(p: Plane) -> None:
@@ -117,8 +148,9 @@ async def serve_api(p: Plane) -> None:
     state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.submit,
                      bus_ok=lambda: p.bus.connected, bus=p.bus)
     config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
-                            http="httptools", lifespan="on")
+                            http="httptools", lifespan="on", timeout_graceful_shutdown=5)
     await uvicorn.Server(config).serve()
+    start_watchdog()  # uvicorn handled the signal; what follows is bounded too
 
 
 async def run_api(settings: Settings) -> None:

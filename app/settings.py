@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     resend_after: float = Field(default=3.0, gt=0)
     # Seconds between the dispatcher's reconciliation passes (the drift report).
     reconcile_interval: float = Field(default=60.0, gt=0)
+    ec2_region: str = Field(default="us-east-1", min_length=1, max_length=64,
+                            description="The region the EC2 facade answers to (SigV4 scope, DescribeRegions)")
     # Where ``up`` keeps the node definitions of its simulated hosts.
     state_dir: Path = Path("./var")
     # Agents on real hypervisors: image store, VM disks, graceful-stop timeout.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -57,3 +59,42 @@ def nephos_up(cwd: Path, **env: str) -> Iterator[tuple[str, list[str]]]:
         output += log.read().splitlines()
         output.append(f"exit {proc.returncode}")
         log.close()
+
+
+class Proxy:
+    """A TCP proxy (to RabbitMQ or PostgreSQL) that a test can cut and restore: the service
+    'restarts' for the processes behind it only, so other tests sharing it carry on."""
+
+    def __init__(self, target_port: int = 5672) -> None:
+        self.port, self.target_port = free_port(), target_port
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+        with contextlib.suppress(TimeoutError):  # 3.12+ waits for the handlers too: never hang here
+            async with asyncio.timeout(5):
+                await self.server.wait_closed()

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
-from app.api import admin, catalogue, errors, health, jobs, keys, metrics, servers
+from app.api import admin, catalogue, ec2, errors, health, jobs, keys, metrics, servers
 from app.api.deps import AppState
 from app.db import make_engine, make_sessionmaker
 from app.serverkey import load_cipher
@@ -52,6 +52,6 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
                   dependencies=[Depends(no_nul_in_url)])
     errors.install(app)
-    for module in (servers, jobs, catalogue, keys, admin, health, metrics):
+    for module in (servers, jobs, catalogue, keys, admin, health, metrics, ec2):
         app.include_router(module.router)
     return app

@@ -10,8 +10,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import database_unavailable
 from app.logic import errors as e
 
 log = logging.getLogger("nephos.api")
@@ -24,6 +26,9 @@ STATUS: dict[type[e.NephosError], int] = {
     e.AlreadyExists: 409,
     e.TaskPending: 409,
     e.InvalidState: 409,
+    e.HostDown: 409,
+    e.InUse: 409,
+    e.Protected: 409,
     e.IdempotencyConflict: 409,
     e.OverLimit: 413,
     e.NoCapacity: 503,
@@ -48,10 +53,10 @@ _DESCRIPTIONS = {
     401: "Unauthorized: missing or unknown token",
     403: "Forbidden: not allowed for this role",
     404: "NotFound: missing, or not visible to the caller",
-    409: "TaskPending, InvalidState, IdempotencyConflict or AlreadyExists",
+    409: "TaskPending, InvalidState, HostDown (host down: only destroy), IdempotencyConflict or AlreadyExists",
     413: "OverLimit: quota exceeded",
     422: "ValidationError: the request does not match the schema",
-    503: "NoCapacity: no host can take the VM",
+    503: "NoCapacity: no host can take the VM; or Unavailable: the database is restarting (retry after Retry-After)",
 }
 
 
@@ -88,7 +93,18 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "Error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(sa_exc.DBAPIError)
+    @app.exception_handler(OSError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):
+            # PostgreSQL restarting or out of reach: the client may retry.
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+            return error_response(503, "Unavailable", "the database is unavailable; retry shortly",
+                                  headers={"Retry-After": "1"})
+        return await _unexpected(request, exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "InternalError", "an unexpected error occurred; it has been logged")
+

@@ -196,6 +196,7 @@ class Agent:
                     log.exception("job %s (%s) failed", job.job_id, job.action)
                     details, error = {}, f"{type(exc).__name__}: {exc}"
                 running.cancel()
+                await self._persist()
                 state = await self.driver.state(job.server_id)
                 # Publishing may fail (broker away): then the job is redelivered, runs again
                 # (idempotent), and its result is published then.
@@ -206,6 +207,12 @@ class Agent:
             finally:
                 running.cancel()
                 self._busy.discard(job.server_id)
+
+    async def _persist(self) -> None:
+        try:
+            await self.driver.persist()
+        except Exception:  # a simulated host's file only: never fail a job over it
+            log.warning("could not save the simulated host's domains", exc_info=True)
 
     async def _report_running(self, job: JobMessage) -> None:
         await asyncio.sleep(self.running_after)
@@ -257,6 +264,7 @@ class Agent:
             self._busy.add(transfer.server_id)
             try:
                 await self.driver.adopt(transfer.domain_xml, transfer.start)
+                await self._persist()
                 ack = PeerAck(job_id=transfer.job_id, ok=True)
             except libvirt.libvirtError as exc:
                 ack = PeerAck(job_id=transfer.job_id, ok=False, error=str(exc))

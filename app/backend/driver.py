@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -44,6 +45,9 @@ _STATES: dict[int, DomainState] = {
 }
 
 
+_TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+
+
 def _silence_libvirt_stderr() -> None:
     # libvirt prints every error to stderr by default; they are reported through jobs instead.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -56,11 +60,23 @@ def test_node_xml(cpus: int, ram_mb: int) -> str:
             f"<memory>{ram_mb * 1024}</memory></node>")
 
 
+_DOMAIN = re.compile(r"<domain\b.*?</domain>", re.S)
+
+
 def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
+    """The node file of a simulated host; the domains a previous agent left in it stay (the
+    simulated hypervisor outlives its agent, as libvirtd does)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.xml"
-    path.write_text(test_node_xml(cpus, ram_mb))
+    kept = _DOMAIN.findall(path.read_text()) if path.exists() else []
+    _write_atomically(path, test_node_xml(cpus, ram_mb).replace("</node>", "".join(kept) + "</node>"))
     return f"test://{path.resolve()}"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Driver:
@@ -86,6 +102,32 @@ class Driver:
     async def open(self) -> None:
         _silence_libvirt_stderr()
         self.conn = await self._call(libvirt.open, self.uri)
+
+    @property
+    def node_file(self) -> Path | None:
+        """A simulated host's node file (``test:///path.xml``), where its domains are kept."""
+        if not self.simulated or not self.uri.startswith("test:///") or not self.uri.endswith(".xml"):
+            return None
+        return Path(self.uri.removeprefix("test://"))
+
+    async def persist(self) -> None:
+        """Keep a simulated host's domains, with their run states, in its node file, so an agent
+        that restarts (or is killed) finds them again; a no-op for a real hypervisor."""
+        path, conn = self.node_file, self.conn
+        if path is None or conn is None:
+            return
+
+        def write() -> None:
+            node = _DOMAIN.sub("", path.read_text())
+            kept = []
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError):
+                    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                    state = dom.state()[0]
+                    xml = re.sub(r"^<domain ([^>]*)>", rf"<domain \1 xmlns:test='{_TEST_NS}'>", xml.strip(), count=1)
+                    kept.append(xml.replace("</domain>", f"<test:runstate>{state}</test:runstate></domain>"))
+            _write_atomically(path, node.replace("</node>", "".join(kept) + "</node>"))
+        await self._call(write)
 
     async def close(self) -> None:
         if self.conn is not None:

@@ -132,13 +132,15 @@ class AmqpBus(Bus):
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         outcome = await self.run_handler(handler, message.body, attempt, where)
-        if outcome != "retry":
+        if outcome == "again":
+            self._attempts[key] = attempt - 1
+        elif outcome != "retry":
             self._attempts.pop(key, None)
         if len(self._attempts) > 100_000:  # bound the bookkeeping of abandoned retries
             self._attempts.clear()
         if outcome == "ack":
             await message.ack()
-        elif outcome == "retry":
+        elif outcome in ("retry", "again"):
             await message.nack(requeue=True)
         else:
             await message.reject(requeue=False)

@@ -7,6 +7,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from app.db import database_unavailable
+
 log = logging.getLogger("nephos.bus")
 
 Handler = Callable[[bytes], Awaitable[None]]
@@ -20,6 +22,7 @@ class Bus(abc.ABC):
     max_attempts = 6
     base_backoff = 0.05
     max_backoff = 5.0
+    unavailable_backoff = 0.5
 
     def __init__(self) -> None:
         self.dead_lettered = 0
@@ -55,7 +58,8 @@ class Bus(abc.ABC):
         return float(min(self.max_backoff, self.base_backoff * 2 ** max(0, attempt - 1)))
 
     async def run_handler(self, handler: Handler, body: bytes, attempt: int, where: str) -> str:
-        """Run one delivery: ``"ack"``, ``"retry"`` (after the backoff) or ``"dead"``."""
+        """Run one delivery: ``"ack"``, ``"retry"`` (after the backoff), ``"again"`` (a retry that
+        does not count: the database was away) or ``"dead"``."""
         try:
             await handler(body)
             return "ack"
@@ -63,7 +67,13 @@ class Bus(abc.ABC):
             log.warning("dead-lettering a poison message on %s: %s", where, exc)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if database_unavailable(exc):
+                # The database is away (restarting): the message is fine, so it waits for the
+                # database without using up its attempts, and is never dead-lettered for it.
+                log.warning("database unavailable while handling a message on %s; waiting: %s", where, exc)
+                await asyncio.sleep(self.unavailable_backoff)
+                return "again"
             if attempt < self.max_attempts:
                 log.warning("handler failed on %s (attempt %d), retrying", where, attempt, exc_info=True)
                 await asyncio.sleep(self.backoff(attempt))

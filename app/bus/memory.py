@@ -74,8 +74,8 @@ class MemoryBus(Bus):
             raise
         finally:
             slots.release()
-        if outcome == "retry":
-            delivery.attempt += 1
+        if outcome in ("retry", "again"):
+            delivery.attempt += outcome == "retry"
             queue.put_nowait(delivery)
         elif outcome == "dead":
             self.dead.append(delivery.body)

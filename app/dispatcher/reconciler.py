@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.bus import Bus
+from app.db import sqlstate
 from app.ids import utcnow
 from app.logic import reconcile
 from app.messages import InventoryRequest, JobMessage, encode
@@ -24,8 +27,16 @@ from app.models import Host, table_of
 _hosts = table_of(Host)
 
 
-async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0
-                ) -> reconcile.Report:
+#: Told how far a run is: (phase, done, total) -- "inventories" (hosts that answered), "repairs".
+Progress = Callable[[str, int, int], None]
+
+
+def _quiet(_phase: str, _done: int, _total: int) -> None:
+    return None
+
+
+async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0,
+                progress: Progress = _quiet) -> reconcile.Report:
     """Ask every host that is not disabled for its inventory, wait for the answers (up to
     ``wait`` seconds), then reconcile against them; a host that did not answer is reported."""
     started = utcnow()
@@ -40,10 +51,11 @@ async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bo
                 sa.select(sa.func.count()).select_from(_hosts).where(
                     _hosts.c.name.in_(names),
                     sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < started)))).scalar_one()
+        progress("inventories", len(names) - behind, len(names))
         if not behind:
             break
         await asyncio.sleep(0.1)
-    report = await run(sessions, fix=fix, fresh_since=started)
+    report = await run(sessions, fix=fix, fresh_since=started, progress=progress)
     if fix:
         for orphan in report.orphans:
             await bus.publish_job(orphan["host"], encode(JobMessage(
@@ -53,20 +65,29 @@ async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bo
     return report
 
 
-async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_since: datetime | None = None
-              ) -> reconcile.Report:
+async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_since: datetime | None = None,
+              progress: Progress = _quiet) -> reconcile.Report:
     async with sessions() as session:
         report = await reconcile.compare(session, fresh_since=fresh_since)
     if not fix:
         return report
+    total, done = sum(len(getattr(report, kind)) for kind in reconcile.FIXABLE), 0
     for kind in reconcile.FIXABLE:
         for entry in getattr(report, kind):
             async with sessions() as session:
                 report.actions += await reconcile.fix_entry(session, kind, entry)
                 await session.commit()
-    async with sessions() as session:
-        report.actions += await reconcile.fix_usage(session)
-        await session.commit()
+            done += 1
+            progress("repairs", done, total)
+    try:
+        async with sessions() as session:
+            report.actions += await reconcile.fix_usage(session)
+            await session.commit()
+    except sa_exc.DBAPIError as exc:
+        if sqlstate(exc) != "40001":
+            raise
+        # A result moved usage while the drift was measured: measure again on the next pass.
+        report.actions.append("usage: changed while it was checked; the next pass checks it again")
     report.fixed = True
     return report
 

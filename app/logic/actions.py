@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import catalogue, events, keypairs, placement, quotas, results, servers
+from app.logic import catalogue, events, hosts, keypairs, placement, quotas, results, servers
 from app.logic.actor import Actor
-from app.logic.errors import BadRequest, Forbidden
+from app.logic.errors import BadRequest, Forbidden, HostDown, Protected
 from app.logic.jobs import JobStatus, Outbox, new_job
 from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
 from app.models import Flavor, Image, Job, Server
@@ -49,6 +49,12 @@ async def _begin(
     rule = TABLE[action]
     if rule.admin_only and not actor.is_admin:
         raise Forbidden(f"{action.value} needs the admin role")
+    if action is Action.DESTROY and server.disable_api_termination:
+        raise Protected("the server's termination protection is on; turn it off first "
+                        "(EC2 ModifyInstanceAttribute DisableApiTermination=false)")
+    if action is Action.STOP and server.disable_api_stop:
+        raise Protected("the server's stop protection is on; turn it off first "
+                        "(EC2 ModifyInstanceAttribute DisableApiStop=false)")
     before = Operstate(server.operstate)
     decision = decide(action, before, server.task, server.task_job_id)
     if decision.repeat_of_pending:
@@ -57,6 +63,7 @@ async def _begin(
         assert job is not None
         return job
 
+    host_down = await _host_down(session, server, action)
     flavor = await session.get(Flavor, server.flavor_id)
     assert flavor is not None
     params = dict(params or {})
@@ -118,14 +125,30 @@ async def _begin(
         if rule.commit_at_once:
             await quotas.move_usage(session, server.project_id, deltas)
 
-    if action is Action.DESTROY and server.host is None:
-        # Never placed (on hold): no hypervisor has anything to undo, so the
-        # destroy completes in this transaction instead of waiting on an agent.
+    if action is Action.DESTROY and (server.host is None or host_down):
+        # Never placed (on hold): no hypervisor has anything to undo, so the destroy
+        # completes in this transaction instead of waiting on an agent. On a host that is
+        # down, it completes here too (a "local delete"): when the host returns, its
+        # inventory shows the domain as an orphan, and reconciliation destroys it there.
         await session.flush()
         job.status = JobStatus.SENT.value
         await results.apply_result(session, job_id=job.id, success=True)
         outbox.job_ids.remove(job.id)
     return job
+
+
+async def _host_down(session: AsyncSession, server: Server, action: Action) -> bool:
+    """Is the VM's host down? Then only destroy is accepted: a job there would only wait for
+    its deadline."""
+    if server.host is None or action is Action.RELEASE:
+        return False
+    host = await hosts.get(session, server.host)
+    if host is None or host.state != "down":
+        return False
+    if action is not Action.DESTROY:
+        raise HostDown(f"host {server.host} is down: only destroy is accepted until it is back",
+                       host=server.host)
+    return True
 
 
 async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> None:

@@ -56,3 +56,19 @@ class OverLimit(NephosError):
 
 class NoCapacity(NephosError):
     code = "NoCapacity"
+
+
+class HostDown(NephosError):
+    code = "HostDown"
+
+
+class InUse(NephosError):
+    """The thing is still used by another (a security group by a VM or by another group's rule)."""
+
+    code = "InUse"
+
+
+class Protected(NephosError):
+    """The VM's termination or stop protection is on."""
+
+    code = "Protected"

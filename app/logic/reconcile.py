@@ -24,12 +24,13 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import snapshot
 from app.ids import utcnow
 from app.logic import deadlines, events, placement, quotas, results, servers
 from app.logic.jobs import FINAL
@@ -107,15 +108,26 @@ async def _pending_without_job(session: AsyncSession, report: Report) -> None:
                                                "job_status": status})
 
 
+#: A VM changed this close to (or after) its host's inventory was taken is not judged against
+#: it: the inventory may predate the change (and hosts' clocks may differ a little).
+SETTLE = timedelta(seconds=0.5)
+
+
 async def compare(session: AsyncSession, *, fresh_since: datetime | None = None) -> Report:
+    """Everything read in one snapshot (REPEATABLE READ on PostgreSQL), so results applied
+    meanwhile cannot make quotas and VMs look apart when they are not."""
+    await snapshot(session)
     report = Report()
     hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state != "disabled")))
     domains: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
+    taken: dict[str, datetime] = {}
     for host in hosts:
         if host.inventory is None or (fresh_since is not None and (host.inventory_at or fresh_since) < fresh_since):
             report.unreachable_hosts.append(host.name)
             continue
         domains[host.name] = {uuid.UUID(d["server_id"]): d for d in host.inventory.get("domains", [])}
+        assert host.inventory_at is not None
+        taken[host.name] = host.inventory_at - SETTLE
 
     flavors = {f.id: f for f in await session.scalars(sa.select(Flavor))}
     placed = list(await session.scalars(sa.select(Server).where(
@@ -124,8 +136,8 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     for server in placed:
         assert server.host is not None
         owned[server.host].add(server.id)
-        if server.host not in domains or server.task is not None:
-            continue  # unreachable host, or a job in flight: not judged now
+        if server.host not in domains or server.task is not None or server.updated_at >= taken[server.host]:
+            continue  # unreachable host, a job in flight, or changed since the inventory: not judged now
         seen = domains[server.host].get(server.id)
         entry = {"server_id": str(server.id), "project_id": str(server.project_id), "host": server.host,
                  "operstate": server.operstate}
@@ -141,9 +153,13 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
                                            "expected": {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb},
                                            "observed": {"vcpus": seen["vcpus"], "ram_mb": seen["ram_mb"]}})
     in_flight = set(await session.scalars(sa.select(_jobs.c.server_id).where(_jobs.c.status.notin_(list(FINAL)))))
+    changed = {sid: at for sid, at in (await session.execute(
+        sa.select(_servers.c.id, _servers.c.updated_at).where(_servers.c.id.in_(
+            [sid for seen_domains in domains.values() for sid in seen_domains])))).all()}
     for host_name, seen_domains in domains.items():
         for server_id, seen in seen_domains.items():
-            if server_id not in owned[host_name] and server_id not in in_flight:
+            recent = server_id in changed and changed[server_id] >= taken[host_name]
+            if server_id not in owned[host_name] and server_id not in in_flight and not recent:
                 report.orphans.append({"server_id": str(server_id), "host": host_name, "state": seen["state"]})
 
     for job_id in await deadlines.expired(session):
@@ -156,7 +172,7 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     return report
 
 
-FIXABLE = ("unsynced_operstate", "stale", "stuck_tasks", "pending_without_job")
+FIXABLE = ("unsynced_operstate", "unsynced_flavor", "stale", "stuck_tasks", "pending_without_job")
 
 
 async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> list[str]:
@@ -167,6 +183,8 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
                                                    observed=entry["observed"], seq=None, issuer="reconcile",
                                                    reason="reconcile: the host runs it " + entry["observed"])
         return [f"server {entry['server_id']}: operstate set from the host ({outcome.value})"]
+    if kind == "unsynced_flavor":
+        return await resized(session, uuid.UUID(entry["server_id"]), **entry["observed"])
     if kind == "stale":
         await vanished(session, uuid.UUID(entry["server_id"]))
         return [f"server {entry['server_id']}: gone from {entry['host']}, marked DESTROYED"]
@@ -186,7 +204,10 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
 
 async def fix_usage(session: AsyncSession) -> list[str]:
     """Record an adjustment for every project whose usage drifted from its VMs (after the other
-    fixes, which move usage themselves)."""
+    fixes, which move usage themselves). Read in one snapshot: on PostgreSQL a result applied
+    meanwhile makes the adjustment fail to serialize (the caller rolls back; the next pass
+    looks again) rather than correct a drift that is not there."""
+    await snapshot(session)
     drift = Report()
     await _quota_drift(session, drift)
     by_project: dict[str, dict[str, int]] = defaultdict(dict)
@@ -203,8 +224,8 @@ async def fix_usage(session: AsyncSession) -> list[str]:
 
 async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     """A VM its host no longer has: it is gone (DESTROYED), its quota and host room given back."""
-    server = await servers.locked(session, server_id)
-    if server is None or server.operstate == Operstate.DESTROYED.value or server.task is not None:
+    server = await _settled(session, server_id)
+    if server is None:
         return
     flavor = await session.get(Flavor, server.flavor_id)
     assert flavor is not None
@@ -217,6 +238,43 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     await quotas.issue(session, project_id=server.project_id, server_id=server.id,
                        deltas=Deltas() - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb),
                        issuer="reconcile", accept=True, reason="reconcile: vanished from its host")
+
+
+async def _settled(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
+    """The server, locked, if a repair may touch it: not destroyed, and no job in flight."""
+    server = await servers.locked(session, server_id)
+    if server is None or server.operstate == Operstate.DESTROYED.value or server.task is not None:
+        return None
+    return server
+
+
+async def resized(session: AsyncSession, server_id: uuid.UUID, *, vcpus: int, ram_mb: int) -> list[str]:
+    """A VM its host runs at another size: it takes the flavor of that size (the database
+    follows the hypervisor, as for operstate), with the quota and host room that size holds.
+    With no flavor of that size, it is left for an operator (and reported again)."""
+    server = await _settled(session, server_id)
+    if server is None:
+        return []
+    old = await session.get(Flavor, server.flavor_id)
+    assert old is not None
+    if (old.vcpus, old.ram_mb) == (vcpus, ram_mb):
+        return []
+    same_size = list(await session.scalars(sa.select(Flavor).where(
+        _flavors.c.vcpus == vcpus, _flavors.c.ram_mb == ram_mb).order_by(_flavors.c.name)))
+    if not same_size:
+        return [f"server {server_id}: no flavor has {vcpus} vCPUs and {ram_mb} MiB; left for an operator"]
+    new = next((f for f in same_size if f.disk_gb == old.disk_gb), same_size[0])
+    state = Operstate(server.operstate)
+    await placement.add(session, host=server.host, vcpus=new.vcpus - old.vcpus, ram_mb=new.ram_mb - old.ram_mb)
+    server.flavor_id, server.updated_at = new.id, utcnow()
+    events.record(session, server, "out_of_band", before=state.value, after=state.value,
+                  message=f"reconcile: the host runs it as {new.name}, not {old.name}")
+    await session.flush()
+    real = footprint(state, new.vcpus, new.ram_mb, new.disk_gb) - footprint(state, old.vcpus, old.ram_mb, old.disk_gb)
+    if not real.is_zero():
+        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
+                           issuer="reconcile", accept=True, reason=f"reconcile: runs as {new.name}")
+    return [f"server {server_id}: flavor set from the host ({old.name} -> {new.name})"]
 
 
 # -- the continuous drift report -----------------------------------------------------------------

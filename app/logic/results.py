@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import utcnow
 from app.logic import events, placement, quotas, servers
 from app.logic.jobs import FINAL, JobStatus
-from app.logic.operstate import Action, Operstate, footprint, target_state
+from app.logic.operstate import TABLE, Action, Operstate, footprint, target_state
 from app.models import Flavor, Image, Job, Server, table_of
 
 _jobs = table_of(Job)
@@ -97,6 +97,8 @@ async def apply_result(
             await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
     if current or after is Operstate.DESTROYED:
         server.task, server.task_job_id = None, None
+        if current and action is Action.DESTROY and not success:
+            await _resume_overtaken(session, server, job)
     server.updated_at = now
     job.status = (JobStatus.SUCCESS if success else JobStatus.ERROR).value
     job.error = None if success else (error or "the job failed")
@@ -153,14 +155,27 @@ async def _move_host_room(session: AsyncSession, server: Server, job: Job, actio
             await placement.release(session, host=target, vcpus=vcpus, ram_mb=ram)
 
 
+def _overtaken(server: Server, destroy_job: Job) -> sa.Select[Job]:
+    """The server's live jobs other than its destroy: those the destroy overtook."""
+    return sa.select(Job).where(_jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id,
+                                _jobs.c.status.notin_([s.value for s in FINAL]))
+
+
+async def _resume_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
+    """A destroy failed: the task it overtook, if its job is still out on the host, is the
+    VM's task again -- so a live job is always its VM's task, and no second action is
+    accepted while the first may still be running. (Its commission stays rejected and its
+    reservation given back; its result moves usage as an uncommissioned change.)"""
+    overtaken = (await session.scalars(_overtaken(server, destroy_job).order_by(_jobs.c.id.desc()).limit(1))).first()
+    if overtaken is not None:
+        server.task, server.task_job_id = TABLE[Action(overtaken.action)].task, overtaken.id
+        events.record(session, server, "task_resumed", job_id=overtaken.id, action=overtaken.action,
+                      message=f"destroy failed: {overtaken.action} is the task again")
+
+
 async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
     """A job is final no later than its server's task is cleared: end the ones destroy overtook."""
-    overtaken = list(await session.scalars(
-        sa.select(Job).where(
-            _jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id,
-            _jobs.c.status.notin_([s.value for s in FINAL]),
-        ).with_for_update(key_share=True)
-    ))
+    overtaken = list(await session.scalars(_overtaken(server, destroy_job).with_for_update(key_share=True)))
     now = utcnow()
     for job in overtaken:
         commission = await quotas.get_commission(session, job.commission_id)

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import utcnow
+from app.ids import ec2_id, utcnow
 from app.logic import catalogue, events, keypairs, placement, quotas
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
@@ -41,6 +41,7 @@ class CreateSpec:
     zone: str | None = None
     hold: bool = False
     description: str = ""
+    client_token: str | None = None  # the EC2 facade's ClientToken
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
 
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+    reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
     created = []
     for i in range(spec.count):
         now = utcnow()
@@ -118,7 +120,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             description=spec.description, project_id=actor.project_id, user_id=actor.user_id,
             flavor_id=flavor.id, image_id=image.id, zone=spec.zone, operstate=state.value,
             meta=dict(spec.metadata), key_name=spec.key_name, user_data=spec.user_data,
-            created_at=now, updated_at=now,
+            created_at=now, updated_at=now, reservation_id=reservation, client_token=spec.client_token,
         )
         session.add(server)
         # Written before the rows that refer to it: without relationship() the unit of work
@@ -208,4 +210,20 @@ async def update(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID, n
     events.record(session, server, "edited", user_id=actor.user_id,
                   message=", ".join(k for k, v in (("name", name), ("description", description),
                                                    ("metadata", metadata)) if v is not None))
+    return server
+
+
+async def set_attributes(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID,
+                         disable_api_termination: bool | None = None, disable_api_stop: bool | None = None,
+                         user_data: str | None = None) -> Server:
+    """Change what needs no job (under the VM's lock): the protections, and user data (read by
+    the VM's next build). Protections are honoured by ``actions.destroy`` and ``actions.stop``."""
+    server = await lock(session, actor=actor, server_id=server_id)
+    if disable_api_termination is not None:
+        server.disable_api_termination = disable_api_termination
+    if disable_api_stop is not None:
+        server.disable_api_stop = disable_api_stop
+    if user_data is not None:
+        server.user_data = user_data
+    server.updated_at = utcnow()
     return server

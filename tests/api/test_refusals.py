@@ -177,3 +177,23 @@ async def test_what_postgresql_cannot_store_is_a_422_not_a_500(cloud: Cloud) -> 
                                 json={"name": "big", "quotas": {"vm": 2**70}}),
     ):
         assert error(r, 422, "ValidationError")["errors"]
+
+
+async def test_503_unavailable_while_the_database_is_away(pg_cloud: Cloud) -> None:
+    """PostgreSQL restarting or out of reach is a 503 the client may retry, never a 500."""
+    from app.db import make_engine, make_sessionmaker
+    from tests.procs import free_port
+
+    user = await pg_cloud.user()
+    away = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere")
+    kept, pg_cloud.state.sessions = pg_cloud.state.sessions, make_sessionmaker(away)
+    try:
+        for method, path in (("GET", "/api/v1/servers"), ("POST", "/api/v1/servers")):
+            r = await pg_cloud.client.request(method, path, headers=user,
+                                              json={"name": "x", "flavor": "tiny", "image": "debian-12"})
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "Unavailable" and r.headers["Retry-After"] == "1"
+    finally:
+        pg_cloud.state.sessions = kept
+        await away.dispose()
+    assert (await pg_cloud.client.get("/api/v1/servers", headers=user)).status_code == 200

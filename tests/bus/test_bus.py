@@ -95,6 +95,27 @@ async def test_failed_handler_is_retried_then_acked_once(make_bus: Callable[[], 
     assert await bus.dead_count() == 0
 
 
+async def test_a_database_away_longer_than_every_retry_loses_nothing(make_bus: Callable[[], Bus]) -> None:
+    """PostgreSQL restarting: the handler fails more times than a message may be retried, yet
+    the message waits for the database instead of being dead-lettered."""
+    bus = make_bus()
+    bus.unavailable_backoff = 0.02
+    await bus.start()
+    calls: Counter[bytes] = Counter()
+    times = bus.max_attempts * 2
+
+    async def database_away(body: bytes) -> None:
+        calls[body] += 1
+        if calls[body] <= times:
+            raise ConnectionRefusedError(111, "Connect call failed")
+    await bus.consume_results(database_away)
+    await bus.publish_result(b"result")
+    await _until(lambda: calls[b"result"] == times + 1, timeout=20)
+    await asyncio.sleep(0.3)
+    assert calls == {b"result": times + 1}
+    assert await bus.dead_count() == 0
+
+
 async def test_poison_is_dead_lettered_and_the_queue_moves_on(make_bus: Callable[[], Bus]) -> None:
     bus = make_bus()
     await bus.start()

@@ -122,12 +122,13 @@ def _base_env(workdir: Path) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, apis: int = 1,
-                             size: str = "16:32768", amqp_url: str = AMQP_URL) -> AsyncIterator[Cluster]:
+                             size: str = "16:32768", amqp_url: str = AMQP_URL,
+                             extra_env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
     need_amqp()
     prefix = amqp_prefix()
     port = free_port()
     env = {**_base_env(workdir), "NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": amqp_url,
-           "NEPHOS_AMQP_PREFIX": prefix, "NEPHOS_PORT": str(port)}
+           "NEPHOS_AMQP_PREFIX": prefix, "NEPHOS_PORT": str(port), **(extra_env or {})}
     seed = await asyncio.create_subprocess_exec(nephos_bin(), "seed", cwd=workdir, env=env,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert await seed.wait() == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ import pytest
 from tests.conftest import _pg_database
 from tests.e2e.conftest import Cluster, production_cluster
 from tests.e2e.test_lifecycle import new_user
-from tests.procs import free_port
+from tests.procs import Proxy
 
 HUGE = {"vm": 1000, "cpu": 10**4, "ram": 10**8, "disk": 10**6, "active_cpu": 10**4, "active_ram": 10**8}
 
@@ -64,43 +63,6 @@ async def test_dispatcher_killed_with_200_jobs_in_flight(big_cluster: Cluster) -
     for s in sample:
         events = (await c.client.get(f"/api/v1/servers/{s['id']}/events", headers=user)).json()["items"]
         assert [e["kind"] for e in events].count("job_succeeded") == 1
-
-
-class Proxy:
-    """A TCP proxy to RabbitMQ that a test can cut and restore: the broker 'stops' for the
-    processes behind it only, so other tests sharing the broker carry on."""
-
-    def __init__(self, target_port: int = 5672) -> None:
-        self.port, self.target_port = free_port(), target_port
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_writer}
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.transport.abort()
-        self.writers.clear()
-        await self.server.wait_closed()
 
 
 async def test_jobs_committed_while_the_broker_is_down_are_delivered_when_it_is_back(

@@ -15,8 +15,8 @@ from tests.procs import nephos_bin
 BIG = {"vm": 10, "cpu": 100, "ram": 10**6, "disk": 10**4, "active_cpu": 100, "active_ram": 10**6}
 
 
-async def new_user(c: Cluster, **quotas: int) -> dict[str, str]:
-    r = await c.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "e2e", "quotas": quotas or BIG})
+async def new_user(c: Cluster, name: str = "e2e", **quotas: int) -> dict[str, str]:
+    r = await c.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": name, "quotas": quotas or BIG})
     assert r.status_code == 201, r.text
     r = await c.client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": r.json()["id"]})
     return {"Authorization": f"Bearer {r.json()['token']}"}

@@ -9,8 +9,8 @@ import sqlalchemy as sa
 
 from app.dispatcher import reconciler
 from app.ids import utcnow
-from app.logic import hosts
-from app.models import Commission, Job, Quota, table_of
+from app.logic import hosts, reconcile
+from app.models import Commission, Host, Job, Quota, table_of
 from tests.api.helpers import expected_usage, server_in, usage
 from tests.conftest import Cloud
 
@@ -19,9 +19,13 @@ def _domain(vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_m
     return {"server_id": vm["id"], "state": state, "vcpus": vcpus, "ram_mb": ram_mb}
 
 
-async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]]) -> None:
+async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]],
+                     settled: bool = True) -> None:
+    """A host's inventory; ``settled``: stamped as taken once the VMs' last changes had settled
+    (reconciliation does not judge a VM changed within ``SETTLE`` of its host's inventory)."""
+    taken = utcnow() + (2 * reconcile.SETTLE if settled else timedelta(0))
     async with cloud.sessions() as s:
-        await hosts.store_inventory(s, name=host, inventory={"host": host, "domains": domains}, taken_at=utcnow())
+        await hosts.store_inventory(s, name=host, inventory={"host": host, "domains": domains}, taken_at=taken)
         await s.commit()
 
 
@@ -92,6 +96,24 @@ async def test_unsynced_flavor(cloud: Cloud) -> None:
     assert report.unsynced_flavor == [{
         "server_id": vm["id"], "project_id": user["X-Project"], "host": vm["host"], "operstate": "STARTED",
         "flavor": "small", "expected": {"vcpus": 1, "ram_mb": 2048}, "observed": {"vcpus": 4, "ram_mb": 8192}}]
+    # The fix follows the host: the VM becomes a "large", its quota and host room with it.
+    fixed = await _report(cloud, fix=True)
+    assert any("small -> large" in a for a in fixed.actions), fixed.actions
+    server = await cloud.server(user, vm["id"])
+    flavors = (await cloud.client.get("/api/v1/flavors", headers=user)).json()["items"]
+    assert server["flavor_id"] == next(f["id"] for f in flavors if f["name"] == "large")
+    assert usage(await cloud.quotas(user)) == expected_usage("STARTED", flavor=(4, 8192, 80))
+    assert (await _report(cloud)).empty()
+
+
+async def test_unsynced_flavor_of_no_known_size_is_left_for_an_operator(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    await _inventory(cloud, vm["host"], [_domain(vm, vcpus=3, ram_mb=3000)])
+    fixed = await _report(cloud, fix=True)
+    assert any("left for an operator" in a for a in fixed.actions), fixed.actions
+    assert usage(await cloud.quotas(user)) == expected_usage("STARTED")
+    assert len((await _report(cloud)).unsynced_flavor) == 1
 
 
 async def test_stuck_task(cloud: Cloud) -> None:
@@ -165,3 +187,45 @@ async def test_a_host_without_a_fresh_inventory_is_unreachable_not_empty(cloud: 
     assert sorted(report.unreachable_hosts) == ["host-1", "host-2"]
     assert report.stale == [] and report.empty()
     assert (await cloud.server(user, vm["id"]))["operstate"] == "STARTED"
+
+
+async def test_a_vm_changed_after_its_hosts_inventory_is_not_judged_by_it(cloud: Cloud) -> None:
+    """Found by the fault suite: under load, a VM created or stopped after its host's inventory
+    was taken looked stale or unsynced, and the fix destroyed or restarted it."""
+    user = await cloud.user()
+    running = await server_in(cloud, user, "STARTED")
+    for host in ("host-1", "host-2"):
+        await _inventory(cloud, host, [_domain(running)] if host == running["host"] else [], settled=False)
+    # Then, after the inventory: the VM is stopped, and another one is built.
+    stopped = await server_in(cloud, user, "STOPPED")  # (built, then stopped: not in the inventory)
+    job = await cloud.act(user, running["id"], "stop")
+    await cloud.finish(job["job_id"])
+    report = await _report(cloud, fix=True)
+    assert report.empty(), report
+    assert (await cloud.server(user, running["id"]))["operstate"] == "STOPPED"
+    assert (await cloud.server(user, stopped["id"]))["operstate"] == "STOPPED"
+
+
+async def test_a_host_down_refuses_actions_destroys_locally_and_reaps_the_domain_when_back(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    async with cloud.sessions() as s:
+        await s.execute(sa.update(table_of(Host)).where(table_of(Host).c.name == vm["host"]).values(state="down"))
+        await s.commit()
+    r = await cloud.client.post(f"/api/v1/servers/{vm['id']}/actions", headers=user, json={"action": "stop"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "HostDown", r.text
+    # Destroy does not wait for a host that may never answer: it completes now.
+    r = await cloud.client.delete(f"/api/v1/servers/{vm['id']}", headers=user)
+    assert r.status_code == 202, r.text
+    job = (await cloud.client.get(f"/api/v1/jobs/{r.json()['job_id']}", headers=user)).json()
+    assert job["status"] == "SUCCESS"
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
+    assert usage(await cloud.quotas(user)) == expected_usage("DESTROYED")
+    # The host comes back with the domain still there: an orphan, which the fix reaps.
+    async with cloud.sessions() as s:
+        await s.execute(sa.update(table_of(Host)).where(table_of(Host).c.name == vm["host"]).values(state="up"))
+        await s.commit()
+    await _all_seen(cloud, [])
+    await _inventory(cloud, vm["host"], [_domain(vm)])
+    report = await _report(cloud)
+    assert [o["server_id"] for o in report.orphans] == [vm["id"]]

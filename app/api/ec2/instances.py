@@ -1,0 +1,464 @@
+"""Instances, images, types, zones, regions and tags, as EC2 describes them (EC2.md §2-§3).
+
+Every rule is the logic layer's: RunInstances is ``servers.create``, Start/Stop/Reboot/
+TerminateInstances are ``actions``; this module maps parameters in and the VM out, and adds
+EC2's own rules on top -- the no-op transitions of §3, all-or-nothing lists (one
+transaction: any refusal rolls back the others), ClientToken idempotency and tags.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from app.api.ec2.keys import find_groups
+from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
+from app.api.ec2.router import Ctx, action, ec2_error
+from app.logic import actions, ec2, keypairs, secgroups, servers
+from app.logic import errors as e
+from app.models import Ec2Tag, Flavor, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
+
+_servers, _flavors, _images, _zones = table_of(Server), table_of(Flavor), table_of(Image), table_of(Zone)
+_tags, _sgroups, _members = table_of(Ec2Tag), table_of(SecurityGroup), table_of(ServerSecurityGroup)
+
+
+def instance_ids(ctx: Ctx, *, required: bool = True) -> list[str]:
+    ids = ctx.params.many("InstanceId")
+    if required and not ids:
+        raise missing("InstanceId.1")
+    for i in ids:
+        if not ec2.well_formed(i, "i"):
+            raise Ec2Error("InvalidInstanceID.Malformed", f'Invalid id: "{i}"')
+    return ids
+
+
+def _not_found(ids: list[str]) -> Ec2Error:
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    return Ec2Error("InvalidInstanceID.NotFound",
+                    f"The instance ID{'s' if len(ids) > 1 else ''} {quoted} do{'' if len(ids) > 1 else 'es'} not exist")
+
+
+async def find(ctx: Ctx, ids: list[str]) -> list[Server]:
+    """The instances named, in the order named; all of them exist in this project, or NotFound."""
+    found = await ec2.instances(ctx.session, ctx.project_id, ids)
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        raise _not_found(unknown)
+    return [found[i] for i in ids]
+
+
+def state_item(name: str) -> dict[str, Any]:
+    return {"code": ec2.CODES[name], "name": name}
+
+
+async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
+    """(Server, state, flavor name, image ec2 id) rows as instancesSet items."""
+    tags = await ec2.tags_of(ctx.session, [r[0].ec2_id for r in rows])
+    groups = await secgroups.groups_of(ctx.session, [r[0].id for r in rows])
+    out = []
+    for index, (s, state, flavor, image) in enumerate(rows):
+        reason = {"code": "Client.UserInitiatedShutdown",
+                  "message": "Client.UserInitiatedShutdown: User initiated shutdown"} \
+            if state in ("stopped", "stopping", "terminated", "shutting-down") else None
+        out.append({
+            "instanceId": s.ec2_id, "imageId": image, "instanceState": state_item(state),
+            "privateDnsName": "", "dnsName": "", "reason": "", "keyName": s.key_name,
+            "amiLaunchIndex": index, "productCodes": [], "instanceType": flavor, "launchTime": s.created_at,
+            "placement": {"availabilityZone": s.zone or "", "tenancy": "default"},
+            "monitoring": {"state": "disabled"},
+            "groupSet": [{"groupId": gid, "groupName": name} for gid, name in groups[s.id]],
+            "stateReason": reason, "architecture": "x86_64", "rootDeviceType": "ebs",
+            "rootDeviceName": "/dev/vda", "blockDeviceMapping": [], "virtualizationType": "hvm",
+            "hypervisor": "kvm", "clientToken": s.client_token or "", "ebsOptimized": False,
+            "tagSet": [{"key": k, "value": v} for k, v in tags[s.ec2_id]] or None,
+        })
+    return out
+
+
+def _select() -> sa.Select[Any]:
+    return (sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
+            .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+            .join(_images, _images.c.id == _servers.c.image_id))
+
+
+async def _reservations(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
+    items = await _items(ctx, rows)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for (server, *_), item in zip(rows, items, strict=True):
+        groups.setdefault(server.reservation_id, []).append(item)
+    owner = str(ctx.project_id)
+    return [{"reservationId": rid, "ownerId": owner, "groupSet": [], "instancesSet": group}
+            for rid, group in groups.items()]
+
+
+# -- RunInstances --------------------------------------------------------------------------------
+
+def _launch_spec(p: Params) -> dict[str, Any]:
+    image = p.require("ImageId")
+    if not ec2.well_formed(image, "ami"):
+        raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{image}"')
+    low = p.number("MinCount", low=1, high=servers.MAX_COUNT)
+    high = p.number("MaxCount", low=1, high=servers.MAX_COUNT)
+    if low is None:
+        raise missing("MinCount")
+    if high is None:
+        raise missing("MaxCount")
+    if low > high:
+        raise invalid("MinCount", low, "MinCount must not exceed MaxCount.")
+    user_data = p.get("UserData")
+    if user_data:
+        try:
+            user_data = base64.b64decode(user_data, validate=True).decode("utf-8", errors="replace")
+        except (binascii.Error, ValueError):
+            raise invalid("UserData", "...", "UserData must be base64.") from None
+    tags: list[tuple[str, str]] = []
+    for spec in p.structs("TagSpecification"):
+        kind = spec.get("ResourceType")
+        if kind not in ("instance", None):
+            continue  # volumes and the like: nothing of theirs to tag here
+        for tag in spec.structs("Tag"):
+            tags.append((tag.require("Key"), tag.get("Value") or ""))
+    return {"image": image, "min": low, "max": high, "type": p.get("InstanceType") or "small",
+            "key": p.get("KeyName"), "user_data": user_data, "zone": p.sub("Placement").get("AvailabilityZone"),
+            "tags": tags, "group_ids": p.many("SecurityGroupId"), "group_names": p.many("SecurityGroup"),
+            "protect": p.flag("DisableApiTermination")}
+
+
+@action("RunInstances", mutating=True)
+async def run_instances(ctx: Ctx) -> dict[str, Any]:
+    spec = _launch_spec(ctx.params)
+    token = ctx.params.get("ClientToken")
+    if token is not None and not 0 < len(token) <= 64:
+        raise invalid("ClientToken", token, "A client token has 1 to 64 characters.")
+    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    if token and not ctx.dry_run:
+        earlier = await ec2.token(ctx.session, ctx.project_id, token)
+        if earlier is not None:
+            return await _replay(ctx, earlier, request_hash)
+    image = (await ctx.session.scalars(sa.select(Image).where(_images.c.ec2_id == spec["image"]))).first()
+    if image is None or not ctx.actor.sees(image.project_id or ctx.project_id):
+        raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{spec['image']}]' does not exist")
+    flavor = (await ctx.session.scalars(sa.select(Flavor).where(_flavors.c.name == spec["type"]))).first()
+    if flavor is None:
+        raise invalid("InstanceType", spec["type"], "No such instance type.")
+    if spec["key"] is not None:
+        if await keypairs.find(ctx.session, project_id=ctx.project_id, name=spec["key"]) is None:
+            raise Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{spec['key']}' does not exist")
+    if spec["zone"]:
+        zone = await ctx.session.scalar(sa.select(_zones.c.name).where(_zones.c.name == spec["zone"]))
+        if zone is None:
+            raise invalid("Placement.AvailabilityZone", spec["zone"], "No such availability zone.")
+    groups = await find_groups(ctx, spec["group_ids"], spec["group_names"])
+
+    created: list[servers.Created] = []
+    name = dict(spec["tags"]).get("Name", "") or "ec2"
+    for count in sorted({spec["max"], spec["min"]}, reverse=True):
+        launch = servers.CreateSpec(name=name, flavor_id=flavor.id, image_id=image.id, count=count,
+                                    key_name=spec["key"], user_data=spec["user_data"], zone=spec["zone"] or None,
+                                    client_token=token)
+        try:
+            async with ctx.session.begin_nested():
+                created = await servers.create(ctx.session, ctx.outbox, actor=ctx.actor, spec=launch)
+            break
+        except (e.OverLimit, e.NoCapacity) as exc:
+            ctx.outbox.clear()
+            if count == spec["min"]:
+                raise ec2_error(exc) from None
+    ids = [c.server.ec2_id for c in created]
+    await ec2.set_tags(ctx.session, ctx.project_id, ids, spec["tags"])
+    await secgroups.set_members(ctx.session, [c.server.id for c in created], groups)
+    for c in created:
+        c.server.disable_api_termination = spec["protect"]
+    reservation = created[0].server.reservation_id
+    if token and not ctx.dry_run:
+        try:
+            await ec2.claim_token(ctx.session, ctx.project_id, token, request_hash, reservation)
+        except IntegrityError:
+            # A twin with the same token won the race: this request's VMs are not made.
+            await ctx.session.rollback()
+            ctx.outbox.clear()
+            earlier = await ec2.token(ctx.session, ctx.project_id, token)
+            assert earlier is not None
+            return await _replay(ctx, earlier, request_hash)
+    await ctx.session.flush()
+    rows = (await ctx.session.execute(_select().where(_servers.c.reservation_id == reservation)
+                                      .order_by(_servers.c.id))).all()
+    (group,) = await _reservations(ctx, list(rows))
+    return group
+
+
+async def _replay(ctx: Ctx, earlier: Any, request_hash: str) -> dict[str, Any]:
+    if earlier.request_hash != request_hash:
+        raise Ec2Error("IdempotentParameterMismatch",
+                       "The client token was already used with different parameters")
+    rows = (await ctx.session.execute(_select().where(_servers.c.reservation_id == earlier.reservation_id,
+                                                      _servers.c.project_id == ctx.project_id)
+                                      .order_by(_servers.c.id))).all()
+    (group,) = await _reservations(ctx, list(rows))
+    return group
+
+
+# -- DescribeInstances -------------------------------------------------------------------------
+
+def _filter(name: str, values: list[str]) -> sa.ColumnElement[bool]:
+    if name.startswith("tag:"):
+        return ec2.tag_filter(name[4:], values)
+    simple = {"instance-id": _servers.c.ec2_id, "image-id": _images.c.ec2_id, "instance-type": _flavors.c.name,
+              "key-name": _servers.c.key_name, "availability-zone": _servers.c.zone,
+              "client-token": _servers.c.client_token, "reservation-id": _servers.c.reservation_id,
+              "instance-state-name": ec2.STATE}
+    if name in simple:
+        return ec2.matches(simple[name], values)
+    if name == "instance-state-code":
+        return ec2.STATE.in_([ec2.STATE_OF_CODE.get(v, "") for v in values])
+    if name in ("instance.group-id", "group-id", "instance.group-name", "group-name"):
+        column = _sgroups.c.ec2_id if name.endswith("id") else _sgroups.c.name
+        return _servers.c.id.in_(sa.select(_members.c.server_id).join(_sgroups, _sgroups.c.id == _members.c.group_id)
+                                 .where(ec2.matches(column, values)))
+    if name == "tag-key":
+        return ec2.has_tag(ec2.matches(_tags.c.key, values))
+    if name == "tag-value":
+        return ec2.has_tag(ec2.matches(_tags.c.value, values))
+    raise invalid("Filter.Name", name, "Unsupported filter name.")
+
+
+def page_size(p: Params) -> int | None:
+    return p.number("MaxResults", low=5, high=1000)
+
+
+def cursor(ctx: Ctx) -> uuid.UUID | None:
+    token = ctx.params.get("NextToken")
+    if not token:
+        return None
+    try:
+        return uuid.UUID(ctx.state.cipher.decrypt(token.encode()).decode())
+    except Exception:  # a forged or foreign token, whatever its shape
+        raise invalid("NextToken", token[:32], "The pagination token is not valid.") from None
+
+
+@action("DescribeInstances")
+async def describe_instances(ctx: Ctx) -> dict[str, Any]:
+    ids = instance_ids(ctx, required=False)
+    size = page_size(ctx.params)
+    if ids and size is not None:
+        raise Ec2Error("InvalidParameterCombination",
+                       "The parameter instancesSet cannot be used with the parameter maxResults")
+    stmt = _select().where(ec2.visible(ctx.project_id))
+    if ids:
+        await find(ctx, ids)
+        stmt = stmt.where(_servers.c.ec2_id.in_(ids))
+    for name, values in ctx.params.filters():
+        stmt = stmt.where(_filter(name, values))
+    rows, token = await paged(ctx, stmt, size)
+    return {"reservationSet": await _reservations(ctx, rows), "nextToken": token}
+
+
+async def paged(ctx: Ctx, stmt: sa.Select[Any], size: int | None) -> tuple[list[Any], str | None]:
+    """One page of rows (a Server first in each), in id order, after ``NextToken``; and the token
+    of the next page, if there is one (the last id, encrypted: opaque and tamper-proof)."""
+    after = cursor(ctx)
+    if after is not None:
+        stmt = stmt.where(_servers.c.id > after)
+    stmt = stmt.order_by(_servers.c.id)
+    if size is not None:
+        stmt = stmt.limit(size + 1)
+    rows = list((await ctx.session.execute(stmt)).all())
+    token = None
+    if size is not None and len(rows) > size:
+        rows = rows[:size]
+        token = ctx.state.cipher.encrypt(str(rows[-1][0].id).encode()).decode()
+    return rows, token
+
+
+# -- state changes -----------------------------------------------------------------------------
+
+# (action, state) -> what happens: "act", "noop", or an error reason (EC2.md §3).
+_RULES: dict[str, dict[str, str]] = {
+    "start": {"stopped": "act", "running": "noop", "pending": "noop"},
+    "stop": {"running": "act", "stopping": "noop", "stopped": "noop",
+             "pending": "cannot be stopped as it has never reached the 'running' state"},
+    "reboot": {"running": "act"},
+    "terminate": {"pending": "act", "running": "act", "stopping": "act", "stopped": "act",
+                  "shutting-down": "noop", "terminated": "noop"},
+}
+_VERB = {"start": "started", "stop": "stopped", "reboot": "rebooted", "terminate": "terminated"}
+_ACT = {"start": actions.start, "stop": actions.stop, "reboot": actions.reboot, "terminate": actions.destroy}
+
+
+async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
+    ids = instance_ids(ctx)
+    targets = await find(ctx, ids)
+    before = await ec2.states_of(ctx.session, [s.id for s in targets])
+    # Act in id order (the lock order), answer in the order asked; one refusal rolls back all.
+    for server in sorted(targets, key=lambda s: s.id):
+        rule = _RULES[verb].get(before[server.id], "is not in a state from which it can be " + _VERB[verb])
+        if rule == "noop":
+            continue
+        if rule != "act":
+            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {rule}")
+        try:
+            await _ACT[verb](ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id)
+        except (e.TaskPending, e.InvalidState, e.HostDown):
+            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' is not in a state from "
+                                                     f"which it can be {_VERB[verb]}") from None
+        except e.Protected:
+            attribute = "disableApiTermination" if verb == "terminate" else "disableApiStop"
+            raise Ec2Error("OperationNotPermitted",
+                           f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
+                           f"Modify its '{attribute}' instance attribute and try again.") from None
+    await ctx.session.flush()
+    after = await ec2.states_of(ctx.session, [s.id for s in targets])
+    return [{"instanceId": s.ec2_id, "previousState": state_item(before[s.id]), "currentState": state_item(after[s.id])}
+            for s in targets]
+
+
+@action("StartInstances", mutating=True)
+async def start_instances(ctx: Ctx) -> dict[str, Any]:
+    return {"instancesSet": await _change(ctx, "start")}
+
+
+@action("StopInstances", mutating=True)
+async def stop_instances(ctx: Ctx) -> dict[str, Any]:
+    return {"instancesSet": await _change(ctx, "stop")}
+
+
+@action("TerminateInstances", mutating=True)
+async def terminate_instances(ctx: Ctx) -> dict[str, Any]:
+    return {"instancesSet": await _change(ctx, "terminate")}
+
+
+@action("RebootInstances", mutating=True)
+async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
+    await _change(ctx, "reboot")
+    return {"return": True}
+
+
+# -- catalogue -----------------------------------------------------------------------------------
+
+@action("DescribeImages")
+async def describe_images(ctx: Ctx) -> dict[str, Any]:
+    stmt = sa.select(Image).where(sa.or_(_images.c.project_id.is_(None), _images.c.project_id == ctx.project_id))
+    ids = ctx.params.many("ImageId")
+    for i in ids:
+        if not ec2.well_formed(i, "ami"):
+            raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
+    if ids:
+        stmt = stmt.where(_images.c.ec2_id.in_(ids))
+    columns = {"image-id": _images.c.ec2_id, "name": _images.c.name, "state": _images.c.status}
+    for name, values in ctx.params.filters():
+        if name not in columns:
+            raise invalid("Filter.Name", name, "Unsupported filter name.")
+        stmt = stmt.where(ec2.matches(columns[name], values))
+    images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
+    unknown = set(ids) - {i.ec2_id for i in images}
+    if unknown:
+        raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
+    return {"imagesSet": [{
+        "imageId": i.ec2_id, "imageLocation": i.name, "imageState": "available" if i.status == "active" else i.status,
+        "imageOwnerId": str(i.project_id) if i.project_id else "nephos", "isPublic": i.project_id is None,
+        "architecture": "x86_64", "imageType": "machine", "name": i.name, "rootDeviceType": "ebs",
+        "rootDeviceName": "/dev/vda", "virtualizationType": "hvm", "hypervisor": "kvm",
+        "creationDate": i.created_at, "blockDeviceMapping": [],
+    } for i in images]}
+
+
+@action("DescribeInstanceTypes")
+async def describe_instance_types(ctx: Ctx) -> dict[str, Any]:
+    wanted = ctx.params.many("InstanceType")
+    for name, values in ctx.params.filters():
+        if name != "instance-type":
+            raise invalid("Filter.Name", name, "Unsupported filter name.")
+        wanted += values
+    stmt = sa.select(Flavor).order_by(_flavors.c.vcpus, _flavors.c.ram_mb)
+    if wanted:
+        stmt = stmt.where(ec2.matches(_flavors.c.name, wanted))
+    flavors = list(await ctx.session.scalars(stmt))
+    unknown = set(wanted) - {f.name for f in flavors}
+    if unknown and not any("*" in w or "?" in w for w in wanted):
+        raise invalid("InstanceType", ", ".join(sorted(unknown)), "No such instance type.")
+    return {"instanceTypeSet": [{
+        "instanceType": f.name, "currentGeneration": True, "bareMetal": False, "hypervisor": "kvm",
+        "vCpuInfo": {"defaultVCpus": f.vcpus, "defaultCores": f.vcpus, "defaultThreadsPerCore": 1},
+        "memoryInfo": {"sizeInMiB": f.ram_mb},
+        "instanceStorageSupported": True, "instanceStorageInfo": {"totalSizeInGB": f.disk_gb},
+        "supportedRootDeviceTypes": ["ebs"], "supportedVirtualizationTypes": ["hvm"],
+        "processorInfo": {"supportedArchitectures": ["x86_64"]},
+    } for f in flavors]}
+
+
+@action("DescribeAvailabilityZones")
+async def describe_availability_zones(ctx: Ctx) -> dict[str, Any]:
+    names = ctx.params.many("ZoneName")
+    zones = list(await ctx.session.scalars(sa.select(_zones.c.name).order_by(_zones.c.name)))
+    if names:
+        unknown = set(names) - set(zones)
+        if unknown:
+            raise invalid("ZoneName", ", ".join(sorted(unknown)), "No such availability zone.")
+        zones = [z for z in zones if z in names]
+    region = ctx.state.settings.ec2_region
+    return {"availabilityZoneInfo": [{"zoneName": z, "zoneState": "available", "regionName": region,
+                                      "zoneId": z, "zoneType": "availability-zone", "messageSet": []}
+                                     for z in zones]}
+
+
+@action("DescribeRegions")
+async def describe_regions(ctx: Ctx) -> dict[str, Any]:
+    region = ctx.state.settings.ec2_region
+    names = ctx.params.many("RegionName")
+    if names and set(names) - {region}:
+        raise invalid("RegionName", ", ".join(sorted(set(names) - {region})), "No such region.")
+    return {"regionInfo": [{"regionName": region, "regionEndpoint": "", "optInStatus": "opt-in-not-required"}]}
+
+
+# -- tags ---------------------------------------------------------------------------------------
+
+async def _taggable(ctx: Ctx) -> list[str]:
+    ids = ctx.params.many("ResourceId")
+    if not ids:
+        raise missing("ResourceId.1")
+    for i in ids:
+        if not ec2.well_formed(i, "i"):
+            raise Ec2Error("InvalidID", f'The ID "{i}" is not valid (only instances are tagged here)')
+    await find(ctx, ids)
+    return ids
+
+
+@action("CreateTags", mutating=True)
+async def create_tags(ctx: Ctx) -> dict[str, Any]:
+    ids = await _taggable(ctx)
+    tags = [(t.require("Key"), t.get("Value") or "") for t in ctx.params.structs("Tag")]
+    if not tags:
+        raise missing("Tag.1.Key")
+    await ec2.set_tags(ctx.session, ctx.project_id, ids, tags)
+    return {"return": True}
+
+
+@action("DeleteTags", mutating=True)
+async def delete_tags(ctx: Ctx) -> dict[str, Any]:
+    ids = await _taggable(ctx)
+    tags = [(t.require("Key"), t.get("Value")) for t in ctx.params.structs("Tag")]
+    await ec2.delete_tags(ctx.session, ctx.project_id, ids, tags)
+    return {"return": True}
+
+
+@action("DescribeTags")
+async def describe_tags(ctx: Ctx) -> dict[str, Any]:
+    stmt = sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value).where(_tags.c.project_id == ctx.project_id)
+    columns = {"resource-id": _tags.c.resource_id, "key": _tags.c.key, "value": _tags.c.value}
+    for name, values in ctx.params.filters():
+        if name == "resource-type":
+            if not {"instance"} & set(values):
+                stmt = stmt.where(sa.false())
+            continue
+        if name not in columns:
+            raise invalid("Filter.Name", name, "Unsupported filter name.")
+        stmt = stmt.where(ec2.matches(columns[name], values))
+    rows = (await ctx.session.execute(stmt.order_by(_tags.c.resource_id, _tags.c.key))).all()
+    return {"tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows]}

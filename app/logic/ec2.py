@@ -1,0 +1,149 @@
+"""What the EC2 facade keeps beside the logic layer: EC2 ids, state names, tags, client tokens.
+
+Every VM has an ``i-`` id and an ``r-`` reservation id, every image an ``ami-`` id, however
+they were made (REST or EC2). The six AWS state names are one SQL expression over operstate
+and task (``STATE``), so DescribeInstances filters and pages on them in the database, and a
+reply can never show a name a waiter does not know.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.ids import utcnow
+from app.logic.operstate import Operstate
+from app.models import Ec2ClientToken, Ec2Tag, Server, table_of
+
+_servers, _tags = table_of(Server), table_of(Ec2Tag)
+
+#: How long a terminated instance stays listed.
+TERMINATED_VISIBLE = timedelta(hours=1)
+CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+STATE_OF_CODE = {str(code): name for name, code in CODES.items()}
+ID = re.compile(r"^(i|r|ami|sg|sgr|key)-([0-9a-f]{8}|[0-9a-f]{17})$")
+
+_S = Operstate
+#: operstate + task -> AWS state name (EC2.md: a terminate never shows stopping, a stop never
+#: shows pending, a reboot stays running).
+STATE: sa.ColumnElement[str] = sa.case(
+    (_servers.c.operstate == _S.DESTROYED.value, "terminated"),
+    (_servers.c.task == "DESTROY", "shutting-down"),
+    (_servers.c.operstate.in_([_S.HOLD.value, _S.BUILD.value]), "pending"),
+    (_servers.c.task.in_(["START", "RESUME"]), "pending"),
+    (sa.or_(_servers.c.task == "STOP",
+            sa.and_(_servers.c.task == "SAVE_IMAGE", _servers.c.operstate == _S.STARTED.value)), "stopping"),
+    (_servers.c.operstate == _S.STARTED.value, "running"),
+    else_="stopped",
+).label("ec2_state")
+
+
+def well_formed(ec2_id: str, prefix: str) -> bool:
+    m = ID.match(ec2_id)
+    return m is not None and m.group(1) == prefix
+
+
+def like(pattern: str) -> str:
+    """An EC2 filter value (``*`` and ``?`` wildcards) as a LIKE pattern (escape ``\\``)."""
+    out = []
+    for ch in pattern:
+        if ch in "%_\\":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def matches(column: Any, values: list[str]) -> sa.ColumnElement[bool]:
+    """``column`` matches one of the filter's values (wildcards allowed): EC2's OR within a filter."""
+    return sa.or_(*[column.like(like(v), escape="\\") for v in values])
+
+
+def visible(project_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    """A project's instances, terminated ones for an hour after."""
+    return sa.and_(_servers.c.project_id == project_id,
+                   sa.or_(_servers.c.operstate != _S.DESTROYED.value,
+                          _servers.c.destroyed_at > utcnow() - TERMINATED_VISIBLE))
+
+
+async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, Server]:
+    """The project's visible instances among ``ec2_ids`` (missing ones are not in the result)."""
+    if not ec2_ids:
+        return {}
+    rows = await session.scalars(sa.select(Server).where(visible(project_id), _servers.c.ec2_id.in_(ec2_ids)))
+    return {s.ec2_id: s for s in rows}
+
+
+async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The AWS state name of each of these servers, in one query."""
+    rows = await session.execute(sa.select(_servers.c.id, STATE).where(_servers.c.id.in_(server_ids)))
+    return {server_id: str(state) for server_id, state in rows.all()}
+
+
+# -- tags --------------------------------------------------------------------------------------
+
+async def tags_of(session: AsyncSession, resource_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {r: [] for r in resource_ids}
+    if resource_ids:
+        for rid, key, value in (await session.execute(
+                sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
+                .where(_tags.c.resource_id.in_(resource_ids)).order_by(_tags.c.key))).all():
+            out[rid].append((key, value))
+    return out
+
+
+async def set_tags(session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str],
+                   tags: list[tuple[str, str]]) -> None:
+    for rid in resource_ids:
+        for key, value in tags:
+            await session.execute(_tags.delete().where(_tags.c.resource_id == rid, _tags.c.key == key))
+            await session.execute(_tags.insert().values(project_id=project_id, resource_id=rid, key=key,
+                                                        value=value))
+
+
+async def delete_tags(session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str],
+                      tags: list[tuple[str, str | None]]) -> None:
+    base = sa.and_(_tags.c.project_id == project_id, _tags.c.resource_id.in_(resource_ids))
+    if not tags:
+        await session.execute(_tags.delete().where(base))
+    for key, value in tags:
+        cond = sa.and_(base, _tags.c.key == key)
+        if value is not None:
+            cond = sa.and_(cond, _tags.c.value == value)
+        await session.execute(_tags.delete().where(cond))
+
+
+def has_tag(*conditions: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """Instances with a tag meeting ``conditions`` (on the tags table's key and value)."""
+    return sa.exists().where(_tags.c.resource_id == _servers.c.ec2_id, *conditions)
+
+
+def tag_filter(key: str, values: list[str]) -> sa.ColumnElement[bool]:
+    """``tag:KEY``: instances with that tag, its value matching one of ``values`` (if any)."""
+    return has_tag(_tags.c.key == key, *([matches(_tags.c.value, values)] if values else []))
+
+
+# -- client tokens -------------------------------------------------------------------------------
+
+async def claim_token(session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str,
+                      reservation_id: str) -> None:
+    """Record the token in the transaction that creates the reservation; a concurrent twin's
+    insert waits for it, then fails (``IntegrityError``) and reads the winner."""
+    async with session.begin_nested():
+        session.add(Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash,
+                                   reservation_id=reservation_id))
+        await session.flush()
+
+
+async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:
+    return await session.get(Ec2ClientToken, (project_id, value))
+

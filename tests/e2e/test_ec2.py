@@ -1,0 +1,359 @@
+"""The EC2 facade, driven by real boto3 against running clusters (embedded and production).
+
+No hand-made XML on the client side: botocore signs, serialises, parses and waits exactly as
+it does against AWS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from unittest import mock
+from urllib.parse import urlencode
+
+import boto3
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+
+from tests.e2e.conftest import ADMIN, Cluster
+
+REGION = "us-east-1"
+
+
+async def ec2_client(c: Cluster, **quotas: int) -> tuple[Any, dict[str, str]]:
+    """A boto3 EC2 client for a new user in a new project, and that user's REST headers."""
+    r = await c.client.post("/api/v1/admin/projects", headers=ADMIN,
+                            json={"name": f"ec2-{uuid.uuid4().hex[:8]}", "quotas": quotas})
+    assert r.status_code == 201, r.text
+    r = await c.client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": r.json()["id"]})
+    headers = {"Authorization": f"Bearer {r.json()['token']}"}
+    r = await c.client.post("/api/v1/credentials/ec2", headers=headers)
+    assert r.status_code == 201, r.text
+    return client(c, r.json()["access_key"], r.json()["secret_key"]), headers
+
+
+def client(c: Cluster, access_key: str, secret_key: str) -> Any:
+    return boto3.client("ec2", endpoint_url=f"{c.base}/ec2", region_name=REGION, aws_access_key_id=access_key,
+                        aws_secret_access_key=secret_key,
+                        config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+
+
+def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(exc.value.response["Error"]["Code"])
+
+
+def fast(waiter_name: str, ec2: Any) -> Any:
+    waiter = ec2.get_waiter(waiter_name)
+    waiter.config.delay, waiter.config.max_attempts = 0.5, 120
+    return waiter
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def test_lifecycle_through_boto3_with_waiters_tags_and_client_token(cluster: Cluster) -> None:
+    ec2, _ = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    run = dict(ImageId=ami["ImageId"], InstanceType="tiny", MinCount=2, MaxCount=2, ClientToken="tok-1",
+               TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "web"},
+                                                                        {"Key": "team", "Value": "a"}]}])
+    first = await in_thread(ec2.run_instances, **run)
+    ids = [i["InstanceId"] for i in first["Instances"]]
+    assert len(ids) == 2 and all(i.startswith("i-") and len(i) == 19 for i in ids)
+    assert first["ReservationId"].startswith("r-")
+    assert {i["State"]["Name"] for i in first["Instances"]} == {"pending"}
+    # The same token again: the same reservation, nothing new launched.
+    again = await in_thread(ec2.run_instances, **run)
+    assert again["ReservationId"] == first["ReservationId"]
+    assert [i["InstanceId"] for i in again["Instances"]] == ids
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, **{**run, "InstanceType": "small"})
+    assert code_of(exc) == "IdempotentParameterMismatch"
+
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=ids)
+    described = await in_thread(ec2.describe_instances, Filters=[{"Name": "tag:Name", "Values": ["web"]}])
+    instances = [i for r in described["Reservations"] for i in r["Instances"]]
+    assert sorted(i["InstanceId"] for i in instances) == sorted(ids)
+    assert all({"Key": "team", "Value": "a"} in i["Tags"] for i in instances)
+    assert all(i["ClientToken"] == "tok-1" and i["InstanceType"] == "tiny" for i in instances)
+
+    stopped = await in_thread(ec2.stop_instances, InstanceIds=ids)
+    assert {s["PreviousState"]["Name"] for s in stopped["StoppingInstances"]} == {"running"}
+    assert {s["CurrentState"]["Name"] for s in stopped["StoppingInstances"]} <= {"stopping", "stopped"}
+    await in_thread(fast("instance_stopped", ec2).wait, InstanceIds=ids)
+    # Stopping a stopped instance is a no-op success.
+    noop = await in_thread(ec2.stop_instances, InstanceIds=ids[:1])
+    assert noop["StoppingInstances"][0]["CurrentState"]["Name"] == "stopped"
+
+    await in_thread(ec2.start_instances, InstanceIds=ids)
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=ids)
+    assert (await in_thread(ec2.reboot_instances, InstanceIds=ids))["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+    gone = await in_thread(ec2.terminate_instances, InstanceIds=ids)
+    assert {s["CurrentState"]["Name"] for s in gone["TerminatingInstances"]} <= {"shutting-down", "terminated"}
+    await in_thread(fast("instance_terminated", ec2).wait, InstanceIds=ids)
+    # Terminated instances stay visible, and terminating them again is a no-op.
+    again_gone = await in_thread(ec2.terminate_instances, InstanceIds=ids)
+    assert {s["CurrentState"]["Name"] for s in again_gone["TerminatingInstances"]} == {"terminated"}
+
+
+async def test_filters_and_pages_return_every_instance_exactly_once(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+    mine = []
+    for team, n in (("red", 7), ("blue", 6)):
+        r = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=n, MaxCount=n,
+                            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "team", "Value": team}]}])
+        mine += [i["InstanceId"] for i in r["Instances"]]
+    # A VM made through REST is an EC2 instance too.
+    r = await cluster.client.post("/api/v1/servers", headers=headers,
+                                  json={"name": "rest", "flavor": "tiny", "image": "debian-12"})
+    assert r.status_code == 202, r.text
+
+    pages = await in_thread(lambda: list(ec2.get_paginator("describe_instances").paginate(
+        PaginationConfig={"PageSize": 5})))
+    seen = [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+    assert len(pages) == 3 and len(seen) == 14 == len(set(seen)) and set(mine) < set(seen)
+
+    red = await in_thread(ec2.describe_instances, Filters=[{"Name": "tag:team", "Values": ["r*"]}])
+    assert len([i for r in red["Reservations"] for i in r["Instances"]]) == 7
+    both = await in_thread(ec2.describe_instances, Filters=[
+        {"Name": "tag:team", "Values": ["red", "blue"]}, {"Name": "instance-type", "Values": ["tin?"]}])
+    assert len([i for r in both["Reservations"] for i in r["Instances"]]) == 13
+    none = await in_thread(ec2.describe_instances, Filters=[{"Name": "instance-state-name", "Values": ["stopped"]}])
+    assert none["Reservations"] == []
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_instances, Filters=[{"Name": "no-such-filter", "Values": ["x"]}])
+    assert code_of(exc) == "InvalidParameterValue"
+
+
+async def test_catalogue_dry_run_ids_and_isolation(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster, vm=2)
+    other, _ = await ec2_client(cluster)
+    types = {t["InstanceType"]: t for t in (await in_thread(ec2.describe_instance_types))["InstanceTypes"]}
+    assert types["small"]["VCpuInfo"]["DefaultVCpus"] == 1 and types["small"]["MemoryInfo"]["SizeInMiB"] == 2048
+    zones = (await in_thread(ec2.describe_availability_zones))["AvailabilityZones"]
+    assert zones and zones[0]["State"] == "available" and zones[0]["RegionName"] == REGION
+    assert [r["RegionName"] for r in (await in_thread(ec2.describe_regions))["Regions"]] == [REGION]
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1, DryRun=True)
+    assert code_of(exc) == "DryRunOperation"
+    assert (await in_thread(ec2.describe_instances))["Reservations"] == []  # no side effect
+
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_instances, InstanceIds=["i-nothex"])
+    assert code_of(exc) == "InvalidInstanceID.Malformed"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_instances, InstanceIds=["i-0123456789abcdef0"])
+    assert code_of(exc) == "InvalidInstanceID.NotFound"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId="ami-0123456789abcdef0", MinCount=1, MaxCount=1)
+    assert code_of(exc) == "InvalidAMIID.NotFound"
+
+    # Over quota (2 VMs): all or nothing.
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=3, MaxCount=3)
+    assert code_of(exc) == "InstanceLimitExceeded"
+    # MaxCount beyond the quota, MinCount within it: as many as fit.
+    r = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=3)
+    assert len(r["Instances"]) == 1
+    mine = r["Instances"][0]["InstanceId"]
+    # Another project's instance does not exist for this one.
+    with pytest.raises(ClientError) as exc:
+        await in_thread(other.terminate_instances, InstanceIds=[mine])
+    assert code_of(exc) == "InvalidInstanceID.NotFound"
+    # A VM on hold (made through REST) is pending, and a pending instance cannot be stopped.
+    await in_thread(ec2.terminate_instances, InstanceIds=[mine])
+    r = await cluster.client.post("/api/v1/servers", headers=headers,
+                                  json={"name": "held", "flavor": "tiny", "image": "debian-12", "hold": True})
+    assert r.status_code == 202, r.text
+    held = (await in_thread(ec2.describe_instances, Filters=[{"Name": "instance-state-name",
+                                                               "Values": ["pending"]}]))["Reservations"]
+    (held_id,) = [i["InstanceId"] for res in held for i in res["Instances"]]
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.stop_instances, InstanceIds=[held_id])
+    assert code_of(exc) == "IncorrectInstanceState"
+
+
+async def test_signatures_are_checked(cluster: Cluster) -> None:
+    ec2, _ = await ec2_client(cluster)
+    key = ec2._request_signer._credentials.access_key
+    with pytest.raises(ClientError) as exc:
+        await in_thread(client(cluster, key, "wrong-secret").describe_regions)
+    assert code_of(exc) == "AuthFailure" and exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 401
+    with pytest.raises(ClientError) as exc:
+        await in_thread(client(cluster, "AKIANOSUCHKEY0000000", "x").describe_regions)
+    assert code_of(exc) == "AuthFailure"
+
+    # A request signed 20 minutes ago.
+    secret = ec2._request_signer._credentials.secret_key
+    then = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=20)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=then), pytest.raises(ClientError) as exc:
+        await in_thread(client(cluster, key, secret).describe_regions)
+    assert code_of(exc) == "AuthFailure"
+    # Unsigned, and an unknown action (signed by botocore's own signer).
+    r = await cluster.client.post("/ec2/", data={"Action": "DescribeRegions", "Version": "2016-11-15"})
+    assert r.status_code == 401 and b"<Code>AuthFailure</Code>" in r.content
+    r = await signed_post(cluster, key, secret, {"Action": "NoSuchAction", "Version": "2016-11-15"})
+    assert r.status_code == 400 and b"<Code>InvalidAction</Code>" in r.content, r.text
+    assert b"<RequestID>" in r.content
+
+
+async def signed_post(c: Cluster, key: str, secret: str, form: dict[str, str]) -> Any:
+    """A form POST to /ec2/ signed as botocore signs (for what boto3 itself will not send)."""
+    body = urlencode(form)
+    request = AWSRequest(method="POST", url=f"{c.base}/ec2/", data=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    SigV4Auth(Credentials(key, secret), "ec2", REGION).add_auth(request)
+    return await c.client.post("/ec2/", content=body, headers=dict(request.headers.items()))
+
+
+async def test_key_pairs_and_security_groups(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster)
+    made = await in_thread(ec2.create_key_pair, KeyName="made")
+    assert made["KeyMaterial"].startswith("-----BEGIN") and made["KeyPairId"].startswith("key-")
+    assert len(made["KeyPairId"]) == 21
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.create_key_pair, KeyName="made")
+    assert code_of(exc) == "InvalidKeyPair.Duplicate"
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl0ZXN0a2V5Zm9ybmVwaG9zdGVzdHMxMjM0NTY3ODkw me@host"
+    imported = await in_thread(ec2.import_key_pair, KeyName="mine", PublicKeyMaterial=public.encode())
+    assert imported["KeyFingerprint"].startswith("SHA256:")
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.import_key_pair, KeyName="bad", PublicKeyMaterial=b"not a key")
+    assert code_of(exc) == "InvalidKeyPair.Format"
+    keys = (await in_thread(ec2.describe_key_pairs))["KeyPairs"]
+    assert {k["KeyName"] for k in keys} == {"made", "mine"}
+    # The same key pairs through REST.
+    r = await cluster.client.get("/api/v1/keypairs", headers=headers)
+    assert {k["name"] for k in r.json()["items"]} == {"made", "mine"}
+    only = await in_thread(ec2.describe_key_pairs, Filters=[{"Name": "key-name", "Values": ["mi*"]}])
+    assert [k["KeyPairId"] for k in only["KeyPairs"]] == [imported["KeyPairId"]]
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_key_pairs, KeyNames=["nope"])
+    assert code_of(exc) == "InvalidKeyPair.NotFound"
+
+    web = (await in_thread(ec2.create_security_group, GroupName="web", Description="web servers"))["GroupId"]
+    db = (await in_thread(ec2.create_security_group, GroupName="db", Description="databases"))["GroupId"]
+    assert web.startswith("sg-") and len(web) == 20
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.create_security_group, GroupName="web", Description="again")
+    assert code_of(exc) == "InvalidGroup.Duplicate"
+    https = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    rules = await in_thread(ec2.authorize_security_group_ingress, GroupId=web, IpPermissions=[https])
+    assert rules["SecurityGroupRules"][0]["SecurityGroupRuleId"].startswith("sgr-")
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.authorize_security_group_ingress, GroupId=web, IpPermissions=[https])
+    assert code_of(exc) == "InvalidPermission.Duplicate"
+    from_web = {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": web}]}
+    await in_thread(ec2.authorize_security_group_ingress, GroupName="db", IpPermissions=[from_web])
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.authorize_security_group_ingress, GroupId=web, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 90, "ToPort": 80, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
+    assert code_of(exc) == "InvalidParameterValue"
+    groups = {g["GroupName"]: g for g in (await in_thread(ec2.describe_security_groups))["SecurityGroups"]}
+    assert groups["web"]["IpPermissions"][0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
+    assert groups["db"]["IpPermissions"][0]["UserIdGroupPairs"][0]["GroupId"] == web
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_security_groups, GroupIds=["sg-0123456789abcdef0"])
+    assert code_of(exc) == "InvalidGroup.NotFound"
+
+    # An instance launched in a group and with a key: the group is in use while it lives.
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+    run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1,
+                          KeyName="mine", SecurityGroupIds=[web])
+    instance = run["Instances"][0]
+    assert instance["KeyName"] == "mine" and instance["SecurityGroups"] == [{"GroupId": web, "GroupName": "web"}]
+    by_group = await in_thread(ec2.describe_instances, Filters=[{"Name": "instance.group-name", "Values": ["web"]}])
+    assert [i["InstanceId"] for r in by_group["Reservations"] for i in r["Instances"]] == [instance["InstanceId"]]
+    with pytest.raises(ClientError) as exc:  # an instance lives in it
+        await in_thread(ec2.delete_security_group, GroupId=web)
+    assert code_of(exc) == "DependencyViolation" and instance["InstanceId"] in exc.value.response["Error"]["Message"]
+    await in_thread(ec2.revoke_security_group_ingress, GroupId=web, IpPermissions=[https])
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.revoke_security_group_ingress, GroupId=web, IpPermissions=[https])
+    assert code_of(exc) == "InvalidPermission.NotFound"
+    await in_thread(ec2.terminate_instances, InstanceIds=[instance["InstanceId"]])
+    await in_thread(fast("instance_terminated", ec2).wait, InstanceIds=[instance["InstanceId"]])
+    with pytest.raises(ClientError) as exc:  # db's rule still names web
+        await in_thread(ec2.delete_security_group, GroupId=web)
+    assert code_of(exc) == "DependencyViolation"
+    await in_thread(ec2.delete_security_group, GroupId=db)
+    await in_thread(ec2.delete_security_group, GroupId=web)
+    assert (await in_thread(ec2.describe_security_groups))["SecurityGroups"] == []
+
+    await in_thread(ec2.delete_key_pair, KeyName="made")
+    await in_thread(ec2.delete_key_pair, KeyName="made")  # again: still a success, as on AWS
+    await in_thread(ec2.delete_key_pair, KeyPairId=imported["KeyPairId"])
+    assert (await in_thread(ec2.describe_key_pairs))["KeyPairs"] == []
+
+
+async def test_attributes_protection_console_and_status(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+    run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1,
+                          DisableApiTermination=True)
+    i = run["Instances"][0]["InstanceId"]
+    await in_thread(fast("instance_status_ok", ec2).wait, InstanceIds=[i])
+    status = (await in_thread(ec2.describe_instance_status, InstanceIds=[i]))["InstanceStatuses"][0]
+    assert status["InstanceState"]["Name"] == "running" and status["SystemStatus"]["Status"] == "ok"
+
+    # Termination protection: refused through EC2 and through REST alike.
+    attr = await in_thread(ec2.describe_instance_attribute, InstanceId=i, Attribute="disableApiTermination")
+    assert attr["DisableApiTermination"]["Value"] is True
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.terminate_instances, InstanceIds=[i])
+    assert code_of(exc) == "OperationNotPermitted"
+    server_id = (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"][0]["id"]
+    r = await cluster.client.delete(f"/api/v1/servers/{server_id}", headers=headers)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "Protected", r.text
+    await in_thread(ec2.modify_instance_attribute, InstanceId=i, DisableApiStop={"Value": True})
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.stop_instances, InstanceIds=[i])
+    assert code_of(exc) == "OperationNotPermitted"
+    await in_thread(ec2.modify_instance_attribute, InstanceId=i, Attribute="disableApiStop", Value="false")
+
+    # The instance type changes only when stopped, and then through a resize.
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"})
+    assert code_of(exc) == "IncorrectInstanceState"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"},
+                        DisableApiStop={"Value": True})
+    assert code_of(exc) == "InvalidParameterCombination"
+    await in_thread(ec2.stop_instances, InstanceIds=[i])
+    await in_thread(fast("instance_stopped", ec2).wait, InstanceIds=[i])
+    await in_thread(ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"})
+
+    async def resized() -> bool:
+        a = await in_thread(ec2.describe_instance_attribute, InstanceId=i, Attribute="instanceType")
+        return bool(a["InstanceType"]["Value"] == "small")
+    await cluster.wait_for("resize", resized)
+    await cluster.wait_for("idle", lambda: _idle(cluster, server_id))
+    await in_thread(ec2.modify_instance_attribute, InstanceId=i, UserData={"Value": b"#!/bin/sh\necho hi\n"})
+    data = await in_thread(ec2.describe_instance_attribute, InstanceId=i, Attribute="userData")
+    assert data["UserData"]["Value"]  # base64 of what was set
+    # Stopped instances are listed by DescribeInstanceStatus only when asked for all.
+    assert (await in_thread(ec2.describe_instance_status, InstanceIds=[]))["InstanceStatuses"] == []
+    every = await in_thread(ec2.describe_instance_status, IncludeAllInstances=True)
+    assert every["InstanceStatuses"][0]["InstanceStatus"]["Status"] == "not-applicable"
+
+    console = await in_thread(ec2.get_console_output, InstanceId=i)
+    assert i in console["Output"] and "RESIZE" in console["Output"].upper()
+
+    await in_thread(ec2.modify_instance_attribute, InstanceId=i, DisableApiTermination={"Value": False})
+    await in_thread(ec2.terminate_instances, InstanceIds=[i])
+    await in_thread(fast("instance_terminated", ec2).wait, InstanceIds=[i])
+
+
+async def _idle(c: Cluster, server_id: str) -> bool:
+    return bool((await c.get(f"/api/v1/servers/{server_id}"))["task"] is None)
