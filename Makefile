@@ -37,10 +37,11 @@ lint: install
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
-## make bench: the end-to-end benchmark on PostgreSQL + RabbitMQ (N=1000 VMs; BENCH_ARGS="--n 200")
+## make bench: the end-to-end benchmark on PostgreSQL + RabbitMQ (N=1000 VMs; BENCH_ARGS="--n 200"),
+## then the EC2 workload against Nephos and moto's server (N=200; BENCH_EC2_ARGS="--n 500")
 bench: install services
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/run.py $(BENCH_ARGS) && $(BIN)/python bench/ec2.py $(BENCH_EC2_ARGS)
 
 ## make faults: the fault suite at full size, restarting the real RabbitMQ and PostgreSQL (run it
 ## alone), and the invariant suite with more examples; each prints its results

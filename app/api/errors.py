@@ -53,7 +53,8 @@ _DESCRIPTIONS = {
     401: "Unauthorized: missing or unknown token",
     403: "Forbidden: not allowed for this role",
     404: "NotFound: missing, or not visible to the caller",
-    409: "TaskPending, InvalidState, HostDown (host down: only destroy), IdempotencyConflict or AlreadyExists",
+    409: "TaskPending, InvalidState, HostDown (host down: only destroy), Protected (EC2 termination or stop "
+         "protection is on), InUse, IdempotencyConflict or AlreadyExists",
     413: "OverLimit: quota exceeded",
     422: "ValidationError: the request does not match the schema",
     503: "NoCapacity: no host can take the VM; or Unavailable: the database is restarting (retry after Retry-After)",

@@ -7,8 +7,13 @@ it does against AWS.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 from urllib.parse import urlencode
@@ -357,3 +362,36 @@ async def test_attributes_protection_console_and_status(cluster: Cluster) -> Non
 
 async def _idle(c: Cluster, server_id: str) -> bool:
     return bool((await c.get(f"/api/v1/servers/{server_id}"))["task"] is None)
+
+
+async def test_the_aws_command_line(prod_cluster: Cluster, tmp_path: Path) -> None:
+    """awscli, unchanged, as an operator's script would run it (production cluster)."""
+    ec2, _ = await ec2_client(prod_cluster)
+    creds = ec2._request_signer._credentials
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": creds.access_key,
+           "AWS_SECRET_ACCESS_KEY": creds.secret_key, "AWS_DEFAULT_REGION": REGION,
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+
+    async def aws(*args: str) -> Any:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "aws"), "--endpoint-url", f"{prod_cluster.base}/ec2",
+            "--output", "json", "ec2", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 0, (args, out.decode(), err.decode())
+        return json.loads(out) if out.strip() else None
+
+    ami = (await aws("describe-images", "--filters", "Name=name,Values=debian-12"))["Images"][0]["ImageId"]
+    run = await aws("run-instances", "--image-id", ami, "--instance-type", "tiny", "--count", "2",
+                    "--tag-specifications", "ResourceType=instance,Tags=[{Key=role,Value=cli}]")
+    ids = [i["InstanceId"] for i in run["Instances"]]
+    assert len(ids) == 2
+    await aws("wait", "instance-running", "--instance-ids", *ids)
+    found = await aws("describe-instances", "--filters", "Name=tag:role,Values=cli",
+                      "Name=instance-state-name,Values=running")
+    assert sorted(i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]) == sorted(ids)
+    stopped = await aws("stop-instances", "--instance-ids", *ids)
+    assert {s["PreviousState"]["Name"] for s in stopped["StoppingInstances"]} == {"running"}
+    await aws("wait", "instance-stopped", "--instance-ids", *ids)
+    gone = await aws("terminate-instances", "--instance-ids", *ids)
+    assert {s["PreviousState"]["Name"] for s in gone["TerminatingInstances"]} == {"stopped"}
+    await aws("wait", "instance-terminated", "--instance-ids", *ids)

@@ -114,12 +114,21 @@ def version_of(value: str | None) -> str:
 
 # -- XML ---------------------------------------------------------------------------------------
 
+#: Characters XML 1.0 cannot carry at all, even escaped (a client may send them; replies that
+#: echo them must still parse).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_escape(text: str) -> str:
+    return escape(_NOT_XML.sub("\ufffd", text))
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-    return escape(str(value))
+    return xml_escape(str(value))
 
 
 def _element(tag: str, value: Any, out: list[str]) -> None:
@@ -151,6 +160,6 @@ def render(action: str, version: str, request_id: str, body: dict[str, Any]) -> 
 
 def render_error(code: str, message: str, request_id: str) -> bytes:
     return ('<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-            f"<Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
+            f"<Code>{xml_escape(code)}</Code><Message>{xml_escape(message)}</Message>"
             f"</Error></Errors><RequestID>{request_id}</RequestID></Response>").encode()
 
