@@ -54,7 +54,8 @@ async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus
 
 # -- images --------------------------------------------------------------------
 
-def _visible_images(actor: Actor) -> sa.Select[Image]:
+def visible_images(actor: Actor) -> sa.Select[Image]:
+    """The images ``actor`` may see and use: public ones and its project's (an admin: all)."""
     stmt = sa.select(Image).where(_images.c.status != "deleted")
     if not actor.is_admin:
         stmt = stmt.where(sa.or_(_images.c.is_public.is_(True), _images.c.project_id == actor.project_id))
@@ -65,7 +66,7 @@ async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.U
                         name: str | None) -> Image:
     if image_id is None and not name:
         raise BadRequest("give image_id or image", field="image_id")
-    stmt = _visible_images(actor).where(
+    stmt = visible_images(actor).where(
         _images.c.id == image_id if image_id is not None else _images.c.name == name
     )
     found = list(await session.scalars(stmt.limit(2)))
@@ -80,7 +81,7 @@ async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.U
 
 async def list_images(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
                       ) -> Page[Image]:
-    return await paginate(session, _visible_images(actor), _images.c.id, limit=limit, cursor=cursor)
+    return await paginate(session, visible_images(actor), _images.c.id, limit=limit, cursor=cursor)
 
 
 async def create_image(session: AsyncSession, *, actor: Actor, name: str, is_public: bool = True,

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, ec2_error
-from app.logic import actions, ec2, keypairs, secgroups, servers
+from app.logic import actions, catalogue, ec2, keypairs, secgroups, servers
 from app.logic import errors as e
 from app.models import Ec2Tag, Flavor, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
 
@@ -142,9 +142,12 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
         earlier = await ec2.token(ctx.session, ctx.project_id, token)
         if earlier is not None:
             return await _replay(ctx, earlier, request_hash)
-    image = (await ctx.session.scalars(sa.select(Image).where(_images.c.ec2_id == spec["image"]))).first()
-    if image is None or not ctx.actor.sees(image.project_id or ctx.project_id):
+    image = (await ctx.session.scalars(catalogue.visible_images(ctx.actor)
+                                       .where(_images.c.ec2_id == spec["image"]))).first()
+    if image is None:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{spec['image']}]' does not exist")
+    if image.status != "active":
+        raise Ec2Error("InvalidAMIID.Unavailable", f"The image id '[{spec['image']}]' is {image.status}")
     flavor = (await ctx.session.scalars(sa.select(Flavor).where(_flavors.c.name == spec["type"]))).first()
     if flavor is None:
         raise invalid("InstanceType", spec["type"], "No such instance type.")
@@ -344,7 +347,7 @@ async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
 
 @action("DescribeImages")
 async def describe_images(ctx: Ctx) -> dict[str, Any]:
-    stmt = sa.select(Image).where(sa.or_(_images.c.project_id.is_(None), _images.c.project_id == ctx.project_id))
+    stmt = catalogue.visible_images(ctx.actor)
     ids = ctx.params.many("ImageId")
     for i in ids:
         if not ec2.well_formed(i, "ami"):
@@ -362,7 +365,7 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
     return {"imagesSet": [{
         "imageId": i.ec2_id, "imageLocation": i.name, "imageState": "available" if i.status == "active" else i.status,
-        "imageOwnerId": str(i.project_id) if i.project_id else "nephos", "isPublic": i.project_id is None,
+        "imageOwnerId": str(i.project_id) if i.project_id else "nephos", "isPublic": i.is_public,
         "architecture": "x86_64", "imageType": "machine", "name": i.name, "rootDeviceType": "ebs",
         "rootDeviceName": "/dev/vda", "virtualizationType": "hvm", "hypervisor": "kvm",
         "creationDate": i.created_at, "blockDeviceMapping": [],
