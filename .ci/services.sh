@@ -28,8 +28,15 @@ psql "$pg_dsn" -qtAc 'select 1' >/dev/null
 command -v rabbitmqctl >/dev/null || apt_install rabbitmq-server
 if ! $sudo rabbitmqctl -q status >/dev/null 2>&1; then
     $sudo rabbitmq-server -detached
+elif ! (echo >/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    # The node runs but its application was stopped (say, an interrupted `make faults`).
+    $sudo rabbitmqctl -q start_app >/dev/null || true
 fi
-$sudo rabbitmqctl -q await_startup >/dev/null
+$sudo rabbitmqctl -q await_startup --timeout 120 >/dev/null
+if ! $sudo rabbitmq-diagnostics -q check_alarms >/dev/null 2>&1; then
+    echo "services: RabbitMQ has a resource alarm (publishers are blocked):" >&2
+    $sudo rabbitmq-diagnostics -q alarms >&2 || true
+fi
 
 echo "NEPHOS_TEST_PG=$pg_dsn" > test.env
 echo "NEPHOS_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/" >> test.env

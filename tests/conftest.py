@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import shutil
 import uuid
@@ -219,17 +220,37 @@ async def pg_cloud(pg_url: str) -> AsyncIterator[Cloud]:
 AMQP_URL = os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def need_amqp() -> None:
+@functools.cache
+def _amqp_problem() -> str | None:
+    """Why RabbitMQ cannot serve the tests, or None. Checked once a process: a broker that takes
+    connections but not messages (a memory or disk alarm blocks publishers) fails here in 10 s
+    instead of hanging every test that publishes."""
     async def ping() -> None:
         import aio_pika
 
-        connection = await aio_pika.connect(AMQP_URL, timeout=5)
-        await connection.close()
+        async with asyncio.timeout(10):
+            connection = await aio_pika.connect(AMQP_URL, timeout=5)
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+                await channel.default_exchange.publish(aio_pika.Message(b"ping"), routing_key=queue.name)
+                while await queue.get(fail=False) is None:
+                    await asyncio.sleep(0.05)
+            finally:
+                await connection.close()
 
     try:
         _in_thread(asyncio.run, ping())
+    except TimeoutError:
+        return f"RabbitMQ at {AMQP_URL} did not take and hand back a message within 10 s (a resource alarm?)"
     except Exception as exc:  # any failure to reach the broker
-        message = f"RabbitMQ is not reachable at {AMQP_URL}: {exc}"
+        return f"RabbitMQ is not reachable at {AMQP_URL}: {exc!r}"
+    return None
+
+
+def need_amqp() -> None:
+    message = _amqp_problem()
+    if message is not None:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)

@@ -159,9 +159,11 @@ class Faults:
     async def restart_rabbitmq(self) -> None:
         if REAL_RESTART:
             await _run("rabbitmqctl", "stop_app")
-            await asyncio.sleep(OUTAGE)
-            await _run("rabbitmqctl", "start_app")
-            await _run("rabbitmqctl", "await_startup")
+            try:
+                await asyncio.sleep(OUTAGE)
+            finally:  # never leave the shared broker stopped, whatever interrupts the test
+                await _run("rabbitmqctl", "start_app")
+                await _run("rabbitmqctl", "await_startup")
         else:
             await self.amqp.cut()
             await asyncio.sleep(OUTAGE)
@@ -171,8 +173,10 @@ class Faults:
         if REAL_RESTART:
             version = sorted(os.listdir("/etc/postgresql"))[-1]
             await _run("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "stop", "-m", "fast")
-            await asyncio.sleep(OUTAGE)
-            await _run("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start")
+            try:
+                await asyncio.sleep(OUTAGE)
+            finally:
+                await _run("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start")
         else:
             await self.pg.cut()
             await asyncio.sleep(OUTAGE)
