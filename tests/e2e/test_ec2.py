@@ -395,3 +395,38 @@ async def test_the_aws_command_line(prod_cluster: Cluster, tmp_path: Path) -> No
     gone = await aws("terminate-instances", "--instance-ids", *ids)
     assert {s["PreviousState"]["Name"] for s in gone["TerminatingInstances"]} == {"stopped"}
     await aws("wait", "instance-terminated", "--instance-ids", *ids)
+
+
+async def test_tags_and_a_client_token_raced_by_its_twins(cluster: Cluster) -> None:
+    ec2, _ = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+    # Eight identical launches at once, one token: one reservation, two instances, for all eight.
+    run = dict(ImageId=ami, InstanceType="tiny", MinCount=2, MaxCount=2, ClientToken=f"race-{uuid.uuid4()}")
+    replies = await asyncio.gather(*(in_thread(ec2.run_instances, **run) for _ in range(8)))
+    assert len({r["ReservationId"] for r in replies}) == 1
+    ids = sorted(i["InstanceId"] for i in replies[0]["Instances"])
+    assert all(sorted(i["InstanceId"] for i in r["Instances"]) == ids for r in replies)
+    every = await in_thread(ec2.describe_instances)
+    assert sorted(i["InstanceId"] for r in every["Reservations"] for i in r["Instances"]) == ids
+
+    await in_thread(ec2.create_tags, Resources=ids, Tags=[{"Key": "env", "Value": "prod"}, {"Key": "x", "Value": ""}])
+    tags = (await in_thread(ec2.describe_tags, Filters=[{"Name": "key", "Values": ["env"]}]))["Tags"]
+    assert sorted(t["ResourceId"] for t in tags) == ids and {t["Value"] for t in tags} == {"prod"}
+    # 2 x (env, x) + 2 x k0..k4 = 14 tags, in pages of 5.
+    await in_thread(ec2.create_tags, Resources=ids, Tags=[{"Key": f"k{n}", "Value": "v"} for n in range(5)])
+    pages = await in_thread(lambda: list(ec2.get_paginator("describe_tags").paginate(
+        PaginationConfig={"PageSize": 5})))
+    seen = [(t["ResourceId"], t["Key"]) for p in pages for t in p["Tags"]]
+    assert len(pages) == 3 and len(seen) == 14 == len(set(seen))
+    await in_thread(ec2.delete_tags, Resources=ids, Tags=[{"Key": f"k{n}"} for n in range(5)])
+    await in_thread(ec2.create_tags, Resources=ids[:1], Tags=[{"Key": "env", "Value": "dev"}])  # overwrites
+    dev = await in_thread(ec2.describe_instances, Filters=[{"Name": "tag:env", "Values": ["dev"]}])
+    assert [i["InstanceId"] for r in dev["Reservations"] for i in r["Instances"]] == ids[:1]
+    await in_thread(ec2.delete_tags, Resources=ids, Tags=[{"Key": "env", "Value": "prod"}])  # only where prod
+    left = (await in_thread(ec2.describe_tags, Filters=[{"Name": "key", "Values": ["env"]}]))["Tags"]
+    assert [(t["ResourceId"], t["Value"]) for t in left] == [(ids[0], "dev")]
+    await in_thread(ec2.delete_tags, Resources=ids)  # every tag
+    assert (await in_thread(ec2.describe_tags))["Tags"] == []
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.create_tags, Resources=["i-0123456789abcdef0"], Tags=[{"Key": "a", "Value": "b"}])
+    assert code_of(exc) == "InvalidInstanceID.NotFound"

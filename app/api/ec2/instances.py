@@ -236,14 +236,27 @@ def page_size(p: Params) -> int | None:
     return p.number("MaxResults", low=5, high=1000)
 
 
-def cursor(ctx: Ctx) -> uuid.UUID | None:
+def _token(ctx: Ctx, kind: str) -> str | None:
+    """What ``NextToken`` carries (tokens are encrypted and name their list: opaque, tamper-proof)."""
     token = ctx.params.get("NextToken")
     if not token:
         return None
     try:
-        return uuid.UUID(ctx.state.cipher.decrypt(token.encode()).decode())
+        found, value = ctx.state.cipher.decrypt(token.encode()).decode().split(":", 1)
+        if found != kind:
+            raise ValueError(kind)
+        return value
     except Exception:  # a forged or foreign token, whatever its shape
         raise invalid("NextToken", token[:32], "The pagination token is not valid.") from None
+
+
+def _next_token(ctx: Ctx, kind: str, value: str) -> str:
+    return ctx.state.cipher.encrypt(f"{kind}:{value}".encode()).decode()
+
+
+def cursor(ctx: Ctx) -> uuid.UUID | None:
+    value = _token(ctx, "instances")
+    return None if value is None else uuid.UUID(value)
 
 
 @action("DescribeInstances")
@@ -276,7 +289,7 @@ async def paged(ctx: Ctx, stmt: sa.Select[Any], size: int | None) -> tuple[list[
     token = None
     if size is not None and len(rows) > size:
         rows = rows[:size]
-        token = ctx.state.cipher.encrypt(str(rows[-1][0].id).encode()).decode()
+        token = _next_token(ctx, "instances", str(rows[-1][0].id))
     return rows, token
 
 
@@ -463,5 +476,17 @@ async def describe_tags(ctx: Ctx) -> dict[str, Any]:
         if name not in columns:
             raise invalid("Filter.Name", name, "Unsupported filter name.")
         stmt = stmt.where(ec2.matches(columns[name], values))
-    rows = (await ctx.session.execute(stmt.order_by(_tags.c.resource_id, _tags.c.key))).all()
-    return {"tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows]}
+    after = _token(ctx, "tags")
+    if after is not None:
+        resource, _, key = after.partition("\x00")
+        stmt = stmt.where(sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(resource),
+                                                                                 sa.literal(key)))
+    size = page_size(ctx.params)
+    stmt = stmt.order_by(_tags.c.resource_id, _tags.c.key)
+    rows = list((await ctx.session.execute(stmt if size is None else stmt.limit(size + 1))).all())
+    token = None
+    if size is not None and len(rows) > size:
+        rows = rows[:size]
+        token = _next_token(ctx, "tags", f"{rows[-1][0]}\x00{rows[-1][1]}")
+    return {"tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows],
+            "nextToken": token}
