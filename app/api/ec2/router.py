@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import AppState, Tx
 from app.api.ec2 import sigv4
+from app.api.ec2.params import PARAMETERS
 from app.api.ec2.protocol import Ec2Error, Params, render, render_error, version_of
 from app.db import database_unavailable
 from app.logic import accounts
@@ -126,6 +127,10 @@ async def ec2_endpoint(request: Request) -> Response:
                 raise sigv4.auth_failure() from None
             sigv4.verify(signed, secret, method=request.method, path=request.url.path, query=query,
                          headers=headers, body=body)
+            allowed = PARAMETERS.get(name, frozenset())
+            unknown = sorted({key.split(".", 1)[0] for key in values} - allowed)
+            if unknown:
+                raise Ec2Error("UnknownParameter", f"The parameter {unknown[0][:64]} is not recognized")
             params = Params(values)
             dry_run = params.flag("DryRun")
             tx = Tx(session, Outbox(state.settings.job_deadline_seconds), state.publish)
