@@ -153,6 +153,13 @@ async def test_catalogue_dry_run_ids_and_isolation(cluster: Cluster) -> None:
         await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1, DryRun=True)
     assert code_of(exc) == "DryRunOperation"
     assert (await in_thread(ec2.describe_instances))["Reservations"] == []  # no side effect
+    with pytest.raises(ClientError) as exc:  # a read too: the caller may make it
+        await in_thread(ec2.describe_instances, DryRun=True)
+    assert code_of(exc) == "DryRunOperation"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.create_key_pair, KeyName="dry", DryRun=True)
+    assert code_of(exc) == "DryRunOperation"
+    assert (await in_thread(ec2.describe_key_pairs))["KeyPairs"] == []
 
     with pytest.raises(ClientError) as exc:
         await in_thread(ec2.describe_instances, InstanceIds=["i-nothex"])

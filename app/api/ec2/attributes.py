@@ -80,7 +80,7 @@ async def _stopped(ctx: Ctx, server: Server, what: str) -> None:
                        f"be changed when it is stopped.")
 
 
-@action("ModifyInstanceAttribute", mutating=True)
+@action("ModifyInstanceAttribute")
 async def modify_instance_attribute(ctx: Ctx) -> dict[str, Any]:
     server = await _one(ctx)
     name, value = _change(ctx.params)

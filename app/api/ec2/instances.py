@@ -131,7 +131,7 @@ def _launch_spec(p: Params) -> dict[str, Any]:
             "protect": p.flag("DisableApiTermination")}
 
 
-@action("RunInstances", mutating=True)
+@action("RunInstances")
 async def run_instances(ctx: Ctx) -> dict[str, Any]:
     spec = _launch_spec(ctx.params)
     token = ctx.params.get("ClientToken")
@@ -335,22 +335,22 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
             for s in targets]
 
 
-@action("StartInstances", mutating=True)
+@action("StartInstances")
 async def start_instances(ctx: Ctx) -> dict[str, Any]:
     return {"instancesSet": await _change(ctx, "start")}
 
 
-@action("StopInstances", mutating=True)
+@action("StopInstances")
 async def stop_instances(ctx: Ctx) -> dict[str, Any]:
     return {"instancesSet": await _change(ctx, "stop")}
 
 
-@action("TerminateInstances", mutating=True)
+@action("TerminateInstances")
 async def terminate_instances(ctx: Ctx) -> dict[str, Any]:
     return {"instancesSet": await _change(ctx, "terminate")}
 
 
-@action("RebootInstances", mutating=True)
+@action("RebootInstances")
 async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
     await _change(ctx, "reboot")
     return {"return": True}
@@ -446,7 +446,7 @@ async def _taggable(ctx: Ctx) -> list[str]:
     return ids
 
 
-@action("CreateTags", mutating=True)
+@action("CreateTags")
 async def create_tags(ctx: Ctx) -> dict[str, Any]:
     ids = await _taggable(ctx)
     tags = [(t.require("Key"), t.get("Value") or "") for t in ctx.params.structs("Tag")]
@@ -456,7 +456,7 @@ async def create_tags(ctx: Ctx) -> dict[str, Any]:
     return {"return": True}
 
 
-@action("DeleteTags", mutating=True)
+@action("DeleteTags")
 async def delete_tags(ctx: Ctx) -> dict[str, Any]:
     ids = await _taggable(ctx)
     tags = [(t.require("Key"), t.get("Value")) for t in ctx.params.structs("Tag")]

@@ -47,7 +47,7 @@ async def _new_key(ctx: Ctx, name: str, public_key: str | None, key_type: str) -
         raise Ec2Error("InvalidKeyPair.Format", "Key is not in valid OpenSSH public key format") from None
 
 
-@action("CreateKeyPair", mutating=True)
+@action("CreateKeyPair")
 async def create_key_pair(ctx: Ctx) -> dict[str, Any]:
     name = _key_name(ctx.params)
     key_type = ctx.params.get("KeyType") or "rsa"
@@ -61,7 +61,7 @@ async def create_key_pair(ctx: Ctx) -> dict[str, Any]:
             "keyPairId": k.ec2_id}
 
 
-@action("ImportKeyPair", mutating=True)
+@action("ImportKeyPair")
 async def import_key_pair(ctx: Ctx) -> dict[str, Any]:
     name = _key_name(ctx.params)
     material = ctx.params.require("PublicKeyMaterial")
@@ -98,7 +98,7 @@ async def describe_key_pairs(ctx: Ctx) -> dict[str, Any]:
     return {"keySet": [_key_item(k, publicKey=k.public_key if with_public else None) for k in keys]}
 
 
-@action("DeleteKeyPair", mutating=True)
+@action("DeleteKeyPair")
 async def delete_key_pair(ctx: Ctx) -> dict[str, Any]:
     name, key_id = ctx.params.get("KeyName"), ctx.params.get("KeyPairId")
     if not name and not key_id:
@@ -131,7 +131,7 @@ async def _one_group(ctx: Ctx) -> SecurityGroup:
     return group
 
 
-@action("CreateSecurityGroup", mutating=True)
+@action("CreateSecurityGroup")
 async def create_security_group(ctx: Ctx) -> dict[str, Any]:
     name, description = ctx.params.require("GroupName"), ctx.params.require("GroupDescription")
     try:
@@ -212,7 +212,7 @@ def _permissions(ctx: Ctx) -> list[secgroups.Permission]:
     return out
 
 
-@action("AuthorizeSecurityGroupIngress", mutating=True)
+@action("AuthorizeSecurityGroupIngress")
 async def authorize_ingress(ctx: Ctx) -> dict[str, Any]:
     group = await _one_group(ctx)
     perms = _permissions(ctx)
@@ -232,7 +232,7 @@ async def authorize_ingress(ctx: Ctx) -> dict[str, Any]:
     } for r in rules]}
 
 
-@action("RevokeSecurityGroupIngress", mutating=True)
+@action("RevokeSecurityGroupIngress")
 async def revoke_ingress(ctx: Ctx) -> dict[str, Any]:
     group = await _one_group(ctx)
     try:
@@ -242,7 +242,7 @@ async def revoke_ingress(ctx: Ctx) -> dict[str, Any]:
     return {"return": True}
 
 
-@action("DeleteSecurityGroup", mutating=True)
+@action("DeleteSecurityGroup")
 async def delete_security_group(ctx: Ctx) -> dict[str, Any]:
     group = await _one_group(ctx)
     try:

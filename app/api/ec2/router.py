@@ -56,14 +56,11 @@ class Ctx:
 
 Handler = Callable[[Ctx], Awaitable[dict[str, Any]]]
 ACTIONS: dict[str, Handler] = {}
-MUTATING: set[str] = set()
 
 
-def action(name: str, *, mutating: bool = False) -> Callable[[Handler], Handler]:
+def action(name: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         ACTIONS[name] = fn
-        if mutating:
-            MUTATING.add(name)
         return fn
     return register
 
@@ -139,7 +136,7 @@ async def ec2_endpoint(request: Request) -> Response:
                 reply = await handler(ctx)
             except e.NephosError as exc:
                 raise ec2_error(exc) from None
-            if dry_run and name in MUTATING:
+            if dry_run:  # every action, as on AWS: would it have been allowed?
                 await session.rollback()
                 tx.outbox.clear()
                 raise Ec2Error("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
