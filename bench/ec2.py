@@ -14,9 +14,7 @@ for an EC2 front end in Python, not a peer.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import httpx
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ADMIN, Cluster, free_port, pct
+from run import ADMIN, arguments, free_port, pct, running
 
 REGION = "us-east-1"
 
@@ -122,27 +120,14 @@ def table(nephos: dict[str, Any], moto: dict[str, Any], n: int, concurrency: int
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--pg", default=os.environ.get("NEPHOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--amqp", default=os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
-    args = parser.parse_args()
+    args = arguments(__doc__, n=200, concurrency=8)
     with tempfile.TemporaryDirectory(prefix="nephos-bench-ec2-") as tmp:
-        cluster = Cluster(args.pg, args.amqp, Path(tmp))
-        await cluster.start()
-        try:
+        async with running(args, Path(tmp)) as cluster:
             base = f"http://127.0.0.1:{cluster.port}"
             key, secret = await nephos_credentials(base, args.n)
             ec2 = make_client(f"{base}/ec2", key, secret, args.concurrency)
             image = ec2.describe_images(Filters=[{"Name": "name", "Values": ["debian-12"]}])["Images"][0]["ImageId"]
             nephos = await asyncio.to_thread(run_workload, ec2, image, "tiny", args.n, args.concurrency)
-        except Exception:
-            for log in sorted(Path(tmp).glob("*.log")):
-                print(f"--- {log.name}\n{log.read_text()[-4000:]}", file=sys.stderr)
-            raise
-        finally:
-            await cluster.stop()
         proc, url = start_moto(Path(tmp))
         try:
             ec2 = make_client(url, "testing", "testing", args.concurrency)

@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -272,24 +273,36 @@ def table(result: dict[str, Any], commits: float, messages: float, n: int, concu
     return "\n".join(lines)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=50)
+def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
+    """The options both benchmarks take: N, concurrency, and the services."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--concurrency", type=int, default=concurrency)
     parser.add_argument("--pg", default=os.environ.get("NEPHOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--amqp", default=os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@contextlib.asynccontextmanager
+async def running(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Cluster]:
+    """A Nephos cluster for the body; if the body fails, the processes' logs are printed."""
+    cluster = Cluster(args.pg, args.amqp, workdir)
+    await cluster.start()
+    try:
+        yield cluster
+    except Exception:
+        for log in sorted(workdir.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-4000:]}", file=sys.stderr)
+        raise
+    finally:
+        await cluster.stop()
+
+
+async def main() -> None:
+    args = arguments(__doc__, n=1000, concurrency=50)
     with tempfile.TemporaryDirectory(prefix="nephos-bench-") as tmp:
-        cluster = Cluster(args.pg, args.amqp, Path(tmp))
-        await cluster.start()
-        try:
+        async with running(args, Path(tmp)) as cluster:
             result = await workload(cluster, args.n, args.concurrency)
-        except Exception:
-            for log in sorted(Path(tmp).glob("*.log")):
-                print(f"--- {log.name}\n{log.read_text()[-4000:]}", file=sys.stderr)
-            raise
-        finally:
-            await cluster.stop()
     commits = await floor_commits(args.pg, args.concurrency)
     messages = await floor_messages(args.amqp, args.concurrency)
     print(table(result, commits, messages, args.n, args.concurrency))

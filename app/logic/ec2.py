@@ -43,6 +43,11 @@ STATE: sa.ColumnElement[str] = sa.case(
 ).label("ec2_state")
 
 
+def state_codes(codes: list[str]) -> sa.ColumnElement[bool]:
+    """The ``instance-state-code`` filter: instances in the states of these codes."""
+    return STATE.in_([STATE_OF_CODE.get(c, "") for c in codes])
+
+
 def well_formed(ec2_id: str, prefix: str) -> bool:
     m = ID.match(ec2_id)
     return m is not None and m.group(1) == prefix

@@ -318,6 +318,9 @@ async def test_attributes_protection_console_and_status(cluster: Cluster) -> Non
     await in_thread(fast("instance_status_ok", ec2).wait, InstanceIds=[i])
     status = (await in_thread(ec2.describe_instance_status, InstanceIds=[i]))["InstanceStatuses"][0]
     assert status["InstanceState"]["Name"] == "running" and status["SystemStatus"]["Status"] == "ok"
+    by_code = await in_thread(ec2.describe_instance_status, Filters=[
+        {"Name": "instance-state-code", "Values": ["16"]}, {"Name": "instance-status.status", "Values": ["o?"]}])
+    assert [s["InstanceId"] for s in by_code["InstanceStatuses"]] == [i]
 
     # Termination protection: refused through EC2 and through REST alike.
     attr = await in_thread(ec2.describe_instance_attribute, InstanceId=i, Attribute="disableApiTermination")

@@ -17,10 +17,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app.api.ec2.instances import find, instance_ids, page_size, paged, state_item
+from app.api.ec2.instances import find, listed, paged, state_item
 from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, ec2_error
+from app.api.ec2.router import Ctx, action, ec2_error, where_filters
 from app.ids import utcnow
 from app.logic import actions, ec2, secgroups, servers
 from app.logic import errors as e
@@ -185,27 +185,13 @@ def _status(status: str) -> dict[str, Any]:
 
 @action("DescribeInstanceStatus")
 async def describe_instance_status(ctx: Ctx) -> dict[str, Any]:
-    ids = instance_ids(ctx, required=False)
-    size = page_size(ctx.params)
-    if ids and size is not None:
-        raise Ec2Error("InvalidParameterCombination",
-                       "The parameter instancesSet cannot be used with the parameter maxResults")
-    stmt: Any = (sa.select(Server, ec2.STATE, _STATUS).outerjoin(_hosts, _hosts.c.name == _servers.c.host)
-            .where(ec2.visible(ctx.project_id)))
-    if ids:
-        await find(ctx, ids)
-        stmt = stmt.where(_servers.c.ec2_id.in_(ids))
-    elif not ctx.params.flag("IncludeAllInstances"):
+    stmt, ids, size = await listed(
+        ctx, sa.select(Server, ec2.STATE, _STATUS).outerjoin(_hosts, _hosts.c.name == _servers.c.host))
+    if not ids and not ctx.params.flag("IncludeAllInstances"):
         stmt = stmt.where(ec2.STATE == "running")
-    columns = {"availability-zone": _servers.c.zone, "instance-state-name": ec2.STATE,
-               "instance-status.status": _STATUS, "system-status.status": _STATUS}
-    for name, values in ctx.params.filters():
-        if name == "instance-state-code":
-            stmt = stmt.where(ec2.STATE.in_([ec2.STATE_OF_CODE.get(v, "") for v in values]))
-        elif name in columns:
-            stmt = stmt.where(ec2.matches(columns[name], values))
-        else:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
+    stmt = where_filters(ctx, stmt, {
+        "availability-zone": _servers.c.zone, "instance-state-name": ec2.STATE,
+        "instance-state-code": ec2.state_codes, "instance-status.status": _STATUS, "system-status.status": _STATUS})
     rows, token = await paged(ctx, stmt, size)
     return {"instanceStatusSet": [{
         "instanceId": s.ec2_id, "availabilityZone": s.zone or "", "instanceState": state_item(state),

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, ec2_error
+from app.api.ec2.router import Ctx, action, ec2_error, where_filters
 from app.logic import actions, catalogue, ec2, keypairs, secgroups, servers
 from app.logic import errors as e
 from app.models import Ec2Tag, Flavor, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
@@ -220,7 +220,7 @@ def _filter(name: str, values: list[str]) -> sa.ColumnElement[bool]:
     if name in simple:
         return ec2.matches(simple[name], values)
     if name == "instance-state-code":
-        return ec2.STATE.in_([ec2.STATE_OF_CODE.get(v, "") for v in values])
+        return ec2.state_codes(values)
     if name in ("instance.group-id", "group-id", "instance.group-name", "group-name"):
         column = _sgroups.c.ec2_id if name.endswith("id") else _sgroups.c.name
         return _servers.c.id.in_(sa.select(_members.c.server_id).join(_sgroups, _sgroups.c.id == _members.c.group_id)
@@ -259,17 +259,24 @@ def cursor(ctx: Ctx) -> uuid.UUID | None:
     return None if value is None else uuid.UUID(value)
 
 
-@action("DescribeInstances")
-async def describe_instances(ctx: Ctx) -> dict[str, Any]:
+async def listed(ctx: Ctx, stmt: Any) -> tuple[Any, list[str], int | None]:
+    """``stmt`` narrowed to the project's visible instances and to ``InstanceId.N`` (each must
+    exist), with the page size (``MaxResults``); the ids and a page size never go together."""
     ids = instance_ids(ctx, required=False)
     size = page_size(ctx.params)
     if ids and size is not None:
         raise Ec2Error("InvalidParameterCombination",
                        "The parameter instancesSet cannot be used with the parameter maxResults")
-    stmt = _select().where(ec2.visible(ctx.project_id))
+    stmt = stmt.where(ec2.visible(ctx.project_id))
     if ids:
         await find(ctx, ids)
         stmt = stmt.where(_servers.c.ec2_id.in_(ids))
+    return stmt, ids, size
+
+
+@action("DescribeInstances")
+async def describe_instances(ctx: Ctx) -> dict[str, Any]:
+    stmt, _, size = await listed(ctx, _select())
     for name, values in ctx.params.filters():
         stmt = stmt.where(_filter(name, values))
     rows, token = await paged(ctx, stmt, size)
@@ -367,11 +374,8 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
             raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
     if ids:
         stmt = stmt.where(_images.c.ec2_id.in_(ids))
-    columns = {"image-id": _images.c.ec2_id, "name": _images.c.name, "state": _images.c.status}
-    for name, values in ctx.params.filters():
-        if name not in columns:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        stmt = stmt.where(ec2.matches(columns[name], values))
+    stmt = where_filters(ctx, stmt, {"image-id": _images.c.ec2_id, "name": _images.c.name,
+                                     "state": _images.c.status})
     images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
     unknown = set(ids) - {i.ec2_id for i in images}
     if unknown:
@@ -467,15 +471,10 @@ async def delete_tags(ctx: Ctx) -> dict[str, Any]:
 @action("DescribeTags")
 async def describe_tags(ctx: Ctx) -> dict[str, Any]:
     stmt = sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value).where(_tags.c.project_id == ctx.project_id)
-    columns = {"resource-id": _tags.c.resource_id, "key": _tags.c.key, "value": _tags.c.value}
-    for name, values in ctx.params.filters():
-        if name == "resource-type":
-            if not {"instance"} & set(values):
-                stmt = stmt.where(sa.false())
-            continue
-        if name not in columns:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        stmt = stmt.where(ec2.matches(columns[name], values))
+    stmt = where_filters(ctx, stmt, {
+        "resource-id": _tags.c.resource_id, "key": _tags.c.key, "value": _tags.c.value,
+        # Only instances are tagged here.
+        "resource-type": lambda values: sa.true() if "instance" in values else sa.false()})
     after = _token(ctx, "tags")
     if after is not None:
         resource, _, key = after.partition("\x00")

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action
+from app.api.ec2.router import Ctx, action, where_filters
 from app.logic import ec2, keypairs, secgroups
 from app.logic import errors as e
 from app.models import KeyPair, SecurityGroup, table_of
@@ -84,12 +84,8 @@ async def describe_key_pairs(ctx: Ctx) -> dict[str, Any]:
         stmt = stmt.where(_keypairs.c.name.in_(names))
     if ids:
         stmt = stmt.where(_keypairs.c.ec2_id.in_(ids))
-    columns = {"key-name": _keypairs.c.name, "fingerprint": _keypairs.c.fingerprint,
-               "key-pair-id": _keypairs.c.ec2_id, "key-type": _keypairs.c.key_type}
-    for name, values in ctx.params.filters():
-        if name not in columns:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        stmt = stmt.where(ec2.matches(columns[name], values))
+    stmt = where_filters(ctx, stmt, {"key-name": _keypairs.c.name, "fingerprint": _keypairs.c.fingerprint,
+                                     "key-pair-id": _keypairs.c.ec2_id, "key-type": _keypairs.c.key_type})
     keys = list(await ctx.session.scalars(stmt.order_by(_keypairs.c.name)))
     unknown = (set(names) - {k.name for k in keys}) | (set(ids) - {k.ec2_id for k in keys})
     if unknown:
@@ -167,11 +163,8 @@ async def describe_security_groups(ctx: Ctx) -> dict[str, Any]:
     stmt = sa.select(SecurityGroup).where(_groups.c.project_id == ctx.project_id)
     if ids or names:
         stmt = stmt.where(_groups.c.id.in_(named))
-    columns = {"group-id": _groups.c.ec2_id, "group-name": _groups.c.name, "description": _groups.c.description}
-    for name, values in ctx.params.filters():
-        if name not in columns:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        stmt = stmt.where(ec2.matches(columns[name], values))
+    stmt = where_filters(ctx, stmt, {"group-id": _groups.c.ec2_id, "group-name": _groups.c.name,
+                                     "description": _groups.c.description})
     groups = list(await ctx.session.scalars(stmt.order_by(_groups.c.name)))
     rules = await secgroups.rules_of(ctx.session, [g.id for g in groups])
     owner = str(ctx.project_id)

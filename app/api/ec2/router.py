@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import AppState, Tx
 from app.api.ec2 import sigv4
 from app.api.ec2.params import PARAMETERS
-from app.api.ec2.protocol import Ec2Error, Params, render, render_error, version_of
+from app.api.ec2.protocol import Ec2Error, Params, invalid, render, render_error, version_of
 from app.db import database_unavailable
-from app.logic import accounts
+from app.logic import accounts, ec2
 from app.logic import errors as e
 from app.logic.actor import Actor
 from app.logic.jobs import Outbox
@@ -81,6 +82,21 @@ CODES: dict[type[e.NephosError], tuple[str, int]] = {
     e.OverLimit: ("InstanceLimitExceeded", 400),
     e.NoCapacity: ("InsufficientInstanceCapacity", 500),
 }
+
+
+#: A filter: a column matched with EC2's wildcards, or a function of the values giving the clause.
+Filter = sa.ColumnElement[Any] | Callable[[list[str]], sa.ColumnElement[bool]]
+
+
+def where_filters(ctx: Ctx, stmt: Any, filters: dict[str, Filter]) -> Any:
+    """``Filter.N`` as WHERE clauses: OR across one name's values, AND across names; a name the
+    action does not know is ``InvalidParameterValue``."""
+    for name, values in ctx.params.filters():
+        found = filters.get(name)
+        if found is None:
+            raise invalid("Filter.Name", name, "Unsupported filter name.")
+        stmt = stmt.where(ec2.matches(found, values) if isinstance(found, sa.ColumnElement) else found(values))
+    return stmt
 
 
 def ec2_error(exc: e.NephosError) -> Ec2Error:
