@@ -97,6 +97,16 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError)
 
 
+#: SQLSTATEs after which the whole transaction may simply run again: serialization failure and
+#: deadlock (PostgreSQL rolled the victim back; nothing it wrote survives).
+RETRIABLE = frozenset({"40001", "40P01"})
+
+
+def retriable(exc: BaseException) -> bool:
+    """Did the database abort this transaction only because of a concurrent one?"""
+    return isinstance(exc, sa_exc.DBAPIError) and sqlstate(exc) in RETRIABLE
+
+
 async def snapshot(session: AsyncSession) -> None:
     """Read everything that follows in this transaction from one snapshot: REPEATABLE READ on
     PostgreSQL (SQLite's single writer gives one already). Only at the start of a transaction."""

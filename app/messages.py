@@ -63,11 +63,18 @@ class StateChange(_Message):
 
 
 class DomainInfo(BaseModel):
+    """One domain on a host. ``server_id`` is the domain's UUID; ``owned`` says the domain
+    carries Nephos's mark (metadata in its namespace naming that same id): only those may be
+    repaired without an admin asking. An older agent's report says nothing of the mark, and
+    its domains are treated as foreign (the safe side)."""
+
     model_config = ConfigDict(frozen=True)
     server_id: uuid.UUID
     state: DomainState
     vcpus: int
     ram_mb: int
+    name: str = ""
+    owned: bool = False
 
 
 class Inventory(_Message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.backend.agent import Agent
@@ -27,6 +29,7 @@ from app.bus.outbox import OutboxPublisher
 from app.db import make_engine, make_sessionmaker
 from app.dispatcher.handlers import Dispatcher
 from app.dispatcher.sweepers import Sweepers
+from app.serverkey import load_cipher
 from app.settings import Settings
 
 log = logging.getLogger("nephos")
@@ -46,6 +49,11 @@ class Plane:
     dispatcher: Dispatcher | None = None
     sweepers: Sweepers | None = None
 
+    @functools.cached_property
+    def cipher(self) -> Fernet:
+        """The server key, read (or made) when first needed: agents never need it."""
+        return load_cipher(self.settings)
+
     async def start_dispatcher(self) -> Dispatcher:
         self.dispatcher = Dispatcher(self.sessions)
         await self.bus.consume_results(self.dispatcher.handle)
@@ -60,7 +68,8 @@ class Plane:
     async def start_agent(self, *, host: str, uri: str, zone: str = "default",
                           migration_uri: str | None = None) -> Agent:
         s = self.settings
-        driver = Driver(uri, image_dir=s.image_dir, instance_dir=s.instance_dir, stop_timeout=s.stop_timeout)
+        driver = Driver(uri, vnc_listen=s.vnc_listen, image_dir=s.image_dir, instance_dir=s.instance_dir,
+                        stop_timeout=s.stop_timeout)
         agent = Agent(host=host, zone=zone, driver=driver, bus=self.bus, heartbeat_interval=s.heartbeat_interval,
                       inventory_interval=s.inventory_interval, migration_uri=migration_uri)
         await agent.start()
@@ -88,7 +97,7 @@ async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Pla
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
     await connect_bus(bus)
-    p = Plane(settings, engine, sessions, bus, OutboxPublisher(sessions, bus))
+    p = Plane(settings, engine, sessions, bus, OutboxPublisher(sessions, bus, lambda: p.cipher))
     p.tasks.append(asyncio.create_task(p.outbox.run()))
     try:
         yield p
@@ -142,10 +151,8 @@ async def serve_api(p: Plane) -> None:
     """The REST API on this plane's database and bus, until SIGTERM/SIGINT."""
     from app.api.app import create_app
     from app.api.deps import AppState
-    from app.serverkey import load_cipher
-
     s = p.settings
-    state = AppState(settings=s, sessions=p.sessions, cipher=load_cipher(s), publish=p.outbox.submit,
+    state = AppState(settings=s, sessions=p.sessions, cipher=p.cipher, publish=p.outbox.submit,
                      bus_ok=lambda: p.bus.connected, bus=p.bus)
     config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
                             http="httptools", lifespan="on", timeout_graceful_shutdown=5)

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import AdminUser, IdempotentDep, StateDep, TxDep
+from app.api.deps import AdminUser, AppState, IdempotentDep, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
+    DomainAdopt,
+    DomainDestroyed,
     DriftOut,
     FlavorCreate,
     FlavorOut,
@@ -27,12 +29,15 @@ from app.api.schemas import (
     QuotasOut,
     ReconcileReport,
     ReconcileRequest,
+    ServerOut,
     UserCreate,
     UserOut,
 )
+from app.bus import Bus
 from app.dispatcher import reconciler
-from app.logic import accounts, catalogue, placement, quotas
+from app.logic import accounts, catalogue, domains, placement, quotas
 from app.logic import reconcile as reconcile_logic
+from app.logic.errors import Unavailable
 from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from app.models import Project
 
@@ -158,6 +163,36 @@ async def reconcile(body: ReconcileRequest, state: StateDep, tx: TxDep, _: Admin
     else:  # no bus (tests of the API alone): the inventories the hosts last sent
         report = await reconciler.run(state.sessions, fix=body.fix)
     return ReconcileReport.model_validate(report, from_attributes=True)
+
+
+def _bus(state: AppState) -> Bus:
+    if state.bus is None:
+        raise Unavailable("no message bus is attached to this API process: hosts cannot be reached")
+    return state.bus
+
+
+@router.post("/hosts/{host}/domains/{domain_uuid}/destroy", status_code=202, response_model=DomainDestroyed,
+             responses=responses(403, 404, 409, 503))
+async def destroy_domain(host: str, domain_uuid: uuid.UUID, state: StateDep, tx: TxDep, actor: AdminUser
+                         ) -> DomainDestroyed:
+    """Destroy a domain no VM owns (reconciliation's orphan), named by host and UUID; foreign ones too."""
+    seen = await domains.for_destroy(tx.session, actor=actor, host=host, domain_uuid=domain_uuid)
+    await tx.commit()
+    await reconciler.send_untracked(_bus(state), host, domain_uuid, "destroy")
+    return DomainDestroyed(host=host, domain_uuid=domain_uuid, domain_name=seen.get("name", ""),
+                           owned=bool(seen.get("owned")))
+
+
+@router.post("/hosts/{host}/domains/{domain_uuid}/adopt", status_code=201, response_model=ServerOut,
+             responses=responses(400, 403, 404, 409, 413, 503))
+async def adopt_domain(host: str, domain_uuid: uuid.UUID, body: DomainAdopt, state: StateDep, tx: TxDep,
+                       actor: AdminUser) -> ServerOut:
+    """Make a domain no VM owns a VM of a project (its UUID becomes the server's id); it gets Nephos's mark."""
+    bus = _bus(state)
+    server = await domains.adopt(tx.session, actor=actor, host=host, domain_uuid=domain_uuid, **body.model_dump())
+    await tx.commit()
+    await reconciler.send_untracked(bus, host, domain_uuid, "mark")
+    return ServerOut.of(server)
 
 
 @router.get("/drift", response_model=DriftOut, responses=ADMIN)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from app.api import admin, catalogue, ec2, errors, health, jobs, keys, metrics, servers
 from app.api.deps import AppState
+from app.api.retry import RetryTransactions
 from app.db import make_engine, make_sessionmaker
 from app.serverkey import load_cipher
 from app.settings import Settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
                   dependencies=[Depends(no_nul_in_url)])
     errors.install(app)
+    app.add_middleware(RetryTransactions)
     for module in (servers, jobs, catalogue, keys, admin, health, metrics, ec2):
         app.include_router(module.router)
     return app

@@ -98,8 +98,8 @@ AdminUser = Annotated[Actor, Depends(admin_user)]
 class Idempotent:
     """Runs a creating request once per ``Idempotency-Key``; replays the first reply after."""
 
-    def __init__(self, request: Request, tx: Tx, actor: Actor, key: str | None) -> None:
-        self.request, self.tx, self.actor, self.key = request, tx, actor, key
+    def __init__(self, request: Request, tx: Tx, actor: Actor, key: str | None, cipher: Fernet) -> None:
+        self.request, self.tx, self.actor, self.key, self.cipher = request, tx, actor, key, cipher
 
     async def run(self, status_code: int, make: Callable[[], Awaitable[BaseModel]]) -> JSONResponse:
         if self.key is None or self.actor.user_id is None:
@@ -109,12 +109,12 @@ class Idempotent:
         idempotency.check_key(self.key)
         fp = idempotency.fingerprint(self.request.method, self.request.url.path, await self.request.body())
         session, user_id = self.tx.session, self.actor.user_id
-        stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp)
+        stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp, cipher=self.cipher)
         if stored is not None:
             return JSONResponse(stored.response, status_code=stored.status_code)
         reply = jsonable_encoder(await make())
         idempotency.store(session, user_id=user_id, key=self.key, fp=fp, status_code=status_code,
-                          response=reply)
+                          response=reply, cipher=self.cipher)
         try:
             await self.tx.commit()
         except IntegrityError:
@@ -122,7 +122,7 @@ class Idempotent:
             # back whole, and the winner's reply is the answer.
             await session.rollback()
             self.tx.outbox.clear()
-            stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp)
+            stored = await idempotency.replay(session, user_id=user_id, key=self.key, fp=fp, cipher=self.cipher)
             if stored is None:
                 raise
             return JSONResponse(stored.response, status_code=stored.status_code)
@@ -130,11 +130,11 @@ class Idempotent:
 
 
 async def idempotent(
-    request: Request, tx: TxDep, actor: CurrentUser,
+    request: Request, tx: TxDep, actor: CurrentUser, state: StateDep,
     key: Annotated[str | None, Header(alias="Idempotency-Key", description="Replays the first reply for 24 h")] = None,
 ) -> Idempotent:
     # An async factory, not the class itself: FastAPI runs sync dependencies on a thread pool.
-    return Idempotent(request, tx, actor, key)
+    return Idempotent(request, tx, actor, key, state.cipher)
 
 
 IdempotentDep = Annotated[Idempotent, Depends(idempotent)]

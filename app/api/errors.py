@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.db import database_unavailable
+from app.api.retry import RETRY_HEADER
+from app.db import database_unavailable, retriable
 from app.logic import errors as e
 
 log = logging.getLogger("nephos.api")
@@ -32,6 +33,7 @@ STATUS: dict[type[e.NephosError], int] = {
     e.IdempotencyConflict: 409,
     e.OverLimit: 413,
     e.NoCapacity: 503,
+    e.Unavailable: 503,
 }
 
 _HTTP_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -97,6 +99,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(sa_exc.DBAPIError)
     @app.exception_handler(OSError)
     async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if retriable(exc):
+            # A deadlock or serialization failure: the transaction rolled back whole. The retry
+            # middleware runs the request again; this 503 reaches the client only when every
+            # attempt lost its race.
+            log.warning("transaction aborted on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
+            return error_response(503, "Unavailable", "the request conflicted with concurrent ones; retry shortly",
+                                  headers={"Retry-After": "1", RETRY_HEADER.decode(): "1"})
         if database_unavailable(exc):
             # PostgreSQL restarting or out of reach: the client may retry.
             log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)

@@ -81,6 +81,7 @@ class ServerOut(BaseModel):
     lease_expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    ec2_id: str = Field(description="The same VM's EC2 instance id (i-...)")
 
     @classmethod
     def of(cls, s: Any) -> ServerOut:
@@ -340,9 +341,30 @@ class ReconcileRequest(Strict):
     wait: float = Field(default=10.0, ge=0, le=120, description="Seconds to wait for fresh inventories")
 
 
+class DomainAdopt(Strict):
+    project_id: uuid.UUID = Field(description="The project the domain's VM will belong to")
+    image: str = Field(min_length=1, max_length=255, description="Name of the image the VM is recorded with",
+                       examples=["debian-12"])
+    flavor: str | None = Field(default=None, max_length=255,
+                               description="Flavor name; by default the one of the domain's size")
+    name: str | None = Field(default=None, min_length=1, max_length=255,
+                             description="The VM's name; by default the domain's")
+
+
+class DomainDestroyed(BaseModel):
+    host: str
+    domain_uuid: uuid.UUID
+    domain_name: str = Field(description="The domain's name as the host reported it")
+    owned: bool = Field(description="Whether the domain carried Nephos's mark")
+
+
 class ReconcileReport(BaseModel):
     stale: list[dict[str, Any]] = Field(description="VMs the database places on a host that does not have them")
-    orphans: list[dict[str, Any]] = Field(description="Domains on a host that no live VM owns there")
+    orphans: list[dict[str, Any]] = Field(
+        description="Domains on a host that no live VM owns there: host, domain_name, domain_uuid, state, owned "
+                    "(carries Nephos's mark), server_id and operstate (of the VM it was made for, when owned). "
+                    "The fix destroys only an owned one whose VM is DESTROYED; any other is left to an admin "
+                    "(POST /admin/hosts/{host}/domains/{uuid}/destroy or /adopt)")
     unsynced_operstate: list[dict[str, Any]]
     unsynced_flavor: list[dict[str, Any]]
     stuck_tasks: list[dict[str, Any]] = Field(description="Jobs past their deadline")

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CurrentUser, IdempotentDep, TxDep
+from app.api.deps import CurrentUser, IdempotentDep, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     ActionBody,
@@ -91,12 +91,12 @@ async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> 
                200: {"model": ConsoleOut, "description": "console: VNC connection details"}},
 )
 async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()], tx: TxDep,
-                        actor: CurrentUser, idem: IdempotentDep) -> JSONResponse:
+                        actor: CurrentUser, idem: IdempotentDep, state: StateDep) -> JSONResponse:
     """Run a lifecycle action; 202 with its job, or 200 with VNC details for `console`."""
     s, o, sid = tx.session, tx.outbox, server_id
     if body.action == "console":
         async def console() -> ConsoleOut:
-            c = await actions.console(s, o, actor=actor, server_id=sid)
+            c = await actions.console(s, o, actor=actor, server_id=sid, cipher=state.cipher)
             return ConsoleOut(host=c.host, port=c.port, password=c.password, url=c.url, job_id=c.job.id)
         return await idem.run(200, console)
 

@@ -5,7 +5,9 @@ is idempotent: a job whose effect is already there succeeds again (a redelivered
 the dispatcher re-sent), and destroying a missing domain succeeds. Errors are libvirt's own
 ``libvirtError``; the agent reports their text.
 
-Domains are named ``nephos-<server id>`` with the server id as their UUID. On libvirt's
+Domains are named ``nephos-<server id>`` with the server id as their UUID, and carry Nephos's
+mark: a ``<nephos:vm>`` metadata element (namespace ``NS``) whose ``<nephos:server>`` names that
+id. A domain without the mark is not Nephos's: it is reported, never repaired. On libvirt's
 ``test://`` driver (the embedded hypervisor) there are no disks and no real migration; on
 ``qemu://`` a VM boots from a qcow2 overlay of its image, and migrations use
 ``migrateToURI3``.
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import subprocess
 import time
 import uuid
@@ -80,7 +83,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class Driver:
-    def __init__(self, uri: str, *, vnc_listen: str = "0.0.0.0", image_dir: Path | None = None,
+    def __init__(self, uri: str, *, vnc_listen: str = "127.0.0.1", image_dir: Path | None = None,
                  instance_dir: Path | None = None, stop_timeout: float = 60.0) -> None:
         self.uri = uri
         self.vnc_listen = vnc_listen
@@ -153,6 +156,21 @@ class Driver:
             raise
 
     @staticmethod
+    def _marked(dom: libvirt.virDomain, server_id: uuid.UUID) -> bool:
+        """Does the domain carry Nephos's mark for ``server_id`` (its own UUID)?"""
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return False
+            raise
+        try:
+            marked = ET.fromstring(meta).findtext("server")
+        except ET.ParseError:
+            return False
+        return marked is not None and marked.strip() == str(server_id)
+
+    @staticmethod
     def _state(dom: libvirt.virDomain | None) -> DomainState:
         if dom is None:
             return "missing"
@@ -170,8 +188,9 @@ class Driver:
             for dom in conn.listAllDomains():
                 with contextlib.suppress(libvirt.libvirtError, ValueError):  # vanished while listed
                     info = dom.info()
-                    out.append(DomainInfo(server_id=uuid.UUID(dom.UUIDString()), state=self._state(dom),
-                                          vcpus=int(info[3]), ram_mb=int(info[1]) // 1024))
+                    sid = uuid.UUID(dom.UUIDString())
+                    out.append(DomainInfo(server_id=sid, state=self._state(dom), vcpus=int(info[3]),
+                                          ram_mb=int(info[1]) // 1024, name=dom.name(), owned=self._marked(dom, sid)))
             return out
         return await self._call(read)  # type: ignore[no-any-return]
 
@@ -188,6 +207,7 @@ class Driver:
         ET.SubElement(os_el, "type", arch="x86_64" if not self.simulated else "i686").text = "hvm"
         ET.SubElement(os_el, "boot", dev="hd")
         meta = ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NS}}}vm")
+        ET.SubElement(meta, f"{{{NS}}}server").text = str(server_id)  # the mark: Nephos made it
         for key in ("ssh_key", "user_data"):
             if p.get(key):
                 ET.SubElement(meta, f"{{{NS}}}{key}").text = str(p[key])
@@ -202,7 +222,10 @@ class Driver:
         ET.SubElement(nic, "source", network="default")
         if not self.simulated:
             ET.SubElement(nic, "model", type="virtio")
-        graphics = {"type": "vnc", "listen": self.vnc_listen}
+        # The console is never open: it listens where the operator says (loopback unless told
+        # otherwise) and has a random password from the start, which nobody is shown; the
+        # console action sets a fresh one and shows it once.
+        graphics = {"type": "vnc", "listen": self.vnc_listen, "passwd": secrets.token_urlsafe(6)[:8]}
         if p.get("vnc_port"):
             graphics.update(port=str(p["vnc_port"]), autoport="no")
         else:
@@ -357,6 +380,16 @@ class Driver:
         if not self.simulated:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.instance_dir / f"{server_id}.qcow2")
+        return {}
+
+    async def mark(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """An admin adopted this domain into a project: it carries Nephos's mark from now on."""
+        def run() -> None:
+            dom = self._need(server_id)
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<vm><server>{server_id}</server></vm>",
+                            "nephos", NS, flags)
+        await self._call(run)
         return {}
 
     # -- migration ---------------------------------------------------------------------------

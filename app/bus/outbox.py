@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
+from cryptography.fernet import Fernet
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -28,15 +29,18 @@ from app.models import Job
 log = logging.getLogger("nephos.outbox")
 
 
-def job_message(job: Job) -> JobMessage:
+def job_message(job: Job, cipher: Fernet) -> JobMessage:
+    """The message for the job's agent, with the parameters the row keeps sealed opened."""
     assert job.host is not None
     return JobMessage(job_id=job.id, server_id=job.server_id, action=job.action, host=job.host,
-                      params=job.params)
+                      params=jobs.unsealed(job.params, cipher))
 
 
 class OutboxPublisher:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, *, timeout: float = 5.0) -> None:
-        self.sessions, self.bus, self.timeout = sessions, bus, timeout
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, cipher: Callable[[], Fernet], *,
+                 timeout: float = 5.0) -> None:
+        # The server key opens the parameters a job row keeps sealed; asked for when first needed.
+        self.sessions, self.bus, self._cipher, self.timeout = sessions, bus, cipher, timeout
         self._submitted: list[uuid.UUID] = []
         self._wake = asyncio.Event()
 
@@ -85,8 +89,8 @@ class OutboxPublisher:
 
     async def _send(self, job: Job) -> bool:
         try:
-            await asyncio.wait_for(self.bus.publish_job(job.host or "", encode(job_message(job)), str(job.id)),
-                                   self.timeout)
+            message = encode(job_message(job, self._cipher()))
+            await asyncio.wait_for(self.bus.publish_job(job.host or "", message, str(job.id)), self.timeout)
             return True
         except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
             # The broker is away: the job stays PENDING and the sweeper sends it later.

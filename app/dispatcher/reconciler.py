@@ -1,5 +1,6 @@
 """Running reconciliation: ask the hosts for fresh inventories, compare, and (with ``fix``)
-repair each finding in its own transaction; orphan domains are destroyed by a job to their host.
+repair each finding in its own transaction; an orphan domain Nephos made for a DESTROYED VM is
+destroyed by a job to its host, and any other orphan is only reported.
 
 The same function serves ``POST /api/v1/admin/reconcile``, ``nephos admin reconcile`` and the
 dispatcher's periodic pass.
@@ -58,11 +59,21 @@ async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bo
     report = await run(sessions, fix=fix, fresh_since=started, progress=progress)
     if fix:
         for orphan in report.orphans:
-            await bus.publish_job(orphan["host"], encode(JobMessage(
-                job_id=uuid.uuid4(), server_id=uuid.UUID(orphan["server_id"]), action="destroy",
-                host=orphan["host"], params={"purge": True})))
-            report.actions.append(f"domain {orphan['server_id']} on {orphan['host']}: destroy sent")
+            where = f"domain {orphan['domain_name'] or '?'} ({orphan['domain_uuid']}) on {orphan['host']}"
+            if reconcile.reapable(orphan):
+                await send_untracked(bus, orphan["host"], uuid.UUID(orphan["domain_uuid"]), "destroy")
+                report.actions.append(f"{where}: its VM is DESTROYED; destroy sent")
+            else:
+                why = "not made by Nephos" if not orphan["owned"] else "its VM is not DESTROYED"
+                report.actions.append(f"{where}: {why}; left alone (an admin may destroy or adopt it)")
     return report
+
+
+async def send_untracked(bus: Bus, host: str, domain_uuid: uuid.UUID, action: str) -> None:
+    """A job with no row (reaping an orphan, marking an adopted domain): the agent runs it like
+    any other, and the dispatcher drops its result (``purge``: no job to update)."""
+    await bus.publish_job(host, encode(JobMessage(job_id=uuid.uuid4(), server_id=domain_uuid, action=action,
+                                                  host=host, params={"purge": True})))
 
 
 async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_since: datetime | None = None,

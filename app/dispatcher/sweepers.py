@@ -2,6 +2,7 @@
 
 * the outbox: jobs committed but never confirmed as published are published again;
 * hosts: an agent silent for ``host_timeout`` marks its host down (no placement there);
+* idempotency records past their 24 h are deleted (once a minute);
 * deadlines: jobs past their deadline are resolved from their host's inventory, or ended in
   ERROR when the host is down (``logic.deadlines``); hosts whose inventory is older than a
   deadline are asked for a fresh one.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import timedelta
 
@@ -21,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.bus import Bus
 from app.bus.outbox import OutboxPublisher
 from app.dispatcher import reconciler
-from app.logic import deadlines, hosts
+from app.logic import deadlines, hosts, idempotency
 from app.messages import InventoryRequest, encode
 
 log = logging.getLogger("nephos.dispatcher")
@@ -46,6 +48,14 @@ class Sweepers:
         self.sessions, self.bus, self.outbox = sessions, bus, outbox
         self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
         self.reconcile_interval = reconcile_interval
+        self._next_purge = 0.0
+
+    async def purge(self) -> int:
+        """Idempotency records no replay may use any more (they hold sealed replies)."""
+        async with self.sessions() as session:
+            purged = await idempotency.purge(session)
+            await session.commit()
+        return purged
 
     async def reconcile_forever(self) -> None:
         """The periodic reconciliation pass, whose report ``GET /api/v1/admin/drift`` shows."""
@@ -77,4 +87,9 @@ class Sweepers:
         passed = await resolve_deadlines(self.sessions)
         for host in passed.need_inventory:
             await self.bus.publish_job(host, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
-        return {"resent": sent, "hosts_down": len(down), "deadlines_resolved": len(passed.resolved)}
+        purged = 0
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + 60.0
+            purged = await self.purge()
+        return {"resent": sent, "hosts_down": len(down), "deadlines_resolved": len(passed.resolved),
+                "idempotency_purged": purged}

@@ -17,15 +17,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import catalogue, events, hosts, keypairs, placement, quotas, results, servers
+from app.logic import catalogue, events, hosts, jobs, keypairs, placement, quotas, results, servers
 from app.logic.actor import Actor
+from app.logic.catalogue import ImageStatus
 from app.logic.errors import BadRequest, Forbidden, HostDown, Protected
 from app.logic.jobs import JobStatus, Outbox, new_job
 from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
 from app.models import Flavor, Image, Job, Server
+
+
+def vnc_password() -> str:
+    """A random VNC password (VNC reads at most 8 characters)."""
+    return secrets.token_urlsafe(6)[:8]
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ async def save_image(session: AsyncSession, outbox: Outbox, *, actor: Actor, ser
         raise BadRequest("image_name must not be empty", field="image_name")
     server = await servers.get(session, actor=actor, server_id=server_id)
     source = await session.get(Image, server.image_id)
-    image = Image(name=image_name, project_id=server.project_id, is_public=False, status="saving",
+    image = Image(name=image_name, project_id=server.project_id, is_public=False, status=ImageStatus.SAVING.value,
                   disk_format=source.disk_format if source else "qcow2", source_server_id=server.id)
     job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.SAVE_IMAGE,
                        params={"image_id": str(image.id), "image_name": image_name})
@@ -226,12 +233,12 @@ async def save_image(session: AsyncSession, outbox: Outbox, *, actor: Actor, ser
     return job
 
 
-async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
-                  ) -> Console:
-    # VNC passwords are at most 8 characters; a fresh one per attach.
-    password = secrets.token_urlsafe(6)[:8]
+async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
+                  cipher: Fernet) -> Console:
+    """A fresh VNC password per attach, shown once: the job row keeps it sealed (``jobs.seal``)."""
+    password = vnc_password()
     job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.CONSOLE,
-                       params={"password": password})
+                       params=jobs.seal({}, cipher, password=password))
     server = await session.get(Server, server_id)
     assert server is not None and server.host is not None and server.vnc_port is not None
     return Console(job, server.host, server.vnc_port, password)
@@ -239,3 +246,17 @@ async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server
 
 async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
     return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.DESTROY)
+
+
+#: The actions that take nothing but the server, by the table's name: what facades and sweepers
+#: run when they have an ``Action`` in hand (``run``).
+_SIMPLE = {Action.RELEASE: release, Action.START: start, Action.STOP: stop, Action.REBOOT: reboot,
+           Action.SUSPEND: suspend, Action.RESUME: resume, Action.DESTROY: destroy}
+
+
+async def run(action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+    """Run one of the actions that need no more than the server (a soft reboot for ``reboot``)."""
+    fn = _SIMPLE.get(action)
+    if fn is None:
+        raise BadRequest(f"{action.value} needs more than a server", action=action.value)
+    return await fn(session, outbox, actor=actor, server_id=server_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +18,16 @@ from app.models import Flavor, Host, Image, Zone, table_of
 
 _flavors = table_of(Flavor)
 _images = table_of(Image)
+
+
+class ImageStatus(StrEnum):
+    """An image's life: usable (``active``), being written by save_image, failed, or removed."""
+
+    ACTIVE = "active"
+    SAVING = "saving"
+    ERROR = "error"
+    DELETED = "deleted"
+
 _hosts = table_of(Host)
 _zones = table_of(Zone)
 
@@ -56,7 +67,7 @@ async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus
 
 def visible_images(actor: Actor) -> sa.Select[Image]:
     """The images ``actor`` may see and use: public ones and its project's (an admin: all)."""
-    stmt = sa.select(Image).where(_images.c.status != "deleted")
+    stmt = sa.select(Image).where(_images.c.status != ImageStatus.DELETED.value)
     if not actor.is_admin:
         stmt = stmt.where(sa.or_(_images.c.is_public.is_(True), _images.c.project_id == actor.project_id))
     return stmt
@@ -74,7 +85,7 @@ async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.U
         raise BadRequest(f"image {image_id or name} does not exist", field="image_id")
     if len(found) > 1:
         raise BadRequest(f"image name {name} is ambiguous: use image_id", field="image")
-    if found[0].status != "active":
+    if found[0].status != ImageStatus.ACTIVE.value:
         raise BadRequest(f"image {found[0].name} is {found[0].status}", field="image_id")
     return found[0]
 

@@ -17,10 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic.operstate import Operstate
-from app.models import Ec2ClientToken, Ec2Tag, Server, table_of
+from app.logic.catalogue import ImageStatus
+from app.logic.errors import InvalidState
+from app.logic.operstate import TABLE, Action, Operstate, decide
+from app.models import Ec2ClientToken, Ec2Tag, Image, Server, table_of
 
-_servers, _tags = table_of(Server), table_of(Ec2Tag)
+_servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
 
 #: How long a terminated instance stays listed.
 TERMINATED_VISIBLE = timedelta(hours=1)
@@ -41,6 +43,59 @@ STATE: sa.ColumnElement[str] = sa.case(
     (_servers.c.operstate == _S.STARTED.value, "running"),
     else_="stopped",
 ).label("ec2_state")
+
+
+#: An image's status as EC2 names it: DescribeImages' ``imageState`` and its ``state`` filter read
+#: this one table, so a filter compares what the reply shows (``available``), never ``active``.
+IMAGE_STATES: dict[ImageStatus, str] = {
+    ImageStatus.ACTIVE: "available", ImageStatus.SAVING: "pending", ImageStatus.ERROR: "failed",
+    ImageStatus.DELETED: "deregistered",
+}
+IMAGE_STATE: sa.ColumnElement[str] = sa.case(
+    *((_images.c.status == status.value, name) for status, name in IMAGE_STATES.items()), else_="failed",
+).label("ec2_image_state")
+
+
+# -- what an EC2 verb means, read off the operstate table ----------------------------------------
+
+#: The operstate actions an EC2 verb may mean, tried in order: the first allowed from the VM's
+#: operstate is the one. StartInstances on a suspended VM resumes it, on a held one releases it.
+VERBS: dict[str, tuple[Action, ...]] = {
+    "start": (Action.START, Action.RESUME, Action.RELEASE),
+    "stop": (Action.STOP,),
+    "reboot": (Action.REBOOT,),
+    "terminate": (Action.DESTROY,),
+}
+#: Verbs that succeed doing nothing when the VM is already where they lead, or on its way there
+#: (AWS: starting a running instance, stopping a stopped one, terminating a terminated one).
+IDEMPOTENT = frozenset({"start", "stop", "terminate"})
+
+
+def _goal_of_task(task: str | None) -> Operstate | None:
+    """Where the pending task leads, by the table's rule for it."""
+    return next((rule.on_success for rule in TABLE.values() if rule.task == task), None)
+
+
+def verb_action(verb: str, operstate: Operstate, task: str | None) -> Action | None:
+    """The operstate action an EC2 verb means for a VM, or ``None`` when there is nothing to do.
+
+    Everything comes from ``operstate.TABLE``: the candidates' ``allowed_from`` say which one
+    applies, their ``on_success`` where the verb leads, and ``decide`` refuses (``TaskPending``,
+    ``InvalidState``) exactly as it does for REST. The facade only translates the refusal.
+    """
+    candidates = VERBS[verb]
+    goal = TABLE[candidates[0]].on_success
+    if verb in IDEMPOTENT:
+        if task is None and operstate is goal:
+            return None
+        if task is not None and _goal_of_task(task) is goal:
+            return None  # already on its way (a destroy while one is pending included)
+    for action in candidates:
+        if operstate in TABLE[action].allowed_from:
+            decide(action, operstate, task)
+            return action
+    decide(candidates[0], operstate, task)  # raises: TaskPending, or InvalidState
+    raise InvalidState(f"{verb} is not allowed in operstate {operstate.value}", operstate=operstate.value)
 
 
 def state_codes(codes: list[str]) -> sa.ColumnElement[bool]:

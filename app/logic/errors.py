@@ -72,3 +72,9 @@ class Protected(NephosError):
     """The VM's termination or stop protection is on."""
 
     code = "Protected"
+
+
+class Unavailable(NephosError):
+    """A part of the cloud this request needs cannot be reached now; retry later."""
+
+    code = "Unavailable"

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
@@ -48,6 +49,24 @@ class Outbox:
 
     def clear(self) -> None:
         self.job_ids.clear()
+
+
+#: The job parameter that lists which others are sealed with the server key (a console password):
+#: the job row keeps them unreadable, and only the publisher opens them, for the agent's message.
+SEALED = "sealed"
+
+
+def seal(params: dict[str, Any], cipher: Fernet, **secret: str) -> dict[str, Any]:
+    """``params`` plus ``secret``'s values, sealed, and named under ``SEALED``."""
+    sealed = {name: cipher.encrypt(value.encode()).decode() for name, value in secret.items()}
+    return {**params, **sealed, SEALED: sorted({*params.get(SEALED, []), *sealed})}
+
+
+def unsealed(params: dict[str, Any], cipher: Fernet) -> dict[str, Any]:
+    """The parameters as the agent needs them: sealed values opened, the list dropped."""
+    names = params.get(SEALED) or []
+    opened = {name: cipher.decrypt(str(params[name]).encode()).decode() for name in names if name in params}
+    return {**{k: v for k, v in params.items() if k != SEALED}, **opened}
 
 
 def new_job(

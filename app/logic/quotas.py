@@ -117,13 +117,16 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
     changes = {r: v for r, v in deltas.as_dict().items() if v}
     if not changes:
         return
-    # One statement for every resource: a CASE keyed on the resource column.
+    # The rows are locked first, in resource order: an UPDATE alone locks them in whatever
+    # order its plan visits them (a bitmap scan by position, an index scan by key), and two
+    # transactions whose plans differ took the same rows in opposite orders and deadlocked.
+    # A locking SELECT with ORDER BY locks after sorting, so every mover takes them alike.
+    where = (_quotas.c.project_id == project_id, _quotas.c.resource.in_(sorted(changes)))
+    await session.execute(sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource)
+                          .with_for_update(key_share=True))
+    # Then one statement for every resource: a CASE keyed on the resource column.
     amount = sa.case(*((_quotas.c.resource == r, v) for r, v in changes.items()), else_=0)
-    await session.execute(
-        _quotas.update()
-        .where(_quotas.c.project_id == project_id, _quotas.c.resource.in_(list(changes)))
-        .values(usage=_quotas.c.usage + amount)
-    )
+    await session.execute(_quotas.update().where(*where).values(usage=_quotas.c.usage + amount))
 
 
 async def issue(

@@ -5,7 +5,8 @@ a host whose inventory is older than ``fresh_since`` is reported as unreachable,
 as empty) and the quota tables, and reports, per kind:
 
 * ``stale``: a VM the database places on a host that does not have it;
-* ``orphans``: a domain on a host that no live VM row owns there;
+* ``orphans``: a domain on a host that no live VM row owns there, named (host, domain name and
+  UUID) and marked ``owned`` only when it carries Nephos's mark;
 * ``unsynced_operstate`` / ``unsynced_flavor``: the host runs the VM in another state or size;
 * ``stuck_tasks``: jobs past their deadline;
 * ``quota_drift``: recorded usage differs from usage recomputed from the VMs (only counted for
@@ -16,7 +17,7 @@ A VM with a task pending is never judged: its job is in flight and will say wher
 ``fix_entry`` repairs one finding through the paths live events use: out-of-band transitions
 with their own commissions, the deadline resolver; ``fix_usage`` then records an adjustment
 commission (issuer ``reconcile``) for whatever usage still drifts. Orphans are for the edge to
-destroy with a job to their host (logic sends nothing).
+destroy with a job to their host (logic sends nothing), and only those ``reapable`` says.
 """
 
 from __future__ import annotations
@@ -156,11 +157,21 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     changed = {sid: at for sid, at in (await session.execute(
         sa.select(_servers.c.id, _servers.c.updated_at).where(_servers.c.id.in_(
             [sid for seen_domains in domains.values() for sid in seen_domains])))).all()}
-    for host_name, seen_domains in domains.items():
-        for server_id, seen in seen_domains.items():
-            recent = server_id in changed and changed[server_id] >= taken[host_name]
-            if server_id not in owned[host_name] and server_id not in in_flight and not recent:
-                report.orphans.append({"server_id": str(server_id), "host": host_name, "state": seen["state"]})
+    orphans = [(host_name, server_id, seen) for host_name, seen_domains in domains.items()
+               for server_id, seen in seen_domains.items()
+               if server_id not in owned[host_name] and server_id not in in_flight
+               and not (server_id in changed and changed[server_id] >= taken[host_name])]
+    rows = {sid: state for sid, state in (await session.execute(
+        sa.select(_servers.c.id, _servers.c.operstate).where(_servers.c.id.in_({o[1] for o in orphans})))).all()}
+    for host_name, server_id, seen in orphans:
+        marked = bool(seen.get("owned", False))
+        report.orphans.append({
+            "host": host_name, "domain_name": seen.get("name", ""), "domain_uuid": str(server_id),
+            "state": seen["state"], "owned": marked,
+            # Only a marked domain was made for a VM; the VM's operstate, if it has a row.
+            "server_id": str(server_id) if marked else None,
+            "operstate": rows.get(server_id) if marked else None,
+        })
 
     for job_id in await deadlines.expired(session):
         job = await session.get(Job, job_id)
@@ -170,6 +181,14 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     await _quota_drift(session, report)
     await _pending_without_job(session, report)
     return report
+
+
+def reapable(orphan: dict[str, Any]) -> bool:
+    """May the periodic pass destroy this orphan domain? Only one Nephos can prove it made (the
+    mark) for a VM that is DESTROYED (a destroy that completed while the host was away). Any
+    other -- a foreign domain, a marked one with no VM row or a copy of a live VM -- is reported
+    and touched only when an admin names it (``domains``)."""
+    return bool(orphan.get("owned")) and orphan.get("operstate") == Operstate.DESTROYED.value
 
 
 FIXABLE = ("unsynced_operstate", "unsynced_flavor", "stale", "stuck_tasks", "pending_without_job")

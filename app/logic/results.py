@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
 from app.logic import events, placement, quotas, servers
+from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, footprint, target_state
 from app.models import Flavor, Image, Job, Server, table_of
@@ -106,7 +107,7 @@ async def apply_result(
     if action is Action.SAVE_IMAGE:
         image = await session.get(Image, uuid.UUID(params["image_id"]))
         if image is not None:
-            image.status = "active" if success else "error"
+            image.status = (ImageStatus.ACTIVE if success else ImageStatus.ERROR).value
     events.record(session, server, "job_succeeded" if success else "job_failed", job_id=job.id,
                   action=action.value, before=before.value, after=after.value,
                   message=error or ("stale result: operstate kept" if stale else ""))
@@ -175,7 +176,8 @@ async def _resume_overtaken(session: AsyncSession, server: Server, destroy_job: 
 
 async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
     """A job is final no later than its server's task is cleared: end the ones destroy overtook."""
-    overtaken = list(await session.scalars(_overtaken(server, destroy_job).with_for_update(key_share=True)))
+    overtaken = list(await session.scalars(  # several rows: locked in id order, as everywhere
+        _overtaken(server, destroy_job).order_by(_jobs.c.id).with_for_update(key_share=True)))
     now = utcnow()
     for job in overtaken:
         commission = await quotas.get_commission(session, job.commission_id)

@@ -33,3 +33,41 @@ async def test_a_restarted_agent_finds_its_domains_as_they_were(tmp_path: Path) 
     assert after == before
     assert {sid: state for sid, (state, *_) in after.items()} == {
         running: "running", stopped: "shutoff", paused: "paused"}
+
+
+async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: Path) -> None:
+    from xml.etree import ElementTree as ET
+
+    import libvirt
+
+    driver = Driver(write_test_node(tmp_path, "h", 4, 8192), instance_dir=tmp_path, image_dir=tmp_path)
+    elsewhere = Driver(write_test_node(tmp_path, "g", 4, 8192), vnc_listen="192.0.2.7", instance_dir=tmp_path,
+                       image_dir=tmp_path)
+    await driver.open()
+    await elsewhere.open()
+    try:
+        first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await driver.create(first, _params("a"))
+        await driver.create(second, _params("b"))
+        await elsewhere.create(third, _params("c"))
+        graphics = {}
+        for d, sid in ((driver, first), (driver, second), (elsewhere, third)):
+            assert d.conn is not None
+            xml = d.conn.lookupByUUIDString(str(sid)).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+            graphics[sid] = ET.fromstring(xml).find("./devices/graphics[@type='vnc']")
+        assert graphics[first].get("listen") == graphics[second].get("listen") == "127.0.0.1"  # type: ignore[union-attr]
+        assert graphics[third].get("listen") == "192.0.2.7"  # type: ignore[union-attr]
+        passwords = [g.get("passwd") for g in graphics.values()]  # type: ignore[union-attr]
+        assert all(p and len(p) == 8 for p in passwords) and len(set(passwords)) == 3
+        # Nephos's domains carry its mark; one defined by hand does not, until adopted and marked.
+        assert driver.conn is not None
+        stranger = uuid.uuid4()
+        driver.conn.defineXML(f"<domain type='test'><name>ops</name><uuid>{stranger}</uuid>"
+                              "<memory unit='MiB'>64</memory><os><type arch='i686'>hvm</type></os></domain>")
+        seen = {d.server_id: (d.name, d.owned) for d in await driver.domains()}
+        assert seen[first] == (f"nephos-{first}", True) and seen[stranger] == ("ops", False)
+        await driver.mark(stranger, {})
+        assert {d.server_id: d.owned for d in await driver.domains()}[stranger] is True
+    finally:
+        await driver.close()
+        await elsewhere.close()

@@ -440,3 +440,66 @@ async def test_tags_and_a_client_token_raced_by_its_twins(cluster: Cluster) -> N
     with pytest.raises(ClientError) as exc:
         await in_thread(ec2.create_tags, Resources=["i-0123456789abcdef0"], Tags=[{"Key": "a", "Value": "b"}])
     assert code_of(exc) == "InvalidInstanceID.NotFound"
+
+
+async def test_every_filter_takes_the_wire_values_a_boto3_user_sends(cluster: Cluster) -> None:
+    """Each filter compared with what the reply shows (``available``, ``running``, ``tiny``), never
+    with a stored name the wire does not use (an image's ``active``)."""
+    ec2, _ = await ec2_client(cluster)
+    images = (await in_thread(ec2.describe_images))["Images"]
+    debian = next(i for i in images if i["Name"] == "debian-12")
+    assert {i["State"] for i in images} == {"available"}
+
+    async def image_names(*filters: dict[str, Any]) -> list[str]:
+        return sorted(i["Name"] for i in (await in_thread(ec2.describe_images, Filters=list(filters)))["Images"])
+    assert await image_names({"Name": "state", "Values": ["available"]}) == sorted(i["Name"] for i in images)
+    assert await image_names({"Name": "state", "Values": ["pending", "failed"]}) == []
+    assert await image_names({"Name": "image-id", "Values": [debian["ImageId"]]}) == ["debian-12"]
+    assert await image_names({"Name": "name", "Values": ["debian-*"]}) == ["debian-12"]
+    assert await image_names({"Name": "is-public", "Values": ["true"]}) == sorted(i["Name"] for i in images)
+
+    run = await in_thread(ec2.run_instances, ImageId=debian["ImageId"], InstanceType="tiny", MinCount=1, MaxCount=1,
+                          TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "db"}]}])
+    iid = run["Instances"][0]["InstanceId"]
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=[iid])
+
+    async def found(*filters: dict[str, Any]) -> list[str]:
+        reply = await in_thread(ec2.describe_instances, Filters=list(filters))
+        return [i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"]]
+    assert await found({"Name": "instance-state-name", "Values": ["running"]}) == [iid]
+    assert await found({"Name": "instance-state-name", "Values": ["stopped", "pending"]}) == []
+    assert await found({"Name": "instance-type", "Values": ["tiny"]}) == [iid]
+    assert await found({"Name": "instance-type", "Values": ["small"]}) == []
+    assert await found({"Name": "image-id", "Values": [debian["ImageId"]]}) == [iid]
+    assert await found({"Name": "tag:role", "Values": ["db"]}) == [iid]
+    assert await found({"Name": "tag:role", "Values": ["web"]}) == []
+    assert await found({"Name": "instance-state-code", "Values": ["16"]}) == [iid]
+
+
+async def test_a_suspended_vm_is_started_and_stopped_through_ec2(cluster: Cluster) -> None:
+    """The facade asks the operstate table: StartInstances on a SUSPENDED VM resumes it, and
+    StopInstances stops it (both allowed there), where the old rule table refused or did nothing."""
+    ec2, headers = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    ids = [i["InstanceId"] for i in (await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny",
+                                                     MinCount=2, MaxCount=2))["Instances"]]
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=ids)
+    listed = (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]
+    by_ec2 = {s["ec2_id"]: s["id"] for s in listed}
+    for iid in ids:
+        r = await cluster.client.post(f"/api/v1/servers/{by_ec2[iid]}/actions", headers=headers,
+                                      json={"action": "suspend"})
+        assert r.status_code == 202, r.text
+        await cluster.idle(by_ec2[iid])
+        assert (await cluster.get(f"/api/v1/servers/{by_ec2[iid]}"))["operstate"] == "SUSPENDED"
+    await in_thread(fast("instance_stopped", ec2).wait, InstanceIds=ids)  # shown as stopped, like hibernation
+
+    started = await in_thread(ec2.start_instances, InstanceIds=[ids[0]])
+    assert started["StartingInstances"][0]["PreviousState"]["Name"] == "stopped"
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=[ids[0]])
+    assert (await cluster.get(f"/api/v1/servers/{by_ec2[ids[0]]}"))["operstate"] == "STARTED"
+
+    stopped = await in_thread(ec2.stop_instances, InstanceIds=[ids[1]])
+    assert stopped["StoppingInstances"][0]["CurrentState"]["Name"] in ("stopping", "stopped")
+    await cluster.idle(by_ec2[ids[1]])
+    assert (await cluster.get(f"/api/v1/servers/{by_ec2[ids[1]]}"))["operstate"] == "STOPPED"

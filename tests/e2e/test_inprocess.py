@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from cryptography.fernet import Fernet
 
 from app.api.app import create_app
 from app.api.deps import AppState
@@ -62,7 +61,8 @@ class Cloud:
 
 @pytest.fixture(params=["embedded", "production"])
 async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cloud]:
-    settings_kw: dict[str, Any] = {"state_dir": tmp_path, "heartbeat_interval": 0.3, "sweep_interval": 0.2,
+    settings_kw: dict[str, Any] = {"state_dir": tmp_path, "secret_key_file": tmp_path / "secret.key",
+                                   "heartbeat_interval": 0.3, "sweep_interval": 0.2,
                                    "resend_after": 0.5, "inventory_interval": 1}
     if request.param == "embedded":
         url, bus, databases = f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", MemoryBus(), None
@@ -82,7 +82,7 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         for host in ("host-1", "host-2"):
             from app.backend.driver import write_test_node
             await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
-        state = AppState(settings=settings, sessions=p.sessions, cipher=Fernet(Fernet.generate_key()),
+        state = AppState(settings=settings, sessions=p.sessions, cipher=p.cipher,
                          publish=p.outbox.submit, bus_ok=lambda: p.bus.connected, bus=p.bus)
         app = create_app(settings, state)
         async with LifespanManager(app) as manager:
@@ -159,43 +159,114 @@ async def _dead(bus: Any, n: int) -> bool:
     return bool(await bus.dead_count() == n)
 
 
+def foreign_xml(domain_uuid: uuid.UUID, name: str = "operators-vm") -> str:
+    """A domain an operator defined on the host by hand: no Nephos mark."""
+    return (f"<domain type='test'><name>{name}</name><uuid>{domain_uuid}</uuid><memory unit='MiB'>2048</memory>"
+            "<vcpu>1</vcpu><os><type arch='i686'>hvm</type></os></domain>")
+
+
+async def _reconcile(cloud: Cloud, fix: bool) -> dict[str, Any]:
+    r = await cloud.client.post("/api/v1/admin/reconcile", headers=ADMIN, json={"fix": fix, "wait": 10})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
 async def test_reconcile_through_the_api(cloud: Cloud) -> None:
     kept, lost = await cloud.started_vm(), await cloud.started_vm()
     agents = {a.host: a for a in cloud.plane.agents}
     conn = agents[kept["host"]].driver.conn
     assert conn is not None
-    # Behind Nephos's back: a domain nobody created, and a VM's domain undefined on its host.
+    # Behind Nephos's back: an operator's own domain, and a VM's domain undefined on its host.
     stranger = uuid.uuid4()
-    conn.defineXML(agents[kept["host"]].driver.domain_xml(stranger, {"name": "x", "vcpus": 1, "ram_mb": 64}))
+    conn.defineXML(foreign_xml(stranger)).create()
     lost_conn = agents[lost["host"]].driver.conn
     assert lost_conn is not None
     lost_dom = lost_conn.lookupByUUIDString(lost["id"])
     lost_dom.destroy()
     lost_dom.undefine()
 
-    async def report(fix: bool) -> dict[str, Any]:
-        r = await cloud.client.post("/api/v1/admin/reconcile", headers=ADMIN, json={"fix": fix, "wait": 10})
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
-
     async def found() -> dict[str, Any] | None:
-        dry = await report(False)
+        dry = await _reconcile(cloud, False)
         return dry if dry["stale"] and dry["orphans"] else None
     dry = await cloud.until("the drift to show", found)
-    assert [o["server_id"] for o in dry["orphans"]] == [str(stranger)]
+    assert dry["orphans"] == [{"host": kept["host"], "domain_name": "operators-vm", "domain_uuid": str(stranger),
+                               "state": "running", "owned": False, "server_id": None, "operstate": None}]
     assert [s["server_id"] for s in dry["stale"]] == [lost["id"]]
     assert dry["fixed"] is False and dry["unreachable_hosts"] == []
-    fixed = await report(True)
-    assert fixed["fixed"] and len(fixed["actions"]) >= 2, fixed
+    fixed = await _reconcile(cloud, True)
+    assert fixed["fixed"] and any("left alone" in a for a in fixed["actions"]), fixed
     assert (await cloud.server(lost["id"]))["operstate"] == "DESTROYED"
 
     async def clean() -> bool:
-        again = await report(False)
-        return not any(again[k] for k in ("stale", "orphans", "unsynced_operstate", "quota_drift"))
+        again = await _reconcile(cloud, False)
+        return not any(again[k] for k in ("stale", "unsynced_operstate", "quota_drift"))
     await cloud.until("an empty report", clean)
+    # The operator's domain is still there, running: only an admin who names it removes it.
+    assert conn.lookupByUUIDString(str(stranger)).isActive()
     assert (await cloud.server(kept["id"]))["operstate"] == "STARTED"
     q = await cloud.quotas()
     assert q["vm"]["usage"] == 1 and q["active_cpu"]["usage"] == 1
+
+
+async def test_a_foreign_domain_survives_periodic_passes_until_an_admin_destroys_it(cloud: Cloud) -> None:
+    from app.dispatcher import reconciler
+
+    vm = await cloud.started_vm()
+    agent = next(a for a in cloud.plane.agents if a.host == vm["host"])
+    assert agent.driver.conn is not None
+    stranger = uuid.uuid4()
+    agent.driver.conn.defineXML(foreign_xml(stranger)).create()
+    for _ in range(3):  # the dispatcher's pass, with its fixes, as often as it likes
+        report = await reconciler.periodic_pass(cloud.plane.sessions, cloud.plane.bus, wait=5)
+        assert [o["domain_uuid"] for o in report.orphans] == [str(stranger)]
+        assert agent.driver.conn.lookupByUUIDString(str(stranger)).isActive()
+    drift = (await cloud.client.get("/api/v1/admin/drift", headers=ADMIN)).json()
+    assert drift["report"]["orphans"][0]["domain_name"] == "operators-vm"
+    # A VM's own domain cannot be destroyed this way; an unknown one is 404; users may not.
+    base = f"/api/v1/admin/hosts/{vm['host']}/domains"
+    r = await cloud.client.post(f"{base}/{vm['id']}/destroy", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "InUse", r.text
+    assert (await cloud.client.post(f"{base}/{uuid.uuid4()}/destroy", headers=ADMIN)).status_code == 404
+    r = await cloud.client.post(f"{base}/{stranger}/destroy", headers=ADMIN)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"host": vm["host"], "domain_uuid": str(stranger), "domain_name": "operators-vm",
+                        "owned": False}
+
+    async def gone() -> bool:
+        return str(stranger) not in {d.UUIDString() for d in agent.driver.conn.listAllDomains()}  # type: ignore[union-attr]
+    await cloud.until("the agent to destroy it", gone)
+    assert (await cloud.server(vm["id"]))["operstate"] == "STARTED"
+
+
+async def test_an_admin_adopts_a_foreign_domain_into_a_project(cloud: Cloud) -> None:
+    vm = await cloud.started_vm()
+    agent = next(a for a in cloud.plane.agents if a.host == vm["host"])
+    assert agent.driver.conn is not None
+    stranger = uuid.uuid4()
+    agent.driver.conn.defineXML(foreign_xml(stranger, "legacy-db")).create()
+    dry = await cloud.until("the orphan to show", lambda: _orphans(cloud))
+    assert dry[0]["domain_uuid"] == str(stranger)
+    project = (await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "legacy"})).json()
+    r = await cloud.client.post(f"/api/v1/admin/hosts/{vm['host']}/domains/{stranger}/adopt", headers=ADMIN,
+                                json={"project_id": project["id"], "image": "debian-12"})
+    assert r.status_code == 201, r.text
+    adopted = r.json()
+    assert (adopted["id"], adopted["name"], adopted["operstate"], adopted["host"]) == (
+        str(stranger), "legacy-db", "STARTED", vm["host"])
+    again = (await cloud.client.get(f"/api/v1/admin/projects/{project['id']}", headers=ADMIN)).json()
+    assert again["quotas"]["vm"]["usage"] == 1 and again["quotas"]["active_ram"]["usage"] == 2048
+
+    async def marked() -> bool:
+        return any(d.server_id == stranger and d.owned for d in await agent.driver.domains())
+    await cloud.until("the agent to mark it", marked)
+    # It is a VM like any other now: reconciliation finds nothing, and Nephos can stop it.
+    assert not await _orphans(cloud)
+    r = await cloud.client.post(f"/api/v1/servers/{stranger}/actions", headers=ADMIN, json={"action": "stop"})
+    assert r.status_code == 202, r.text
+
+
+async def _orphans(cloud: Cloud) -> list[dict[str, Any]]:
+    return (await _reconcile(cloud, False))["orphans"]  # type: ignore[no-any-return]
 
 
 async def test_drift_report_and_gauges_show_drift_then_its_repair(cloud: Cloud) -> None:

@@ -215,7 +215,8 @@ class ControlPlane(RuleBasedStateMachine):
         # within ``reconcile.SETTLE`` of an inventory, so these are stamped as if taken after that.
         taken = utcnow() + 2 * reconcile.SETTLE
         for spec in HOSTS:
-            domains = [DomainInfo(server_id=uuid.UUID(sid), state=d["state"], vcpus=d["vcpus"], ram_mb=d["ram_mb"])
+            domains = [DomainInfo(server_id=uuid.UUID(sid), state=d["state"], vcpus=d["vcpus"], ram_mb=d["ram_mb"],
+                                  name=f"nephos-{sid}", owned=True)
                        for sid, d in self.domains.items() if d["host"] == spec.name]
             self.handle(encode(Inventory(host=spec.name, zone=spec.zone, cpus=spec.cpus, ram_mb=spec.ram_mb,
                                          domains=domains, taken_at=taken)))
@@ -226,7 +227,8 @@ class ControlPlane(RuleBasedStateMachine):
         report = self.w.run(reconciler.run(self.c.sessions, fix=fix, fresh_since=started))
         if fix:
             for orphan in report.orphans:  # the edge sends a purge job: the agent destroys it
-                self.domains.pop(orphan["server_id"], None)
+                if reconcile.reapable(orphan):
+                    self.domains.pop(orphan["domain_uuid"], None)
         return report
 
     # -- the rules: API actions --------------------------------------------------------------

@@ -15,8 +15,11 @@ from tests.api.helpers import expected_usage, server_in, usage
 from tests.conftest import Cloud
 
 
-def _domain(vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_mb: int = 2048) -> dict[str, object]:
-    return {"server_id": vm["id"], "state": state, "vcpus": vcpus, "ram_mb": ram_mb}
+def _domain(vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_mb: int = 2048,
+            owned: bool = True) -> dict[str, object]:
+    """A domain as an agent reports it; ``owned``: it carries Nephos's mark."""
+    return {"server_id": vm["id"], "state": state, "vcpus": vcpus, "ram_mb": ram_mb,
+            "name": f"nephos-{vm['id']}" if owned else "operators-own", "owned": owned}
 
 
 async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]],
@@ -67,13 +70,37 @@ async def test_orphan_domain(cloud: Cloud) -> None:
     user = await cloud.user()
     vm = await server_in(cloud, user, "STARTED")
     stranger = {"id": str(uuid.uuid4())}
-    await _inventory(cloud, vm["host"], [_domain(vm), _domain(stranger)])
+    await _inventory(cloud, vm["host"], [_domain(vm), _domain(stranger, owned=False)])
     other = "host-2" if vm["host"] == "host-1" else "host-1"
     await _inventory(cloud, other, [_domain(vm)])  # a copy left behind where it is not placed
     report = await _report(cloud)
-    assert sorted((o["server_id"], o["host"]) for o in report.orphans) == sorted(
+    assert sorted((o["domain_uuid"], o["host"]) for o in report.orphans) == sorted(
         [(stranger["id"], vm["host"]), (vm["id"], other)])
+    by_uuid = {o["domain_uuid"]: o for o in report.orphans}
+    assert by_uuid[stranger["id"]] == {
+        "host": vm["host"], "domain_name": "operators-own", "domain_uuid": stranger["id"], "state": "running",
+        "owned": False, "server_id": None, "operstate": None}
+    assert by_uuid[vm["id"]]["owned"] and by_uuid[vm["id"]]["operstate"] == "STARTED"
     assert report.stale == []
+    # Neither is Nephos's to remove: a foreign domain, and a copy of a live VM.
+    assert not any(reconcile.reapable(o) for o in report.orphans)
+
+
+async def test_only_a_marked_domain_of_a_destroyed_vm_is_reapable(cloud: Cloud) -> None:
+    user = await cloud.user()
+    gone = await server_in(cloud, user, "DESTROYED")
+    foreign_same_id = {"id": gone["id"]}
+    marked_no_row = {"id": str(uuid.uuid4())}
+    await _inventory(cloud, gone["host"], [_domain(gone)])
+    report = await _report(cloud)
+    assert [(o["domain_uuid"], o["operstate"], reconcile.reapable(o)) for o in report.orphans] == [
+        (gone["id"], "DESTROYED", True)]
+    # The same UUID without the mark (someone else's domain) is not reaped; nor a marked one
+    # whose VM Nephos has no row for.
+    await _inventory(cloud, gone["host"], [_domain(foreign_same_id, owned=False), _domain(marked_no_row)])
+    report = await _report(cloud)
+    assert sorted((o["domain_uuid"], reconcile.reapable(o)) for o in report.orphans) == sorted(
+        [(gone["id"], False), (marked_no_row["id"], False)])
 
 
 async def test_unsynced_operstate(cloud: Cloud) -> None:
@@ -228,4 +255,4 @@ async def test_a_host_down_refuses_actions_destroys_locally_and_reaps_the_domain
     await _all_seen(cloud, [])
     await _inventory(cloud, vm["host"], [_domain(vm)])
     report = await _report(cloud)
-    assert [o["server_id"] for o in report.orphans] == [vm["id"]]
+    assert [(o["server_id"], reconcile.reapable(o)) for o in report.orphans] == [(vm["id"], True)]

@@ -23,6 +23,8 @@ from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, ec2_error, where_filters
 from app.logic import actions, catalogue, ec2, keypairs, secgroups, servers
 from app.logic import errors as e
+from app.logic.catalogue import ImageStatus
+from app.logic.operstate import Operstate
 from app.models import Ec2Tag, Flavor, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
 
 _servers, _flavors, _images, _zones = table_of(Server), table_of(Flavor), table_of(Image), table_of(Zone)
@@ -146,8 +148,9 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
                                        .where(_images.c.ec2_id == spec["image"]))).first()
     if image is None:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{spec['image']}]' does not exist")
-    if image.status != "active":
-        raise Ec2Error("InvalidAMIID.Unavailable", f"The image id '[{spec['image']}]' is {image.status}")
+    if image.status != ImageStatus.ACTIVE.value:
+        raise Ec2Error("InvalidAMIID.Unavailable",
+                       f"The image id '[{spec['image']}]' is {ec2.IMAGE_STATES[ImageStatus(image.status)]}")
     flavor = (await ctx.session.scalars(sa.select(Flavor).where(_flavors.c.name == spec["type"]))).first()
     if flavor is None:
         raise invalid("InstanceType", spec["type"], "No such instance type.")
@@ -302,17 +305,7 @@ async def paged(ctx: Ctx, stmt: sa.Select[Any], size: int | None) -> tuple[list[
 
 # -- state changes -----------------------------------------------------------------------------
 
-# (action, state) -> what happens: "act", "noop", or an error reason (EC2.md §3).
-_RULES: dict[str, dict[str, str]] = {
-    "start": {"stopped": "act", "running": "noop", "pending": "noop"},
-    "stop": {"running": "act", "stopping": "noop", "stopped": "noop",
-             "pending": "cannot be stopped as it has never reached the 'running' state"},
-    "reboot": {"running": "act"},
-    "terminate": {"pending": "act", "running": "act", "stopping": "act", "stopped": "act",
-                  "shutting-down": "noop", "terminated": "noop"},
-}
 _VERB = {"start": "started", "stop": "stopped", "reboot": "rebooted", "terminate": "terminated"}
-_ACT = {"start": actions.start, "stop": actions.stop, "reboot": actions.reboot, "terminate": actions.destroy}
 
 
 async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
@@ -321,16 +314,18 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
     before = await ec2.states_of(ctx.session, [s.id for s in targets])
     # Act in id order (the lock order), answer in the order asked; one refusal rolls back all.
     for server in sorted(targets, key=lambda s: s.id):
-        rule = _RULES[verb].get(before[server.id], "is not in a state from which it can be " + _VERB[verb])
-        if rule == "noop":
-            continue
-        if rule != "act":
-            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {rule}")
+        operstate = Operstate(server.operstate)
         try:
-            await _ACT[verb](ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id)
+            what = ec2.verb_action(verb, operstate, server.task)
+            if what is None:
+                continue
+            await actions.run(what, ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id)
         except (e.TaskPending, e.InvalidState, e.HostDown):
-            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' is not in a state from "
-                                                     f"which it can be {_VERB[verb]}") from None
+            if verb == "stop" and operstate in (Operstate.HOLD, Operstate.BUILD):
+                reason = "cannot be stopped as it has never reached the 'running' state"
+            else:
+                reason = f"is not in a state from which it can be {_VERB[verb]}"
+            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {reason}") from None
         except e.Protected:
             attribute = "disableApiTermination" if verb == "terminate" else "disableApiStop"
             raise Ec2Error("OperationNotPermitted",
@@ -365,6 +360,13 @@ async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
 
 # -- catalogue -----------------------------------------------------------------------------------
 
+def _public(values: list[str]) -> sa.ColumnElement[bool]:
+    """``is-public``: EC2 sends ``true`` / ``false``."""
+    wanted = {v.lower() for v in values}
+    return sa.or_(*([_images.c.is_public.is_(True)] if "true" in wanted else []),
+                  *([_images.c.is_public.is_(False)] if "false" in wanted else []), sa.false())
+
+
 @action("DescribeImages")
 async def describe_images(ctx: Ctx) -> dict[str, Any]:
     stmt = catalogue.visible_images(ctx.actor)
@@ -375,13 +377,13 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
     if ids:
         stmt = stmt.where(_images.c.ec2_id.in_(ids))
     stmt = where_filters(ctx, stmt, {"image-id": _images.c.ec2_id, "name": _images.c.name,
-                                     "state": _images.c.status})
+                                     "state": ec2.IMAGE_STATE, "is-public": _public})
     images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
     unknown = set(ids) - {i.ec2_id for i in images}
     if unknown:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
     return {"imagesSet": [{
-        "imageId": i.ec2_id, "imageLocation": i.name, "imageState": "available" if i.status == "active" else i.status,
+        "imageId": i.ec2_id, "imageLocation": i.name, "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
         "imageOwnerId": str(i.project_id) if i.project_id else "nephos", "isPublic": i.is_public,
         "architecture": "x86_64", "imageType": "machine", "name": i.name, "rootDeviceType": "ebs",
         "rootDeviceName": "/dev/vda", "virtualizationType": "hvm", "hypervisor": "kvm",

@@ -25,7 +25,8 @@ from app.api.deps import AppState, Tx
 from app.api.ec2 import sigv4
 from app.api.ec2.params import PARAMETERS
 from app.api.ec2.protocol import Ec2Error, Params, invalid, render, render_error, version_of
-from app.db import database_unavailable
+from app.api.retry import RETRY_HEADER
+from app.db import database_unavailable, retriable
 from app.logic import accounts, ec2
 from app.logic import errors as e
 from app.logic.actor import Actor
@@ -81,6 +82,7 @@ CODES: dict[type[e.NephosError], tuple[str, int]] = {
     e.IdempotencyConflict: ("IdempotentParameterMismatch", 400),
     e.OverLimit: ("InstanceLimitExceeded", 400),
     e.NoCapacity: ("InsufficientInstanceCapacity", 500),
+    e.Unavailable: ("Unavailable", 503),
 }
 
 
@@ -160,6 +162,9 @@ async def ec2_endpoint(request: Request) -> Response:
     except Ec2Error as exc:
         return _error(exc, request_id)
     except Exception as exc:
+        if retriable(exc):  # a lost race: the retry middleware runs the request again
+            return _error(Ec2Error("Unavailable", "The request conflicted with concurrent ones; retry shortly", 503),
+                          request_id, {"Retry-After": "1", RETRY_HEADER.decode(): "1"})
         if database_unavailable(exc):
             return _error(Ec2Error("Unavailable", "The service is unavailable; retry shortly", 503), request_id)
         log.exception("unexpected error in EC2 %s", name)
@@ -168,7 +173,7 @@ async def ec2_endpoint(request: Request) -> Response:
     return Response(render(name, version, request_id, reply), media_type="text/xml;charset=UTF-8")
 
 
-def _error(exc: Ec2Error, request_id: str) -> Response:
+def _error(exc: Ec2Error, request_id: str, headers: dict[str, str] | None = None) -> Response:
     return Response(render_error(exc.code, exc.message, request_id), status_code=exc.status,
-                    media_type="text/xml;charset=UTF-8")
+                    media_type="text/xml;charset=UTF-8", headers=headers)
 
