@@ -3,22 +3,31 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint services clean bench faults
+.PHONY: install install-runtime run test test-fast lint services clean bench faults
 
-$(STAMP): pyproject.toml
+# What running needs (make run): the package and its dependencies, nothing for tests.
+$(RUNTIME): pyproject.toml
 	@.ci/system-packages.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+# What testing adds (make test): the development extras and Debian's chromium for the page tests.
+$(STAMP): $(RUNTIME)
+	@.ci/system-packages.sh --test
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+install-runtime: $(RUNTIME)
 install: $(STAMP)
 
 ## make run: the embedded cloud (SQLite, in-memory bus) on http://127.0.0.1:8000 — Swagger UI at /docs
-run: install
+run: install-runtime
 	$(BIN)/nephos up
 
 ## make services: install and start PostgreSQL and RabbitMQ when they are absent or stopped

@@ -28,6 +28,9 @@ def _logging(settings: Settings) -> None:
 
 async def _prepare(settings: Settings, *, seed_hosts: bool) -> None:
     """Apply migrations and seed what is missing (API.md "Running")."""
+    from app.runtime import check_database
+
+    await check_database(settings)
     await upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
@@ -48,8 +51,14 @@ async def _prepare(settings: Settings, *, seed_hosts: bool) -> None:
 @db_cli.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply the migrations up to REVISION."""
+    from app.runtime import check_database
+
     settings = Settings()
-    asyncio.run(upgrade(settings.database_url, revision))
+
+    async def go() -> None:
+        await check_database(settings)
+        await upgrade(settings.database_url, revision)
+    asyncio.run(go())
     typer.echo(f"database at {revision}")
 
 
@@ -121,51 +130,90 @@ def seed() -> None:
     asyncio.run(_prepare(settings, seed_hosts=False))
 
 
+class _Fatal(Exception):
+    """An operator mistake or an unreachable service: one clear line, and a non-zero exit."""
+
+
+def _admin_api(settings: Settings, url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
+    """Where the running API is and the admin's headers: admin commands go through the API, so
+    they work against every mode (``nephos up``'s in-memory bus included) and every rule holds."""
+    base = (url or settings.api_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    secret = token or (settings.admin_token.get_secret_value() if settings.admin_token else None)
+    if not secret:
+        raise _Fatal("an admin token is needed: pass --token or set NEPHOS_ADMIN_TOKEN")
+    return base, {"Authorization": f"Bearer {secret}"}
+
+
+def _call_api(method: str, url: str, headers: dict[str, str], body: Any, timeout: float) -> Any:
+    import httpx
+
+    try:
+        r = httpx.request(method, url, headers=headers, json=body, timeout=timeout)
+    except httpx.TransportError as exc:
+        raise _Fatal(f"the Nephos API at {url} cannot be reached ({exc}); is it running? "
+                     "(set NEPHOS_API_URL or --url)") from None
+    if r.status_code >= 400:
+        try:
+            error = r.json()["error"]
+            raise _Fatal(f"the API refused: {r.status_code} {error['code']}: {error['message']}")
+        except (ValueError, KeyError, TypeError):
+            raise _Fatal(f"the API answered {r.status_code}: {r.text[:200]}") from None
+    return r.json()
+
+
 @admin_cli.command("reconcile")
 def admin_reconcile(
-    fix: Annotated[bool, typer.Option("--fix", help="Repair what is found (default: report only)")] = False,
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what is found (default: report only)",
+                                      show_default=False)] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the hosts' fresh inventories")] = 10.0,
+    url: Annotated[str | None, typer.Option(help="The API (default: NEPHOS_API_URL, else NEPHOS_HOST:PORT)")] = None,
+    token: Annotated[str | None, typer.Option(help="An admin's token (default: NEPHOS_ADMIN_TOKEN)")] = None,
 ) -> None:
-    """Compare the database with every host and quotas with the VMs; with --fix, repair."""
+    """Compare the database with every host and quotas with the VMs; with --fix, repair.
+
+    Exit status: 0 nothing found (or all of it fixed), 1 drift found, 2 it could not be judged
+    (a host did not answer, or the API could not be reached).
+    """
     from rich.console import Console
-    from rich.progress import Progress, TaskID
     from rich.table import Table
 
-    from app.dispatcher import reconciler
-    from app.logic.reconcile import Report
-    from app.runtime import plane
-
-    settings = Settings()
     console = Console()
-
-    async def go() -> Report:
-        async with plane(settings) as p:
-            # Progress for large fleets: hosts that answered, then repairs made.
-            with Progress(*Progress.get_default_columns(), console=console, transient=True) as bar:
-                tasks: dict[str, TaskID] = {}
-
-                def progress(phase: str, done: int, total: int) -> None:
-                    if phase not in tasks:
-                        tasks[phase] = bar.add_task({"inventories": "hosts answered",
-                                                     "repairs": "repairs"}.get(phase, phase), total=total)
-                    bar.update(tasks[phase], completed=done, total=total)
-                return await reconciler.fresh(p.sessions, p.bus, fix=fix, wait=wait, progress=progress)
-
-    report = asyncio.run(go())
-    table = Table(title="reconciliation" + (" (fixed)" if report.fixed else " (dry run)"))
+    settings = Settings()
+    base, headers = _admin_api(settings, url, token)
+    with console.status("asking every host for its inventory, then comparing"):
+        report = _call_api("POST", f"{base}/api/v1/admin/reconcile", headers, {"fix": fix, "wait": wait},
+                           timeout=wait + 120)
+    kinds = ("stale", "orphans", "unsynced_operstate", "unsynced_flavor", "stuck_tasks", "quota_drift",
+             "pending_without_job")
+    table = Table(title="reconciliation" + (" (fixed)" if report["fixed"] else " (dry run)"))
     for column in ("kind", "count", "what"):
         table.add_column(column)
-    for kind, count in report.counts().items():
-        entries = getattr(report, kind)
+    for kind in kinds:
+        entries = report.get(kind, [])
         shown = "; ".join(", ".join(f"{k}={v}" for k, v in e.items()) for e in entries[:5])
-        table.add_row(kind, str(count), shown + (f" (+{count - 5} more)" if count > 5 else ""))
+        table.add_row(kind, str(len(entries)), shown + (f" (+{len(entries) - 5} more)" if len(entries) > 5 else ""))
     console.print(table)
-    if report.unreachable_hosts:
-        console.print(f"[yellow]no fresh inventory from: {', '.join(report.unreachable_hosts)} (not judged)")
-    for action in report.actions:
+    for action in report["actions"]:
         console.print(f"fixed: {action}")
-    raise typer.Exit(0 if report.empty() or report.fixed else 1)
+    if report["unreachable_hosts"]:
+        console.print(f"[yellow]no fresh inventory from: {', '.join(report['unreachable_hosts'])} (not judged)")
+        raise typer.Exit(2)
+    found = any(report.get(kind) for kind in kinds)
+    raise typer.Exit(0 if not found or report["fixed"] else 1)
 
 
 def main() -> None:
-    cli()
+    from pydantic import ValidationError
+
+    from app.runtime import StartupError
+
+    try:
+        cli()
+    except (_Fatal, StartupError) as exc:
+        typer.echo(f"nephos: {exc}", err=True)
+        raise SystemExit(2) from None
+    except ValidationError as exc:  # the settings: one line per wrong variable
+        for error in exc.errors():
+            where = "_".join(str(part) for part in error.get("loc", ())).upper()
+            typer.echo(f"nephos: NEPHOS_{where}: {error.get('msg', 'invalid')}", err=True)
+        raise SystemExit(2) from None

@@ -12,14 +12,18 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import libvirt
+import sqlalchemy as sa
 import uvicorn
 from cryptography.fernet import Fernet
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.backend.agent import Agent
@@ -72,32 +76,84 @@ class Plane:
                         stop_timeout=s.stop_timeout)
         agent = Agent(host=host, zone=zone, driver=driver, bus=self.bus, heartbeat_interval=s.heartbeat_interval,
                       inventory_interval=s.inventory_interval, migration_uri=migration_uri)
-        await agent.start()
+        try:
+            await agent.start()
+        except libvirt.libvirtError as exc:
+            raise StartupError(f"libvirt at {uri} cannot be opened: {exc}") from None
         self.agents.append(agent)
         return agent
 
 
-async def connect_bus(bus: Bus, *, attempts: int = 60, delay: float = 1.0) -> None:
-    """Connect, waiting for a broker that is still starting."""
-    for attempt in range(1, attempts + 1):
+class StartupError(Exception):
+    """A process cannot start as configured (a wrong URL or password, a database that does not
+    exist, no libvirt): the command line says so in one line and exits non-zero."""
+
+
+def _masked(url: str) -> str:
+    """A URL as it may be shown: without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _refused_login(exc: BaseException) -> bool:
+    return "ACCESS_REFUSED" in str(exc) or type(exc).__name__ == "ProbableAuthenticationError"
+
+
+async def connect_bus(bus: Bus, *, attempts: int | None = 60, delay: float = 1.0, url: str = "") -> None:
+    """Connect, waiting for a broker that is still starting (``attempts=None``: for ever). A broker
+    that refuses the login will not change its mind: that is a ``StartupError`` at once."""
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             await bus.start()
             return
         except (ConnectionError, OSError) as exc:
-            if attempt == attempts:
-                raise
+            if _refused_login(exc):
+                raise StartupError(f"the message bus at {_masked(url)} refused the login (check the user and "
+                                   "password in NEPHOS_AMQP_URL)") from None
+            if attempts is not None and attempt >= attempts:
+                raise StartupError(f"the message bus at {_masked(url)} cannot be reached: {exc}") from None
             log.warning("message bus not reachable (%s); retrying", exc)
             await asyncio.sleep(delay)
 
 
+async def check_database(settings: Settings) -> None:
+    """One query before serving: a database that does not exist, refuses the login or cannot be
+    reached is said in one line, instead of failing every request later."""
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except (sa_exc.DBAPIError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise StartupError(f"the database at {_masked(settings.database_url)} cannot be used: {reason}") from None
+    finally:
+        await engine.dispose()
+
+
 @contextlib.asynccontextmanager
-async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Plane]:
+async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: bool = True) -> AsyncIterator[Plane]:
+    """The database and bus of one process. ``wait_for_bus=False`` (the API): a broker that is
+    away does not hold the process back; it connects in the background, ``/healthz`` says 503
+    until it has, and jobs committed meanwhile wait in the outbox."""
+    await check_database(settings)
     engine = make_engine(settings.database_url, **(
         {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}))
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
-    await connect_bus(bus)
+    background: list[asyncio.Task[None]] = []
+    if wait_for_bus:
+        await connect_bus(bus, url=settings.amqp_url)
+    else:
+        try:
+            await connect_bus(bus, attempts=1, url=settings.amqp_url)
+        except StartupError as exc:
+            if "refused the login" in str(exc):
+                raise
+            log.warning("%s; serving anyway, and connecting in the background", exc)
+            background.append(asyncio.create_task(_connect_later(bus, settings.amqp_url)))
     p = Plane(settings, engine, sessions, bus, OutboxPublisher(sessions, bus, lambda: p.cipher))
+    p.tasks.extend(background)
     p.tasks.append(asyncio.create_task(p.outbox.run()))
     try:
         yield p
@@ -110,6 +166,14 @@ async def plane(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Pla
             await _bounded(f"agent {agent.host}", agent.stop())
         await _bounded("the bus", bus.close())
         await _bounded("the database pool", engine.dispose())
+
+
+async def _connect_later(bus: Bus, url: str) -> None:
+    try:
+        await connect_bus(bus, attempts=None, delay=2.0, url=url)
+        log.info("message bus connected")
+    except StartupError as exc:  # the login was refused after all: say so, keep serving (503)
+        log.error("%s", exc)
 
 
 async def _bounded(what: str, step: Awaitable[Any], seconds: float = 5.0) -> None:
@@ -161,7 +225,7 @@ async def serve_api(p: Plane) -> None:
 
 
 async def run_api(settings: Settings) -> None:
-    async with plane(settings) as p:
+    async with plane(settings, wait_for_bus=False) as p:
         await serve_api(p)
 
 

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None
+    # Where admin commands (``nephos admin ...``) find the running API; default NEPHOS_HOST:PORT.
+    api_url: str | None = None
     hosts: str = "host-1:16:32768,host-2:16:32768"
     # Key that encrypts stored EC2 secrets (a Fernet key). When unset, one is
     # generated into ``secret_key_file`` on first start and reused after.
@@ -78,6 +80,20 @@ class Settings(BaseSettings):
     # Address a domain's VNC server listens on (agents). Loopback by default: reaching a
     # console from elsewhere is an operator's choice (a proxy, or an address on a private net).
     vnc_listen: str = Field(default="127.0.0.1", min_length=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        """The async drivers Nephos uses; the usual spellings of a PostgreSQL or SQLite URL are
+        taken as meaning them (``postgres://`` is what many tools print)."""
+        for plain, driver in (("postgres://", "postgresql+asyncpg://"), ("postgresql://", "postgresql+asyncpg://"),
+                              ("sqlite://", "sqlite+aiosqlite://")):
+            if value.startswith(plain):
+                return driver + value[len(plain):]
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("must be postgresql+asyncpg://user:password@host/database or "
+                             "sqlite+aiosqlite:///path/to/file.db")
+        return value
 
     @field_validator("hosts")
     @classmethod

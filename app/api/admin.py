@@ -190,9 +190,10 @@ async def adopt_domain(host: str, domain_uuid: uuid.UUID, body: DomainAdopt, sta
     """Make a domain no VM owns a VM of a project (its UUID becomes the server's id); it gets Nephos's mark."""
     bus = _bus(state)
     server = await domains.adopt(tx.session, actor=actor, host=host, domain_uuid=domain_uuid, **body.model_dump())
+    reply = ServerOut.of(server, await catalogue.labels(tx.session, [server]))
     await tx.commit()
     await reconciler.send_untracked(bus, host, domain_uuid, "mark")
-    return ServerOut.of(server)
+    return reply
 
 
 @router.get("/drift", response_model=DriftOut, responses=ADMIN)

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 
 from app.api import admin, catalogue, ec2, errors, health, jobs, keys, metrics, servers
 from app.api.deps import AppState
@@ -50,8 +51,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         finally:
             await engine.dispose()
 
-    app = FastAPI(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  dependencies=[Depends(no_nul_in_url)])
+    # Swagger UI and ReDoc from assets this process serves (fastapi-offline ships them): the
+    # pages work on a machine with no internet, as a cloud's control network often is.
+    app = FastAPIOffline(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
+                         dependencies=[Depends(no_nul_in_url)], static_url="/docs-assets")
     errors.install(app)
     app.add_middleware(RetryTransactions)
     for module in (servers, jobs, catalogue, keys, admin, health, metrics, ec2):

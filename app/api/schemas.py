@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.logic.catalogue import Labels
 from app.logic.operstate import RESOURCES
 
 T = TypeVar("T")
@@ -49,6 +50,10 @@ class Page(BaseModel, Generic[T]):
 # -- servers ------------------------------------------------------------------------
 
 class ServerCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "web-1", "flavor": "small", "image": "debian-12"},
+    ]})
+
     name: Name
     flavor_id: uuid.UUID | None = None
     flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
@@ -61,6 +66,15 @@ class ServerCreate(Strict):
     zone: str | None = Field(default=None, max_length=64)
     hold: bool = Field(default=False, description="Create in HOLD, unplaced, until released")
     description: str = Field(default="", max_length=4096)
+
+    @model_validator(mode="after")
+    def _flavor_and_image(self) -> ServerCreate:
+        # A missing field is a schema error (422 ValidationError), whichever of its two spellings.
+        if self.flavor_id is None and not self.flavor:
+            raise ValueError("give flavor_id or flavor (a flavor name, e.g. small)")
+        if self.image_id is None and not self.image:
+            raise ValueError("give image_id or image (an image name, e.g. debian-12)")
+        return self
 
 
 class ServerOut(BaseModel):
@@ -82,11 +96,14 @@ class ServerOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     ec2_id: str = Field(description="The same VM's EC2 instance id (i-...)")
+    flavor: str = Field(description="The flavor's name")
+    image: str = Field(description="The image's name")
 
     @classmethod
-    def of(cls, s: Any) -> ServerOut:
-        data = {name: getattr(s, name) for name in cls.model_fields if name != "metadata"}
-        return cls(metadata=s.meta, **data)
+    def of(cls, s: Any, labels: Labels) -> ServerOut:
+        data = {name: getattr(s, name) for name in cls.model_fields if name not in ("metadata", "flavor", "image")}
+        return cls(metadata=s.meta, flavor=labels.flavors.get(s.flavor_id, ""), image=labels.images.get(s.image_id, ""),
+                   **data)
 
 
 class ServersCreated(BaseModel):
@@ -95,36 +112,67 @@ class ServersCreated(BaseModel):
 
 
 class ServerPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "web-2", "description": "the second web server", "metadata": {"team": "web"}},
+    ]})
+
     name: Name | None = None
     description: str | None = Field(default=None, max_length=4096)
     metadata: Metadata | None = None
 
 
 class JobAccepted(BaseModel):
-    job_id: uuid.UUID
+    job_id: uuid.UUID | None = Field(description="The action's job; for a DELETE of a server already destroyed, "
+                                                 "the job that destroyed it (null when none did: reconciliation)")
 
 
 class PlainAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "stop"},
+    ]})
+
     action: Literal["start", "stop", "suspend", "resume", "release", "destroy", "console"]
 
 
 class RebootAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "reboot", "hard": False},
+    ]})
+
     action: Literal["reboot"]
     hard: bool = False
 
 
 class ResizeAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "resize", "flavor": "medium"},
+    ]})
+
     action: Literal["resize"]
     flavor_id: uuid.UUID | None = None
     flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
 
+    @model_validator(mode="after")
+    def _flavor(self) -> ResizeAction:
+        if self.flavor_id is None and not self.flavor:
+            raise ValueError("give flavor_id or flavor (a flavor name, e.g. medium)")
+        return self
+
 
 class MigrateAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "migrate"},
+    ]})
+
     action: Literal["migrate", "live_migrate"]
     host: str | None = Field(default=None, description="Target host; chosen by placement if null")
 
 
 class SaveImageAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "save_image", "image_name": "web-1-snapshot"},
+    ]})
+
     action: Literal["save_image"]
     image_name: Name
 
@@ -181,6 +229,10 @@ class FlavorOut(BaseModel):
 
 
 class FlavorCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "xlarge", "vcpus": 8, "ram_mb": 16384, "disk_gb": 160},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=64)]
     vcpus: int = Field(gt=0, le=1024)
     ram_mb: int = Field(gt=0, le=16 * 1024 * 1024)
@@ -200,6 +252,10 @@ class ImageOut(BaseModel):
 
 
 class ImageCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "alpine-3.20", "is_public": True, "disk_format": "qcow2"},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=128)]
     is_public: bool = True
     disk_format: Literal["qcow2", "raw"] = "qcow2"
@@ -231,6 +287,10 @@ class QuotasOut(BaseModel):
 # -- key pairs and credentials ------------------------------------------------------------
 
 class KeyPairCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "laptop"},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.@ -]+$")]
     public_key: str | None = Field(default=None, max_length=16384)
     key_type: Literal["ed25519", "rsa"] = "ed25519"
@@ -265,6 +325,10 @@ def _check_resources(value: Quotas | None) -> Quotas | None:
 
 
 class ProjectCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "lab", "quotas": {"vm": 10, "cpu": 20}},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=128)]
     quotas: Quotas = {}
 
@@ -272,6 +336,10 @@ class ProjectCreate(Strict):
 
 
 class ProjectPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"quotas": {"vm": 50}},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     quotas: Quotas | None = None
 
@@ -286,9 +354,13 @@ class ProjectOut(BaseModel):
 
 
 class UserCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "alice", "email": "alice@example.org", "role": "user"},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=128)]
     email: str = Field(default="", max_length=256)
-    project_id: uuid.UUID
+    project_id: uuid.UUID | None = Field(default=None, description="The user's project; by default the admin's own")
     role: Literal["user", "admin"] = "user"
 
 
@@ -318,6 +390,10 @@ class HostOut(BaseModel):
 
 
 class HostCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "hv-9", "zone": "default", "cpus": 32, "ram_mb": 131072},
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=128)]
     zone: Annotated[str, Field(min_length=1, max_length=64)] = "default"
     cpus: int = Field(gt=0, le=65536)
@@ -327,6 +403,10 @@ class HostCreate(Strict):
 
 
 class HostPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"state": "disabled"},
+    ]})
+
     state: Literal["up", "down", "disabled"]
 
 
@@ -337,12 +417,21 @@ class Health(BaseModel):
 
 
 class ReconcileRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"fix": False, "wait": 10},
+    ]})
+
     fix: bool = Field(default=False, description="Repair what is found (dry run when false)")
     wait: float = Field(default=10.0, ge=0, le=120, description="Seconds to wait for fresh inventories")
 
 
 class DomainAdopt(Strict):
-    project_id: uuid.UUID = Field(description="The project the domain's VM will belong to")
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"image": "debian-12"},
+    ]})
+
+    project_id: uuid.UUID | None = Field(default=None, description="The project the domain's VM will belong to; "
+                                                                  "by default the admin's own")
     image: str = Field(min_length=1, max_length=255, description="Name of the image the VM is recorded with",
                        examples=["debian-12"])
     flavor: str | None = Field(default=None, max_length=255,

@@ -26,8 +26,10 @@ from app.api.schemas import (
     ServerPatch,
     ServersCreated,
 )
-from app.logic import actions, events, servers
+from app.logic import actions, catalogue, events, servers
+from app.logic.operstate import Action, Operstate
 from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.models import Job
 
 router = APIRouter(prefix="/api/v1/servers", tags=["servers"])
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
@@ -41,7 +43,8 @@ async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem:
     async def make() -> ServersCreated:
         created = await servers.create(tx.session, tx.outbox, actor=actor,
                                        spec=servers.CreateSpec(**body.model_dump()))
-        return ServersCreated(servers=[ServerOut.of(c.server) for c in created],
+        labels = await catalogue.labels(tx.session, [c.server for c in created])
+        return ServersCreated(servers=[ServerOut.of(c.server, labels) for c in created],
                               job_ids=[c.job.id for c in created if c.job is not None])
     return await idem.run(202, make)
 
@@ -49,7 +52,7 @@ async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem:
 @router.get("", response_model=Page[ServerOut], responses=responses(400, 403))
 async def list_servers(
     tx: TxDep, actor: CurrentUser,
-    operstate: str | None = None, name: str | None = None, zone: str | None = None,
+    operstate: Operstate | None = None, name: str | None = None, zone: str | None = None,
     host: Annotated[str | None, Query(description="Admin only")] = None,
     user_id: uuid.UUID | None = None, changes_since: datetime | None = None,
     all_projects: Annotated[bool, Query(description="Admin only: every project's servers")] = False,
@@ -59,29 +62,32 @@ async def list_servers(
     filters = servers.ListFilter(operstate=operstate, name=name, zone=zone, host=host, user_id=user_id,
                                  changes_since=changes_since, all_projects=all_projects)
     page = await servers.list_servers(tx.session, actor=actor, filters=filters, limit=limit, cursor=cursor)
-    return Page(items=[ServerOut.of(s) for s in page.items], next_cursor=page.next_cursor)
+    labels = await catalogue.labels(tx.session, page.items)
+    return Page(items=[ServerOut.of(s, labels) for s in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{server_id}", response_model=ServerOut, responses=responses(404))
 async def get_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> ServerOut:
     """One server, destroyed ones included."""
-    return ServerOut.of(await servers.get(tx.session, actor=actor, server_id=server_id))
+    server = await servers.get(tx.session, actor=actor, server_id=server_id)
+    return ServerOut.of(server, await catalogue.labels(tx.session, [server]))
 
 
 @router.patch("/{server_id}", response_model=ServerOut, responses=responses(404, 409))
 async def patch_server(server_id: uuid.UUID, body: ServerPatch, tx: TxDep, actor: CurrentUser) -> ServerOut:
     """Edit name, description or metadata (no job)."""
     server = await servers.update(tx.session, actor=actor, server_id=server_id, **body.model_dump())
+    reply = ServerOut.of(server, await catalogue.labels(tx.session, [server]))
     await tx.commit()
-    return ServerOut.of(server)
+    return reply
 
 
 @router.delete("/{server_id}", status_code=202, response_model=JobAccepted, responses=responses(404, 409))
 async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> JobAccepted:
-    """Destroy the server (overtakes any pending task)."""
+    """Destroy the server (overtakes any pending task); a destroyed one answers with its destroy job."""
     job = await actions.destroy(tx.session, tx.outbox, actor=actor, server_id=server_id)
     await tx.commit()
-    return JobAccepted(job_id=job.id)
+    return JobAccepted(job_id=job.id if job is not None else None)
 
 
 @router.post(
@@ -101,6 +107,7 @@ async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()
         return await idem.run(200, console)
 
     async def act() -> JobAccepted:
+        job: Job | None
         if isinstance(body, RebootAction):
             job = await actions.reboot(s, o, actor=actor, server_id=sid, hard=body.hard)
         elif isinstance(body, ResizeAction):
@@ -112,8 +119,8 @@ async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()
         elif isinstance(body, SaveImageAction):
             job = await actions.save_image(s, o, actor=actor, server_id=sid, image_name=body.image_name)
         else:
-            job = await getattr(actions, body.action)(s, o, actor=actor, server_id=sid)
-        return JobAccepted(job_id=job.id)
+            job = await actions.run(Action(body.action), s, o, actor=actor, server_id=sid)
+        return JobAccepted(job_id=job.id if job is not None else None)
     return await idem.run(202, act)
 
 

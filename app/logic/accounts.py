@@ -102,8 +102,12 @@ class NewUser:
 
 
 async def create_user(session: AsyncSession, *, actor: Actor, name: str, email: str,
-                      project_id: uuid.UUID, role: str = "user", token: str | None = None) -> NewUser:
+                      project_id: uuid.UUID | None, role: str = "user", token: str | None = None) -> NewUser:
+    """A user of ``project_id`` (by default the admin's own project), with a new token."""
     require_admin(actor)
+    project_id = project_id or actor.project_id
+    if project_id is None:
+        raise BadRequest("give project_id", field="project_id")
     if role not in ROLES:
         raise BadRequest(f"role is one of {', '.join(ROLES)}", field="role")
     if await session.get(Project, project_id) is None:
@@ -120,21 +124,33 @@ async def list_users(session: AsyncSession, *, actor: Actor, limit: int, cursor:
     return await paginate(session, sa.select(User), _users.c.id, limit=limit, cursor=cursor)
 
 
+#: The name of the admin ``ensure_admin`` makes (the one whose token NEPHOS_ADMIN_TOKEN sets).
+BOOTSTRAP_ADMIN = "admin"
+
+
 async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: str | None
                        ) -> NewUser | None:
-    """The bootstrap admin: with ``token``, that admin exists with that token; without one,
-    an admin is made (and its new token returned) only when none exists yet."""
+    """The bootstrap admin: with ``token``, that admin exists with that token -- and with that one
+    only: a bootstrap admin made earlier (a generated token, or another one set before) has its
+    token replaced, so setting ``NEPHOS_ADMIN_TOKEN`` rotates it. Without one, an admin is made
+    (and its new token returned) only when none exists yet."""
     if token is not None:
         found = (await session.scalars(sa.select(User).where(_users.c.token_hash == hash_token(token)))).first()
         if found is not None:
             found.role = "admin"
+            return None
+        bootstrap = (await session.scalars(
+            sa.select(User).where(_users.c.role == "admin", _users.c.name == BOOTSTRAP_ADMIN)
+            .order_by(_users.c.created_at, _users.c.id).limit(1))).first()
+        if bootstrap is not None:
+            bootstrap.token_hash = hash_token(token)  # the old token stops working now
             return None
     else:
         exists = (await session.scalars(sa.select(_users.c.id).where(_users.c.role == "admin"))).first()
         if exists is not None:
             return None
     system = Actor(user_id=None, project_id=None, is_admin=True)
-    return await create_user(session, actor=system, name="admin", email="", project_id=project_id,
+    return await create_user(session, actor=system, name=BOOTSTRAP_ADMIN, email="", project_id=project_id,
                              role="admin", token=token)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +117,11 @@ async def _begin(
     if rule.on_accept is not None:
         server.operstate = rule.on_accept.value
     server.updated_at = now
+    # What was asked, from which state; ``after`` only when accepting it changed the state
+    # (release: HOLD -> BUILD). Where the action ends is the job's event, when it is known.
     events.record(session, server, "action", action=action.value, job_id=job.id,
-                  user_id=actor.user_id, before=before.value, after=server.operstate,
+                  user_id=actor.user_id, before=before.value,
+                  after=rule.on_accept.value if rule.on_accept is not None else None,
                   message=f"superseded {decision.supersedes}" if decision.supersedes else "")
 
     if not deltas.is_zero():
@@ -244,17 +248,25 @@ async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server
     return Console(job, server.host, server.vnc_port, password)
 
 
-async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job | None:
+    """Destroy the VM. Destroying one already destroyed succeeds and changes nothing (as on AWS
+    and Nova): the answer is the job that destroyed it, if a job did (``None``: reconciliation)."""
+    server = await servers.get(session, actor=actor, server_id=server_id)
+    if server.operstate == Operstate.DESTROYED.value:
+        return await jobs.last(session, server.id, Action.DESTROY)
     return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.DESTROY)
 
 
 #: The actions that take nothing but the server, by the table's name: what facades and sweepers
 #: run when they have an ``Action`` in hand (``run``).
-_SIMPLE = {Action.RELEASE: release, Action.START: start, Action.STOP: stop, Action.REBOOT: reboot,
-           Action.SUSPEND: suspend, Action.RESUME: resume, Action.DESTROY: destroy}
+_SIMPLE: dict[Action, Callable[..., Awaitable[Job | None]]] = {
+    Action.RELEASE: release, Action.START: start, Action.STOP: stop, Action.REBOOT: reboot,
+    Action.SUSPEND: suspend, Action.RESUME: resume, Action.DESTROY: destroy,
+}
 
 
-async def run(action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
+async def run(action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
+              ) -> Job | None:
     """Run one of the actions that need no more than the server (a soft reboot for ``reboot``)."""
     fn = _SIMPLE.get(action)
     if fn is None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +32,26 @@ class ImageStatus(StrEnum):
 
 _hosts = table_of(Host)
 _zones = table_of(Zone)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Names of the flavors and images some servers use, for representations that show them."""
+
+    flavors: dict[uuid.UUID, str]
+    images: dict[uuid.UUID, str]
+
+
+async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
+    """The names of the flavors and images of ``servers`` (two queries, whatever their number)."""
+    rows = list(servers)
+    flavor_ids = {s.flavor_id for s in rows}
+    image_ids = {s.image_id for s in rows}
+    flavors = dict((await session.execute(sa.select(_flavors.c.id, _flavors.c.name)
+                                          .where(_flavors.c.id.in_(flavor_ids)))).all()) if flavor_ids else {}
+    images = dict((await session.execute(sa.select(_images.c.id, _images.c.name)
+                                         .where(_images.c.id.in_(image_ids)))).all()) if image_ids else {}
+    return Labels(flavors, images)
 
 
 # -- flavors -------------------------------------------------------------------

@@ -55,8 +55,8 @@ async def for_destroy(session: AsyncSession, *, actor: Actor, host: str, domain_
     return await _unowned(session, actor=actor, host=host, domain_uuid=domain_uuid)
 
 
-async def adopt(session: AsyncSession, *, actor: Actor, host: str, domain_uuid: uuid.UUID, project_id: uuid.UUID,
-                image: str, flavor: str | None = None, name: str | None = None) -> Server:
+async def adopt(session: AsyncSession, *, actor: Actor, host: str, domain_uuid: uuid.UUID,
+                project_id: uuid.UUID | None, image: str, flavor: str | None = None, name: str | None = None) -> Server:
     """Make the domain a VM of ``project_id`` (see the module's docstring)."""
     seen = await _unowned(session, actor=actor, host=host, domain_uuid=domain_uuid)
     if actor.user_id is None:
@@ -64,7 +64,10 @@ async def adopt(session: AsyncSession, *, actor: Actor, host: str, domain_uuid: 
     if await session.get(Server, domain_uuid) is not None:
         raise InUse(f"a destroyed VM had the id {domain_uuid}; destroy the domain instead",
                     domain_uuid=str(domain_uuid))
-    project = await accounts.get_project(session, actor=actor, project_id=project_id)
+    target = project_id or actor.project_id
+    if target is None:
+        raise BadRequest("give project_id", field="project_id")
+    project = await accounts.get_project(session, actor=actor, project_id=target)
     if flavor is not None:
         size = await catalogue.resolve_flavor(session, flavor_id=None, name=flavor)
         if (size.vcpus, size.ram_mb) != (seen["vcpus"], seen["ram_mb"]):

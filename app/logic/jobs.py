@@ -23,6 +23,7 @@ from app.ids import utcnow
 from app.logic import events
 from app.logic.actor import Actor
 from app.logic.errors import NotFound
+from app.logic.operstate import Action
 from app.models import Job, Server, table_of
 
 
@@ -87,6 +88,12 @@ async def get(session: AsyncSession, *, actor: Actor, job_id: uuid.UUID) -> Job:
     if job is None or not actor.sees(job.project_id):
         raise NotFound(f"job {job_id} not found", job_id=str(job_id))
     return job
+
+
+async def last(session: AsyncSession, server_id: uuid.UUID, action: Action) -> Job | None:
+    """The server's latest job of this action."""
+    return (await session.scalars(sa.select(Job).where(_jobs.c.server_id == server_id, _jobs.c.action == action.value)
+                                  .order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc()).limit(1))).first()
 
 
 # -- the outbox's side: what to (re)send, and what was sent ---------------------------------

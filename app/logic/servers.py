@@ -111,6 +111,10 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
 
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+    # Over quota is the caller's answer before anything is placed (413 OverLimit, not 503
+    # NoCapacity when both hold). This read takes no lock: the binding check is the one under the
+    # project's lock below, taken last by the lock order (hosts before the project).
+    await quotas.check(session, actor.project_id, per_vm * spec.count)
     reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
     created = []
     for i in range(spec.count):
@@ -155,6 +159,24 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     return created
 
 
+async def how_many(session: AsyncSession, *, actor: Actor, flavor: Flavor, low: int, high: int) -> int:
+    """How many VMs of ``flavor`` between ``low`` and ``high`` fit now, by the project's quota and
+    the hosts' room (EC2's MinCount/MaxCount: as many as fit). Never below ``low``: when even that
+    does not fit, creating ``low`` gives the refusal that says why."""
+    if actor.project_id is None:
+        return low
+    per_vm = footprint(Operstate.BUILD, flavor.vcpus, flavor.ram_mb, flavor.disk_gb).as_dict()
+    report = await quotas.report(session, actor.project_id)
+    fit = high
+    for resource, need in per_vm.items():
+        if need > 0:
+            q = report[resource]
+            fit = min(fit, max(0, q["limit"] - q["usage"] - q["pending"]) // need)
+    room = await placement.capacity(session, [flavor])
+    fit = min(fit, room.get(flavor.id, 0))
+    return max(low, min(high, fit))
+
+
 @dataclass(frozen=True)
 class ListFilter:
     operstate: str | None = None
@@ -169,11 +191,14 @@ class ListFilter:
 async def list_servers(session: AsyncSession, *, actor: Actor, filters: ListFilter, limit: int,
                        cursor: str | None) -> Page[Server]:
     stmt = sa.select(Server)
+    if filters.all_projects and not actor.is_admin:
+        raise Forbidden("all_projects needs the admin role")
     if not (actor.is_admin and filters.all_projects):
         stmt = stmt.where(_servers.c.project_id == actor.project_id)
     if filters.operstate is not None:
         if filters.operstate not in Operstate.__members__:
-            raise BadRequest(f"unknown operstate {filters.operstate}", field="operstate")
+            raise BadRequest(f"unknown operstate {filters.operstate}: one of {', '.join(Operstate)}",
+                             field="operstate", allowed=list(Operstate))
         stmt = stmt.where(_servers.c.operstate == filters.operstate)
     elif filters.changes_since is None:
         # Destroyed servers are listed only when asked for (or as changes).

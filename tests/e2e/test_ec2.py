@@ -503,3 +503,29 @@ async def test_a_suspended_vm_is_started_and_stopped_through_ec2(cluster: Cluste
     assert stopped["StoppingInstances"][0]["CurrentState"]["Name"] in ("stopping", "stopped")
     await cluster.idle(by_ec2[ids[1]])
     assert (await cluster.get(f"/api/v1/servers/{by_ec2[ids[1]]}"))["operstate"] == "STOPPED"
+
+
+async def test_run_instances_launches_as_many_as_fit_between_min_and_max(cluster: Cluster) -> None:
+    ec2, _ = await ec2_client(cluster, vm=3)
+    ami = (await in_thread(ec2.describe_images, Owners=["nephos"], Filters=[
+        {"Name": "name", "Values": ["debian-12"]}]))["Images"][0]["ImageId"]
+    run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=2, MaxCount=5)
+    assert len(run["Instances"]) == 3  # the quota holds three: three, not MinCount's two
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=4)
+    assert code_of(exc) == "InstanceLimitExceeded"
+
+
+async def test_owners_and_the_signing_region(cluster: Cluster) -> None:
+    ec2, _ = await ec2_client(cluster)
+    public = {i["Name"] for i in (await in_thread(ec2.describe_images, Owners=["nephos"]))["Images"]}
+    assert "debian-12" in public
+    assert (await in_thread(ec2.describe_images, Owners=["self"]))["Images"] == []
+    # A client signing for another region is refused, as AWS does, instead of silently served.
+    creds = ec2._request_signer._credentials
+    elsewhere = boto3.client("ec2", endpoint_url=f"{cluster.base}/ec2", region_name="eu-west-3",
+                             aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
+                             config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+    with pytest.raises(ClientError) as exc:
+        await in_thread(elsewhere.describe_images)
+    assert code_of(exc) == "AuthFailure" and "region" in str(exc.value)

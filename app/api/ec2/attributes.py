@@ -158,7 +158,10 @@ async def get_console_output(ctx: Ctx) -> dict[str, Any]:
         sa.select(ServerEvent).where(_events.c.server_id == server.id).order_by(_events.c.created_at, _events.c.id)))
     lines = []
     for ev in events:
-        change = f" {ev.operstate_from} -> {ev.operstate_to}" if ev.operstate_to else ""
+        if ev.operstate_to:
+            change = f" {ev.operstate_from} -> {ev.operstate_to}" if ev.operstate_from else f" -> {ev.operstate_to}"
+        else:
+            change = f" (from {ev.operstate_from})" if ev.operstate_from else ""
         what = " ".join(filter(None, [ev.kind, ev.action])) + change
         lines.append(f"[{ev.created_at:%Y-%m-%d %H:%M:%S}] {server.ec2_id}: {what}"
                      + (f": {ev.message}" if ev.message else ""))

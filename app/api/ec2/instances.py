@@ -165,7 +165,8 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
 
     created: list[servers.Created] = []
     name = dict(spec["tags"]).get("Name", "") or "ec2"
-    for count in sorted({spec["max"], spec["min"]}, reverse=True):
+    fit = await servers.how_many(ctx.session, actor=ctx.actor, flavor=flavor, low=spec["min"], high=spec["max"])
+    for count in sorted({fit, spec["min"]}, reverse=True):
         launch = servers.CreateSpec(name=name, flavor_id=flavor.id, image_id=image.id, count=count,
                                     key_name=spec["key"], user_data=spec["user_data"], zone=spec["zone"] or None,
                                     client_token=token)
@@ -367,6 +368,27 @@ def _public(values: list[str]) -> sa.ColumnElement[bool]:
                   *([_images.c.is_public.is_(False)] if "false" in wanted else []), sa.false())
 
 
+#: The owner of public images, as DescribeImages shows it (imageOwnerId) and --owners names it.
+PUBLIC_OWNER = "nephos"
+
+
+def _owned_by(ctx: Ctx, owners: list[str]) -> sa.ColumnElement[bool]:
+    """``Owner.N`` / ``owner-id``: ``self`` (the caller's project), ``nephos`` or ``amazon`` (the
+    cloud's public images), or a project id."""
+    clauses: list[sa.ColumnElement[bool]] = []
+    for owner in owners:
+        if owner == "self":
+            clauses.append(_images.c.project_id == ctx.project_id)
+        elif owner in (PUBLIC_OWNER, "amazon"):
+            clauses.append(_images.c.project_id.is_(None))
+        else:
+            try:
+                clauses.append(_images.c.project_id == uuid.UUID(owner))
+            except ValueError:
+                clauses.append(sa.false())
+    return sa.or_(*clauses)
+
+
 @action("DescribeImages")
 async def describe_images(ctx: Ctx) -> dict[str, Any]:
     stmt = catalogue.visible_images(ctx.actor)
@@ -376,7 +398,11 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
             raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
     if ids:
         stmt = stmt.where(_images.c.ec2_id.in_(ids))
+    owners = ctx.params.many("Owner")
+    if owners:
+        stmt = stmt.where(_owned_by(ctx, owners))
     stmt = where_filters(ctx, stmt, {"image-id": _images.c.ec2_id, "name": _images.c.name,
+                                     "owner-id": lambda values: _owned_by(ctx, values),
                                      "state": ec2.IMAGE_STATE, "is-public": _public})
     images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
     unknown = set(ids) - {i.ec2_id for i in images}
@@ -384,7 +410,7 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
     return {"imagesSet": [{
         "imageId": i.ec2_id, "imageLocation": i.name, "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
-        "imageOwnerId": str(i.project_id) if i.project_id else "nephos", "isPublic": i.is_public,
+        "imageOwnerId": str(i.project_id) if i.project_id else PUBLIC_OWNER, "isPublic": i.is_public,
         "architecture": "x86_64", "imageType": "machine", "name": i.name, "rootDeviceType": "ebs",
         "rootDeviceName": "/dev/vda", "virtualizationType": "hvm", "hypervisor": "kvm",
         "creationDate": i.created_at, "blockDeviceMapping": [],

@@ -112,6 +112,7 @@ def ec2_error(exc: e.NephosError) -> Ec2Error:
 @router.api_route("/ec2/", methods=["GET", "POST"], include_in_schema=False)
 async def ec2_endpoint(request: Request) -> Response:
     request_id = str(uuid.uuid4())
+    state: AppState = request.app.state.nephos
     body = await request.body()  # the raw bytes, hashed for the signature before any parsing
     query = request.url.query
     pairs = parse_qsl(query, keep_blank_values=True)
@@ -125,11 +126,11 @@ async def ec2_endpoint(request: Request) -> Response:
         return _error(Ec2Error("InvalidParameterValue", "Parameters must not contain NUL characters"), request_id)
     version = version_of(values.pop("Version", None))
     name = values.pop("Action", None)
-    state: AppState = request.app.state.nephos
     headers = {k.lower(): v for k, v in request.headers.items()}
     try:
         signed = sigv4.parse(headers, dict(pairs))
         sigv4.check_time(signed)
+        sigv4.check_region(signed, state.settings.ec2_region)
         if name is None:
             raise Ec2Error("MissingAction", "The request must contain the parameter Action")
         handler = ACTIONS.get(name)

@@ -71,6 +71,13 @@ def parse(headers: dict[str, str], query: dict[str, str]) -> Signed:
     return Signed(access_key, date, region, service, amz_date, names, signature)
 
 
+def check_region(signed: Signed, region: str) -> None:
+    """The request is signed for this facade's region (``NEPHOS_EC2_REGION``), as AWS requires."""
+    if signed.region != region:
+        raise Ec2Error("AuthFailure", f"Credential should be scoped to a valid region, not '{signed.region[:64]}'. "
+                                      f"This endpoint serves region '{region}'.", 401)
+
+
 def check_time(signed: Signed, now: datetime | None = None) -> None:
     try:
         when = datetime.strptime(signed.amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
