@@ -99,6 +99,9 @@ class Heartbeat(_Message):
     cpus: int
     ram_mb: int
     sent_at: datetime
+    # How peers' libvirt reaches this host for migrations, and which libvirt driver it runs.
+    migration_uri: str | None = None
+    hypervisor: str | None = None
 
 
 class InventoryRequest(_Message):

@@ -121,6 +121,7 @@ class Image(SQLModel, table=True):
     disk_format: str = Field(default="qcow2", max_length=16)
     source_url: str = Field(default="", max_length=1024)
     source_server_id: uuid.UUID | None = None
+    size_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     created_at: datetime = _ts()
     ec2_id: str = Field(default_factory=lambda: ec2_id("ami"), max_length=32, unique=True)
 
@@ -150,6 +151,8 @@ class Host(SQLModel, table=True):
     inventory_at: datetime | None = _ts(nullable=True, default=False)
     # Where a peer agent's libvirt reaches this host for migrations (``qemu+ssh://...``), if any.
     migration_uri: str | None = Field(default=None, max_length=512)
+    # The libvirt driver its agent runs ("test", "qemu", ...), from its heartbeats.
+    hypervisor: str | None = Field(default=None, max_length=16)
     # Last VNC display handed out on this host; placement bumps it in the same
     # UPDATE that reserves capacity, so two VMs never share a port.
     vnc_seq: int = 0
@@ -204,6 +207,10 @@ class Job(SQLModel, table=True):
     host: str | None = Field(default=None, max_length=128)
     status: str = Field(default="PENDING", max_length=16, index=True)
     error: str | None = Field(default=None, sa_type=sa.Text)
+    # What the agent reported with the result: the domain's state after the job, and the
+    # job's own facts (a console's port, a saved image's size, a forced stop, ...).
+    domain_state: str | None = Field(default=None, max_length=16)
+    details: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     commission_id: uuid.UUID | None = None
     attempts: int = 0
     deadline: datetime = Field(sa_type=UTCDateTime)
@@ -256,6 +263,8 @@ class IdempotencyRecord(SQLModel, table=True):
     fingerprint: str = Field(max_length=64)
     status_code: int
     response: Any = Field(default=None, sa_type=sa.JSON)
+    # What the request created ("keypair:<id>"), when it can be deleted: deleting it forgets this.
+    resource: str | None = Field(default=None, max_length=255, index=True)
     created_at: datetime = _ts()
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import AdminUser, AppState, IdempotentDep, StateDep, TxDep
+from app.api.deps import AdminUser, AppState, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     DomainAdopt,
@@ -38,11 +37,10 @@ from app.dispatcher import reconciler
 from app.logic import accounts, catalogue, domains, placement, quotas
 from app.logic import reconcile as reconcile_logic
 from app.logic.errors import Unavailable
-from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Project
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 ADMIN = responses(400, 403)
 
 
@@ -57,14 +55,14 @@ async def create_project(body: ProjectCreate, tx: TxDep, actor: AdminUser, idem:
     """A project with quota limits (defaults for the resources not given)."""
     async def make() -> ProjectOut:
         project = await accounts.create_project(tx.session, actor=actor, name=body.name,
-                                                limits=body.quotas)
+                                                limits=body.quotas.limits())
         return await _project(tx.session, project)
     return await idem.run(201, make)
 
 
 @router.get("/projects", response_model=Page[ProjectOut], responses=ADMIN)
-async def list_projects(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
-                        cursor: str | None = None) -> Page[ProjectOut]:
+async def list_projects(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
+                        cursor: Cursor = None) -> Page[ProjectOut]:
     """Every project with its quotas."""
     page = await accounts.list_projects(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[await _project(tx.session, p) for p in page.items], next_cursor=page.next_cursor)
@@ -82,7 +80,7 @@ async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, ac
                         ) -> ProjectOut:
     """Rename a project or change some of its quota limits."""
     project = await accounts.update_project(tx.session, actor=actor, project_id=project_id,
-                                            name=body.name, limits=body.quotas)
+                                            name=body.name, limits=body.quotas.limits() if body.quotas else None)
     reply = await _project(tx.session, project)
     await tx.commit()
     return reply
@@ -99,16 +97,16 @@ async def create_user(body: UserCreate, tx: TxDep, actor: AdminUser, idem: Idemp
 
 
 @router.get("/users", response_model=Page[UserOut], responses=ADMIN)
-async def list_users(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
-                     cursor: str | None = None) -> Page[UserOut]:
+async def list_users(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
+                     cursor: Cursor = None) -> Page[UserOut]:
     """Every user (tokens are never shown again)."""
     page = await accounts.list_users(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[UserOut.model_validate(u) for u in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/hosts", response_model=Page[HostOut], responses=ADMIN)
-async def list_hosts(tx: TxDep, actor: AdminUser, limit: Limit = DEFAULT_LIMIT,
-                     cursor: str | None = None) -> Page[HostOut]:
+async def list_hosts(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
+                     cursor: Cursor = None) -> Page[HostOut]:
     """Hypervisor hosts with capacity, usage, state and last heartbeat."""
     page = await catalogue.list_hosts(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[HostOut.model_validate(h) for h in page.items], next_cursor=page.next_cursor)

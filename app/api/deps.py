@@ -6,16 +6,18 @@ is built, and publishes the jobs the transaction wrote only after the commit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any
 
 from cryptography.fernet import Fernet
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,9 +26,25 @@ from app.logic import accounts, idempotency
 from app.logic.actor import Actor
 from app.logic.errors import Forbidden
 from app.logic.jobs import Outbox
+from app.logic.pagination import MAX_LIMIT
 from app.settings import Settings
 
 Publish = Callable[[list[Any]], Awaitable[Any]]
+
+def _iso_8601(value: Any) -> Any:
+    """A time is ISO 8601 text, as the document says (``format: date-time``), not a number."""
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("an ISO 8601 time is needed, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+Since = Annotated[datetime | None, BeforeValidator(_iso_8601),
+                  Query(description="ISO 8601: only servers changed since then (destroyed ones included)")]
+
+#: Paging, as every list takes it: a page size, and the opaque cursor a previous page handed out.
+PageLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page")]
+Cursor = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]*$", max_length=64,
+                                     description="The next_cursor of the previous page")]
 
 
 async def _publish_nothing(job_ids: list[Any]) -> None:
@@ -100,6 +118,11 @@ class Idempotent:
 
     def __init__(self, request: Request, tx: Tx, actor: Actor, key: str | None, cipher: Fernet) -> None:
         self.request, self.tx, self.actor, self.key, self.cipher = request, tx, actor, key, cipher
+        self.resource: str | None = None
+
+    def created(self, resource: str) -> None:
+        """Name what this request created, when it can be deleted (``idempotency.forget``)."""
+        self.resource = resource
 
     async def run(self, status_code: int, make: Callable[[], Awaitable[BaseModel]]) -> JSONResponse:
         if self.key is None or self.actor.user_id is None:
@@ -114,7 +137,7 @@ class Idempotent:
             return JSONResponse(stored.response, status_code=stored.status_code)
         reply = jsonable_encoder(await make())
         idempotency.store(session, user_id=user_id, key=self.key, fp=fp, status_code=status_code,
-                          response=reply, cipher=self.cipher)
+                          response=reply, cipher=self.cipher, resource=self.resource)
         try:
             await self.tx.commit()
         except IntegrityError:

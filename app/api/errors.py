@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,13 +66,25 @@ _DESCRIPTIONS = {
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for the error statuses a route can answer with."""
-    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in (401, 422, *codes)}
+    # 400 (an unparsable body, a cursor this API did not hand out), 401 and 422 can answer any
+    # route, and 503 Unavailable any that reaches the database.
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted({400, 401, 422, 503, *codes})}
 
 
 def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": jsonable_encoder(details or {})}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method the OpenAPI document gives this request's path."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, request.url.path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
@@ -92,9 +105,14 @@ def install(app: FastAPI) -> None:
         return error_response(422, "ValidationError", f"{where}: {first['msg']}", {"errors": problems})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "Error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route that matched the path; the
+            # answer names every method the path has (RFC 9110: Allow lists them all).
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(sa_exc.DBAPIError)
     @app.exception_handler(OSError)

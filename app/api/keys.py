@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CurrentUser, IdempotentDep, StateDep, TxDep
+from app.api.deps import CurrentUser, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import Ec2CredentialOut, KeyPairCreate, KeyPairOut, Page
 from app.logic import accounts, keypairs
-from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.logic.pagination import DEFAULT_LIMIT
 
 router = APIRouter(prefix="/api/v1", tags=["keys"])
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
 def _keypair(k: object, private_key: str | None = None) -> KeyPairOut:
@@ -28,13 +25,14 @@ async def create_keypair(body: KeyPairCreate, tx: TxDep, actor: CurrentUser, ide
     async def make() -> KeyPairOut:
         made = await keypairs.create(tx.session, actor=actor, name=body.name,
                                      public_key=body.public_key, key_type=body.key_type)
+        idem.created(keypairs.resource(made.keypair))
         return _keypair(made.keypair, made.private_key)
     return await idem.run(201, make)
 
 
 @router.get("/keypairs", response_model=Page[KeyPairOut], responses=responses(400))
-async def list_keypairs(tx: TxDep, actor: CurrentUser, limit: Limit = DEFAULT_LIMIT,
-                        cursor: str | None = None) -> Page[KeyPairOut]:
+async def list_keypairs(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
+                        cursor: Cursor = None) -> Page[KeyPairOut]:
     """The project's key pairs (public parts)."""
     page = await keypairs.list_for(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[_keypair(k) for k in page.items], next_cursor=page.next_cursor)
@@ -55,14 +53,15 @@ async def create_ec2_credential(tx: TxDep, actor: CurrentUser, state: StateDep, 
     """A new EC2 access key; its secret is shown in this reply only."""
     async def make() -> Ec2CredentialOut:
         made = await accounts.create_ec2_credential(tx.session, actor=actor, cipher=state.cipher)
+        idem.created(accounts.credential_resource(made.credential.access_key))
         return Ec2CredentialOut(access_key=made.credential.access_key,
                                 created_at=made.credential.created_at, secret_key=made.secret_key)
     return await idem.run(201, make)
 
 
 @router.get("/credentials/ec2", response_model=Page[Ec2CredentialOut], responses=responses(400))
-async def list_ec2_credentials(tx: TxDep, actor: CurrentUser, limit: Limit = DEFAULT_LIMIT,
-                               cursor: str | None = None) -> Page[Ec2CredentialOut]:
+async def list_ec2_credentials(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
+                               cursor: Cursor = None) -> Page[Ec2CredentialOut]:
     """The caller's EC2 access keys (never their secrets)."""
     page = await accounts.list_ec2_credentials(tx.session, actor=actor, limit=limit, cursor=cursor)
     items = [Ec2CredentialOut(access_key=c.access_key, created_at=c.created_at) for c in page.items]

@@ -6,12 +6,23 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.logic.catalogue import Labels
 from app.logic.operstate import RESOURCES
 
 T = TypeVar("T")
+Id = Annotated[uuid.UUID, Field(strict=False)]
+
+
+def _a_number(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise ValueError("a number is needed")
+    return value
+
+
+#: An integer as JSON Schema means it: 3 or 3.0, never true or "3" (request bodies are strict).
+Int = Annotated[int, Field(strict=False), BeforeValidator(_a_number)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=1024)]], Field(max_length=128)]
 
@@ -32,9 +43,12 @@ def _no_nul(value: Any) -> Any:
 
 
 class Strict(BaseModel):
-    """A request body: unknown fields and NUL characters are validation errors."""
+    """A request body: unknown fields and NUL characters are validation errors, and values are
+    of the type the schema says (no ``true`` for a number, no ``"3"`` for an integer): what the
+    OpenAPI document declares is exactly what is accepted. Ids stay lax (``Id``): JSON carries
+    them as strings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -49,17 +63,24 @@ class Page(BaseModel, Generic[T]):
 
 # -- servers ------------------------------------------------------------------------
 
+def _one_of_each(*pairs: tuple[str, str]) -> dict[str, Any]:
+    """JSON Schema for "give this field or that one", for each pair (a name, or its id)."""
+    return {"allOf": [{"anyOf": [{"required": [a], "properties": {a: {"type": "string", "minLength": 1}}},
+                                 {"required": [b], "properties": {b: {"type": "string", "minLength": 1}}}]}
+                      for a, b in pairs]}
+
+
 class ServerCreate(Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"name": "web-1", "flavor": "small", "image": "debian-12"},
-    ]})
+    ], **_one_of_each(("flavor", "flavor_id"), ("image", "image_id"))})
 
     name: Name
-    flavor_id: uuid.UUID | None = None
+    flavor_id: Id | None = None
     flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
-    image_id: uuid.UUID | None = None
+    image_id: Id | None = None
     image: str | None = Field(default=None, description="An image name, instead of image_id")
-    count: int = Field(default=1, ge=1, le=100, description="How many VMs: all of them, or none")
+    count: Int = Field(default=1, ge=1, le=100, description="How many VMs: all of them, or none")
     key_name: str | None = Field(default=None, max_length=255)
     user_data: str | None = Field(default=None, max_length=65536)
     metadata: Metadata = {}
@@ -126,12 +147,39 @@ class JobAccepted(BaseModel):
                                                  "the job that destroyed it (null when none did: reconciliation)")
 
 
-class PlainAction(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "stop"},
-    ]})
+class StartAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "start"}]})
+    action: Literal["start"]
 
-    action: Literal["start", "stop", "suspend", "resume", "release", "destroy", "console"]
+
+class StopAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "stop"}]})
+    action: Literal["stop"]
+
+
+class SuspendAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "suspend"}]})
+    action: Literal["suspend"]
+
+
+class ResumeAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "resume"}]})
+    action: Literal["resume"]
+
+
+class ReleaseAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "release"}]})
+    action: Literal["release"]
+
+
+class DestroyAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "destroy"}]})
+    action: Literal["destroy"]
+
+
+class ConsoleAction(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "console"}]})
+    action: Literal["console"]
 
 
 class RebootAction(Strict):
@@ -146,10 +194,10 @@ class RebootAction(Strict):
 class ResizeAction(Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"action": "resize", "flavor": "medium"},
-    ]})
+    ], **_one_of_each(("flavor", "flavor_id"))})
 
     action: Literal["resize"]
-    flavor_id: uuid.UUID | None = None
+    flavor_id: Id | None = None
     flavor: str | None = Field(default=None, description="A flavor name, instead of flavor_id")
 
     @model_validator(mode="after")
@@ -164,8 +212,16 @@ class MigrateAction(Strict):
         {"action": "migrate"},
     ]})
 
-    action: Literal["migrate", "live_migrate"]
+    action: Literal["migrate"]
     host: str | None = Field(default=None, description="Target host; chosen by placement if null")
+
+
+class LiveMigrateAction(MigrateAction):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"action": "live_migrate"},
+    ]})
+
+    action: Literal["live_migrate"]  # type: ignore[assignment]
 
 
 class SaveImageAction(Strict):
@@ -177,8 +233,10 @@ class SaveImageAction(Strict):
     image_name: Name
 
 
+# One schema per action name, so the discriminator's mapping is one to one.
 ActionBody = Annotated[
-    PlainAction | RebootAction | ResizeAction | MigrateAction | SaveImageAction,
+    StartAction | StopAction | SuspendAction | ResumeAction | ReleaseAction | DestroyAction | ConsoleAction
+    | RebootAction | ResizeAction | MigrateAction | LiveMigrateAction | SaveImageAction,
     Field(discriminator="action"),
 ]
 
@@ -213,6 +271,9 @@ class JobOut(BaseModel):
     status: Literal["PENDING", "SENT", "RUNNING", "SUCCESS", "ERROR"]
     error: str | None
     host: str | None
+    domain_state: str | None = Field(description="The domain's state as the agent saw it after the job")
+    details: dict[str, Any] | None = Field(description="What the agent reported of the job (a console's port, a saved "
+                                                       "image's size, a forced stop)")
     created_at: datetime
     finished_at: datetime | None
 
@@ -234,9 +295,9 @@ class FlavorCreate(Strict):
     ]})
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
-    vcpus: int = Field(gt=0, le=1024)
-    ram_mb: int = Field(gt=0, le=16 * 1024 * 1024)
-    disk_gb: int = Field(ge=0, le=1024 * 1024)
+    vcpus: Int = Field(gt=0, le=1024)
+    ram_mb: Int = Field(gt=0, le=16 * 1024 * 1024)
+    disk_gb: Int = Field(ge=0, le=1024 * 1024)
 
 
 class ImageOut(BaseModel):
@@ -244,6 +305,7 @@ class ImageOut(BaseModel):
     id: uuid.UUID
     name: str
     status: str
+    size_bytes: int | None = Field(default=None, description="Bytes on disk, once saved (real hypervisors)")
     is_public: bool
     project_id: uuid.UUID | None
     disk_format: str
@@ -313,15 +375,24 @@ class Ec2CredentialOut(BaseModel):
 
 # -- admin ----------------------------------------------------------------------------
 
-Quotas = dict[str, Annotated[int, Field(ge=0, le=2**53)]]
+QuotaLimit = Annotated[int, Field(strict=False, ge=0, le=2**53), BeforeValidator(_a_number)] | None
 
 
-def _check_resources(value: Quotas | None) -> Quotas | None:
-    if value:
-        unknown = set(value) - set(RESOURCES)
-        if unknown:
-            raise ValueError(f"unknown quota resources {sorted(unknown)}; known: {list(RESOURCES)}")
-    return value
+class Quotas(Strict):
+    """Limits by resource; a resource not given keeps its limit (its default, for a new project)."""
+
+    vm: QuotaLimit = None
+    cpu: QuotaLimit = None
+    ram: QuotaLimit = Field(default=None, description="MiB")
+    disk: QuotaLimit = Field(default=None, description="GiB")
+    active_cpu: QuotaLimit = None
+    active_ram: QuotaLimit = Field(default=None, description="MiB")
+
+    def limits(self) -> dict[str, int]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+assert set(Quotas.model_fields) == set(RESOURCES)  # one resource list: the operstate module's
 
 
 class ProjectCreate(Strict):
@@ -330,9 +401,7 @@ class ProjectCreate(Strict):
     ]})
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
-    quotas: Quotas = {}
-
-    _resources = field_validator("quotas")(_check_resources)
+    quotas: Quotas = Quotas()
 
 
 class ProjectPatch(Strict):
@@ -342,8 +411,6 @@ class ProjectPatch(Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     quotas: Quotas | None = None
-
-    _resources = field_validator("quotas")(_check_resources)
 
 
 class ProjectOut(BaseModel):
@@ -360,7 +427,7 @@ class UserCreate(Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     email: str = Field(default="", max_length=256)
-    project_id: uuid.UUID | None = Field(default=None, description="The user's project; by default the admin's own")
+    project_id: Id | None = Field(default=None, description="The user's project; by default the admin's own")
     role: Literal["user", "admin"] = "user"
 
 
@@ -396,8 +463,8 @@ class HostCreate(Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     zone: Annotated[str, Field(min_length=1, max_length=64)] = "default"
-    cpus: int = Field(gt=0, le=65536)
-    ram_mb: int = Field(gt=0, le=2**31 - 1)
+    cpus: Int = Field(gt=0, le=65536)
+    ram_mb: Int = Field(gt=0, le=2**31 - 1)
     cpu_ratio: float = Field(default=4.0, gt=0, le=64)
     ram_ratio: float = Field(default=1.0, gt=0, le=64)
 
@@ -430,7 +497,7 @@ class DomainAdopt(Strict):
         {"image": "debian-12"},
     ]})
 
-    project_id: uuid.UUID | None = Field(default=None, description="The project the domain's VM will belong to; "
+    project_id: Id | None = Field(default=None, description="The project the domain's VM will belong to; "
                                                                   "by default the admin's own")
     image: str = Field(min_length=1, max_length=255, description="Name of the image the VM is recorded with",
                        examples=["debian-12"])

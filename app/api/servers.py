@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CurrentUser, IdempotentDep, StateDep, TxDep
+from app.api.deps import CurrentUser, Cursor, IdempotentDep, PageLimit, Since, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     ActionBody,
     ConsoleOut,
     EventOut,
     JobAccepted,
+    LiveMigrateAction,
     MigrateAction,
     Page,
     RebootAction,
@@ -28,11 +28,10 @@ from app.api.schemas import (
 )
 from app.logic import actions, catalogue, events, servers
 from app.logic.operstate import Action, Operstate
-from app.logic.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Job
 
 router = APIRouter(prefix="/api/v1/servers", tags=["servers"])
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
 @router.post("", status_code=202, response_model=ServersCreated,
@@ -54,9 +53,9 @@ async def list_servers(
     tx: TxDep, actor: CurrentUser,
     operstate: Operstate | None = None, name: str | None = None, zone: str | None = None,
     host: Annotated[str | None, Query(description="Admin only")] = None,
-    user_id: uuid.UUID | None = None, changes_since: datetime | None = None,
+    user_id: uuid.UUID | None = None, changes_since: Since = None,
     all_projects: Annotated[bool, Query(description="Admin only: every project's servers")] = False,
-    limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
+    limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None,
 ) -> Page[ServerOut]:
     """List servers, oldest first; destroyed ones only with `operstate=DESTROYED`."""
     filters = servers.ListFilter(operstate=operstate, name=name, zone=zone, host=host, user_id=user_id,
@@ -115,7 +114,7 @@ async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()
                                        flavor=body.flavor)
         elif isinstance(body, MigrateAction):
             job = await actions.migrate(s, o, actor=actor, server_id=sid, host=body.host,
-                                        live=body.action == "live_migrate")
+                                        live=isinstance(body, LiveMigrateAction))
         elif isinstance(body, SaveImageAction):
             job = await actions.save_image(s, o, actor=actor, server_id=sid, image_name=body.image_name)
         else:
@@ -126,7 +125,7 @@ async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()
 
 @router.get("/{server_id}/events", response_model=Page[EventOut], responses=responses(400, 404))
 async def server_events(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser,
-                        limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page[EventOut]:
+                        limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None) -> Page[EventOut]:
     """The server's history, oldest first: actions, job outcomes, out-of-band changes."""
     await servers.get(tx.session, actor=actor, server_id=server_id)
     page = await events.list_for(tx.session, server_id, limit=limit, cursor=cursor)

@@ -122,8 +122,9 @@ class Agent:
                 log.warning("periodic %s failed", getattr(fn, "__name__", fn), exc_info=True)
 
     async def heartbeat(self) -> None:
-        await self.bus.publish_result(encode(Heartbeat(host=self.host, zone=self.zone, cpus=self.cpus,
-                                                       ram_mb=self.ram_mb, sent_at=datetime.now(UTC))))
+        await self.bus.publish_result(encode(Heartbeat(
+            host=self.host, zone=self.zone, cpus=self.cpus, ram_mb=self.ram_mb, sent_at=datetime.now(UTC),
+            migration_uri=self.migration_uri, hypervisor=self.driver.hypervisor)))
 
     async def publish_inventory(self, request_id: str | None = None) -> None:
         domains = await self.driver.domains()
@@ -234,9 +235,13 @@ class Agent:
         target = str(job.params["target_host"])
         live = job.action == "live_migrate"
         target_uri = job.params.get("target_uri")
-        if target_uri and not self.driver.simulated:
+        if not self.driver.simulated:
+            # A real hypervisor migrates with libvirt itself (live: the guest keeps running);
+            # never by a cold boot on the target while the source still runs.
+            if not target_uri:
+                raise libvirt.libvirtError(f"no migration URI for host {target}: its agent needs --migration-uri")
             await self.driver.migrate_native(job.server_id, str(target_uri), live)
-            return {"target_host": target}
+            return {"target_host": target, "live": live, "via": str(target_uri)}
         exported = await self.driver.export(job.server_id, job.params.get("target_vnc_port"))
         if exported is None:
             # Not here: a redelivered job whose migration already happened.

@@ -393,9 +393,21 @@ class Driver:
         return {}
 
     # -- migration ---------------------------------------------------------------------------
+    @property
+    def hypervisor(self) -> str:
+        """The libvirt driver: ``test`` (simulated), ``qemu``, ..."""
+        return self.uri.split(":", 1)[0].split("+", 1)[0]
+
     async def migrate_native(self, server_id: uuid.UUID, target_uri: str, live: bool) -> None:
-        flags = (libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_PEER2PEER
-                 | (libvirt.VIR_MIGRATE_LIVE if live else 0))
+        """libvirt's own migration, peer to peer. Live: the running guest moves, its overlay disk
+        copied incrementally (the base image is in ``image_dir`` on both hosts). Cold (the VM is
+        stopped): an offline migration of the definition, which needs ``instance_dir`` on storage
+        both hosts share."""
+        flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_PEER2PEER
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC
+        else:
+            flags |= libvirt.VIR_MIGRATE_OFFLINE
 
         def run() -> None:
             dom = self._lookup(server_id)

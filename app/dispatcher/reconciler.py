@@ -38,11 +38,14 @@ def _quiet(_phase: str, _done: int, _total: int) -> None:
 
 async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0,
                 progress: Progress = _quiet) -> reconcile.Report:
-    """Ask every host that is not disabled for its inventory, wait for the answers (up to
-    ``wait`` seconds), then reconcile against them; a host that did not answer is reported."""
+    """Ask every host that is up for its inventory, wait for the answers (up to ``wait``
+    seconds), then reconcile against them; a host that did not answer is reported."""
     started = utcnow()
     async with sessions() as session:
-        names = list(await session.scalars(sa.select(_hosts.c.name).where(_hosts.c.state != "disabled")))
+        # Hosts that are down (their agents silent) or whose agent never spoke (registered by
+        # hand) are not waited for: they are reported as unreachable at once, never judged empty.
+        names = list(await session.scalars(sa.select(_hosts.c.name).where(
+            _hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None))))
     for name in names:
         await bus.publish_job(name, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
     deadline = time.monotonic() + wait

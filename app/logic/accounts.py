@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import quotas
+from app.logic import idempotency, quotas
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound, Unauthorized
 from app.logic.pagination import Page, paginate
@@ -195,10 +195,16 @@ async def paginate_by_key(session: AsyncSession, stmt: sa.Select[Ec2Credential],
     return Page(rows, rows[-1].access_key if more and rows else None)
 
 
+def credential_resource(access_key: str) -> str:
+    """The credential's name in idempotency records (``idempotency.forget``)."""
+    return f"ec2-credential:{access_key}"
+
+
 async def delete_ec2_credential(session: AsyncSession, *, actor: Actor, access_key: str) -> None:
     credential = await session.get(Ec2Credential, access_key)
     if credential is None or (credential.user_id != actor.user_id and not actor.is_admin):
         raise NotFound(f"access key {access_key} not found", access_key=access_key)
+    await idempotency.forget(session, credential_resource(access_key))
     await session.delete(credential)
 
 

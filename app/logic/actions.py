@@ -107,7 +107,10 @@ async def _begin(
         placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
                                          zone=None if target_host else server.zone,
                                          host=target_host, exclude=server.host)
+        target = await hosts.get(session, placed.host)
+        assert target is not None
         params.update(target_host=placed.host, target_vnc_port=placed.vnc_port,
+                      target_uri=hosts.migration_uri_for(await hosts.get(session, server.host), target),
                       reserved={"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb})
 
     now = utcnow()

@@ -11,13 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
 from app.logic import catalogue
+from app.logic.errors import BadRequest
 from app.models import Host, table_of
 
 _hosts = table_of(Host)
 
 
 async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, ram_mb: int, at: datetime,
-                    migration_uri: str | None = None) -> Host:
+                    migration_uri: str | None = None, hypervisor: str | None = None) -> Host:
     """Register the host on its first heartbeat; after that keep capacity current and mark it up.
 
     A host an admin disabled stays disabled: a heartbeat says the agent lives, not that the
@@ -38,6 +39,7 @@ async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, r
     if host.last_heartbeat is None or at > host.last_heartbeat:
         host.last_heartbeat = at
     host.migration_uri = migration_uri
+    host.hypervisor = hypervisor
     await session.flush()
     return host
 
@@ -69,3 +71,22 @@ async def get(session: AsyncSession, name: str | None) -> Host | None:
     if name is None:
         return None
     return (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
+
+
+#: The libvirt driver of simulated hosts: migration there is a peer transfer between agents.
+SIMULATED = "test"
+
+
+def migration_uri_for(source: Host | None, target: Host) -> str | None:
+    """How the source's libvirt reaches the target for a migration. Between simulated hosts
+    there is none to need (the agents hand the domain over themselves); a host whose agent has
+    not said its hypervisor is judged by that agent, which refuses a real migration without a
+    URI. ``BadRequest`` where a real hypervisor is known and there is no way."""
+    kinds = {h.hypervisor for h in (source, target) if h is not None}
+    if kinds <= {SIMULATED, None}:
+        return target.migration_uri
+    if not target.migration_uri:
+        raise BadRequest(
+            f"host {target.name} has no migration URI: migrating to it needs libvirt on both hosts, and its agent "
+            "started with --migration-uri (e.g. qemu+ssh://HOST/system)", host=target.name)
+    return target.migration_uri

@@ -8,8 +8,9 @@ the winner's stored reply.
 
 A reply may hold what is shown once -- a new user's token, an EC2 secret key, a generated
 private key, a console password -- so it is never stored readable: the record keeps the reply
-sealed with the server key (Fernet: AES with an HMAC), and only a replay opens it. Records past
-``TTL`` are purged by the dispatcher's sweeper (``purge``).
+sealed with the server key (Fernet: AES with an HMAC), and only a replay opens it. A record names
+what its request created when that can be deleted (``resource``); deleting it forgets the
+record. Records past ``TTL`` are purged by the dispatcher's sweeper (``purge``).
 """
 
 from __future__ import annotations
@@ -72,10 +73,17 @@ async def replay(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str
 
 
 def store(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str, status_code: int,
-          response: Any, cipher: Fernet) -> None:
+          response: Any, cipher: Fernet, resource: str | None = None) -> None:
     sealed = cipher.encrypt(json.dumps(response, separators=(",", ":")).encode()).decode()
-    session.add(IdempotencyRecord(user_id=user_id, key=key, fingerprint=fp,
-                                  status_code=status_code, response={"sealed": sealed}))
+    session.add(IdempotencyRecord(user_id=user_id, key=key, fingerprint=fp, status_code=status_code,
+                                  response={"sealed": sealed}, resource=resource))
+
+
+async def forget(session: AsyncSession, resource: str) -> None:
+    """``resource`` was deleted: a replay never hands back something that no longer exists, so
+    the records that created it go (the same key then creates it anew)."""
+    records = table_of(IdempotencyRecord)
+    await session.execute(records.delete().where(records.c.resource == resource))
 
 
 async def purge(session: AsyncSession, *, older_than: timedelta = TTL) -> int:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.logic import idempotency
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, NotFound
 from app.logic.pagination import Page, paginate
@@ -88,9 +89,15 @@ async def list_for(session: AsyncSession, *, actor: Actor, limit: int, cursor: s
     return await paginate(session, stmt, _keypairs.c.id, limit=limit, cursor=cursor)
 
 
+def resource(keypair: KeyPair) -> str:
+    """The key pair's name in idempotency records (``idempotency.forget``)."""
+    return f"keypair:{keypair.id}"
+
+
 async def delete(session: AsyncSession, *, actor: Actor, name: str) -> None:
     assert actor.project_id is not None
     keypair = await find(session, project_id=actor.project_id, name=name)
     if keypair is None:
         raise NotFound(f"key pair {name} not found", name=name)
+    await idempotency.forget(session, resource(keypair))
     await session.delete(keypair)

@@ -42,9 +42,15 @@ class Outcome(StrEnum):
 
 async def apply_result(
     session: AsyncSession, *, job_id: uuid.UUID, success: bool, error: str | None = None,
-    seq: int | None = None, details: dict[str, Any] | None = None,
+    seq: int | None = None, details: dict[str, Any] | None = None, domain_state: str | None = None,
 ) -> Outcome:
-    """Apply a job's SUCCESS (``success=True``) or ERROR outcome; idempotent."""
+    """Apply a job's SUCCESS (``success=True``) or ERROR outcome; idempotent.
+
+    ``domain_state`` and ``details`` are what the agent saw after the job; both are kept on the
+    job. A "success" whose domain is not in the state the action leads to (a start whose domain
+    is off) is not believed: the job ends in ERROR saying so, and the VM takes the state its
+    host reports, through the out-of-band path with its own commission.
+    """
     found = await session.get(Job, job_id)
     if found is None:
         return Outcome.UNKNOWN
@@ -71,6 +77,15 @@ async def apply_result(
     flavor = await session.get(Flavor, server.flavor_id)
     assert flavor is not None
     new_flavor = flavor
+
+    contradicted: str | None = None
+    if (success and current and not stale and before is not Operstate.DESTROYED
+            and action not in (Action.MIGRATE, Action.LIVE_MIGRATE)  # the source reports after it left
+            and _contradicts(target_state(action, before, True), domain_state)):
+        contradicted = domain_state
+        success = False
+        error = (f"the agent reported success, but the domain is {domain_state}: "
+                 f"{action.value} should have left it {target_state(action, before, True).value}")
 
     after: Operstate
     if before is Operstate.DESTROYED:
@@ -104,10 +119,17 @@ async def apply_result(
     job.status = (JobStatus.SUCCESS if success else JobStatus.ERROR).value
     job.error = None if success else (error or "the job failed")
     job.finished_at = now
+    job.domain_state = domain_state
+    reported = {k: v for k, v in (details or {}).items() if k != "purge"}
+    job.details = reported or None
+    if success and action is Action.CONSOLE and int(reported.get("port") or 0) > 0:
+        server.vnc_port = int(reported["port"])  # the port the domain really listens on
     if action is Action.SAVE_IMAGE:
         image = await session.get(Image, uuid.UUID(params["image_id"]))
         if image is not None:
             image.status = (ImageStatus.ACTIVE if success else ImageStatus.ERROR).value
+            if success and reported.get("size_bytes") is not None:
+                image.size_bytes = int(reported["size_bytes"])
     events.record(session, server, "job_succeeded" if success else "job_failed", job_id=job.id,
                   action=action.value, before=before.value, after=after.value,
                   message=error or ("stale result: operstate kept" if stale else ""))
@@ -128,8 +150,21 @@ async def apply_result(
         await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
                            issuer="dispatcher", accept=True,
                            reason=f"{action.value} result moved usage uncommissioned")
-
+    if contradicted is not None:
+        # The VM follows its host, as for any change nobody asked for.
+        await session.flush()
+        await apply_state_change(session, server_id=server.id, observed=contradicted, seq=None,
+                                 reason=f"after {action.value}, the host reports the domain {contradicted}")
     return Outcome.APPLIED
+
+
+def _contradicts(expected: Operstate, domain_state: str | None) -> bool:
+    """Does the domain state an agent saw contradict the operstate the job should have left?"""
+    if domain_state is None or domain_state == "other":
+        return False  # nothing said, or nothing Nephos can judge
+    if expected is Operstate.DESTROYED:
+        return domain_state != "missing"
+    return OBSERVED.get(domain_state) is not expected
 
 
 async def _move_host_room(session: AsyncSession, server: Server, job: Job, action: Action,

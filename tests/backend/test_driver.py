@@ -71,3 +71,21 @@ async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: 
     finally:
         await driver.close()
         await elsewhere.close()
+
+
+async def test_an_agent_on_a_real_hypervisor_never_fakes_a_migration() -> None:
+    """Without the target's migration URI, a qemu agent refuses the job with a clear error; it
+    never exports the definition and boots it cold on the target (the test driver's way)."""
+    import libvirt
+    import pytest
+
+    from app.backend.agent import Agent
+    from app.bus.memory import MemoryBus
+    from app.messages import JobMessage
+
+    agent = Agent(host="h1", zone="z", driver=Driver("qemu:///system"), bus=MemoryBus())
+    job = JobMessage(job_id=uuid.uuid4(), server_id=uuid.uuid4(), action="live_migrate", host="h1",
+                     params={"target_host": "h2"})
+    with pytest.raises(libvirt.libvirtError, match="no migration URI for host h2"):
+        await agent._migrate(job)
+    assert agent.driver.hypervisor == "qemu" and Driver("test:///default").hypervisor == "test"

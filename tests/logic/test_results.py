@@ -152,3 +152,71 @@ async def test_destroy_of_a_held_server_completes_at_once(cloud: Cloud) -> None:
     assert (await cloud.server(user, server["id"]))["operstate"] == "DESTROYED"
     assert (await cloud.client.get(f"/api/v1/jobs/{job_id}", headers=user)).json()["status"] == "SUCCESS"
     assert usage(await cloud.quotas(user)) == expected_usage("DESTROYED")
+
+
+async def test_what_the_agent_reports_is_kept_and_a_contradicting_success_is_not_believed(cloud: Cloud) -> None:
+    from app.logic.results import apply_result
+
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    console = await cloud.act(user, vm["id"], "console", expect=200)
+    async with cloud.sessions() as s:
+        await apply_result(s, job_id=uuid.UUID(console["job_id"]), success=True, domain_state="running",
+                           details={"port": 5931})
+        await s.commit()
+    job = (await cloud.client.get(f"/api/v1/jobs/{console['job_id']}", headers=user)).json()
+    assert (job["status"], job["domain_state"], job["details"]) == ("SUCCESS", "running", {"port": 5931})
+
+    # The agent says the stop worked, but the domain still runs: the job is an ERROR saying so,
+    # and the VM stays what its host reports (STARTED), with quotas to match.
+    stop = await cloud.act(user, vm["id"], "stop")
+    async with cloud.sessions() as s:
+        await apply_result(s, job_id=uuid.UUID(stop["job_id"]), success=True, domain_state="running")
+        await s.commit()
+    job = (await cloud.client.get(f"/api/v1/jobs/{stop['job_id']}", headers=user)).json()
+    assert job["status"] == "ERROR" and "the domain is running" in job["error"], job
+    server = await cloud.server(user, vm["id"])
+    assert (server["operstate"], server["task"]) == ("STARTED", None)
+    q = await cloud.quotas(user)
+    assert usage(q) == expected_usage("STARTED") and all(v["pending"] == 0 for v in q.values())
+
+    # A start reported done while the domain is off: the VM is STOPPED, as its host has it.
+    stop = await cloud.act(user, vm["id"], "stop")
+    await cloud.finish(stop["job_id"])
+    start = await cloud.act(user, vm["id"], "start")
+    async with cloud.sessions() as s:
+        await apply_result(s, job_id=uuid.UUID(start["job_id"]), success=True, domain_state="shutoff")
+        await s.commit()
+    server = await cloud.server(user, vm["id"])
+    assert server["operstate"] == "STOPPED"
+    assert usage(await cloud.quotas(user)) == expected_usage("STOPPED")
+
+
+async def test_migration_uris_come_from_the_heartbeat_to_the_job(cloud: Cloud) -> None:
+    """An agent's --migration-uri reaches its host record and every migration job to it; a real
+    hypervisor without one refuses the migration up front, instead of a cold boot elsewhere."""
+    from datetime import UTC, datetime
+
+    from app.logic import hosts
+
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    source, target = vm["host"], "host-2" if vm["host"] == "host-1" else "host-1"
+    async with cloud.sessions() as s:
+        for name, uri in ((source, "qemu+ssh://src/system"), (target, None)):
+            await hosts.heartbeat(s, name=name, zone="default", cpus=16, ram_mb=32768, at=datetime.now(UTC),
+                                  migration_uri=uri, hypervisor="qemu")
+        await s.commit()
+    r = await cloud.client.post(f"/api/v1/servers/{vm['id']}/actions", headers=cloud.admin,
+                                json={"action": "live_migrate", "host": target})
+    assert r.status_code == 400 and "no migration URI" in r.json()["error"]["message"], r.text
+    async with cloud.sessions() as s:
+        await hosts.heartbeat(s, name=target, zone="default", cpus=16, ram_mb=32768, at=datetime.now(UTC),
+                              migration_uri="qemu+ssh://dst/system", hypervisor="qemu")
+        await s.commit()
+    job_id = (await cloud.act(cloud.admin, vm["id"], "live_migrate", host=target))["job_id"]
+    async with cloud.sessions() as s:
+        job = await s.get(Job, uuid.UUID(job_id))
+        host = (await s.scalars(sa.select(Host).where(Host.__table__.c.name == target))).one()  # type: ignore[attr-defined]
+    assert job is not None and job.params["target_uri"] == "qemu+ssh://dst/system"
+    assert (host.migration_uri, host.hypervisor) == ("qemu+ssh://dst/system", "qemu")
