@@ -34,10 +34,18 @@ run: install-runtime
 services:
 	@.ci/services.sh
 
-## make test: lint, then the whole suite against PostgreSQL and SQLite
+## make test: lint, then the whole suite against PostgreSQL and SQLite (the invariant suite at 100
+## examples; make faults runs it at 500)
 test: install services lint
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
+	NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-100} \
 	$(BIN)/pytest -n 2 --dist loadfile --durations=10 $(PYTEST_ARGS)
+
+## make test-fast: the edit-test loop -- SQLite and the in-memory bus only, no fuzzing, fault
+## suite or browser, 20 invariant examples; needs no PostgreSQL or RabbitMQ
+test-fast: install
+	NEPHOS_FAST=1 NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-20} \
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check app tests migrations

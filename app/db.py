@@ -107,6 +107,11 @@ def retriable(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.DBAPIError) and sqlstate(exc) in RETRIABLE
 
 
+def transient(exc: BaseException) -> bool:
+    """An error that passes by itself: the database away for a moment, or a lost race."""
+    return database_unavailable(exc) or retriable(exc)
+
+
 async def snapshot(session: AsyncSession) -> None:
     """Read everything that follows in this transaction from one snapshot: REPEATABLE READ on
     PostgreSQL (SQLite's single writer gives one already). Only at the start of a transaction."""

@@ -30,7 +30,7 @@ from app.backend.agent import Agent
 from app.backend.driver import Driver, write_test_node
 from app.bus import Bus, make_bus
 from app.bus.outbox import OutboxPublisher
-from app.db import make_engine, make_sessionmaker
+from app.db import make_engine, make_sessionmaker, transient
 from app.dispatcher.handlers import Dispatcher
 from app.dispatcher.sweepers import Sweepers
 from app.serverkey import load_cipher
@@ -141,6 +141,7 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
         {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}))
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
+    bus.transient = transient  # a handler's database hiccup is retried, never dead-lettered
     background: list[asyncio.Task[None]] = []
     if wait_for_bus:
         await connect_bus(bus, url=settings.amqp_url)

@@ -258,3 +258,32 @@ def need_amqp() -> None:
 
 def amqp_prefix() -> str:
     return f"nephos-test-{uuid.uuid4().hex[:12]}"
+
+
+# -- make test-fast: the edit-test loop ----------------------------------------------------------
+
+FAST = os.environ.get("NEPHOS_FAST", "").lower() in ("1", "true", "yes")
+_SERVICE_FIXTURES = {"pg_url", "pg_cloud", "pg_template", "prod_cluster"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long runs (fuzzing, the fault suite, browsers); not in make test-fast")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``NEPHOS_FAST=1`` (make test-fast): SQLite and the in-memory bus only, no slow runs.
+    ``make test`` always runs everything."""
+    if not FAST:
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        ids = set(params.params.values()) if params is not None else set()
+        services = _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if services or ids & {"postgresql", "production"} or item.get_closest_marker("slow"):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import AdminUser, AppState, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
+from app.api.deps import AdminUser, AppState, CommittingRoute, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     DomainAdopt,
@@ -40,7 +40,7 @@ from app.logic.errors import Unavailable
 from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Project
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=CommittingRoute)
 ADMIN = responses(400, 403)
 
 
@@ -82,7 +82,6 @@ async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, ac
     project = await accounts.update_project(tx.session, actor=actor, project_id=project_id,
                                             name=body.name, limits=body.quotas.limits() if body.quotas else None)
     reply = await _project(tx.session, project)
-    await tx.commit()
     return reply
 
 
@@ -116,7 +115,6 @@ async def list_hosts(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIM
 async def register_host(body: HostCreate, tx: TxDep, actor: AdminUser) -> HostOut:
     """Register a host (or update its capacity); agents do this with their first heartbeat."""
     host = await catalogue.register_host(tx.session, actor=actor, **body.model_dump())
-    await tx.commit()
     return HostOut.model_validate(host)
 
 
@@ -124,7 +122,6 @@ async def register_host(body: HostCreate, tx: TxDep, actor: AdminUser) -> HostOu
 async def patch_host(name: str, body: HostPatch, tx: TxDep, actor: AdminUser) -> HostOut:
     """Disable a host (no new VMs placed on it) or bring it back up."""
     host = await catalogue.set_host_state(tx.session, actor=actor, name=name, state=body.state)
-    await tx.commit()
     return HostOut.model_validate(host)
 
 
@@ -153,9 +150,10 @@ async def create_image(body: ImageCreate, tx: TxDep, actor: AdminUser, idem: Ide
 @router.post("/reconcile", response_model=ReconcileReport, responses=ADMIN)
 async def reconcile(body: ReconcileRequest, state: StateDep, tx: TxDep, _: AdminUser) -> ReconcileReport:
     """Compare the database with every host's fresh inventory and quotas with the VMs; fix on request."""
-    # This request's own transaction (it authenticated the caller) ends here: the work below
-    # runs its own, and on SQLite an open transaction would hold the write lock throughout.
-    await tx.session.commit()
+    # This request's own transaction (it only authenticated the caller) ends here, writing
+    # nothing: the work below runs its own, and on SQLite an open transaction would hold the
+    # write lock throughout.
+    await tx.session.rollback()
     if state.bus is not None:
         report = await reconciler.fresh(state.sessions, state.bus, fix=body.fix, wait=body.wait)
     else:  # no bus (tests of the API alone): the inventories the hosts last sent
@@ -175,8 +173,8 @@ async def destroy_domain(host: str, domain_uuid: uuid.UUID, state: StateDep, tx:
                          ) -> DomainDestroyed:
     """Destroy a domain no VM owns (reconciliation's orphan), named by host and UUID; foreign ones too."""
     seen = await domains.for_destroy(tx.session, actor=actor, host=host, domain_uuid=domain_uuid)
-    await tx.commit()
-    await reconciler.send_untracked(_bus(state), host, domain_uuid, "destroy")
+    bus = _bus(state)
+    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, "destroy"))
     return DomainDestroyed(host=host, domain_uuid=domain_uuid, domain_name=seen.get("name", ""),
                            owned=bool(seen.get("owned")))
 
@@ -188,10 +186,8 @@ async def adopt_domain(host: str, domain_uuid: uuid.UUID, body: DomainAdopt, sta
     """Make a domain no VM owns a VM of a project (its UUID becomes the server's id); it gets Nephos's mark."""
     bus = _bus(state)
     server = await domains.adopt(tx.session, actor=actor, host=host, domain_uuid=domain_uuid, **body.model_dump())
-    reply = ServerOut.of(server, await catalogue.labels(tx.session, [server]))
-    await tx.commit()
-    await reconciler.send_untracked(bus, host, domain_uuid, "mark")
-    return reply
+    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, "mark"))  # once the VM row is committed
+    return ServerOut.of(server, await catalogue.labels(tx.session, [server]))
 
 
 @router.get("/drift", response_model=DriftOut, responses=ADMIN)

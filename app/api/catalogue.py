@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import CurrentUser, Cursor, PageLimit, TxDep
+from app.api.deps import CommittingRoute, CurrentUser, Cursor, PageLimit, TxDep
 from app.api.errors import responses
 from app.api.schemas import FlavorOut, ImageOut, Page, QuotasOut, ZoneOut
 from app.logic import catalogue, quotas
 from app.logic.pagination import DEFAULT_LIMIT
 
-router = APIRouter(prefix="/api/v1", tags=["catalogue"])
+router = APIRouter(prefix="/api/v1", tags=["catalogue"], route_class=CommittingRoute)
 
 
 @router.get("/flavors", response_model=Page[FlavorOut], responses=responses(400))

@@ -6,6 +6,7 @@ is built, and publishes the jobs the transaction wrote only after the commit.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from cryptography.fernet import Fernet
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.exc import IntegrityError
@@ -70,12 +72,19 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 class Tx:
-    """The request's transaction and the jobs to publish once it commits."""
+    """The request's transaction, the jobs to publish once it commits, and other work that must
+    wait for the commit (``later``). Routes never commit: ``CommittingRoute`` does, once the
+    route has built its reply, and ``Idempotent`` where it stores that reply."""
 
     def __init__(self, session: AsyncSession, outbox: Outbox, publish: Publish) -> None:
         self.session = session
         self.outbox = outbox
         self._publish = publish
+        self._later: list[Callable[[], Awaitable[Any]]] = []
+
+    def later(self, step: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``step`` after the commit (a message to an agent): never for a rolled-back request."""
+        self._later.append(step)
 
     async def commit(self) -> None:
         await self.session.commit()
@@ -83,11 +92,32 @@ class Tx:
             jobs = list(self.outbox.job_ids)
             self.outbox.clear()
             await self._publish(jobs)
+        steps, self._later = self._later, []
+        for step in steps:
+            await step()
 
 
 async def get_tx(state: StateDep) -> AsyncIterator[Tx]:
     async with state.sessions() as session:
         yield Tx(session, Outbox(state.settings.job_deadline_seconds), state.publish)
+
+
+class CommittingRoute(APIRoute):
+    """The one place a REST request's transaction commits: when the route has returned its reply
+    (it was accepted), then what waited for the commit is published. A refusal is an exception
+    and commits nothing; a commit that loses a race raises here, where the error handlers and
+    the retry middleware take it like any other. The endpoint is wrapped, not the handler, so
+    the commit runs while the request's session is surely open."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        @functools.wraps(endpoint)
+        async def committing(*args: Any, **values: Any) -> Any:
+            reply = await endpoint(*args, **values)
+            tx = values.get("tx")  # routes take their transaction as ``tx``
+            if isinstance(tx, Tx) and not (isinstance(reply, Response) and reply.status_code >= 400):
+                await tx.commit()
+            return reply
+        super().__init__(path, committing, **kwargs)
 
 
 TxDep = Annotated[Tx, Depends(get_tx)]

@@ -8,11 +8,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import StateDep
+from app.api.deps import CommittingRoute, StateDep
 from app.api.schemas import Health
 from app.logic import catalogue
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=CommittingRoute)
 log = logging.getLogger("nephos.api")
 
 

@@ -6,12 +6,12 @@ import uuid
 
 from fastapi import APIRouter
 
-from app.api.deps import CurrentUser, TxDep
+from app.api.deps import CommittingRoute, CurrentUser, TxDep
 from app.api.errors import responses
 from app.api.schemas import JobOut
 from app.logic import jobs
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], route_class=CommittingRoute)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=responses(404))

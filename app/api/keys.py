@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CurrentUser, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
+from app.api.deps import CommittingRoute, CurrentUser, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import Ec2CredentialOut, KeyPairCreate, KeyPairOut, Page
 from app.logic import accounts, keypairs
 from app.logic.pagination import DEFAULT_LIMIT
 
-router = APIRouter(prefix="/api/v1", tags=["keys"])
+router = APIRouter(prefix="/api/v1", tags=["keys"], route_class=CommittingRoute)
 
 
 def _keypair(k: object, private_key: str | None = None) -> KeyPairOut:
@@ -42,7 +42,6 @@ async def list_keypairs(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAUL
 async def delete_keypair(name: str, tx: TxDep, actor: CurrentUser) -> Response:
     """Delete a key pair (servers built with it keep their key)."""
     await keypairs.delete(tx.session, actor=actor, name=name)
-    await tx.commit()
     return Response(status_code=204)
 
 
@@ -72,5 +71,4 @@ async def list_ec2_credentials(tx: TxDep, actor: CurrentUser, limit: PageLimit =
 async def delete_ec2_credential(access_key: str, tx: TxDep, actor: CurrentUser) -> Response:
     """Revoke an EC2 access key."""
     await accounts.delete_ec2_credential(tx.session, actor=actor, access_key=access_key)
-    await tx.commit()
     return Response(status_code=204)

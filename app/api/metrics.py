@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from app.api.deps import StateDep
+from app.api.deps import CommittingRoute, StateDep
 from app.logic import catalogue, reconcile
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=CommittingRoute)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CurrentUser, Cursor, IdempotentDep, PageLimit, Since, StateDep, TxDep
+from app.api.deps import CommittingRoute, CurrentUser, Cursor, IdempotentDep, PageLimit, Since, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
     ActionBody,
@@ -31,7 +31,7 @@ from app.logic.operstate import Action, Operstate
 from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Job
 
-router = APIRouter(prefix="/api/v1/servers", tags=["servers"])
+router = APIRouter(prefix="/api/v1/servers", tags=["servers"], route_class=CommittingRoute)
 
 
 @router.post("", status_code=202, response_model=ServersCreated,
@@ -77,7 +77,6 @@ async def patch_server(server_id: uuid.UUID, body: ServerPatch, tx: TxDep, actor
     """Edit name, description or metadata (no job)."""
     server = await servers.update(tx.session, actor=actor, server_id=server_id, **body.model_dump())
     reply = ServerOut.of(server, await catalogue.labels(tx.session, [server]))
-    await tx.commit()
     return reply
 
 
@@ -85,7 +84,6 @@ async def patch_server(server_id: uuid.UUID, body: ServerPatch, tx: TxDep, actor
 async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> JobAccepted:
     """Destroy the server (overtakes any pending task); a destroyed one answers with its destroy job."""
     job = await actions.destroy(tx.session, tx.outbox, actor=actor, server_id=server_id)
-    await tx.commit()
     return JobAccepted(job_id=job.id if job is not None else None)
 
 

@@ -7,8 +7,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from app.db import database_unavailable
-
 log = logging.getLogger("nephos.bus")
 
 Handler = Callable[[bytes], Awaitable[None]]
@@ -27,6 +25,9 @@ class Bus(abc.ABC):
     def __init__(self) -> None:
         self.dead_lettered = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Which handler errors are passing (the database restarting, a transaction that lost a
+        # race): the process that owns the database says (``runtime.plane``); the bus knows none.
+        self.transient: Callable[[BaseException], bool] = lambda _exc: False
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -68,9 +69,9 @@ class Bus(abc.ABC):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if database_unavailable(exc):
-                # The database is away (restarting): the message is fine, so it waits for the
-                # database without using up its attempts, and is never dead-lettered for it.
+            if self.transient(exc):
+                # The database is away (restarting), or the transaction lost a race: the message
+                # is fine, so it waits without using up its attempts, never dead-lettered for it.
                 log.warning("database unavailable while handling a message on %s; waiting: %s", where, exc)
                 await asyncio.sleep(self.unavailable_backoff)
                 return "again"

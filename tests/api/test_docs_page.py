@@ -23,6 +23,7 @@ from app.api.app import create_app
 from app.settings import Settings
 from tests.conftest import IN_CI
 
+pytestmark = pytest.mark.slow
 
 def _free_port() -> int:
     with socket.socket() as s:

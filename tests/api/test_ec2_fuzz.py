@@ -31,6 +31,8 @@ from botocore.serialize import EC2Serializer
 from app.api.ec2.router import ACTIONS
 from tests.conftest import Cloud
 
+pytestmark = pytest.mark.slow
+
 REQUESTS = 1500
 MODEL = botocore.session.get_session().get_service_model("ec2")
 SERIALIZER = EC2Serializer()

@@ -17,9 +17,12 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.db import ROOT
 from tests.procs import nephos_bin, nephos_up
+
+pytestmark = pytest.mark.slow
 
 TOKEN = "nph_fuzz_admin_token"
 

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy.engine import make_url
 
 from app.logic.reconcile import Report
@@ -46,6 +47,8 @@ from tests.conftest import AMQP_URL, _pg_database
 from tests.e2e.conftest import ADMIN, Cluster, production_cluster
 from tests.e2e.test_lifecycle import new_user
 from tests.procs import Proxy
+
+pytestmark = pytest.mark.slow
 
 FULL = os.environ.get("NEPHOS_FAULTS", "reduced") == "full"
 REAL_RESTART = os.environ.get("NEPHOS_FAULTS_REAL_RESTART") == "1"

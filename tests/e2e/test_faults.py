@@ -17,6 +17,8 @@ from tests.e2e.conftest import Cluster, production_cluster
 from tests.e2e.test_lifecycle import new_user
 from tests.procs import Proxy
 
+pytestmark = pytest.mark.slow
+
 HUGE = {"vm": 1000, "cpu": 10**4, "ram": 10**8, "disk": 10**6, "active_cpu": 10**4, "active_ram": 10**8}
 
 
