@@ -47,8 +47,11 @@ test-fast: install
 	NEPHOS_FAST=1 NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-20} \
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
+## make lint: ruff (lint, and formatting as a check), the import contracts, mypy strict on all of app
 lint: install
 	$(BIN)/ruff check app tests migrations
+	$(BIN)/ruff format --check app tests migrations bench
+	$(BIN)/lint-imports
 	$(BIN)/mypy app
 
 clean:

@@ -12,8 +12,7 @@ from app.db import make_engine, make_sessionmaker, upgrade
 from app.logic import bootstrap
 from app.settings import Settings
 
-cli = typer.Typer(help="Nephos: an asynchronous control plane for virtual machines.",
-                  no_args_is_help=True)
+cli = typer.Typer(help="Nephos: an asynchronous control plane for virtual machines.", no_args_is_help=True)
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 admin_cli = typer.Typer(help="Operator commands.", no_args_is_help=True)
@@ -22,8 +21,7 @@ log = logging.getLogger("nephos")
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 async def _prepare(settings: Settings, *, seed_hosts: bool) -> None:
@@ -58,6 +56,7 @@ def db_upgrade(revision: str = "head") -> None:
     async def go() -> None:
         await check_database(settings)
         await upgrade(settings.database_url, revision)
+
     asyncio.run(go())
     typer.echo(f"database at {revision}")
 
@@ -150,8 +149,9 @@ def _call_api(method: str, url: str, headers: dict[str, str], body: Any, timeout
     try:
         r = httpx.request(method, url, headers=headers, json=body, timeout=timeout)
     except httpx.TransportError as exc:
-        raise _Fatal(f"the Nephos API at {url} cannot be reached ({exc}); is it running? "
-                     "(set NEPHOS_API_URL or --url)") from None
+        raise _Fatal(
+            f"the Nephos API at {url} cannot be reached ({exc}); is it running? (set NEPHOS_API_URL or --url)"
+        ) from None
     if r.status_code >= 400:
         try:
             error = r.json()["error"]
@@ -163,8 +163,9 @@ def _call_api(method: str, url: str, headers: dict[str, str], body: Any, timeout
 
 @admin_cli.command("reconcile")
 def admin_reconcile(
-    fix: Annotated[bool, typer.Option("--fix", help="Repair what is found (default: report only)",
-                                      show_default=False)] = False,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Repair what is found (default: report only)", show_default=False)
+    ] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the hosts' fresh inventories")] = 10.0,
     url: Annotated[str | None, typer.Option(help="The API (default: NEPHOS_API_URL, else NEPHOS_HOST:PORT)")] = None,
     token: Annotated[str | None, typer.Option(help="An admin's token (default: NEPHOS_ADMIN_TOKEN)")] = None,
@@ -181,10 +182,18 @@ def admin_reconcile(
     settings = Settings()
     base, headers = _admin_api(settings, url, token)
     with console.status("asking every host for its inventory, then comparing"):
-        report = _call_api("POST", f"{base}/api/v1/admin/reconcile", headers, {"fix": fix, "wait": wait},
-                           timeout=wait + 120)
-    kinds = ("stale", "orphans", "unsynced_operstate", "unsynced_flavor", "stuck_tasks", "quota_drift",
-             "pending_without_job")
+        report = _call_api(
+            "POST", f"{base}/api/v1/admin/reconcile", headers, {"fix": fix, "wait": wait}, timeout=wait + 120
+        )
+    kinds = (
+        "stale",
+        "orphans",
+        "unsynced_operstate",
+        "unsynced_flavor",
+        "stuck_tasks",
+        "quota_drift",
+        "pending_without_job",
+    )
     table = Table(title="reconciliation" + (" (fixed)" if report["fixed"] else " (dry run)"))
     for column in ("kind", "count", "what"):
         table.add_column(column)

@@ -339,8 +339,11 @@ class SecurityGroupRule(SQLModel, table=True):
     """One ingress permission: a protocol and port range from a CIDR or from another group."""
 
     __tablename__ = "security_group_rules"
-    __table_args__ = (sa.UniqueConstraint("group_id", "protocol", "from_port", "to_port", "cidr", "source_group",
-                                          name="uq_security_group_rules_rule"),)
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "group_id", "protocol", "from_port", "to_port", "cidr", "source_group", name="uq_security_group_rules_rule"
+        ),
+    )
     id: uuid.UUID = _id()
     ec2_id: str = Field(default_factory=lambda: ec2_id("sgr"), max_length=32, unique=True)
     group_id: uuid.UUID = Field(foreign_key="security_groups.id", index=True)

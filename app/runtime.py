@@ -62,20 +62,39 @@ class Plane:
         self.dispatcher = Dispatcher(self.sessions)
         await self.bus.consume_results(self.dispatcher.handle)
         s = self.settings
-        self.sweepers = Sweepers(self.sessions, self.bus, self.outbox, interval=s.sweep_interval,
-                                 host_timeout=s.host_timeout, resend_after=s.resend_after,
-                                 reconcile_interval=s.reconcile_interval)
+        self.sweepers = Sweepers(
+            self.sessions,
+            self.bus,
+            self.outbox,
+            interval=s.sweep_interval,
+            host_timeout=s.host_timeout,
+            resend_after=s.resend_after,
+            reconcile_interval=s.reconcile_interval,
+        )
         self.tasks.append(asyncio.create_task(self.sweepers.run()))
         self.tasks.append(asyncio.create_task(self.sweepers.reconcile_forever()))
         return self.dispatcher
 
-    async def start_agent(self, *, host: str, uri: str, zone: str = "default",
-                          migration_uri: str | None = None) -> Agent:
+    async def start_agent(
+        self, *, host: str, uri: str, zone: str = "default", migration_uri: str | None = None
+    ) -> Agent:
         s = self.settings
-        driver = Driver(uri, vnc_listen=s.vnc_listen, image_dir=s.image_dir, instance_dir=s.instance_dir,
-                        stop_timeout=s.stop_timeout)
-        agent = Agent(host=host, zone=zone, driver=driver, bus=self.bus, heartbeat_interval=s.heartbeat_interval,
-                      inventory_interval=s.inventory_interval, migration_uri=migration_uri)
+        driver = Driver(
+            uri,
+            vnc_listen=s.vnc_listen,
+            image_dir=s.image_dir,
+            instance_dir=s.instance_dir,
+            stop_timeout=s.stop_timeout,
+        )
+        agent = Agent(
+            host=host,
+            zone=zone,
+            driver=driver,
+            bus=self.bus,
+            heartbeat_interval=s.heartbeat_interval,
+            inventory_interval=s.inventory_interval,
+            migration_uri=migration_uri,
+        )
         try:
             await agent.start()
         except libvirt.libvirtError as exc:
@@ -109,8 +128,10 @@ async def connect_bus(bus: Bus, *, attempts: int | None = 60, delay: float = 1.0
             return
         except (ConnectionError, OSError) as exc:
             if _refused_login(exc):
-                raise StartupError(f"the message bus at {_masked(url)} refused the login (check the user and "
-                                   "password in NEPHOS_AMQP_URL)") from None
+                raise StartupError(
+                    f"the message bus at {_masked(url)} refused the login (check the user and "
+                    "password in NEPHOS_AMQP_URL)"
+                ) from None
             if attempts is not None and attempt >= attempts:
                 raise StartupError(f"the message bus at {_masked(url)} cannot be reached: {exc}") from None
             log.warning("message bus not reachable (%s); retrying", exc)
@@ -137,8 +158,12 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
     away does not hold the process back; it connects in the background, ``/healthz`` says 503
     until it has, and jobs committed meanwhile wait in the outbox."""
     await check_database(settings)
-    engine = make_engine(settings.database_url, **(
-        {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}))
+    engine = make_engine(
+        settings.database_url,
+        **(
+            {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+        ),
+    )
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
     bus.transient = transient  # a handler's database hiccup is retried, never dead-lettered
@@ -216,11 +241,25 @@ async def serve_api(p: Plane) -> None:
     """The REST API on this plane's database and bus, until SIGTERM/SIGINT."""
     from app.api.app import create_app
     from app.api.deps import AppState
+
     s = p.settings
-    state = AppState(settings=s, sessions=p.sessions, cipher=p.cipher, publish=p.outbox.submit,
-                     bus_ok=lambda: p.bus.connected, bus=p.bus)
-    config = uvicorn.Config(create_app(s, state), host=s.host, port=s.port, log_level=s.log_level,
-                            http="httptools", lifespan="on", timeout_graceful_shutdown=5)
+    state = AppState(
+        settings=s,
+        sessions=p.sessions,
+        cipher=p.cipher,
+        publish=p.outbox.submit,
+        bus_ok=lambda: p.bus.connected,
+        bus=p.bus,
+    )
+    config = uvicorn.Config(
+        create_app(s, state),
+        host=s.host,
+        port=s.port,
+        log_level=s.log_level,
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     await uvicorn.Server(config).serve()
     start_watchdog()  # uvicorn handled the signal; what follows is bounded too
 

@@ -69,8 +69,12 @@ class Settings(BaseSettings):
     resend_after: float = Field(default=3.0, gt=0)
     # Seconds between the dispatcher's reconciliation passes (the drift report).
     reconcile_interval: float = Field(default=60.0, gt=0)
-    ec2_region: str = Field(default="us-east-1", min_length=1, max_length=64,
-                            description="The region the EC2 facade answers to (SigV4 scope, DescribeRegions)")
+    ec2_region: str = Field(
+        default="us-east-1",
+        min_length=1,
+        max_length=64,
+        description="The region the EC2 facade answers to (SigV4 scope, DescribeRegions)",
+    )
     # Where ``up`` keeps the node definitions of its simulated hosts.
     state_dir: Path = Path("./var")
     # Agents on real hypervisors: image store, VM disks, graceful-stop timeout.
@@ -86,13 +90,17 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str) -> str:
         """The async drivers Nephos uses; the usual spellings of a PostgreSQL or SQLite URL are
         taken as meaning them (``postgres://`` is what many tools print)."""
-        for plain, driver in (("postgres://", "postgresql+asyncpg://"), ("postgresql://", "postgresql+asyncpg://"),
-                              ("sqlite://", "sqlite+aiosqlite://")):
+        for plain, driver in (
+            ("postgres://", "postgresql+asyncpg://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
             if value.startswith(plain):
-                return driver + value[len(plain):]
+                return driver + value[len(plain) :]
         if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
-            raise ValueError("must be postgresql+asyncpg://user:password@host/database or "
-                             "sqlite+aiosqlite:///path/to/file.db")
+            raise ValueError(
+                "must be postgresql+asyncpg://user:password@host/database or sqlite+aiosqlite:///path/to/file.db"
+            )
         return value
 
     @field_validator("hosts")

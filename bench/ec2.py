@@ -34,9 +34,14 @@ REGION = "us-east-1"
 
 
 def make_client(endpoint: str, key: str, secret: str, concurrency: int) -> Any:
-    return boto3.client("ec2", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=key,
-                        aws_secret_access_key=secret,
-                        config=Config(retries={"max_attempts": 1}, max_pool_connections=concurrency * 2))
+    return boto3.client(
+        "ec2",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(retries={"max_attempts": 1}, max_pool_connections=concurrency * 2),
+    )
 
 
 def run_workload(ec2: Any, image: str, itype: str, n: int, concurrency: int) -> dict[str, Any]:
@@ -49,8 +54,11 @@ def run_workload(ec2: Any, image: str, itype: str, n: int, concurrency: int) -> 
 
     with ThreadPoolExecutor(concurrency) as pool:
         t0 = time.perf_counter()
-        runs = list(pool.map(lambda _: timed(ec2.run_instances, ImageId=image, InstanceType=itype,
-                                             MinCount=1, MaxCount=1), range(n)))
+        runs = list(
+            pool.map(
+                lambda _: timed(ec2.run_instances, ImageId=image, InstanceType=itype, MinCount=1, MaxCount=1), range(n)
+            )
+        )
         out["RunInstances"] = (time.perf_counter() - t0, [t for t, _ in runs], n)
         ids = [r["Instances"][0]["InstanceId"] for _, r in runs]
 
@@ -58,7 +66,7 @@ def run_workload(ec2: Any, image: str, itype: str, n: int, concurrency: int) -> 
         waiter = ec2.get_waiter("instance_running")
         waiter.config.delay, waiter.config.max_attempts = 0.2, 3000
         for chunk in range(0, n, 100):
-            waiter.wait(InstanceIds=ids[chunk:chunk + 100])
+            waiter.wait(InstanceIds=ids[chunk : chunk + 100])
         out["(until all running)"] = (time.perf_counter() - t0, [], 0)
 
         t0 = time.perf_counter()
@@ -77,8 +85,14 @@ def run_workload(ec2: Any, image: str, itype: str, n: int, concurrency: int) -> 
 
 async def nephos_credentials(base: str, n: int) -> tuple[str, str]:
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-        r = await client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "ec2-bench", "quotas": {
-            "vm": n, "cpu": n, "ram": n * 512, "disk": n, "active_cpu": n, "active_ram": n * 512}})
+        r = await client.post(
+            "/api/v1/admin/projects",
+            headers=ADMIN,
+            json={
+                "name": "ec2-bench",
+                "quotas": {"vm": n, "cpu": n, "ram": n * 512, "disk": n, "active_cpu": n, "active_ram": n * 512},
+            },
+        )
         r = await client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "b", "project_id": r.json()["id"]})
         user = {"Authorization": f"Bearer {r.json()['token']}"}
         r = await client.post("/api/v1/credentials/ec2", headers=user)
@@ -88,8 +102,11 @@ async def nephos_credentials(base: str, n: int) -> tuple[str, str]:
 def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (workdir / "moto.log").open("wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -101,18 +118,22 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def table(nephos: dict[str, Any], moto: dict[str, Any], n: int, concurrency: int) -> str:
-    lines = [f"EC2 workload: N={n}, {concurrency} client threads, boto3 {boto3.__version__}",
-             "| phase | Nephos calls/s | moto calls/s | Nephos / moto | Nephos p50 / p99 ms | moto p50 / p99 ms |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"EC2 workload: N={n}, {concurrency} client threads, boto3 {boto3.__version__}",
+        "| phase | Nephos calls/s | moto calls/s | Nephos / moto | Nephos p50 / p99 ms | moto p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for phase in nephos:
         (nw, nl, nc), (mw, ml, mc) = nephos[phase], moto[phase]
         if not nc:
             lines.append(f"| {phase} | {nw:.2f} s | {mw:.2f} s | | | |")
             continue
         nr, mr = nc / nw, mc / mw
-        lines.append(f"| {phase} | {nr:.1f} | {mr:.1f} | {nr / mr:.2f} | "
-                     f"{pct(nl, 50) * 1000:.0f} / {pct(nl, 99) * 1000:.0f} | "
-                     f"{pct(ml, 50) * 1000:.0f} / {pct(ml, 99) * 1000:.0f} |")
+        lines.append(
+            f"| {phase} | {nr:.1f} | {mr:.1f} | {nr / mr:.2f} | "
+            f"{pct(nl, 50) * 1000:.0f} / {pct(nl, 99) * 1000:.0f} | "
+            f"{pct(ml, 50) * 1000:.0f} / {pct(ml, 99) * 1000:.0f} |"
+        )
     total_n = sum(v[0] for v in nephos.values())
     total_m = sum(v[0] for v in moto.values())
     lines.append(f"| whole workload (wall) | {total_n:.2f} s | {total_m:.2f} s | {total_m / total_n:.2f} | | |")

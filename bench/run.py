@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +64,17 @@ class Cluster:
         self.port = free_port()
         self.prefix = f"nephos-bench-{uuid.uuid4().hex[:8]}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")},
-                    "NEPHOS_DATABASE_URL": self.url, "NEPHOS_AMQP_URL": amqp, "NEPHOS_AMQP_PREFIX": self.prefix,
-                    "NEPHOS_PORT": str(self.port), "NEPHOS_ADMIN_TOKEN": TOKEN, "NEPHOS_LOG_LEVEL": "warning",
-                    "NEPHOS_STATE_DIR": str(workdir), "NEPHOS_SECRET_KEY_FILE": str(workdir / "secret.key")}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")},
+            "NEPHOS_DATABASE_URL": self.url,
+            "NEPHOS_AMQP_URL": amqp,
+            "NEPHOS_AMQP_PREFIX": self.prefix,
+            "NEPHOS_PORT": str(self.port),
+            "NEPHOS_ADMIN_TOKEN": TOKEN,
+            "NEPHOS_LOG_LEVEL": "warning",
+            "NEPHOS_STATE_DIR": str(workdir),
+            "NEPHOS_SECRET_KEY_FILE": str(workdir / "secret.key"),
+        }
 
     async def start(self) -> None:
         conn = await asyncpg.connect(self.pg_admin)
@@ -107,8 +113,12 @@ class Cluster:
         await conn.close()
         connection = await aio_pika.connect(self.amqp)
         channel = await connection.channel()
-        for q in (f"{self.prefix}.results", f"{self.prefix}.dead", f"{self.prefix}.jobs.bench-1",
-                  f"{self.prefix}.jobs.bench-2"):
+        for q in (
+            f"{self.prefix}.results",
+            f"{self.prefix}.dead",
+            f"{self.prefix}.jobs.bench-1",
+            f"{self.prefix}.jobs.bench-2",
+        ):
             await channel.queue_delete(q)
         for x in (f"{self.prefix}.jobs", f"{self.prefix}.dlx"):
             await channel.exchange_delete(x)
@@ -119,8 +129,14 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
     base = f"http://127.0.0.1:{cluster.port}"
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-        r = await client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "bench", "quotas": {
-            "vm": n, "cpu": n, "ram": n * 512, "disk": n, "active_cpu": n, "active_ram": n * 512}})
+        r = await client.post(
+            "/api/v1/admin/projects",
+            headers=ADMIN,
+            json={
+                "name": "bench",
+                "quotas": {"vm": n, "cpu": n, "ram": n * 512, "disk": n, "active_cpu": n, "active_ram": n * 512},
+            },
+        )
         r = await client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "b", "project_id": r.json()["id"]})
         user = {"Authorization": f"Bearer {r.json()['token']}"}
         accept: dict[str, list[float]] = {a: [] for a in ACTIONS}
@@ -136,13 +152,16 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
         async def watcher() -> None:
             while True:
                 if waiting:
-                    rows = await db.fetch("SELECT id, status FROM jobs WHERE id = ANY($1::uuid[]) "
-                                          "AND status IN ('SUCCESS', 'ERROR')", list(waiting))
+                    rows = await db.fetch(
+                        "SELECT id, status FROM jobs WHERE id = ANY($1::uuid[]) AND status IN ('SUCCESS', 'ERROR')",
+                        list(waiting),
+                    )
                     for row in rows:
                         future = waiting.pop(row["id"], None)
                         if future is not None and not future.done():
                             future.set_result(row["status"])
                 await asyncio.sleep(0.01)
+
         watching = asyncio.create_task(watcher())
 
         async def wait(job_id: str) -> None:
@@ -160,8 +179,11 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
                     break
                 # Every other answer is counted by kind (the table prints them); a 503 is
                 # retried after its Retry-After, as a client would, anything else ends the run.
-                code = r.json().get("error", {}).get("code", "?") if r.headers.get("content-type", "").startswith(
-                    "application/json") else "?"
+                code = (
+                    r.json().get("error", {}).get("code", "?")
+                    if r.headers.get("content-type", "").startswith("application/json")
+                    else "?"
+                )
                 answers[f"{action}: {r.status_code} {code}"] += 1
                 if r.status_code != 503:
                     raise RuntimeError(f"{action} answered {r.status_code}: {r.text}")
@@ -176,8 +198,9 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
 
         async def one_vm(i: int) -> None:
             async with slots:
-                sid = await timed("create", "POST", "/api/v1/servers",
-                                  {"name": f"b{i}", "flavor": "tiny", "image": "debian-12"})
+                sid = await timed(
+                    "create", "POST", "/api/v1/servers", {"name": f"b{i}", "flavor": "tiny", "image": "debian-12"}
+                )
                 await timed("stop", "POST", f"/api/v1/servers/{sid}/actions", {"action": "stop"})
                 await timed("start", "POST", f"/api/v1/servers/{sid}/actions", {"action": "start"})
                 await timed("destroy", "DELETE", f"/api/v1/servers/{sid}")
@@ -214,6 +237,7 @@ async def floor_commits(pg: str, concurrency: int, seconds: float = 4.0) -> floa
             while time.perf_counter() < deadline:
                 await c.execute(f"INSERT INTO {table} VALUES ($1, now(), 'x')", uuid.uuid4())
                 count += 1
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     rate = count / (time.perf_counter() - t0)
@@ -240,13 +264,16 @@ async def floor_messages(amqp: str, concurrency: int, total: int = 5000) -> floa
         received += 1
         if received == total:
             got.set()
+
     await queue.consume(on_message)
     window = asyncio.Semaphore(concurrency)
 
     async def send(i: int) -> None:
         async with window:
             await publish.default_exchange.publish(
-                aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=name)
+                aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=name
+            )
+
     t0 = time.perf_counter()
     await asyncio.gather(*(send(i) for i in range(total)))
     await got.wait()
@@ -268,12 +295,16 @@ def table(result: dict[str, Any], commits: float, messages: float, n: int, concu
     ]
     for a in ACTIONS:
         acc, app = result["accept"][a], result["applied"][a]
-        lines.append(f"| {a} | {pct(acc, 50) * ms:.1f} | {pct(acc, 99) * ms:.1f} | {pct(app, 50) * ms:.1f} | "
-                     f"{pct(app, 99) * ms:.1f} |")
+        lines.append(
+            f"| {a} | {pct(acc, 50) * ms:.1f} | {pct(acc, 99) * ms:.1f} | {pct(app, 50) * ms:.1f} | "
+            f"{pct(app, 99) * ms:.1f} |"
+        )
     every_accept = [x for a in ACTIONS for x in result["accept"][a]]
     every_applied = [x for a in ACTIONS for x in result["applied"][a]]
-    lines.append(f"| **all** | {pct(every_accept, 50) * ms:.1f} | {pct(every_accept, 99) * ms:.1f} | "
-                 f"{pct(every_applied, 50) * ms:.1f} | {pct(every_applied, 99) * ms:.1f} |")
+    lines.append(
+        f"| **all** | {pct(every_accept, 50) * ms:.1f} | {pct(every_accept, 99) * ms:.1f} | "
+        f"{pct(every_applied, 50) * ms:.1f} | {pct(every_applied, 99) * ms:.1f} |"
+    )
     lines += [
         "",
         "| measure | per second |",
@@ -297,7 +328,9 @@ def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--concurrency", type=int, default=concurrency)
-    parser.add_argument("--pg", default=os.environ.get("NEPHOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument(
+        "--pg", default=os.environ.get("NEPHOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     parser.add_argument("--amqp", default=os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
     return parser.parse_args()
 

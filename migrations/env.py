@@ -22,8 +22,11 @@ def _url() -> str:
 def _configure(connection: Connection | None = None) -> None:
     url = _url()
     context.configure(
-        connection=connection, url=None if connection else url, target_metadata=target_metadata,
-        render_as_batch=url.startswith("sqlite"), compare_type=True,
+        connection=connection,
+        url=None if connection else url,
+        target_metadata=target_metadata,
+        render_as_batch=url.startswith("sqlite"),
+        compare_type=True,
         literal_binds=connection is None,
     )
 

@@ -131,8 +131,11 @@ class Cloud:
     admin: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {ADMIN_TOKEN}"})
 
     async def project(self, name: str | None = None, **quotas: int) -> dict[str, Any]:
-        r = await self.client.post("/api/v1/admin/projects", headers=self.admin,
-                                   json={"name": name or f"p-{uuid.uuid4().hex[:8]}", "quotas": quotas})
+        r = await self.client.post(
+            "/api/v1/admin/projects",
+            headers=self.admin,
+            json={"name": name or f"p-{uuid.uuid4().hex[:8]}", "quotas": quotas},
+        )
         assert r.status_code == 201, r.text
         return r.json()
 
@@ -140,8 +143,9 @@ class Cloud:
         """Headers of a new user, in a new project (with ``quotas``) unless one is given."""
         if project_id is None:
             project_id = (await self.project(**quotas))["id"]
-        r = await self.client.post("/api/v1/admin/users", headers=self.admin,
-                                   json={"name": "u", "project_id": project_id, "role": role})
+        r = await self.client.post(
+            "/api/v1/admin/users", headers=self.admin, json={"name": "u", "project_id": project_id, "role": role}
+        )
         assert r.status_code == 201, r.text
         return {"Authorization": f"Bearer {r.json()['token']}", "X-Project": project_id}
 
@@ -160,10 +164,10 @@ class Cloud:
         assert r.status_code == 200, r.text
         return r.json()
 
-    async def act(self, headers: dict[str, str], server_id: str, action: str, expect: int = 202,
-                  **extra: Any) -> Any:
-        r = await self.client.post(f"/api/v1/servers/{server_id}/actions", headers=headers,
-                                   json={"action": action, **extra})
+    async def act(self, headers: dict[str, str], server_id: str, action: str, expect: int = 202, **extra: Any) -> Any:
+        r = await self.client.post(
+            f"/api/v1/servers/{server_id}/actions", headers=headers, json={"action": action, **extra}
+        )
         assert r.status_code == expect, r.text
         return r.json()
 
@@ -225,6 +229,7 @@ def _amqp_problem() -> str | None:
     """Why RabbitMQ cannot serve the tests, or None. Checked once a process: a broker that takes
     connections but not messages (a memory or disk alarm blocks publishers) fails here in 10 s
     instead of hanging every test that publishes."""
+
     async def ping() -> None:
         import aio_pika
 

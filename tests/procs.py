@@ -37,8 +37,7 @@ def nephos_up(cwd: Path, **env: str) -> Iterator[tuple[str, list[str]]]:
         environ.pop("NEPHOS_ADMIN_TOKEN", None)
     # To a file, not a pipe: a pipe nobody reads fills up with access logs and blocks the server.
     log = (cwd / f"nephos-up-{port}.log").open("w+")
-    proc = subprocess.Popen([nephos_bin(), "up"], cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen([nephos_bin(), "up"], cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
     base, output = f"http://127.0.0.1:{port}", []
     try:
         for _ in range(600):
@@ -87,6 +86,7 @@ class Proxy:
                     w.write(data)
                     await w.drain()
             w.close()
+
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def cut(self) -> None:

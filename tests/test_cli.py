@@ -36,8 +36,9 @@ def test_up_serves_healthz_and_docs(tmp_path: Path) -> None:
     assert token, out
     assert (tmp_path / "var" / "nephos.db").exists()
     # A second start neither prints nor makes another admin, and the first token still works.
-    again = subprocess.run([nephos_bin(), "seed"], cwd=tmp_path, env={**os.environ, **env},
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [nephos_bin(), "seed"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0 and "bootstrap admin token" not in again.stdout
     with nephos_up(tmp_path, **env) as (base, _):
         r = httpx.get(f"{base}/api/v1/admin/hosts", headers={"Authorization": f"Bearer {token.group(1)}"})
@@ -62,8 +63,15 @@ def test_migrations_match_the_models(pg_url: str, tmp_path: Path) -> None:
 
 def _nephos(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")}
-    return subprocess.run([nephos_bin(), *args], cwd=cwd, env={**environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [nephos_bin(), *args],
+        cwd=cwd,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_operator_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path, pg_url: str) -> None:
@@ -77,8 +85,11 @@ def test_operator_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path
         (["api"], {"NEPHOS_DATABASE_URL": missing_db}, "does not exist"),
         (["seed"], {"NEPHOS_DATABASE_URL": "mysql://root@127.0.0.1/nephos"}, "NEPHOS_DATABASE_URL"),
         (["dispatcher"], {"NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": wrong_password}, "refused the login"),
-        (["agent", "--host", "h", "--libvirt-uri", "qemu:///system?socket=/nonexistent/libvirt-sock"],
-         {"NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL}, "libvirt at qemu:///system"),
+        (
+            ["agent", "--host", "h", "--libvirt-uri", "qemu:///system?socket=/nonexistent/libvirt-sock"],
+            {"NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL},
+            "libvirt at qemu:///system",
+        ),
         (["admin", "reconcile"], {"NEPHOS_PORT": "9"}, "admin token"),
         (["admin", "reconcile", "--token", "x"], {"NEPHOS_PORT": "9"}, "cannot be reached"),
     ]
@@ -98,12 +109,16 @@ def test_the_api_serves_and_says_503_while_the_broker_is_away(tmp_path: Path) ->
 
     port, dead_broker = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")}
-    env.update(NEPHOS_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", NEPHOS_PORT=str(port),
-               NEPHOS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{dead_broker}/")
+    env.update(
+        NEPHOS_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}",
+        NEPHOS_PORT=str(port),
+        NEPHOS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{dead_broker}/",
+    )
     seeded = subprocess.run([nephos_bin(), "seed"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert seeded.returncode == 0
-    proc = subprocess.Popen([nephos_bin(), "api"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [nephos_bin(), "api"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         reply = None
         for _ in range(200):

@@ -50,19 +50,20 @@ async def _project(session: AsyncSession, project: Project) -> ProjectOut:
 
 
 @router.post("/projects", status_code=201, response_model=ProjectOut, responses=responses(400, 403, 409))
-async def create_project(body: ProjectCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
-                         ) -> JSONResponse:
+async def create_project(body: ProjectCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep) -> JSONResponse:
     """A project with quota limits (defaults for the resources not given)."""
+
     async def make() -> ProjectOut:
-        project = await accounts.create_project(tx.session, actor=actor, name=body.name,
-                                                limits=body.quotas.limits())
+        project = await accounts.create_project(tx.session, actor=actor, name=body.name, limits=body.quotas.limits())
         return await _project(tx.session, project)
+
     return await idem.run(201, make)
 
 
 @router.get("/projects", response_model=Page[ProjectOut], responses=ADMIN)
-async def list_projects(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
-                        cursor: Cursor = None) -> Page[ProjectOut]:
+async def list_projects(
+    tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[ProjectOut]:
     """Every project with its quotas."""
     page = await accounts.list_projects(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[await _project(tx.session, p) for p in page.items], next_cursor=page.next_cursor)
@@ -71,16 +72,19 @@ async def list_projects(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_
 @router.get("/projects/{project_id}", response_model=ProjectOut, responses=responses(403, 404))
 async def get_project(project_id: uuid.UUID, tx: TxDep, actor: AdminUser) -> ProjectOut:
     """One project with its quotas."""
-    return await _project(tx.session, await accounts.get_project(tx.session, actor=actor,
-                                                                 project_id=project_id))
+    return await _project(tx.session, await accounts.get_project(tx.session, actor=actor, project_id=project_id))
 
 
 @router.patch("/projects/{project_id}", response_model=ProjectOut, responses=responses(400, 403, 404))
-async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, actor: AdminUser
-                        ) -> ProjectOut:
+async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, actor: AdminUser) -> ProjectOut:
     """Rename a project or change some of its quota limits."""
-    project = await accounts.update_project(tx.session, actor=actor, project_id=project_id,
-                                            name=body.name, limits=body.quotas.limits() if body.quotas else None)
+    project = await accounts.update_project(
+        tx.session,
+        actor=actor,
+        project_id=project_id,
+        name=body.name,
+        limits=body.quotas.limits() if body.quotas else None,
+    )
     reply = await _project(tx.session, project)
     return reply
 
@@ -88,24 +92,27 @@ async def patch_project(project_id: uuid.UUID, body: ProjectPatch, tx: TxDep, ac
 @router.post("/users", status_code=201, response_model=UserOut, responses=responses(400, 403, 409))
 async def create_user(body: UserCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep) -> JSONResponse:
     """A user in a project; the reply carries its bearer token, shown this once."""
+
     async def make() -> UserOut:
         made = await accounts.create_user(tx.session, actor=actor, **body.model_dump())
-        return UserOut.model_validate({**UserOut.model_validate(made.user).model_dump(),
-                                       "token": made.token})
+        return UserOut.model_validate({**UserOut.model_validate(made.user).model_dump(), "token": made.token})
+
     return await idem.run(201, make)
 
 
 @router.get("/users", response_model=Page[UserOut], responses=ADMIN)
-async def list_users(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
-                     cursor: Cursor = None) -> Page[UserOut]:
+async def list_users(
+    tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[UserOut]:
     """Every user (tokens are never shown again)."""
     page = await accounts.list_users(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[UserOut.model_validate(u) for u in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/hosts", response_model=Page[HostOut], responses=ADMIN)
-async def list_hosts(tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT,
-                     cursor: Cursor = None) -> Page[HostOut]:
+async def list_hosts(
+    tx: TxDep, actor: AdminUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[HostOut]:
     """Hypervisor hosts with capacity, usage, state and last heartbeat."""
     page = await catalogue.list_hosts(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[HostOut.model_validate(h) for h in page.items], next_cursor=page.next_cursor)
@@ -126,24 +133,31 @@ async def patch_host(name: str, body: HostPatch, tx: TxDep, actor: AdminUser) ->
 
 
 @router.post("/flavors", status_code=201, response_model=FlavorOut, responses=responses(400, 403, 409))
-async def create_flavor(body: FlavorCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
-                        ) -> JSONResponse:
+async def create_flavor(body: FlavorCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep) -> JSONResponse:
     """A new flavor."""
+
     async def make() -> FlavorOut:
         flavor = await catalogue.create_flavor(tx.session, actor=actor, **body.model_dump())
         room = await placement.capacity(tx.session, [flavor])
-        return FlavorOut(id=flavor.id, name=flavor.name, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
-                         disk_gb=flavor.disk_gb, capacity=room[flavor.id])
+        return FlavorOut(
+            id=flavor.id,
+            name=flavor.name,
+            vcpus=flavor.vcpus,
+            ram_mb=flavor.ram_mb,
+            disk_gb=flavor.disk_gb,
+            capacity=room[flavor.id],
+        )
+
     return await idem.run(201, make)
 
 
 @router.post("/images", status_code=201, response_model=ImageOut, responses=ADMIN)
-async def create_image(body: ImageCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep
-                       ) -> JSONResponse:
+async def create_image(body: ImageCreate, tx: TxDep, actor: AdminUser, idem: IdempotentDep) -> JSONResponse:
     """Register an image (public, or private to the admin's project)."""
+
     async def make() -> ImageOut:
-        return ImageOut.model_validate(await catalogue.create_image(tx.session, actor=actor,
-                                                                    **body.model_dump()))
+        return ImageOut.model_validate(await catalogue.create_image(tx.session, actor=actor, **body.model_dump()))
+
     return await idem.run(201, make)
 
 
@@ -167,22 +181,33 @@ def _bus(state: AppState) -> Bus:
     return state.bus
 
 
-@router.post("/hosts/{host}/domains/{domain_uuid}/destroy", status_code=202, response_model=DomainDestroyed,
-             responses=responses(403, 404, 409, 503))
-async def destroy_domain(host: str, domain_uuid: uuid.UUID, state: StateDep, tx: TxDep, actor: AdminUser
-                         ) -> DomainDestroyed:
+@router.post(
+    "/hosts/{host}/domains/{domain_uuid}/destroy",
+    status_code=202,
+    response_model=DomainDestroyed,
+    responses=responses(403, 404, 409, 503),
+)
+async def destroy_domain(
+    host: str, domain_uuid: uuid.UUID, state: StateDep, tx: TxDep, actor: AdminUser
+) -> DomainDestroyed:
     """Destroy a domain no VM owns (reconciliation's orphan), named by host and UUID; foreign ones too."""
     seen = await domains.for_destroy(tx.session, actor=actor, host=host, domain_uuid=domain_uuid)
     bus = _bus(state)
     tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, "destroy"))
-    return DomainDestroyed(host=host, domain_uuid=domain_uuid, domain_name=seen.get("name", ""),
-                           owned=bool(seen.get("owned")))
+    return DomainDestroyed(
+        host=host, domain_uuid=domain_uuid, domain_name=seen.get("name", ""), owned=bool(seen.get("owned"))
+    )
 
 
-@router.post("/hosts/{host}/domains/{domain_uuid}/adopt", status_code=201, response_model=ServerOut,
-             responses=responses(400, 403, 404, 409, 413, 503))
-async def adopt_domain(host: str, domain_uuid: uuid.UUID, body: DomainAdopt, state: StateDep, tx: TxDep,
-                       actor: AdminUser) -> ServerOut:
+@router.post(
+    "/hosts/{host}/domains/{domain_uuid}/adopt",
+    status_code=201,
+    response_model=ServerOut,
+    responses=responses(400, 403, 404, 409, 413, 503),
+)
+async def adopt_domain(
+    host: str, domain_uuid: uuid.UUID, body: DomainAdopt, state: StateDep, tx: TxDep, actor: AdminUser
+) -> ServerOut:
     """Make a domain no VM owns a VM of a project (its UUID becomes the server's id); it gets Nephos's mark."""
     bus = _bus(state)
     server = await domains.adopt(tx.session, actor=actor, host=host, domain_uuid=domain_uuid, **body.model_dump())
@@ -196,5 +221,6 @@ async def drift(tx: TxDep, _: AdminUser) -> DriftOut:
     last = await reconcile_logic.latest(tx.session)
     if last is None:
         return DriftOut(started_at=None, duration_s=None, fixed=False, counts={}, report={})
-    return DriftOut(started_at=last.started_at, duration_s=last.duration_s, fixed=last.fixed,
-                    counts=last.counts, report=last.report)
+    return DriftOut(
+        started_at=last.started_at, duration_s=last.duration_s, fixed=last.fixed, counts=last.counts, report=last.report
+    )

@@ -30,8 +30,9 @@ async def no_nul_in_url(request: Request) -> None:
     """A NUL in a path or query parameter is a validation error (PostgreSQL text cannot hold one)."""
     for where, value in (("path", request.url.path), *(("query", v) for v in request.query_params.values())):
         if "\x00" in value:
-            raise RequestValidationError([{"loc": [where], "msg": "NUL characters are not allowed",
-                                           "type": "value_error"}])
+            raise RequestValidationError(
+                [{"loc": [where], "msg": "NUL characters are not allowed", "type": "value_error"}]
+            )
 
 
 def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
@@ -45,8 +46,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
             yield
             return
         engine = make_engine(settings.database_url)
-        app.state.nephos = AppState(settings=settings, sessions=make_sessionmaker(engine),
-                                    cipher=load_cipher(settings))
+        app.state.nephos = AppState(settings=settings, sessions=make_sessionmaker(engine), cipher=load_cipher(settings))
         try:
             yield
         finally:
@@ -54,8 +54,14 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
 
     # Swagger UI and ReDoc from assets this process serves (fastapi-offline ships them): the
     # pages work on a machine with no internet, as a cloud's control network often is.
-    app = FastAPIOffline(title="Nephos", version="1", description=DESCRIPTION, lifespan=lifespan,
-                         dependencies=[Depends(no_nul_in_url)], static_url="/docs-assets")
+    app = FastAPIOffline(
+        title="Nephos",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(no_nul_in_url)],
+        static_url="/docs-assets",
+    )
     errors.install(app)
     app.add_middleware(RetryTransactions)
     app.openapi = _derived(app.openapi)  # type: ignore[method-assign]
@@ -78,8 +84,10 @@ def _derived(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]
             return done[0]
         spec = build()
         _no_nul(spec)
-        conflict = {"description": "IdempotencyConflict: this Idempotency-Key was used with another request",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        conflict = {
+            "description": "IdempotencyConflict: this Idempotency-Key was used with another request",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
         for operations in spec.get("paths", {}).values():
             for op in operations.values():
                 if any(p.get("name") == "Idempotency-Key" for p in op.get("parameters", [])):
@@ -87,6 +95,7 @@ def _derived(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]
         _links(spec)
         done.append(spec)
         return spec
+
     return openapi
 
 
@@ -95,24 +104,39 @@ def _derived(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]
 LINKS: dict[tuple[str, str, str], list[tuple[str, str, str, dict[str, str]]]] = {
     ("/api/v1/servers", "post", "202"): [
         (name, "/api/v1/servers/{server_id}" + sub, method, {"server_id": "$response.body#/servers/0/id"})
-        for name, sub, method in (("GetServer", "", "get"), ("PatchServer", "", "patch"),
-                                  ("DeleteServer", "", "delete"), ("ServerAction", "/actions", "post"),
-                                  ("ServerEvents", "/events", "get"))
-    ] + [("GetBuildJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_ids/0"})],
+        for name, sub, method in (
+            ("GetServer", "", "get"),
+            ("PatchServer", "", "patch"),
+            ("DeleteServer", "", "delete"),
+            ("ServerAction", "/actions", "post"),
+            ("ServerEvents", "/events", "get"),
+        )
+    ]
+    + [("GetBuildJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_ids/0"})],
     ("/api/v1/servers/{server_id}/actions", "post", "202"): [
-        ("GetJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_id"})],
+        ("GetJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_id"})
+    ],
     ("/api/v1/servers/{server_id}", "delete", "202"): [
-        ("GetJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_id"})],
+        ("GetJob", "/api/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_id"})
+    ],
     ("/api/v1/admin/projects", "post", "201"): [
         ("GetProject", "/api/v1/admin/projects/{project_id}", "get", {"project_id": "$response.body#/id"}),
-        ("PatchProject", "/api/v1/admin/projects/{project_id}", "patch", {"project_id": "$response.body#/id"})],
+        ("PatchProject", "/api/v1/admin/projects/{project_id}", "patch", {"project_id": "$response.body#/id"}),
+    ],
     ("/api/v1/admin/hosts", "post", "201"): [
-        ("PatchHost", "/api/v1/admin/hosts/{name}", "patch", {"name": "$response.body#/name"})],
+        ("PatchHost", "/api/v1/admin/hosts/{name}", "patch", {"name": "$response.body#/name"})
+    ],
     ("/api/v1/keypairs", "post", "201"): [
-        ("DeleteKeypair", "/api/v1/keypairs/{name}", "delete", {"name": "$response.body#/name"})],
+        ("DeleteKeypair", "/api/v1/keypairs/{name}", "delete", {"name": "$response.body#/name"})
+    ],
     ("/api/v1/credentials/ec2", "post", "201"): [
-        ("DeleteCredential", "/api/v1/credentials/ec2/{access_key}", "delete",
-         {"access_key": "$response.body#/access_key"})],
+        (
+            "DeleteCredential",
+            "/api/v1/credentials/ec2/{access_key}",
+            "delete",
+            {"access_key": "$response.body#/access_key"},
+        )
+    ],
 }
 
 

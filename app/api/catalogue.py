@@ -14,30 +14,34 @@ router = APIRouter(prefix="/api/v1", tags=["catalogue"], route_class=CommittingR
 
 
 @router.get("/flavors", response_model=Page[FlavorOut], responses=responses(400))
-async def list_flavors(tx: TxDep, _: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
-                       cursor: Cursor = None) -> Page[FlavorOut]:
+async def list_flavors(
+    tx: TxDep, _: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[FlavorOut]:
     """Flavors, each with how many more VMs of it the hosts can take now."""
     page, room = await catalogue.list_flavors(tx.session, limit=limit, cursor=cursor)
-    items = [FlavorOut(id=f.id, name=f.name, vcpus=f.vcpus, ram_mb=f.ram_mb, disk_gb=f.disk_gb,
-                       capacity=room[f.id]) for f in page.items]
+    items = [
+        FlavorOut(id=f.id, name=f.name, vcpus=f.vcpus, ram_mb=f.ram_mb, disk_gb=f.disk_gb, capacity=room[f.id])
+        for f in page.items
+    ]
     return Page(items=items, next_cursor=page.next_cursor)
 
 
 @router.get("/images", response_model=Page[ImageOut], responses=responses(400))
-async def list_images(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
-                      cursor: Cursor = None) -> Page[ImageOut]:
+async def list_images(
+    tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[ImageOut]:
     """Public images and the caller's project's own."""
     page = await catalogue.list_images(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[ImageOut.model_validate(i) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/zones", response_model=Page[ZoneOut], responses=responses(400))
-async def list_zones(tx: TxDep, _: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
-                     cursor: Cursor = None) -> Page[ZoneOut]:
+async def list_zones(
+    tx: TxDep, _: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[ZoneOut]:
     """Zones (clouds) and how many of their hosts are up."""
     page = await catalogue.list_zones(tx.session, limit=limit, cursor=cursor)
-    items = [ZoneOut(id=v.zone.id, name=v.zone.name, hosts=v.hosts, hosts_up=v.hosts_up)
-             for v in page.items]
+    items = [ZoneOut(id=v.zone.id, name=v.zone.name, hosts=v.hosts, hosts_up=v.hosts_up) for v in page.items]
     return Page(items=items, next_cursor=page.next_cursor)
 
 

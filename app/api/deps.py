@@ -33,6 +33,7 @@ from app.settings import Settings
 
 Publish = Callable[[list[Any]], Awaitable[Any]]
 
+
 def _iso_8601(value: Any) -> Any:
     """A time is ISO 8601 text, as the document says (``format: date-time``), not a number."""
     if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
@@ -40,13 +41,17 @@ def _iso_8601(value: Any) -> Any:
     return value
 
 
-Since = Annotated[datetime | None, BeforeValidator(_iso_8601),
-                  Query(description="ISO 8601: only servers changed since then (destroyed ones included)")]
+Since = Annotated[
+    datetime | None,
+    BeforeValidator(_iso_8601),
+    Query(description="ISO 8601: only servers changed since then (destroyed ones included)"),
+]
 
 #: Paging, as every list takes it: a page size, and the opaque cursor a previous page handed out.
 PageLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page")]
-Cursor = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]*$", max_length=64,
-                                     description="The next_cursor of the previous page")]
+Cursor = Annotated[
+    str | None, Query(pattern=r"^[A-Za-z0-9_-]*$", max_length=64, description="The next_cursor of the previous page")
+]
 
 
 async def _publish_nothing(job_ids: list[Any]) -> None:
@@ -117,6 +122,7 @@ class CommittingRoute(APIRoute):
             if isinstance(tx, Tx) and not (isinstance(reply, Response) and reply.status_code >= 400):
                 await tx.commit()
             return reply
+
         super().__init__(path, committing, **kwargs)
 
 
@@ -126,7 +132,8 @@ _bearer = HTTPBearer(auto_error=False, description="A user's API token")
 
 
 async def current_user(
-    tx: TxDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    tx: TxDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Actor:
     return await accounts.authenticate(tx.session, credentials.credentials if credentials else None)
 
@@ -166,8 +173,16 @@ class Idempotent:
         if stored is not None:
             return JSONResponse(stored.response, status_code=stored.status_code)
         reply = jsonable_encoder(await make())
-        idempotency.store(session, user_id=user_id, key=self.key, fp=fp, status_code=status_code,
-                          response=reply, cipher=self.cipher, resource=self.resource)
+        idempotency.store(
+            session,
+            user_id=user_id,
+            key=self.key,
+            fp=fp,
+            status_code=status_code,
+            response=reply,
+            cipher=self.cipher,
+            resource=self.resource,
+        )
         try:
             await self.tx.commit()
         except IntegrityError:
@@ -183,7 +198,10 @@ class Idempotent:
 
 
 async def idempotent(
-    request: Request, tx: TxDep, actor: CurrentUser, state: StateDep,
+    request: Request,
+    tx: TxDep,
+    actor: CurrentUser,
+    state: StateDep,
     key: Annotated[str | None, Header(alias="Idempotency-Key", description="Replays the first reply for 24 h")] = None,
 ) -> Idempotent:
     # An async factory, not the class itself: FastAPI runs sync dependencies on a thread pool.

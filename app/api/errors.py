@@ -37,8 +37,15 @@ STATUS: dict[type[e.NephosError], int] = {
     e.Unavailable: 503,
 }
 
-_HTTP_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-               405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType"}
+_HTTP_CODES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+}
 
 
 class ErrorDetail(BaseModel):
@@ -57,7 +64,7 @@ _DESCRIPTIONS = {
     403: "Forbidden: not allowed for this role",
     404: "NotFound: missing, or not visible to the caller",
     409: "TaskPending, InvalidState, HostDown (host down: only destroy), Protected (EC2 termination or stop "
-         "protection is on), InUse, IdempotencyConflict or AlreadyExists",
+    "protection is on), InUse, IdempotencyConflict or AlreadyExists",
     413: "OverLimit: quota exceeded",
     422: "ValidationError: the request does not match the schema",
     503: "NoCapacity: no host can take the VM; or Unavailable: the database is restarting (retry after Retry-After)",
@@ -71,8 +78,9 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted({400, 401, 422, 503, *codes})}
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": jsonable_encoder(details or {})}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -122,17 +130,21 @@ def install(app: FastAPI) -> None:
             # middleware runs the request again; this 503 reaches the client only when every
             # attempt lost its race.
             log.warning("transaction aborted on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
-            return error_response(503, "Unavailable", "the request conflicted with concurrent ones; retry shortly",
-                                  headers={"Retry-After": "1", RETRY_HEADER.decode(): "1"})
+            return error_response(
+                503,
+                "Unavailable",
+                "the request conflicted with concurrent ones; retry shortly",
+                headers={"Retry-After": "1", RETRY_HEADER.decode(): "1"},
+            )
         if database_unavailable(exc):
             # PostgreSQL restarting or out of reach: the client may retry.
             log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-            return error_response(503, "Unavailable", "the database is unavailable; retry shortly",
-                                  headers={"Retry-After": "1"})
+            return error_response(
+                503, "Unavailable", "the database is unavailable; retry shortly", headers={"Retry-After": "1"}
+            )
         return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "InternalError", "an unexpected error occurred; it has been logged")
-

@@ -19,20 +19,23 @@ def _keypair(k: object, private_key: str | None = None) -> KeyPairOut:
 
 
 @router.post("/keypairs", status_code=201, response_model=KeyPairOut, responses=responses(400, 409))
-async def create_keypair(body: KeyPairCreate, tx: TxDep, actor: CurrentUser, idem: IdempotentDep
-                         ) -> JSONResponse:
+async def create_keypair(body: KeyPairCreate, tx: TxDep, actor: CurrentUser, idem: IdempotentDep) -> JSONResponse:
     """Import a public key, or generate a key pair and return its private key once."""
+
     async def make() -> KeyPairOut:
-        made = await keypairs.create(tx.session, actor=actor, name=body.name,
-                                     public_key=body.public_key, key_type=body.key_type)
+        made = await keypairs.create(
+            tx.session, actor=actor, name=body.name, public_key=body.public_key, key_type=body.key_type
+        )
         idem.created(keypairs.resource(made.keypair))
         return _keypair(made.keypair, made.private_key)
+
     return await idem.run(201, make)
 
 
 @router.get("/keypairs", response_model=Page[KeyPairOut], responses=responses(400))
-async def list_keypairs(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
-                        cursor: Cursor = None) -> Page[KeyPairOut]:
+async def list_keypairs(
+    tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[KeyPairOut]:
     """The project's key pairs (public parts)."""
     page = await keypairs.list_for(tx.session, actor=actor, limit=limit, cursor=cursor)
     return Page(items=[_keypair(k) for k in page.items], next_cursor=page.next_cursor)
@@ -45,22 +48,24 @@ async def delete_keypair(name: str, tx: TxDep, actor: CurrentUser) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/credentials/ec2", status_code=201, response_model=Ec2CredentialOut,
-             responses=responses(400, 409))
-async def create_ec2_credential(tx: TxDep, actor: CurrentUser, state: StateDep, idem: IdempotentDep
-                                ) -> JSONResponse:
+@router.post("/credentials/ec2", status_code=201, response_model=Ec2CredentialOut, responses=responses(400, 409))
+async def create_ec2_credential(tx: TxDep, actor: CurrentUser, state: StateDep, idem: IdempotentDep) -> JSONResponse:
     """A new EC2 access key; its secret is shown in this reply only."""
+
     async def make() -> Ec2CredentialOut:
         made = await accounts.create_ec2_credential(tx.session, actor=actor, cipher=state.cipher)
         idem.created(accounts.credential_resource(made.credential.access_key))
-        return Ec2CredentialOut(access_key=made.credential.access_key,
-                                created_at=made.credential.created_at, secret_key=made.secret_key)
+        return Ec2CredentialOut(
+            access_key=made.credential.access_key, created_at=made.credential.created_at, secret_key=made.secret_key
+        )
+
     return await idem.run(201, make)
 
 
 @router.get("/credentials/ec2", response_model=Page[Ec2CredentialOut], responses=responses(400))
-async def list_ec2_credentials(tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT,
-                               cursor: Cursor = None) -> Page[Ec2CredentialOut]:
+async def list_ec2_credentials(
+    tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[Ec2CredentialOut]:
     """The caller's EC2 access keys (never their secrets)."""
     page = await accounts.list_ec2_credentials(tx.session, actor=actor, limit=limit, cursor=cursor)
     items = [Ec2CredentialOut(access_key=c.access_key, created_at=c.created_at) for c in page.items]

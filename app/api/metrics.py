@@ -15,13 +15,16 @@ router = APIRouter(tags=["health"], route_class=CommittingRoute)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format; no token (scrapers), nothing secret in it."""
     registry = CollectorRegistry()
-    findings = Gauge("nephos_drift_findings", "Findings of the last reconciliation pass, per kind", ["kind"],
-                     registry=registry)
-    last_pass = Gauge("nephos_drift_last_pass_timestamp_seconds", "When the last reconciliation pass started",
-                      registry=registry)
+    findings = Gauge(
+        "nephos_drift_findings", "Findings of the last reconciliation pass, per kind", ["kind"], registry=registry
+    )
+    last_pass = Gauge(
+        "nephos_drift_last_pass_timestamp_seconds", "When the last reconciliation pass started", registry=registry
+    )
     duration = Gauge("nephos_drift_last_pass_duration_seconds", "How long it took", registry=registry)
-    unreachable = Gauge("nephos_drift_unreachable_hosts", "Hosts it could not judge (no fresh inventory)",
-                        registry=registry)
+    unreachable = Gauge(
+        "nephos_drift_unreachable_hosts", "Hosts it could not judge (no fresh inventory)", registry=registry
+    )
     hosts_up = Gauge("nephos_hosts_up", "Hosts whose agent is alive", registry=registry)
     async with state.sessions() as session:
         last = await reconcile.latest(session)

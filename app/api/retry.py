@@ -44,8 +44,13 @@ class RetryTransactions:
             retry = await self._attempt(dict(scope), body, receive, send, last)
             if not retry:
                 return
-            log.info("%s %s: transaction lost a race (attempt %d of %d); running it again",
-                     scope.get("method"), scope.get("path"), attempt, self.attempts)
+            log.info(
+                "%s %s: transaction lost a race (attempt %d of %d); running it again",
+                scope.get("method"),
+                scope.get("path"),
+                attempt,
+                self.attempts,
+            )
             await asyncio.sleep(self.pause * attempt * (0.5 + random.random()))
 
     async def _attempt(self, scope: Scope, body: bytes, receive: Receive, send: Send, last: bool) -> bool:

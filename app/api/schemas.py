@@ -63,17 +63,31 @@ class Page(BaseModel, Generic[T]):
 
 # -- servers ------------------------------------------------------------------------
 
+
 def _one_of_each(*pairs: tuple[str, str]) -> dict[str, Any]:
     """JSON Schema for "give this field or that one", for each pair (a name, or its id)."""
-    return {"allOf": [{"anyOf": [{"required": [a], "properties": {a: {"type": "string", "minLength": 1}}},
-                                 {"required": [b], "properties": {b: {"type": "string", "minLength": 1}}}]}
-                      for a, b in pairs]}
+    return {
+        "allOf": [
+            {
+                "anyOf": [
+                    {"required": [a], "properties": {a: {"type": "string", "minLength": 1}}},
+                    {"required": [b], "properties": {b: {"type": "string", "minLength": 1}}},
+                ]
+            }
+            for a, b in pairs
+        ]
+    }
 
 
 class ServerCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "web-1", "flavor": "small", "image": "debian-12"},
-    ], **_one_of_each(("flavor", "flavor_id"), ("image", "image_id"))})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "web-1", "flavor": "small", "image": "debian-12"},
+            ],
+            **_one_of_each(("flavor", "flavor_id"), ("image", "image_id")),
+        }
+    )
 
     name: Name
     flavor_id: Id | None = None
@@ -123,8 +137,9 @@ class ServerOut(BaseModel):
     @classmethod
     def of(cls, s: Any, labels: Labels) -> ServerOut:
         data = {name: getattr(s, name) for name in cls.model_fields if name not in ("metadata", "flavor", "image")}
-        return cls(metadata=s.meta, flavor=labels.flavors.get(s.flavor_id, ""), image=labels.images.get(s.image_id, ""),
-                   **data)
+        return cls(
+            metadata=s.meta, flavor=labels.flavors.get(s.flavor_id, ""), image=labels.images.get(s.image_id, ""), **data
+        )
 
 
 class ServersCreated(BaseModel):
@@ -133,9 +148,13 @@ class ServersCreated(BaseModel):
 
 
 class ServerPatch(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "web-2", "description": "the second web server", "metadata": {"team": "web"}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "web-2", "description": "the second web server", "metadata": {"team": "web"}},
+            ]
+        }
+    )
 
     name: Name | None = None
     description: str | None = Field(default=None, max_length=4096)
@@ -143,8 +162,10 @@ class ServerPatch(Strict):
 
 
 class JobAccepted(BaseModel):
-    job_id: uuid.UUID | None = Field(description="The action's job; for a DELETE of a server already destroyed, "
-                                                 "the job that destroyed it (null when none did: reconciliation)")
+    job_id: uuid.UUID | None = Field(
+        description="The action's job; for a DELETE of a server already destroyed, "
+        "the job that destroyed it (null when none did: reconciliation)"
+    )
 
 
 class StartAction(Strict):
@@ -183,18 +204,27 @@ class ConsoleAction(Strict):
 
 
 class RebootAction(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "reboot", "hard": False},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "reboot", "hard": False},
+            ]
+        }
+    )
 
     action: Literal["reboot"]
     hard: bool = False
 
 
 class ResizeAction(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "resize", "flavor": "medium"},
-    ], **_one_of_each(("flavor", "flavor_id"))})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "resize", "flavor": "medium"},
+            ],
+            **_one_of_each(("flavor", "flavor_id")),
+        }
+    )
 
     action: Literal["resize"]
     flavor_id: Id | None = None
@@ -208,26 +238,38 @@ class ResizeAction(Strict):
 
 
 class MigrateAction(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "migrate"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "migrate"},
+            ]
+        }
+    )
 
     action: Literal["migrate"]
     host: str | None = Field(default=None, description="Target host; chosen by placement if null")
 
 
 class LiveMigrateAction(MigrateAction):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "live_migrate"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "live_migrate"},
+            ]
+        }
+    )
 
     action: Literal["live_migrate"]  # type: ignore[assignment]
 
 
 class SaveImageAction(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"action": "save_image", "image_name": "web-1-snapshot"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "save_image", "image_name": "web-1-snapshot"},
+            ]
+        }
+    )
 
     action: Literal["save_image"]
     image_name: Name
@@ -235,8 +277,18 @@ class SaveImageAction(Strict):
 
 # One schema per action name, so the discriminator's mapping is one to one.
 ActionBody = Annotated[
-    StartAction | StopAction | SuspendAction | ResumeAction | ReleaseAction | DestroyAction | ConsoleAction
-    | RebootAction | ResizeAction | MigrateAction | LiveMigrateAction | SaveImageAction,
+    StartAction
+    | StopAction
+    | SuspendAction
+    | ResumeAction
+    | ReleaseAction
+    | DestroyAction
+    | ConsoleAction
+    | RebootAction
+    | ResizeAction
+    | MigrateAction
+    | LiveMigrateAction
+    | SaveImageAction,
     Field(discriminator="action"),
 ]
 
@@ -272,13 +324,15 @@ class JobOut(BaseModel):
     error: str | None
     host: str | None
     domain_state: str | None = Field(description="The domain's state as the agent saw it after the job")
-    details: dict[str, Any] | None = Field(description="What the agent reported of the job (a console's port, a saved "
-                                                       "image's size, a forced stop)")
+    details: dict[str, Any] | None = Field(
+        description="What the agent reported of the job (a console's port, a saved image's size, a forced stop)"
+    )
     created_at: datetime
     finished_at: datetime | None
 
 
 # -- catalogue and quotas --------------------------------------------------------------
+
 
 class FlavorOut(BaseModel):
     id: uuid.UUID
@@ -290,9 +344,13 @@ class FlavorOut(BaseModel):
 
 
 class FlavorCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "xlarge", "vcpus": 8, "ram_mb": 16384, "disk_gb": 160},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "xlarge", "vcpus": 8, "ram_mb": 16384, "disk_gb": 160},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
     vcpus: Int = Field(gt=0, le=1024)
@@ -314,9 +372,13 @@ class ImageOut(BaseModel):
 
 
 class ImageCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "alpine-3.20", "is_public": True, "disk_format": "qcow2"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "alpine-3.20", "is_public": True, "disk_format": "qcow2"},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     is_public: bool = True
@@ -348,10 +410,15 @@ class QuotasOut(BaseModel):
 
 # -- key pairs and credentials ------------------------------------------------------------
 
+
 class KeyPairCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "laptop"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "laptop"},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.@ -]+$")]
     public_key: str | None = Field(default=None, max_length=16384)
@@ -396,18 +463,26 @@ assert set(Quotas.model_fields) == set(RESOURCES)  # one resource list: the oper
 
 
 class ProjectCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "lab", "quotas": {"vm": 10, "cpu": 20}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "lab", "quotas": {"vm": 10, "cpu": 20}},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     quotas: Quotas = Quotas()
 
 
 class ProjectPatch(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"quotas": {"vm": 50}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"quotas": {"vm": 50}},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     quotas: Quotas | None = None
@@ -421,9 +496,13 @@ class ProjectOut(BaseModel):
 
 
 class UserCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "alice", "email": "alice@example.org", "role": "user"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "alice", "email": "alice@example.org", "role": "user"},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     email: str = Field(default="", max_length=256)
@@ -457,9 +536,13 @@ class HostOut(BaseModel):
 
 
 class HostCreate(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"name": "hv-9", "zone": "default", "cpus": 32, "ram_mb": 131072},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "hv-9", "zone": "default", "cpus": 32, "ram_mb": 131072},
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     zone: Annotated[str, Field(min_length=1, max_length=64)] = "default"
@@ -470,9 +553,13 @@ class HostCreate(Strict):
 
 
 class HostPatch(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"state": "disabled"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"state": "disabled"},
+            ]
+        }
+    )
 
     state: Literal["up", "down", "disabled"]
 
@@ -484,27 +571,39 @@ class Health(BaseModel):
 
 
 class ReconcileRequest(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"fix": False, "wait": 10},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"fix": False, "wait": 10},
+            ]
+        }
+    )
 
     fix: bool = Field(default=False, description="Repair what is found (dry run when false)")
     wait: float = Field(default=10.0, ge=0, le=120, description="Seconds to wait for fresh inventories")
 
 
 class DomainAdopt(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"image": "debian-12"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"image": "debian-12"},
+            ]
+        }
+    )
 
-    project_id: Id | None = Field(default=None, description="The project the domain's VM will belong to; "
-                                                                  "by default the admin's own")
-    image: str = Field(min_length=1, max_length=255, description="Name of the image the VM is recorded with",
-                       examples=["debian-12"])
-    flavor: str | None = Field(default=None, max_length=255,
-                               description="Flavor name; by default the one of the domain's size")
-    name: str | None = Field(default=None, min_length=1, max_length=255,
-                             description="The VM's name; by default the domain's")
+    project_id: Id | None = Field(
+        default=None, description="The project the domain's VM will belong to; by default the admin's own"
+    )
+    image: str = Field(
+        min_length=1, max_length=255, description="Name of the image the VM is recorded with", examples=["debian-12"]
+    )
+    flavor: str | None = Field(
+        default=None, max_length=255, description="Flavor name; by default the one of the domain's size"
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=255, description="The VM's name; by default the domain's"
+    )
 
 
 class DomainDestroyed(BaseModel):
@@ -518,9 +617,10 @@ class ReconcileReport(BaseModel):
     stale: list[dict[str, Any]] = Field(description="VMs the database places on a host that does not have them")
     orphans: list[dict[str, Any]] = Field(
         description="Domains on a host that no live VM owns there: host, domain_name, domain_uuid, state, owned "
-                    "(carries Nephos's mark), server_id and operstate (of the VM it was made for, when owned). "
-                    "The fix destroys only an owned one whose VM is DESTROYED; any other is left to an admin "
-                    "(POST /admin/hosts/{host}/domains/{uuid}/destroy or /adopt)")
+        "(carries Nephos's mark), server_id and operstate (of the VM it was made for, when owned). "
+        "The fix destroys only an owned one whose VM is DESTROYED; any other is left to an admin "
+        "(POST /admin/hosts/{host}/domains/{uuid}/destroy or /adopt)"
+    )
     unsynced_operstate: list[dict[str, Any]]
     unsynced_flavor: list[dict[str, Any]]
     stuck_tasks: list[dict[str, Any]] = Field(description="Jobs past their deadline")

@@ -34,32 +34,45 @@ from app.models import Job
 router = APIRouter(prefix="/api/v1/servers", tags=["servers"], route_class=CommittingRoute)
 
 
-@router.post("", status_code=202, response_model=ServersCreated,
-             responses=responses(400, 409, 413, 503))
-async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem: IdempotentDep
-                        ) -> JSONResponse:
+@router.post("", status_code=202, response_model=ServersCreated, responses=responses(400, 409, 413, 503))
+async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem: IdempotentDep) -> JSONResponse:
     """Create one VM or `count` VMs (all or none); each gets a BUILD job unless held."""
+
     async def make() -> ServersCreated:
-        created = await servers.create(tx.session, tx.outbox, actor=actor,
-                                       spec=servers.CreateSpec(**body.model_dump()))
+        created = await servers.create(tx.session, tx.outbox, actor=actor, spec=servers.CreateSpec(**body.model_dump()))
         labels = await catalogue.labels(tx.session, [c.server for c in created])
-        return ServersCreated(servers=[ServerOut.of(c.server, labels) for c in created],
-                              job_ids=[c.job.id for c in created if c.job is not None])
+        return ServersCreated(
+            servers=[ServerOut.of(c.server, labels) for c in created],
+            job_ids=[c.job.id for c in created if c.job is not None],
+        )
+
     return await idem.run(202, make)
 
 
 @router.get("", response_model=Page[ServerOut], responses=responses(400, 403))
 async def list_servers(
-    tx: TxDep, actor: CurrentUser,
-    operstate: Operstate | None = None, name: str | None = None, zone: str | None = None,
+    tx: TxDep,
+    actor: CurrentUser,
+    operstate: Operstate | None = None,
+    name: str | None = None,
+    zone: str | None = None,
     host: Annotated[str | None, Query(description="Admin only")] = None,
-    user_id: uuid.UUID | None = None, changes_since: Since = None,
+    user_id: uuid.UUID | None = None,
+    changes_since: Since = None,
     all_projects: Annotated[bool, Query(description="Admin only: every project's servers")] = False,
-    limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None,
+    limit: PageLimit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ) -> Page[ServerOut]:
     """List servers, oldest first; destroyed ones only with `operstate=DESTROYED`."""
-    filters = servers.ListFilter(operstate=operstate, name=name, zone=zone, host=host, user_id=user_id,
-                                 changes_since=changes_since, all_projects=all_projects)
+    filters = servers.ListFilter(
+        operstate=operstate,
+        name=name,
+        zone=zone,
+        host=host,
+        user_id=user_id,
+        changes_since=changes_since,
+        all_projects=all_projects,
+    )
     page = await servers.list_servers(tx.session, actor=actor, filters=filters, limit=limit, cursor=cursor)
     labels = await catalogue.labels(tx.session, page.items)
     return Page(items=[ServerOut.of(s, labels) for s in page.items], next_cursor=page.next_cursor)
@@ -88,19 +101,30 @@ async def delete_server(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> 
 
 
 @router.post(
-    "/{server_id}/actions", status_code=202,
-    responses={**responses(400, 403, 404, 409, 413, 503),
-               202: {"model": JobAccepted, "description": "The action's job was accepted"},
-               200: {"model": ConsoleOut, "description": "console: VNC connection details"}},
+    "/{server_id}/actions",
+    status_code=202,
+    responses={
+        **responses(400, 403, 404, 409, 413, 503),
+        202: {"model": JobAccepted, "description": "The action's job was accepted"},
+        200: {"model": ConsoleOut, "description": "console: VNC connection details"},
+    },
 )
-async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()], tx: TxDep,
-                        actor: CurrentUser, idem: IdempotentDep, state: StateDep) -> JSONResponse:
+async def server_action(
+    server_id: uuid.UUID,
+    body: Annotated[ActionBody, Body()],
+    tx: TxDep,
+    actor: CurrentUser,
+    idem: IdempotentDep,
+    state: StateDep,
+) -> JSONResponse:
     """Run a lifecycle action; 202 with its job, or 200 with VNC details for `console`."""
     s, o, sid = tx.session, tx.outbox, server_id
     if body.action == "console":
+
         async def console() -> ConsoleOut:
             c = await actions.console(s, o, actor=actor, server_id=sid, cipher=state.cipher)
             return ConsoleOut(host=c.host, port=c.port, password=c.password, url=c.url, job_id=c.job.id)
+
         return await idem.run(200, console)
 
     async def act() -> JobAccepted:
@@ -108,22 +132,24 @@ async def server_action(server_id: uuid.UUID, body: Annotated[ActionBody, Body()
         if isinstance(body, RebootAction):
             job = await actions.reboot(s, o, actor=actor, server_id=sid, hard=body.hard)
         elif isinstance(body, ResizeAction):
-            job = await actions.resize(s, o, actor=actor, server_id=sid, flavor_id=body.flavor_id,
-                                       flavor=body.flavor)
+            job = await actions.resize(s, o, actor=actor, server_id=sid, flavor_id=body.flavor_id, flavor=body.flavor)
         elif isinstance(body, MigrateAction):
-            job = await actions.migrate(s, o, actor=actor, server_id=sid, host=body.host,
-                                        live=isinstance(body, LiveMigrateAction))
+            job = await actions.migrate(
+                s, o, actor=actor, server_id=sid, host=body.host, live=isinstance(body, LiveMigrateAction)
+            )
         elif isinstance(body, SaveImageAction):
             job = await actions.save_image(s, o, actor=actor, server_id=sid, image_name=body.image_name)
         else:
             job = await actions.run(Action(body.action), s, o, actor=actor, server_id=sid)
         return JobAccepted(job_id=job.id if job is not None else None)
+
     return await idem.run(202, act)
 
 
 @router.get("/{server_id}/events", response_model=Page[EventOut], responses=responses(400, 404))
-async def server_events(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser,
-                        limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None) -> Page[EventOut]:
+async def server_events(
+    server_id: uuid.UUID, tx: TxDep, actor: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> Page[EventOut]:
     """The server's history, oldest first: actions, job outcomes, out-of-band changes."""
     await servers.get(tx.session, actor=actor, server_id=server_id)
     page = await events.list_for(tx.session, server_id, limit=limit, cursor=cursor)

@@ -70,9 +70,19 @@ def register_event_loop_impl() -> None:
 
 
 class Agent:
-    def __init__(self, *, host: str, zone: str, driver: Driver, bus: Bus, heartbeat_interval: float = 3.0,
-                 inventory_interval: float = 30.0, migration_uri: str | None = None,
-                 peer_timeout: float = 60.0, running_after: float = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        zone: str,
+        driver: Driver,
+        bus: Bus,
+        heartbeat_interval: float = 3.0,
+        inventory_interval: float = 30.0,
+        migration_uri: str | None = None,
+        peer_timeout: float = 60.0,
+        running_after: float = 0.5,
+    ) -> None:
         self.host, self.zone, self.driver, self.bus = host, zone, driver, bus
         self.heartbeat_interval, self.inventory_interval = heartbeat_interval, inventory_interval
         self.migration_uri, self.peer_timeout, self.running_after = migration_uri, peer_timeout, running_after
@@ -95,14 +105,18 @@ class Agent:
         self.cpus, self.ram_mb = await self.driver.capacity()
         assert self.driver.conn is not None
         self._callback_id = self.driver.conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        )
         await self.heartbeat()
         await self.publish_inventory()
         await self.bus.consume_jobs(self.host, self.handle)
-        self._loops = [asyncio.create_task(self._every(self.heartbeat_interval, self.heartbeat)),
-                       asyncio.create_task(self._every(self.inventory_interval, self.publish_inventory))]
-        log.info("agent for %s (%s) up: %d CPUs, %d MiB on %s", self.host, self.zone, self.cpus, self.ram_mb,
-                 self.driver.uri)
+        self._loops = [
+            asyncio.create_task(self._every(self.heartbeat_interval, self.heartbeat)),
+            asyncio.create_task(self._every(self.inventory_interval, self.publish_inventory)),
+        ]
+        log.info(
+            "agent for %s (%s) up: %d CPUs, %d MiB on %s", self.host, self.zone, self.cpus, self.ram_mb, self.driver.uri
+        )
 
     async def stop(self) -> None:
         for task in self._loops:
@@ -122,15 +136,35 @@ class Agent:
                 log.warning("periodic %s failed", getattr(fn, "__name__", fn), exc_info=True)
 
     async def heartbeat(self) -> None:
-        await self.bus.publish_result(encode(Heartbeat(
-            host=self.host, zone=self.zone, cpus=self.cpus, ram_mb=self.ram_mb, sent_at=datetime.now(UTC),
-            migration_uri=self.migration_uri, hypervisor=self.driver.hypervisor)))
+        await self.bus.publish_result(
+            encode(
+                Heartbeat(
+                    host=self.host,
+                    zone=self.zone,
+                    cpus=self.cpus,
+                    ram_mb=self.ram_mb,
+                    sent_at=datetime.now(UTC),
+                    migration_uri=self.migration_uri,
+                    hypervisor=self.driver.hypervisor,
+                )
+            )
+        )
 
     async def publish_inventory(self, request_id: str | None = None) -> None:
         domains = await self.driver.domains()
-        await self.bus.publish_result(encode(Inventory(
-            host=self.host, zone=self.zone, cpus=self.cpus, ram_mb=self.ram_mb, domains=domains,
-            taken_at=datetime.now(UTC), request_id=request_id)))
+        await self.bus.publish_result(
+            encode(
+                Inventory(
+                    host=self.host,
+                    zone=self.zone,
+                    cpus=self.cpus,
+                    ram_mb=self.ram_mb,
+                    domains=domains,
+                    taken_at=datetime.now(UTC),
+                    request_id=request_id,
+                )
+            )
+        )
 
     # -- unsolicited changes ------------------------------------------------------------------
     def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
@@ -149,11 +183,15 @@ class Agent:
             state = await self.driver.state(server_id)
             if server_id in self._busy:
                 return
-            await self.bus.publish_result(encode(StateChange(
-                server_id=server_id, host=self.host, domain_state=state, seq=self.next_seq(), reason=reason)))
+            await self.bus.publish_result(
+                encode(
+                    StateChange(
+                        server_id=server_id, host=self.host, domain_state=state, seq=self.next_seq(), reason=reason
+                    )
+                )
+            )
         except Exception:
-            log.warning("could not report a state change of %s: the next inventory will", server_id,
-                        exc_info=True)
+            log.warning("could not report a state change of %s: the next inventory will", server_id, exc_info=True)
 
     # -- jobs ---------------------------------------------------------------------------------
     async def handle(self, body: bytes) -> None:
@@ -175,8 +213,13 @@ class Agent:
                 waiter.set_result(message)
 
     async def _status(self, job: JobMessage, status: str, **kw: Any) -> None:
-        await self.bus.publish_result(encode(JobStatus(job_id=job.job_id, server_id=job.server_id, host=self.host,
-                                                       status=status, seq=self.next_seq(), **kw)))
+        await self.bus.publish_result(
+            encode(
+                JobStatus(
+                    job_id=job.job_id, server_id=job.server_id, host=self.host, status=status, seq=self.next_seq(), **kw
+                )
+            )
+        )
 
     async def run_job(self, job: JobMessage) -> None:
         if job.host != self.host:
@@ -203,8 +246,9 @@ class Agent:
                 # (idempotent), and its result is published then.
                 if job.params.get("purge"):
                     details = {**details, "purge": True}
-                await self._status(job, "ERROR" if error else "SUCCESS", error=error, domain_state=state,
-                                   details=details)
+                await self._status(
+                    job, "ERROR" if error else "SUCCESS", error=error, domain_state=state, details=details
+                )
             finally:
                 running.cancel()
                 self._busy.discard(job.server_id)
@@ -250,9 +294,18 @@ class Agent:
         waiter: asyncio.Future[PeerAck] = asyncio.get_running_loop().create_future()
         self._peers[job.job_id] = waiter
         try:
-            await self.bus.publish_job(target, encode(PeerTransfer(
-                job_id=job.job_id, server_id=job.server_id, source=self.host, domain_xml=domain_xml,
-                start=running)))
+            await self.bus.publish_job(
+                target,
+                encode(
+                    PeerTransfer(
+                        job_id=job.job_id,
+                        server_id=job.server_id,
+                        source=self.host,
+                        domain_xml=domain_xml,
+                        start=running,
+                    )
+                ),
+            )
             ack = await asyncio.wait_for(waiter, self.peer_timeout)
         except TimeoutError:
             message = f"host {target} did not take the domain within {self.peer_timeout:.0f}s"

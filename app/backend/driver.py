@@ -58,9 +58,11 @@ def _silence_libvirt_stderr() -> None:
 
 def test_node_xml(cpus: int, ram_mb: int) -> str:
     """A private node for libvirt's test driver with this many CPUs and this much memory."""
-    return (f"<node><cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active><nodes>1</nodes>"
-            f"<sockets>1</sockets><cores>{cpus}</cores><threads>1</threads></cpu>"
-            f"<memory>{ram_mb * 1024}</memory></node>")
+    return (
+        f"<node><cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active><nodes>1</nodes>"
+        f"<sockets>1</sockets><cores>{cpus}</cores><threads>1</threads></cpu>"
+        f"<memory>{ram_mb * 1024}</memory></node>"
+    )
 
 
 _DOMAIN = re.compile(r"<domain\b.*?</domain>", re.S)
@@ -83,8 +85,15 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class Driver:
-    def __init__(self, uri: str, *, vnc_listen: str = "127.0.0.1", image_dir: Path | None = None,
-                 instance_dir: Path | None = None, stop_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        vnc_listen: str = "127.0.0.1",
+        image_dir: Path | None = None,
+        instance_dir: Path | None = None,
+        stop_timeout: float = 60.0,
+    ) -> None:
         self.uri = uri
         self.vnc_listen = vnc_listen
         self.image_dir = image_dir or Path("/var/lib/nephos/images")
@@ -130,6 +139,7 @@ class Driver:
                     xml = re.sub(r"^<domain ([^>]*)>", rf"<domain \1 xmlns:test='{_TEST_NS}'>", xml.strip(), count=1)
                     kept.append(xml.replace("</domain>", f"<test:runstate>{state}</test:runstate></domain>"))
             _write_atomically(path, node.replace("</node>", "".join(kept) + "</node>"))
+
         await self._call(write)
 
     async def close(self) -> None:
@@ -189,9 +199,18 @@ class Driver:
                 with contextlib.suppress(libvirt.libvirtError, ValueError):  # vanished while listed
                     info = dom.info()
                     sid = uuid.UUID(dom.UUIDString())
-                    out.append(DomainInfo(server_id=sid, state=self._state(dom), vcpus=int(info[3]),
-                                          ram_mb=int(info[1]) // 1024, name=dom.name(), owned=self._marked(dom, sid)))
+                    out.append(
+                        DomainInfo(
+                            server_id=sid,
+                            state=self._state(dom),
+                            vcpus=int(info[3]),
+                            ram_mb=int(info[1]) // 1024,
+                            name=dom.name(),
+                            owned=self._marked(dom, sid),
+                        )
+                    )
             return out
+
         return await self._call(read)  # type: ignore[no-any-return]
 
     # -- building --------------------------------------------------------------------------
@@ -242,8 +261,22 @@ class Driver:
         overlay = self.instance_dir / f"{server_id}.qcow2"
         if not overlay.exists():
             self.instance_dir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay),
-                            f"{int(p.get('disk_gb') or 1)}G"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    str(base),
+                    str(overlay),
+                    f"{int(p.get('disk_gb') or 1)}G",
+                ],
+                check=True,
+                capture_output=True,
+            )
         return str(overlay)
 
     # -- actions (each returns details for the job's result) -------------------------------------
@@ -256,6 +289,7 @@ class Driver:
             if not dom.isActive():
                 dom.create()
             return {}
+
         return await self._call(run)  # type: ignore[no-any-return]
 
     def _need(self, server_id: uuid.UUID) -> libvirt.virDomain:
@@ -269,6 +303,7 @@ class Driver:
             dom = self._need(server_id)
             if not dom.isActive():
                 dom.create()
+
         await self._call(run)
         return {}
 
@@ -298,6 +333,7 @@ class Driver:
                 dom.reset(0)
             else:
                 dom.reboot(0)
+
         await self._call(run)
         return {}
 
@@ -306,6 +342,7 @@ class Driver:
             dom = self._need(server_id)
             if self._state(dom) != "paused":
                 dom.suspend()
+
         await self._call(run)
         return {}
 
@@ -314,6 +351,7 @@ class Driver:
             dom = self._need(server_id)
             if self._state(dom) == "paused":
                 dom.resume()
+
         await self._call(run)
         return {}
 
@@ -327,6 +365,7 @@ class Driver:
             dom.setVcpusFlags(vcpus, config)
             dom.setMemoryFlags(kib, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
             dom.setMemoryFlags(kib, config)
+
         await self._call(run)
         return {"vcpus": vcpus, "ram_mb": kib // 1024}
 
@@ -351,6 +390,7 @@ class Driver:
                     raise
             self.conn.defineXML(ET.tostring(root, encoding="unicode"))
             return {"port": int(graphics.get("port", "0") or 0)}
+
         return await self._call(run)  # type: ignore[no-any-return]
 
     async def save_image(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
@@ -362,8 +402,12 @@ class Driver:
         target = self.image_dir / f"{p['image_id']}.qcow2"
         if not target.exists():
             tmp = target.with_suffix(".part")
-            await asyncio.to_thread(subprocess.run, ["qemu-img", "convert", "-O", "qcow2", str(source), str(tmp)],
-                                    check=True, capture_output=True)
+            await asyncio.to_thread(
+                subprocess.run,
+                ["qemu-img", "convert", "-O", "qcow2", str(source), str(tmp)],
+                check=True,
+                capture_output=True,
+            )
             os.replace(tmp, target)
         return {"image_id": p["image_id"], "size_bytes": target.stat().st_size}
 
@@ -376,6 +420,7 @@ class Driver:
                 dom.destroy()
             flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             dom.undefineFlags(flags)
+
         await self._call(run)
         if not self.simulated:
             with contextlib.suppress(FileNotFoundError):
@@ -384,11 +429,14 @@ class Driver:
 
     async def mark(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
         """An admin adopted this domain into a project: it carries Nephos's mark from now on."""
+
         def run() -> None:
             dom = self._need(server_id)
             flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<vm><server>{server_id}</server></vm>",
-                            "nephos", NS, flags)
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<vm><server>{server_id}</server></vm>", "nephos", NS, flags
+            )
+
         await self._call(run)
         return {}
 
@@ -413,10 +461,12 @@ class Driver:
             dom = self._lookup(server_id)
             if dom is not None:
                 dom.migrateToURI3(target_uri, {}, flags)
+
         await self._call(run)
 
     async def export(self, server_id: uuid.UUID, vnc_port: int | None) -> tuple[str, bool] | None:
         """The definition to hand to a peer (with the port it will use there), and whether it runs."""
+
         def run() -> tuple[str, bool] | None:
             dom = self._lookup(server_id)
             if dom is None:
@@ -427,6 +477,7 @@ class Driver:
                 graphics.set("port", str(vnc_port))
                 graphics.set("autoport", "no")
             return ET.tostring(root, encoding="unicode"), bool(dom.isActive())
+
         return await self._call(run)  # type: ignore[no-any-return]
 
     async def adopt(self, domain_xml: str, start: bool) -> None:
@@ -435,14 +486,17 @@ class Driver:
             dom = self.conn.defineXML(domain_xml)
             if start and not dom.isActive():
                 dom.create()
+
         await self._call(run)
 
     async def forget(self, server_id: uuid.UUID) -> None:
         """Drop the source copy after a peer adopted the domain (no disk to delete)."""
+
         def run() -> None:
             dom = self._lookup(server_id)
             if dom is not None:
                 if dom.isActive():
                     dom.destroy()
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+
         await self._call(run)

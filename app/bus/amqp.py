@@ -63,8 +63,7 @@ class AmqpBus(Bus):
         dlx = await channel.declare_exchange(f"{self.prefix}.dlx", aio_pika.ExchangeType.FANOUT, durable=True)
         dead = await channel.declare_queue(self.dead_queue, durable=True)
         await dead.bind(dlx)
-        self._jobs = await channel.declare_exchange(f"{self.prefix}.jobs", aio_pika.ExchangeType.DIRECT,
-                                                    durable=True)
+        self._jobs = await channel.declare_exchange(f"{self.prefix}.jobs", aio_pika.ExchangeType.DIRECT, durable=True)
         await channel.declare_queue(self.results_queue, durable=True, arguments=self._queue_args)
 
     async def close(self) -> None:
@@ -80,8 +79,12 @@ class AmqpBus(Bus):
     # -- publishing ----------------------------------------------------------------------
     @staticmethod
     def _message(body: bytes, message_id: str | None) -> aio_pika.Message:
-        return aio_pika.Message(body, message_id=message_id or uuid.uuid4().hex, content_type="application/json",
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        return aio_pika.Message(
+            body,
+            message_id=message_id or uuid.uuid4().hex,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
 
     async def _declare_host(self, host: str) -> None:
         if host in self._declared:
@@ -90,8 +93,9 @@ class AmqpBus(Bus):
             if host in self._declared:
                 return
             assert self._publish_channel is not None and self._jobs is not None
-            queue = await self._publish_channel.declare_queue(self.job_queue(host), durable=True,
-                                                              arguments=self._queue_args)
+            queue = await self._publish_channel.declare_queue(
+                self.job_queue(host), durable=True, arguments=self._queue_args
+            )
             await queue.bind(self._jobs, routing_key=host)
             self._declared.add(host)
 
@@ -108,8 +112,9 @@ class AmqpBus(Bus):
     async def publish_result(self, body: bytes, message_id: str | None = None) -> None:
         self._require()
         assert self._publish_channel is not None
-        await self._publish_channel.default_exchange.publish(self._message(body, message_id),
-                                                             routing_key=self.results_queue, mandatory=True)
+        await self._publish_channel.default_exchange.publish(
+            self._message(body, message_id), routing_key=self.results_queue, mandatory=True
+        )
 
     # -- consuming -----------------------------------------------------------------------
     async def _consume(self, queue_name: str, handler: Handler, bind_host: str | None = None) -> None:

@@ -64,8 +64,14 @@ class MemoryBus(Bus):
             delivery = await queue.get()
             self.spawn(self._deliver(name, queue, delivery, handler, slots))
 
-    async def _deliver(self, name: str, queue: asyncio.Queue[_Delivery], delivery: _Delivery,
-                       handler: Handler, slots: asyncio.Semaphore) -> None:
+    async def _deliver(
+        self,
+        name: str,
+        queue: asyncio.Queue[_Delivery],
+        delivery: _Delivery,
+        handler: Handler,
+        slots: asyncio.Semaphore,
+    ) -> None:
         try:
             outcome = await self.run_handler(handler, delivery.body, delivery.attempt, name)
         except asyncio.CancelledError:

@@ -32,13 +32,24 @@ log = logging.getLogger("nephos.outbox")
 def job_message(job: Job, cipher: Fernet) -> JobMessage:
     """The message for the job's agent, with the parameters the row keeps sealed opened."""
     assert job.host is not None
-    return JobMessage(job_id=job.id, server_id=job.server_id, action=job.action, host=job.host,
-                      params=jobs.unsealed(job.params, cipher))
+    return JobMessage(
+        job_id=job.id,
+        server_id=job.server_id,
+        action=job.action,
+        host=job.host,
+        params=jobs.unsealed(job.params, cipher),
+    )
 
 
 class OutboxPublisher:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, cipher: Callable[[], Fernet], *,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        bus: Bus,
+        cipher: Callable[[], Fernet],
+        *,
+        timeout: float = 5.0,
+    ) -> None:
         # The server key opens the parameters a job row keeps sealed; asked for when first needed.
         self.sessions, self.bus, self._cipher, self.timeout = sessions, bus, cipher, timeout
         self._submitted: list[uuid.UUID] = []
@@ -83,8 +94,7 @@ class OutboxPublisher:
             except SQLAlchemyError:
                 # Sent, but not marked: the sweeper sends them again, and agents treat a
                 # repeated job as done. Never an error for the request that committed them.
-                log.warning("could not mark %d jobs SENT; the sweeper will resend them", len(confirmed),
-                            exc_info=True)
+                log.warning("could not mark %d jobs SENT; the sweeper will resend them", len(confirmed), exc_info=True)
         return len(confirmed)
 
     async def _send(self, job: Job) -> bool:

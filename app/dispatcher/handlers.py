@@ -45,8 +45,14 @@ class Dispatcher:
             if message.status == "RUNNING":
                 return "running" if await jobs.mark_running(session, job_id=message.job_id) else "ignored"
             outcome = await results.apply_result(
-                session, job_id=message.job_id, success=message.status == "SUCCESS", error=message.error,
-                seq=message.seq, details=message.details, domain_state=message.domain_state)
+                session,
+                job_id=message.job_id,
+                success=message.status == "SUCCESS",
+                error=message.error,
+                seq=message.seq,
+                details=message.details,
+                domain_state=message.domain_state,
+            )
             if outcome is results.Outcome.UNKNOWN:
                 if message.details.get("purge"):
                     return "purged"  # reconciliation destroyed an orphan: no job row to update
@@ -54,14 +60,28 @@ class Dispatcher:
                 raise Poison(f"result for unknown job {message.job_id}")
             return outcome.value
         if isinstance(message, StateChange):
-            return (await results.apply_state_change(session, server_id=message.server_id,
-                                                     observed=message.domain_state, seq=message.seq,
-                                                     reason=message.reason)).value
+            return (
+                await results.apply_state_change(
+                    session,
+                    server_id=message.server_id,
+                    observed=message.domain_state,
+                    seq=message.seq,
+                    reason=message.reason,
+                )
+            ).value
         if isinstance(message, Heartbeat):
-            await hosts.heartbeat(session, name=message.host, zone=message.zone, cpus=message.cpus,
-                                  ram_mb=message.ram_mb, at=message.sent_at, migration_uri=message.migration_uri,
-                                  hypervisor=message.hypervisor)
+            await hosts.heartbeat(
+                session,
+                name=message.host,
+                zone=message.zone,
+                cpus=message.cpus,
+                ram_mb=message.ram_mb,
+                at=message.sent_at,
+                migration_uri=message.migration_uri,
+                hypervisor=message.hypervisor,
+            )
             return "alive"
-        stored = await hosts.store_inventory(session, name=message.host, inventory=message.model_dump(mode="json"),
-                                             taken_at=message.taken_at)
+        stored = await hosts.store_inventory(
+            session, name=message.host, inventory=message.model_dump(mode="json"), taken_at=message.taken_at
+        )
         return "stored" if stored else "stale"

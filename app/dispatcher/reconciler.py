@@ -36,25 +36,35 @@ def _quiet(_phase: str, _done: int, _total: int) -> None:
     return None
 
 
-async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0,
-                progress: Progress = _quiet) -> reconcile.Report:
+async def fresh(
+    sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0, progress: Progress = _quiet
+) -> reconcile.Report:
     """Ask every host that is up for its inventory, wait for the answers (up to ``wait``
     seconds), then reconcile against them; a host that did not answer is reported."""
     started = utcnow()
     async with sessions() as session:
         # Hosts that are down (their agents silent) or whose agent never spoke (registered by
         # hand) are not waited for: they are reported as unreachable at once, never judged empty.
-        names = list(await session.scalars(sa.select(_hosts.c.name).where(
-            _hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None))))
+        names = list(
+            await session.scalars(
+                sa.select(_hosts.c.name).where(_hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None))
+            )
+        )
     for name in names:
         await bus.publish_job(name, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         async with sessions() as session:
-            behind = (await session.execute(
-                sa.select(sa.func.count()).select_from(_hosts).where(
-                    _hosts.c.name.in_(names),
-                    sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < started)))).scalar_one()
+            behind = (
+                await session.execute(
+                    sa.select(sa.func.count())
+                    .select_from(_hosts)
+                    .where(
+                        _hosts.c.name.in_(names),
+                        sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < started),
+                    )
+                )
+            ).scalar_one()
         progress("inventories", len(names) - behind, len(names))
         if not behind:
             break
@@ -75,12 +85,21 @@ async def fresh(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bo
 async def send_untracked(bus: Bus, host: str, domain_uuid: uuid.UUID, action: str) -> None:
     """A job with no row (reaping an orphan, marking an adopted domain): the agent runs it like
     any other, and the dispatcher drops its result (``purge``: no job to update)."""
-    await bus.publish_job(host, encode(JobMessage(job_id=uuid.uuid4(), server_id=domain_uuid, action=action,
-                                                  host=host, params={"purge": True})))
+    await bus.publish_job(
+        host,
+        encode(
+            JobMessage(job_id=uuid.uuid4(), server_id=domain_uuid, action=action, host=host, params={"purge": True})
+        ),
+    )
 
 
-async def run(sessions: async_sessionmaker[AsyncSession], *, fix: bool, fresh_since: datetime | None = None,
-              progress: Progress = _quiet) -> reconcile.Report:
+async def run(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    fix: bool,
+    fresh_since: datetime | None = None,
+    progress: Progress = _quiet,
+) -> reconcile.Report:
     async with sessions() as session:
         report = await reconcile.compare(session, fresh_since=fresh_since)
     if not fix:

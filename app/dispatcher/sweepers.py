@@ -42,9 +42,17 @@ async def resolve_deadlines(sessions: async_sessionmaker[AsyncSession]) -> deadl
 
 
 class Sweepers:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, outbox: OutboxPublisher, *,
-                 interval: float = 1.0, host_timeout: float = 15.0, resend_after: float = 3.0,
-                 reconcile_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        bus: Bus,
+        outbox: OutboxPublisher,
+        *,
+        interval: float = 1.0,
+        host_timeout: float = 15.0,
+        resend_after: float = 3.0,
+        reconcile_interval: float = 60.0,
+    ) -> None:
         self.sessions, self.bus, self.outbox = sessions, bus, outbox
         self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
         self.reconcile_interval = reconcile_interval
@@ -62,8 +70,9 @@ class Sweepers:
         while True:
             await asyncio.sleep(self.reconcile_interval)
             try:
-                report = await reconciler.periodic_pass(self.sessions, self.bus,
-                                                        wait=min(10.0, self.reconcile_interval / 2))
+                report = await reconciler.periodic_pass(
+                    self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2)
+                )
                 if not report.empty():
                     log.warning("reconciliation found drift %s and fixed it: %s", report.counts(), report.actions)
             except Exception:
@@ -91,5 +100,9 @@ class Sweepers:
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + 60.0
             purged = await self.purge()
-        return {"resent": sent, "hosts_down": len(down), "deadlines_resolved": len(passed.resolved),
-                "idempotency_purged": purged}
+        return {
+            "resent": sent,
+            "hosts_down": len(down),
+            "deadlines_resolved": len(passed.resolved),
+            "idempotency_purged": purged,
+        }

@@ -41,10 +41,11 @@ def new_token() -> str:
 async def authenticate(session: AsyncSession, token: str | None) -> Actor:
     if not token:
         raise Unauthorized("a bearer token is required")
-    row = (await session.execute(
-        sa.select(_users.c.id, _users.c.project_id, _users.c.role)
-        .where(_users.c.token_hash == hash_token(token))
-    )).first()
+    row = (
+        await session.execute(
+            sa.select(_users.c.id, _users.c.project_id, _users.c.role).where(_users.c.token_hash == hash_token(token))
+        )
+    ).first()
     if row is None:
         raise Unauthorized("unknown token")
     return Actor(user_id=row.id, project_id=row.project_id, is_admin=row.role == "admin")
@@ -52,8 +53,10 @@ async def authenticate(session: AsyncSession, token: str | None) -> Actor:
 
 # -- projects ------------------------------------------------------------------
 
-async def create_project(session: AsyncSession, *, actor: Actor, name: str,
-                         limits: dict[str, int] | None = None) -> Project:
+
+async def create_project(
+    session: AsyncSession, *, actor: Actor, name: str, limits: dict[str, int] | None = None
+) -> Project:
     require_admin(actor)
     project = Project(name=name)
     await insert_unique(session, project, f"project {name}")
@@ -68,8 +71,9 @@ async def get_project(session: AsyncSession, *, actor: Actor, project_id: uuid.U
     return project
 
 
-async def update_project(session: AsyncSession, *, actor: Actor, project_id: uuid.UUID,
-                         name: str | None, limits: dict[str, int] | None) -> Project:
+async def update_project(
+    session: AsyncSession, *, actor: Actor, project_id: uuid.UUID, name: str | None, limits: dict[str, int] | None
+) -> Project:
     require_admin(actor)
     project = await get_project(session, actor=actor, project_id=project_id)
     if name is not None and name != project.name:
@@ -82,8 +86,7 @@ async def update_project(session: AsyncSession, *, actor: Actor, project_id: uui
     return project
 
 
-async def list_projects(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
-                        ) -> Page[Project]:
+async def list_projects(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[Project]:
     require_admin(actor)
     table = table_of(Project)
     return await paginate(session, sa.select(Project), table.c.id, limit=limit, cursor=cursor)
@@ -95,14 +98,23 @@ async def find_project(session: AsyncSession, name: str) -> Project | None:
 
 # -- users -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class NewUser:
     user: User
     token: str
 
 
-async def create_user(session: AsyncSession, *, actor: Actor, name: str, email: str,
-                      project_id: uuid.UUID | None, role: str = "user", token: str | None = None) -> NewUser:
+async def create_user(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    name: str,
+    email: str,
+    project_id: uuid.UUID | None,
+    role: str = "user",
+    token: str | None = None,
+) -> NewUser:
     """A user of ``project_id`` (by default the admin's own project), with a new token."""
     require_admin(actor)
     project_id = project_id or actor.project_id
@@ -118,8 +130,7 @@ async def create_user(session: AsyncSession, *, actor: Actor, name: str, email: 
     return NewUser(user, token)
 
 
-async def list_users(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
-                     ) -> Page[User]:
+async def list_users(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[User]:
     require_admin(actor)
     return await paginate(session, sa.select(User), _users.c.id, limit=limit, cursor=cursor)
 
@@ -128,8 +139,7 @@ async def list_users(session: AsyncSession, *, actor: Actor, limit: int, cursor:
 BOOTSTRAP_ADMIN = "admin"
 
 
-async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: str | None
-                       ) -> NewUser | None:
+async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: str | None) -> NewUser | None:
     """The bootstrap admin: with ``token``, that admin exists with that token -- and with that one
     only: a bootstrap admin made earlier (a generated token, or another one set before) has its
     token replaced, so setting ``NEPHOS_ADMIN_TOKEN`` rotates it. Without one, an admin is made
@@ -139,9 +149,14 @@ async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: s
         if found is not None:
             found.role = "admin"
             return None
-        bootstrap = (await session.scalars(
-            sa.select(User).where(_users.c.role == "admin", _users.c.name == BOOTSTRAP_ADMIN)
-            .order_by(_users.c.created_at, _users.c.id).limit(1))).first()
+        bootstrap = (
+            await session.scalars(
+                sa.select(User)
+                .where(_users.c.role == "admin", _users.c.name == BOOTSTRAP_ADMIN)
+                .order_by(_users.c.created_at, _users.c.id)
+                .limit(1)
+            )
+        ).first()
         if bootstrap is not None:
             bootstrap.token_hash = hash_token(token)  # the old token stops working now
             return None
@@ -150,11 +165,13 @@ async def ensure_admin(session: AsyncSession, *, project_id: uuid.UUID, token: s
         if exists is not None:
             return None
     system = Actor(user_id=None, project_id=None, is_admin=True)
-    return await create_user(session, actor=system, name=BOOTSTRAP_ADMIN, email="", project_id=project_id,
-                             role="admin", token=token)
+    return await create_user(
+        session, actor=system, name=BOOTSTRAP_ADMIN, email="", project_id=project_id, role="admin", token=token
+    )
 
 
 # -- EC2 credentials ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class NewCredential:
@@ -165,28 +182,30 @@ class NewCredential:
 _ALNUM = string.ascii_uppercase + string.digits
 
 
-async def create_ec2_credential(session: AsyncSession, *, actor: Actor, cipher: Fernet
-                                ) -> NewCredential:
+async def create_ec2_credential(session: AsyncSession, *, actor: Actor, cipher: Fernet) -> NewCredential:
     if actor.user_id is None:
         raise BadRequest("EC2 credentials belong to a user")
     access_key = "AKIA" + "".join(secrets.choice(_ALNUM) for _ in range(16))
     secret = secrets.token_urlsafe(30)[:40]
-    credential = Ec2Credential(access_key=access_key, user_id=actor.user_id,
-                               secret_encrypted=cipher.encrypt(secret.encode()).decode())
+    credential = Ec2Credential(
+        access_key=access_key, user_id=actor.user_id, secret_encrypted=cipher.encrypt(secret.encode()).decode()
+    )
     session.add(credential)
     await session.flush()
     return NewCredential(credential, secret)
 
 
-async def list_ec2_credentials(session: AsyncSession, *, actor: Actor, limit: int,
-                               cursor: str | None) -> Page[Ec2Credential]:
+async def list_ec2_credentials(
+    session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
+) -> Page[Ec2Credential]:
     stmt = sa.select(Ec2Credential).where(_creds.c.user_id == actor.user_id)
     # Access keys are random, so they page in key order rather than by time.
     return await paginate_by_key(session, stmt, limit=limit, cursor=cursor)
 
 
-async def paginate_by_key(session: AsyncSession, stmt: sa.Select[Ec2Credential], *,
-                          limit: int, cursor: str | None) -> Page[Ec2Credential]:
+async def paginate_by_key(
+    session: AsyncSession, stmt: sa.Select[Ec2Credential], *, limit: int, cursor: str | None
+) -> Page[Ec2Credential]:
     if cursor:
         stmt = stmt.where(_creds.c.access_key > cursor)
     rows = list(await session.scalars(stmt.order_by(_creds.c.access_key).limit(limit + 1)))
@@ -210,10 +229,13 @@ async def delete_ec2_credential(session: AsyncSession, *, actor: Actor, access_k
 
 async def ec2_secret(session: AsyncSession, *, access_key: str, cipher: Fernet) -> tuple[Actor, str]:
     """The caller behind an access key and its secret (for SigV4); ``Unauthorized`` if unknown."""
-    row = (await session.execute(
-        sa.select(_creds.c.secret_encrypted, _users.c.id, _users.c.project_id, _users.c.role)
-        .join(_users, _users.c.id == _creds.c.user_id).where(_creds.c.access_key == access_key)
-    )).first()
+    row = (
+        await session.execute(
+            sa.select(_creds.c.secret_encrypted, _users.c.id, _users.c.project_id, _users.c.role)
+            .join(_users, _users.c.id == _creds.c.user_id)
+            .where(_creds.c.access_key == access_key)
+        )
+    ).first()
     if row is None:
         raise Unauthorized("unknown access key")
     actor = Actor(user_id=row.id, project_id=row.project_id, is_admin=row.role == "admin")

@@ -49,8 +49,14 @@ class Console:
 
 
 async def _begin(
-    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, action: Action,
-    params: dict[str, Any] | None = None, new_flavor: Flavor | None = None,
+    session: AsyncSession,
+    outbox: Outbox,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    action: Action,
+    params: dict[str, Any] | None = None,
+    new_flavor: Flavor | None = None,
     target_host: str | None = None,
 ) -> Job:
     server = await servers.lock(session, actor=actor, server_id=server_id)
@@ -58,11 +64,14 @@ async def _begin(
     if rule.admin_only and not actor.is_admin:
         raise Forbidden(f"{action.value} needs the admin role")
     if action is Action.DESTROY and server.disable_api_termination:
-        raise Protected("the server's termination protection is on; turn it off first "
-                        "(EC2 ModifyInstanceAttribute DisableApiTermination=false)")
+        raise Protected(
+            "the server's termination protection is on; turn it off first "
+            "(EC2 ModifyInstanceAttribute DisableApiTermination=false)"
+        )
     if action is Action.STOP and server.disable_api_stop:
-        raise Protected("the server's stop protection is on; turn it off first "
-                        "(EC2 ModifyInstanceAttribute DisableApiStop=false)")
+        raise Protected(
+            "the server's stop protection is on; turn it off first (EC2 ModifyInstanceAttribute DisableApiStop=false)"
+        )
     before = Operstate(server.operstate)
     decision = decide(action, before, server.task, server.task_job_id)
     if decision.repeat_of_pending:
@@ -77,55 +86,79 @@ async def _begin(
     params = dict(params or {})
     after = rule.on_accept or rule.on_success or before
     after_flavor = new_flavor or flavor
-    deltas = (footprint(after, after_flavor.vcpus, after_flavor.ram_mb, after_flavor.disk_gb)
-              - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    deltas = footprint(after, after_flavor.vcpus, after_flavor.ram_mb, after_flavor.disk_gb) - footprint(
+        before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
+    )
 
     if decision.supersedes is not None:
         await _supersede(session, server, flavor)
 
     host = server.host
     if action is Action.RELEASE:
-        placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
-                                         zone=server.zone)
+        placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb, zone=server.zone)
         server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
         host = placed.host
         image = await session.get(Image, server.image_id)
         assert image is not None
-        keypair = (await keypairs.find(session, project_id=server.project_id, name=server.key_name)
-                   if server.key_name else None)
+        keypair = (
+            await keypairs.find(session, project_id=server.project_id, name=server.key_name)
+            if server.key_name
+            else None
+        )
         params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
         assert server.host is not None
         await placement.grow(session, host=server.host, **grow)
-        params.update(reserved=grow, flavor_id=str(new_flavor.id), vcpus=new_flavor.vcpus,
-                      ram_mb=new_flavor.ram_mb, disk_gb=new_flavor.disk_gb)
+        params.update(
+            reserved=grow,
+            flavor_id=str(new_flavor.id),
+            vcpus=new_flavor.vcpus,
+            ram_mb=new_flavor.ram_mb,
+            disk_gb=new_flavor.disk_gb,
+        )
     elif action in (Action.MIGRATE, Action.LIVE_MIGRATE):
         if target_host is not None and target_host == server.host:
             raise BadRequest(f"the server is already on {target_host}", field="host")
-        placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
-                                         zone=None if target_host else server.zone,
-                                         host=target_host, exclude=server.host)
+        placed = await placement.reserve(
+            session,
+            vcpus=flavor.vcpus,
+            ram_mb=flavor.ram_mb,
+            zone=None if target_host else server.zone,
+            host=target_host,
+            exclude=server.host,
+        )
         target = await hosts.get(session, placed.host)
         assert target is not None
-        params.update(target_host=placed.host, target_vnc_port=placed.vnc_port,
-                      target_uri=hosts.migration_uri_for(await hosts.get(session, server.host), target),
-                      reserved={"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb})
+        params.update(
+            target_host=placed.host,
+            target_vnc_port=placed.vnc_port,
+            target_uri=hosts.migration_uri_for(await hosts.get(session, server.host), target),
+            reserved={"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb},
+        )
 
     now = utcnow()
-    job = new_job(session, outbox, server, action=action.value, params=params, actor=actor,
-                  commission_id=None, host=host)
+    job = new_job(
+        session, outbox, server, action=action.value, params=params, actor=actor, commission_id=None, host=host
+    )
     server.task, server.task_job_id = rule.task, job.id
     if rule.on_accept is not None:
         server.operstate = rule.on_accept.value
     server.updated_at = now
     # What was asked, from which state; ``after`` only when accepting it changed the state
     # (release: HOLD -> BUILD). Where the action ends is the job's event, when it is known.
-    events.record(session, server, "action", action=action.value, job_id=job.id,
-                  user_id=actor.user_id, before=before.value,
-                  after=rule.on_accept.value if rule.on_accept is not None else None,
-                  message=f"superseded {decision.supersedes}" if decision.supersedes else "")
+    events.record(
+        session,
+        server,
+        "action",
+        action=action.value,
+        job_id=job.id,
+        user_id=actor.user_id,
+        before=before.value,
+        after=rule.on_accept.value if rule.on_accept is not None else None,
+        message=f"superseded {decision.supersedes}" if decision.supersedes else "",
+    )
 
     if not deltas.is_zero():
         if any(v > 0 for v in deltas.as_tuple()):
@@ -133,8 +166,14 @@ async def _begin(
             # taken last so it is held only from the check to the commit.
             await quotas.lock_project(session, server.project_id)
             await quotas.check(session, server.project_id, deltas)
-        commission = await quotas.issue(session, project_id=server.project_id, server_id=server.id,
-                                        deltas=deltas, accept=rule.commit_at_once, move=False)
+        commission = await quotas.issue(
+            session,
+            project_id=server.project_id,
+            server_id=server.id,
+            deltas=deltas,
+            accept=rule.commit_at_once,
+            move=False,
+        )
         commission.job_id, job.commission_id = job.id, commission.id
         if rule.commit_at_once:
             await quotas.move_usage(session, server.project_id, deltas)
@@ -160,8 +199,7 @@ async def _host_down(session: AsyncSession, server: Server, action: Action) -> b
     if host is None or host.state != "down":
         return False
     if action is not Action.DESTROY:
-        raise HostDown(f"host {server.host} is down: only destroy is accepted until it is back",
-                       host=server.host)
+        raise HostDown(f"host {server.host} is down: only destroy is accepted until it is back", host=server.host)
     return True
 
 
@@ -177,12 +215,12 @@ async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> N
     reserved = old.params.get("reserved")
     if reserved and not old.params.get("reservation_released"):
         target = old.params.get("target_host", server.host)
-        await placement.release(session, host=target, vcpus=reserved["vcpus"],
-                                ram_mb=reserved["ram_mb"])
+        await placement.release(session, host=target, vcpus=reserved["vcpus"], ram_mb=reserved["ram_mb"])
         old.params = {**old.params, "reservation_released": True}
 
 
 # -- the actions, one function each: the API, the EC2 facade and admin tools call these --
+
 
 async def release(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
     return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RELEASE)
@@ -196,10 +234,10 @@ async def stop(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id
     return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.STOP)
 
 
-async def reboot(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
-                 hard: bool = False) -> Job:
-    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.REBOOT,
-                        params={"hard": hard})
+async def reboot(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, hard: bool = False
+) -> Job:
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.REBOOT, params={"hard": hard})
 
 
 async def suspend(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job:
@@ -210,42 +248,81 @@ async def resume(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_
     return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RESUME)
 
 
-async def resize(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
-                 flavor_id: uuid.UUID | None = None, flavor: str | None = None) -> Job:
+async def resize(
+    session: AsyncSession,
+    outbox: Outbox,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    flavor_id: uuid.UUID | None = None,
+    flavor: str | None = None,
+) -> Job:
     new = await catalogue.resolve_flavor(session, flavor_id=flavor_id, name=flavor)
     current = await servers.get(session, actor=actor, server_id=server_id)
     if new.id == current.flavor_id:
         raise BadRequest("the server already has that flavor", field="flavor_id")
-    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RESIZE,
-                        new_flavor=new)
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.RESIZE, new_flavor=new)
 
 
-async def migrate(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
-                  host: str | None = None, live: bool = False) -> Job:
-    return await _begin(session, outbox, actor=actor, server_id=server_id,
-                        action=Action.LIVE_MIGRATE if live else Action.MIGRATE, target_host=host)
+async def migrate(
+    session: AsyncSession,
+    outbox: Outbox,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    host: str | None = None,
+    live: bool = False,
+) -> Job:
+    return await _begin(
+        session,
+        outbox,
+        actor=actor,
+        server_id=server_id,
+        action=Action.LIVE_MIGRATE if live else Action.MIGRATE,
+        target_host=host,
+    )
 
 
-async def save_image(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
-                     image_name: str) -> Job:
+async def save_image(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, image_name: str
+) -> Job:
     if not image_name.strip():
         raise BadRequest("image_name must not be empty", field="image_name")
     server = await servers.get(session, actor=actor, server_id=server_id)
     source = await session.get(Image, server.image_id)
-    image = Image(name=image_name, project_id=server.project_id, is_public=False, status=ImageStatus.SAVING.value,
-                  disk_format=source.disk_format if source else "qcow2", source_server_id=server.id)
-    job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.SAVE_IMAGE,
-                       params={"image_id": str(image.id), "image_name": image_name})
+    image = Image(
+        name=image_name,
+        project_id=server.project_id,
+        is_public=False,
+        status=ImageStatus.SAVING.value,
+        disk_format=source.disk_format if source else "qcow2",
+        source_server_id=server.id,
+    )
+    job = await _begin(
+        session,
+        outbox,
+        actor=actor,
+        server_id=server_id,
+        action=Action.SAVE_IMAGE,
+        params={"image_id": str(image.id), "image_name": image_name},
+    )
     session.add(image)
     return job
 
 
-async def console(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID,
-                  cipher: Fernet) -> Console:
+async def console(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, cipher: Fernet
+) -> Console:
     """A fresh VNC password per attach, shown once: the job row keeps it sealed (``jobs.seal``)."""
     password = vnc_password()
-    job = await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.CONSOLE,
-                       params=jobs.seal({}, cipher, password=password))
+    job = await _begin(
+        session,
+        outbox,
+        actor=actor,
+        server_id=server_id,
+        action=Action.CONSOLE,
+        params=jobs.seal({}, cipher, password=password),
+    )
     server = await session.get(Server, server_id)
     assert server is not None and server.host is not None and server.vnc_port is not None
     return Console(job, server.host, server.vnc_port, password)
@@ -263,13 +340,19 @@ async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server
 #: The actions that take nothing but the server, by the table's name: what facades and sweepers
 #: run when they have an ``Action`` in hand (``run``).
 _SIMPLE: dict[Action, Callable[..., Awaitable[Job | None]]] = {
-    Action.RELEASE: release, Action.START: start, Action.STOP: stop, Action.REBOOT: reboot,
-    Action.SUSPEND: suspend, Action.RESUME: resume, Action.DESTROY: destroy,
+    Action.RELEASE: release,
+    Action.START: start,
+    Action.STOP: stop,
+    Action.REBOOT: reboot,
+    Action.SUSPEND: suspend,
+    Action.RESUME: resume,
+    Action.DESTROY: destroy,
 }
 
 
-async def run(action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
-              ) -> Job | None:
+async def run(
+    action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
+) -> Job | None:
     """Run one of the actions that need no more than the server (a soft reboot for ``reboot``)."""
     fn = _SIMPLE.get(action)
     if fn is None:

@@ -27,8 +27,7 @@ class HostLike(Protocol):
     def zone(self) -> str: ...
 
 
-async def seed(session: AsyncSession, *, admin_token: str | None, hosts: Iterable[HostLike] = ()
-               ) -> str | None:
+async def seed(session: AsyncSession, *, admin_token: str | None, hosts: Iterable[HostLike] = ()) -> str | None:
     """Make what is missing; return the bootstrap admin's token when one was generated."""
     project = await accounts.find_project(session, "default")
     if project is None:
@@ -47,8 +46,9 @@ async def seed(session: AsyncSession, *, admin_token: str | None, hosts: Iterabl
             session.add(Image(name=name, is_public=True))
     await catalogue.ensure_zone(session, "default")
     for host in hosts:
-        await catalogue.register_host(session, actor=SYSTEM, name=host.name, zone=host.zone,
-                                      cpus=host.cpus, ram_mb=host.ram_mb)
+        await catalogue.register_host(
+            session, actor=SYSTEM, name=host.name, zone=host.zone, cpus=host.cpus, ram_mb=host.ram_mb
+        )
     await session.flush()
     if new_admin is None or admin_token is not None:
         return None

@@ -30,6 +30,7 @@ class ImageStatus(StrEnum):
     ERROR = "error"
     DELETED = "deleted"
 
+
 _hosts = table_of(Host)
 _zones = table_of(Zone)
 
@@ -47,36 +48,48 @@ async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
     rows = list(servers)
     flavor_ids = {s.flavor_id for s in rows}
     image_ids = {s.image_id for s in rows}
-    flavors = dict((await session.execute(sa.select(_flavors.c.id, _flavors.c.name)
-                                          .where(_flavors.c.id.in_(flavor_ids)))).all()) if flavor_ids else {}
-    images = dict((await session.execute(sa.select(_images.c.id, _images.c.name)
-                                         .where(_images.c.id.in_(image_ids)))).all()) if image_ids else {}
+    flavors = (
+        dict(
+            (
+                await session.execute(sa.select(_flavors.c.id, _flavors.c.name).where(_flavors.c.id.in_(flavor_ids)))
+            ).all()
+        )
+        if flavor_ids
+        else {}
+    )
+    images = (
+        dict((await session.execute(sa.select(_images.c.id, _images.c.name).where(_images.c.id.in_(image_ids)))).all())
+        if image_ids
+        else {}
+    )
     return Labels(flavors, images)
 
 
 # -- flavors -------------------------------------------------------------------
 
-async def resolve_flavor(session: AsyncSession, *, flavor_id: uuid.UUID | None,
-                         name: str | None, field: str = "flavor") -> Flavor:
+
+async def resolve_flavor(
+    session: AsyncSession, *, flavor_id: uuid.UUID | None, name: str | None, field: str = "flavor"
+) -> Flavor:
     if flavor_id is None and not name:
         raise BadRequest(f"give {field}_id or {field}", field=f"{field}_id")
-    stmt = sa.select(Flavor).where(
-        _flavors.c.id == flavor_id if flavor_id is not None else _flavors.c.name == name
-    )
+    stmt = sa.select(Flavor).where(_flavors.c.id == flavor_id if flavor_id is not None else _flavors.c.name == name)
     flavor = (await session.scalars(stmt)).first()
     if flavor is None:
         raise BadRequest(f"flavor {flavor_id or name} does not exist", field=f"{field}_id")
     return flavor
 
 
-async def list_flavors(session: AsyncSession, *, limit: int, cursor: str | None
-                       ) -> tuple[Page[Flavor], dict[uuid.UUID, int]]:
+async def list_flavors(
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> tuple[Page[Flavor], dict[uuid.UUID, int]]:
     page = await paginate(session, sa.select(Flavor), _flavors.c.id, limit=limit, cursor=cursor)
     return page, await placement.capacity(session, page.items)
 
 
-async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus: int,
-                        ram_mb: int, disk_gb: int) -> Flavor:
+async def create_flavor(
+    session: AsyncSession, *, actor: Actor, name: str, vcpus: int, ram_mb: int, disk_gb: int
+) -> Flavor:
     require_admin(actor)
     if vcpus <= 0 or ram_mb <= 0 or disk_gb < 0:
         raise BadRequest("vcpus and ram_mb must be positive, disk_gb not negative")
@@ -87,6 +100,7 @@ async def create_flavor(session: AsyncSession, *, actor: Actor, name: str, vcpus
 
 # -- images --------------------------------------------------------------------
 
+
 def visible_images(actor: Actor) -> sa.Select[Image]:
     """The images ``actor`` may see and use: public ones and its project's (an admin: all)."""
     stmt = sa.select(Image).where(_images.c.status != ImageStatus.DELETED.value)
@@ -95,13 +109,10 @@ def visible_images(actor: Actor) -> sa.Select[Image]:
     return stmt
 
 
-async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None,
-                        name: str | None) -> Image:
+async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:
     if image_id is None and not name:
         raise BadRequest("give image_id or image", field="image_id")
-    stmt = visible_images(actor).where(
-        _images.c.id == image_id if image_id is not None else _images.c.name == name
-    )
+    stmt = visible_images(actor).where(_images.c.id == image_id if image_id is not None else _images.c.name == name)
     found = list(await session.scalars(stmt.limit(2)))
     if not found:
         raise BadRequest(f"image {image_id or name} does not exist", field="image_id")
@@ -112,22 +123,34 @@ async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.U
     return found[0]
 
 
-async def list_images(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
-                      ) -> Page[Image]:
+async def list_images(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[Image]:
     return await paginate(session, visible_images(actor), _images.c.id, limit=limit, cursor=cursor)
 
 
-async def create_image(session: AsyncSession, *, actor: Actor, name: str, is_public: bool = True,
-                       disk_format: str = "qcow2", source_url: str = "") -> Image:
+async def create_image(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    name: str,
+    is_public: bool = True,
+    disk_format: str = "qcow2",
+    source_url: str = "",
+) -> Image:
     require_admin(actor)
-    image = Image(name=name, is_public=is_public, disk_format=disk_format, source_url=source_url,
-                  project_id=None if is_public else actor.project_id)
+    image = Image(
+        name=name,
+        is_public=is_public,
+        disk_format=disk_format,
+        source_url=source_url,
+        project_id=None if is_public else actor.project_id,
+    )
     session.add(image)
     await session.flush()
     return image
 
 
 # -- zones and hosts -------------------------------------------------------------
+
 
 async def ensure_zone(session: AsyncSession, name: str) -> Zone:
     zone = (await session.scalars(sa.select(Zone).where(_zones.c.name == name))).first()
@@ -154,9 +177,11 @@ async def list_zones(session: AsyncSession, *, limit: int, cursor: str | None) -
     page = await paginate(session, sa.select(Zone), _zones.c.id, limit=limit, cursor=cursor)
     counts = {
         (zone, state): n
-        for zone, state, n in (await session.execute(
-            sa.select(_hosts.c.zone, _hosts.c.state, sa.func.count()).group_by(_hosts.c.zone, _hosts.c.state)
-        )).all()
+        for zone, state, n in (
+            await session.execute(
+                sa.select(_hosts.c.zone, _hosts.c.state, sa.func.count()).group_by(_hosts.c.zone, _hosts.c.state)
+            )
+        ).all()
     }
     views = [
         ZoneView(z, sum(n for (zn, _), n in counts.items() if zn == z.name), counts.get((z.name, "up"), 0))
@@ -165,15 +190,22 @@ async def list_zones(session: AsyncSession, *, limit: int, cursor: str | None) -
     return Page(views, page.next_cursor)
 
 
-async def list_hosts(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
-                     ) -> Page[Host]:
+async def list_hosts(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[Host]:
     require_admin(actor)
     return await paginate(session, sa.select(Host), _hosts.c.id, limit=limit, cursor=cursor)
 
 
 async def register_host(
-    session: AsyncSession, *, actor: Actor, name: str, zone: str, cpus: int, ram_mb: int,
-    cpu_ratio: float = 4.0, ram_ratio: float = 1.0, state: str = "up",
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    name: str,
+    zone: str,
+    cpus: int,
+    ram_mb: int,
+    cpu_ratio: float = 4.0,
+    ram_ratio: float = 1.0,
+    state: str = "up",
 ) -> Host:
     """Create a host, or update its capacity and zone if it exists (an agent re-registering)."""
     require_admin(actor)
@@ -182,8 +214,9 @@ async def register_host(
     await ensure_zone(session, zone)
     host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
     if host is None:
-        host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, cpu_ratio=cpu_ratio,
-                    ram_ratio=ram_ratio, state=state)
+        host = Host(
+            name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, cpu_ratio=cpu_ratio, ram_ratio=ram_ratio, state=state
+        )
         session.add(host)
     else:
         host.zone, host.cpus, host.ram_mb = zone, cpus, ram_mb
@@ -204,6 +237,8 @@ async def set_host_state(session: AsyncSession, *, actor: Actor, name: str, stat
 
 
 async def hosts_up(session: AsyncSession) -> int:
-    return int((await session.execute(
-        sa.select(sa.func.count()).select_from(_hosts).where(_hosts.c.state == "up")
-    )).scalar_one())
+    return int(
+        (
+            await session.execute(sa.select(sa.func.count()).select_from(_hosts).where(_hosts.c.state == "up"))
+        ).scalar_one()
+    )

@@ -31,9 +31,12 @@ class Pass:
 
 
 async def expired(session: AsyncSession, *, now: datetime | None = None, limit: int = 200) -> list[uuid.UUID]:
-    stmt = (sa.select(_jobs.c.id)
-            .where(_jobs.c.status.notin_([s.value for s in FINAL]), _jobs.c.deadline < (now or utcnow()))
-            .order_by(_jobs.c.deadline).limit(limit))
+    stmt = (
+        sa.select(_jobs.c.id)
+        .where(_jobs.c.status.notin_([s.value for s in FINAL]), _jobs.c.deadline < (now or utcnow()))
+        .order_by(_jobs.c.deadline)
+        .limit(limit)
+    )
     return list(await session.scalars(stmt))
 
 
@@ -51,8 +54,9 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
         return
     host = await hosts.get(session, job.host)
     if host is None or host.state == "down":
-        await results.apply_result(session, job_id=job.id, success=False,
-                                   error=f"no result before the deadline, and host {job.host} is down")
+        await results.apply_result(
+            session, job_id=job.id, success=False, error=f"no result before the deadline, and host {job.host} is down"
+        )
         into.resolved.append(job.id)
         return
     if host.inventory_at is None or host.inventory_at < job.deadline:
@@ -74,10 +78,17 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     else:
         success = results.OBSERVED.get(observed) is target_state(action, now_state, True)
     await results.apply_result(
-        session, job_id=job.id, success=success,
+        session,
+        job_id=job.id,
+        success=success,
         error=None if success else f"no result before the deadline; host {host.name} reports the domain {observed}",
     )
     if not success and observed != "missing":
-        await results.apply_state_change(session, server_id=server.id, observed=observed, seq=None,
-                                         reason="resolved from the host's inventory after a deadline")
+        await results.apply_state_change(
+            session,
+            server_id=server.id,
+            observed=observed,
+            seq=None,
+            reason="resolved from the host's inventory after a deadline",
+        )
     into.resolved.append(job.id)

@@ -38,8 +38,13 @@ STATE: sa.ColumnElement[str] = sa.case(
     (_servers.c.task == "DESTROY", "shutting-down"),
     (_servers.c.operstate.in_([_S.HOLD.value, _S.BUILD.value]), "pending"),
     (_servers.c.task.in_(["START", "RESUME"]), "pending"),
-    (sa.or_(_servers.c.task == "STOP",
-            sa.and_(_servers.c.task == "SAVE_IMAGE", _servers.c.operstate == _S.STARTED.value)), "stopping"),
+    (
+        sa.or_(
+            _servers.c.task == "STOP",
+            sa.and_(_servers.c.task == "SAVE_IMAGE", _servers.c.operstate == _S.STARTED.value),
+        ),
+        "stopping",
+    ),
     (_servers.c.operstate == _S.STARTED.value, "running"),
     else_="stopped",
 ).label("ec2_state")
@@ -48,11 +53,14 @@ STATE: sa.ColumnElement[str] = sa.case(
 #: An image's status as EC2 names it: DescribeImages' ``imageState`` and its ``state`` filter read
 #: this one table, so a filter compares what the reply shows (``available``), never ``active``.
 IMAGE_STATES: dict[ImageStatus, str] = {
-    ImageStatus.ACTIVE: "available", ImageStatus.SAVING: "pending", ImageStatus.ERROR: "failed",
+    ImageStatus.ACTIVE: "available",
+    ImageStatus.SAVING: "pending",
+    ImageStatus.ERROR: "failed",
     ImageStatus.DELETED: "deregistered",
 }
 IMAGE_STATE: sa.ColumnElement[str] = sa.case(
-    *((_images.c.status == status.value, name) for status, name in IMAGE_STATES.items()), else_="failed",
+    *((_images.c.status == status.value, name) for status, name in IMAGE_STATES.items()),
+    else_="failed",
 ).label("ec2_image_state")
 
 
@@ -130,9 +138,10 @@ def matches(column: Any, values: list[str]) -> sa.ColumnElement[bool]:
 
 def visible(project_id: uuid.UUID) -> sa.ColumnElement[bool]:
     """A project's instances, terminated ones for an hour after."""
-    return sa.and_(_servers.c.project_id == project_id,
-                   sa.or_(_servers.c.operstate != _S.DESTROYED.value,
-                          _servers.c.destroyed_at > utcnow() - TERMINATED_VISIBLE))
+    return sa.and_(
+        _servers.c.project_id == project_id,
+        sa.or_(_servers.c.operstate != _S.DESTROYED.value, _servers.c.destroyed_at > utcnow() - TERMINATED_VISIBLE),
+    )
 
 
 async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, Server]:
@@ -151,27 +160,33 @@ async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[
 
 # -- tags --------------------------------------------------------------------------------------
 
+
 async def tags_of(session: AsyncSession, resource_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {r: [] for r in resource_ids}
     if resource_ids:
-        for rid, key, value in (await session.execute(
+        for rid, key, value in (
+            await session.execute(
                 sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
-                .where(_tags.c.resource_id.in_(resource_ids)).order_by(_tags.c.key))).all():
+                .where(_tags.c.resource_id.in_(resource_ids))
+                .order_by(_tags.c.key)
+            )
+        ).all():
             out[rid].append((key, value))
     return out
 
 
-async def set_tags(session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str],
-                   tags: list[tuple[str, str]]) -> None:
+async def set_tags(
+    session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str], tags: list[tuple[str, str]]
+) -> None:
     for rid in resource_ids:
         for key, value in tags:
             await session.execute(_tags.delete().where(_tags.c.resource_id == rid, _tags.c.key == key))
-            await session.execute(_tags.insert().values(project_id=project_id, resource_id=rid, key=key,
-                                                        value=value))
+            await session.execute(_tags.insert().values(project_id=project_id, resource_id=rid, key=key, value=value))
 
 
-async def delete_tags(session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str],
-                      tags: list[tuple[str, str | None]]) -> None:
+async def delete_tags(
+    session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str], tags: list[tuple[str, str | None]]
+) -> None:
     base = sa.and_(_tags.c.project_id == project_id, _tags.c.resource_id.in_(resource_ids))
     if not tags:
         await session.execute(_tags.delete().where(base))
@@ -194,16 +209,18 @@ def tag_filter(key: str, values: list[str]) -> sa.ColumnElement[bool]:
 
 # -- client tokens -------------------------------------------------------------------------------
 
-async def claim_token(session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str,
-                      reservation_id: str) -> None:
+
+async def claim_token(
+    session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str, reservation_id: str
+) -> None:
     """Record the token in the transaction that creates the reservation; a concurrent twin's
     insert waits for it, then fails (``IntegrityError``) and reads the winner."""
     async with session.begin_nested():
-        session.add(Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash,
-                                   reservation_id=reservation_id))
+        session.add(
+            Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash, reservation_id=reservation_id)
+        )
         await session.flush()
 
 
 async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:
     return await session.get(Ec2ClientToken, (project_id, value))
-

@@ -12,19 +12,32 @@ from app.models import Server, ServerEvent, table_of
 
 
 def record(
-    session: AsyncSession, server: Server, kind: str, *, job_id: uuid.UUID | None = None,
-    action: str | None = None, before: str | None = None, after: str | None = None,
-    message: str = "", user_id: uuid.UUID | None = None,
+    session: AsyncSession,
+    server: Server,
+    kind: str,
+    *,
+    job_id: uuid.UUID | None = None,
+    action: str | None = None,
+    before: str | None = None,
+    after: str | None = None,
+    message: str = "",
+    user_id: uuid.UUID | None = None,
 ) -> ServerEvent:
-    event = ServerEvent(server_id=server.id, job_id=job_id, kind=kind, action=action,
-                        operstate_from=before, operstate_to=after, message=message,
-                        user_id=user_id)
+    event = ServerEvent(
+        server_id=server.id,
+        job_id=job_id,
+        kind=kind,
+        action=action,
+        operstate_from=before,
+        operstate_to=after,
+        message=message,
+        user_id=user_id,
+    )
     session.add(event)
     return event
 
 
-async def list_for(session: AsyncSession, server_id: uuid.UUID, *, limit: int,
-                   cursor: str | None) -> Page[ServerEvent]:
+async def list_for(session: AsyncSession, server_id: uuid.UUID, *, limit: int, cursor: str | None) -> Page[ServerEvent]:
     table = table_of(ServerEvent)
     stmt = sa.select(ServerEvent).where(table.c.server_id == server_id)
     return await paginate(session, stmt, table.c.id, limit=limit, cursor=cursor)

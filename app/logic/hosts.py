@@ -17,8 +17,17 @@ from app.models import Host, table_of
 _hosts = table_of(Host)
 
 
-async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, ram_mb: int, at: datetime,
-                    migration_uri: str | None = None, hypervisor: str | None = None) -> Host:
+async def heartbeat(
+    session: AsyncSession,
+    *,
+    name: str,
+    zone: str,
+    cpus: int,
+    ram_mb: int,
+    at: datetime,
+    migration_uri: str | None = None,
+    hypervisor: str | None = None,
+) -> Host:
     """Register the host on its first heartbeat; after that keep capacity current and mark it up.
 
     A host an admin disabled stays disabled: a heartbeat says the agent lives, not that the
@@ -44,13 +53,11 @@ async def heartbeat(session: AsyncSession, *, name: str, zone: str, cpus: int, r
     return host
 
 
-async def store_inventory(session: AsyncSession, *, name: str, inventory: dict[str, Any], taken_at: datetime
-                          ) -> bool:
+async def store_inventory(session: AsyncSession, *, name: str, inventory: dict[str, Any], taken_at: datetime) -> bool:
     """Keep the newest inventory of a host; ``False`` if the host is unknown or this one is older."""
     done = await session.execute(
         _hosts.update()
-        .where(_hosts.c.name == name,
-               sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < taken_at))
+        .where(_hosts.c.name == name, sa.or_(_hosts.c.inventory_at.is_(None), _hosts.c.inventory_at < taken_at))
         .values(inventory=inventory, inventory_at=taken_at)
     )
     return bool(done.rowcount)  # type: ignore[attr-defined]
@@ -62,7 +69,8 @@ async def mark_silent_down(session: AsyncSession, *, silent_for: timedelta) -> l
     rows = await session.execute(
         _hosts.update()
         .where(_hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None), _hosts.c.last_heartbeat < cutoff)
-        .values(state="down").returning(_hosts.c.name)
+        .values(state="down")
+        .returning(_hosts.c.name)
     )
     return [r[0] for r in rows]
 
@@ -88,5 +96,7 @@ def migration_uri_for(source: Host | None, target: Host) -> str | None:
     if not target.migration_uri:
         raise BadRequest(
             f"host {target.name} has no migration URI: migrating to it needs libvirt on both hosts, and its agent "
-            "started with --migration-uri (e.g. qemu+ssh://HOST/system)", host=target.name)
+            "started with --migration-uri (e.g. qemu+ssh://HOST/system)",
+            host=target.name,
+        )
     return target.migration_uri

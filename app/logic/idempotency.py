@@ -52,8 +52,7 @@ def check_key(key: str) -> None:
         raise BadRequest(f"Idempotency-Key must be 1 to {MAX_KEY} characters", field="Idempotency-Key")
 
 
-async def replay(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str, cipher: Fernet
-                 ) -> Stored | None:
+async def replay(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str, cipher: Fernet) -> Stored | None:
     """The stored reply for this key, ``None`` if there is none, or ``IdempotencyConflict``."""
     record = await session.get(IdempotencyRecord, (user_id, key), populate_existing=True)
     if record is None:
@@ -67,16 +66,36 @@ async def replay(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str
     try:
         reply = json.loads(cipher.decrypt(str((record.response or {}).get("sealed", "")).encode()))
     except InvalidToken:
-        raise IdempotencyConflict("the reply stored for this Idempotency-Key was sealed with another server key "
-                                  "and cannot be replayed; use a new key", key=key) from None
+        raise IdempotencyConflict(
+            "the reply stored for this Idempotency-Key was sealed with another server key "
+            "and cannot be replayed; use a new key",
+            key=key,
+        ) from None
     return Stored(record.status_code, reply)
 
 
-def store(session: AsyncSession, *, user_id: uuid.UUID, key: str, fp: str, status_code: int,
-          response: Any, cipher: Fernet, resource: str | None = None) -> None:
+def store(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    key: str,
+    fp: str,
+    status_code: int,
+    response: Any,
+    cipher: Fernet,
+    resource: str | None = None,
+) -> None:
     sealed = cipher.encrypt(json.dumps(response, separators=(",", ":")).encode()).decode()
-    session.add(IdempotencyRecord(user_id=user_id, key=key, fingerprint=fp, status_code=status_code,
-                                  response={"sealed": sealed}, resource=resource))
+    session.add(
+        IdempotencyRecord(
+            user_id=user_id,
+            key=key,
+            fingerprint=fp,
+            status_code=status_code,
+            response={"sealed": sealed},
+            resource=resource,
+        )
+    )
 
 
 async def forget(session: AsyncSession, resource: str) -> None:

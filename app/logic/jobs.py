@@ -71,13 +71,28 @@ def unsealed(params: dict[str, Any], cipher: Fernet) -> dict[str, Any]:
 
 
 def new_job(
-    session: AsyncSession, outbox: Outbox, server: Server, *, action: str, params: dict[str, Any],
-    actor: Actor, commission_id: uuid.UUID | None, host: str | None,
+    session: AsyncSession,
+    outbox: Outbox,
+    server: Server,
+    *,
+    action: str,
+    params: dict[str, Any],
+    actor: Actor,
+    commission_id: uuid.UUID | None,
+    host: str | None,
 ) -> Job:
     now = utcnow()
-    job = Job(server_id=server.id, project_id=server.project_id, user_id=actor.user_id,
-              action=action, params=params, host=host, commission_id=commission_id,
-              created_at=now, deadline=now + outbox.deadline)
+    job = Job(
+        server_id=server.id,
+        project_id=server.project_id,
+        user_id=actor.user_id,
+        action=action,
+        params=params,
+        host=host,
+        commission_id=commission_id,
+        created_at=now,
+        deadline=now + outbox.deadline,
+    )
     session.add(job)
     outbox.add(job)
     return job
@@ -92,8 +107,14 @@ async def get(session: AsyncSession, *, actor: Actor, job_id: uuid.UUID) -> Job:
 
 async def last(session: AsyncSession, server_id: uuid.UUID, action: Action) -> Job | None:
     """The server's latest job of this action."""
-    return (await session.scalars(sa.select(Job).where(_jobs.c.server_id == server_id, _jobs.c.action == action.value)
-                                  .order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc()).limit(1))).first()
+    return (
+        await session.scalars(
+            sa.select(Job)
+            .where(_jobs.c.server_id == server_id, _jobs.c.action == action.value)
+            .order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc())
+            .limit(1)
+        )
+    ).first()
 
 
 # -- the outbox's side: what to (re)send, and what was sent ---------------------------------
@@ -111,9 +132,12 @@ async def to_publish(session: AsyncSession, job_ids: list[uuid.UUID]) -> list[Jo
 
 async def unsent(session: AsyncSession, *, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:
     """PENDING jobs committed more than ``older_than`` ago: their publish failed or never ran."""
-    stmt = (sa.select(_jobs.c.id)
-            .where(_jobs.c.status == JobStatus.PENDING.value, _jobs.c.created_at < utcnow() - older_than)
-            .order_by(_jobs.c.id).limit(limit))
+    stmt = (
+        sa.select(_jobs.c.id)
+        .where(_jobs.c.status == JobStatus.PENDING.value, _jobs.c.created_at < utcnow() - older_than)
+        .order_by(_jobs.c.id)
+        .limit(limit)
+    )
     return list(await session.scalars(stmt))
 
 
@@ -122,13 +146,18 @@ async def mark_sent(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
     rows are taken in id order, and one being finished right now is skipped, not waited for."""
     if not job_ids:
         return
-    ids = list(await session.scalars(
-        sa.select(_jobs.c.id).where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
-        .order_by(_jobs.c.id).with_for_update(key_share=True, skip_locked=True)
-    ))
+    ids = list(
+        await session.scalars(
+            sa.select(_jobs.c.id)
+            .where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
+            .order_by(_jobs.c.id)
+            .with_for_update(key_share=True, skip_locked=True)
+        )
+    )
     if ids:
         await session.execute(
-            _jobs.update().where(_jobs.c.id.in_(ids))
+            _jobs.update()
+            .where(_jobs.c.id.in_(ids))
             .values(status=JobStatus.SENT.value, sent_at=utcnow(), attempts=_jobs.c.attempts + 1)
         )
 
@@ -139,16 +168,19 @@ async def mark_running(session: AsyncSession, *, job_id: uuid.UUID) -> bool:
     One conditional UPDATE: no lock is held on the job before the event row is written, so
     this never waits in the opposite order to ``apply_result`` (server row, then job row).
     """
-    row = (await session.execute(
-        _jobs.update()
-        .where(_jobs.c.id == job_id, _jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.SENT.value]))
-        .values(status=JobStatus.RUNNING.value, started_at=utcnow())
-        .returning(_jobs.c.server_id, _jobs.c.action, _jobs.c.host)
-    )).first()
+    row = (
+        await session.execute(
+            _jobs.update()
+            .where(_jobs.c.id == job_id, _jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.SENT.value]))
+            .values(status=JobStatus.RUNNING.value, started_at=utcnow())
+            .returning(_jobs.c.server_id, _jobs.c.action, _jobs.c.host)
+        )
+    ).first()
     if row is None:
         return False
     server = await session.get(Server, row.server_id)
     if server is not None:
-        events.record(session, server, "job_started", job_id=job_id, action=row.action,
-                      message=f"running on {row.host}")
+        events.record(
+            session, server, "job_started", job_id=job_id, action=row.action, message=f"running on {row.host}"
+        )
     return True

@@ -40,15 +40,15 @@ def _generate(key_type: str) -> tuple[str, str]:
     key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     if key_type == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-        private = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
     else:
         key = ed25519.Ed25519PrivateKey.generate()
-        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return public.decode(), private.decode()
 
 
@@ -62,8 +62,9 @@ def _parse_public(public_key: str) -> tuple[str, str]:
     return line, kind
 
 
-async def create(session: AsyncSession, *, actor: Actor, name: str, public_key: str | None,
-                 key_type: str = "ed25519") -> Created:
+async def create(
+    session: AsyncSession, *, actor: Actor, name: str, public_key: str | None, key_type: str = "ed25519"
+) -> Created:
     assert actor.project_id is not None and actor.user_id is not None
     private: str | None = None
     if public_key:
@@ -72,8 +73,14 @@ async def create(session: AsyncSession, *, actor: Actor, name: str, public_key: 
         if key_type not in KEY_TYPES:
             raise BadRequest(f"key_type is one of {', '.join(KEY_TYPES)}", field="key_type")
         public, private = _generate(key_type)
-    keypair = KeyPair(project_id=actor.project_id, user_id=actor.user_id, name=name,
-                      key_type=key_type, public_key=public, fingerprint=fingerprint(public))
+    keypair = KeyPair(
+        project_id=actor.project_id,
+        user_id=actor.user_id,
+        name=name,
+        key_type=key_type,
+        public_key=public,
+        fingerprint=fingerprint(public),
+    )
     await insert_unique(session, keypair, f"key pair {name}")
     return Created(keypair, private)
 
@@ -83,8 +90,7 @@ async def find(session: AsyncSession, *, project_id: uuid.UUID, name: str) -> Ke
     return (await session.scalars(stmt)).first()
 
 
-async def list_for(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None
-                   ) -> Page[KeyPair]:
+async def list_for(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[KeyPair]:
     stmt = sa.select(KeyPair).where(_keypairs.c.project_id == actor.project_id)
     return await paginate(session, stmt, _keypairs.c.id, limit=limit, cursor=cursor)
 

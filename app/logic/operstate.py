@@ -81,20 +81,16 @@ class Rule:
 TABLE: dict[Action, Rule] = {
     #                     task            allowed from                 on accept  on success   on failure
     Action.CREATE: Rule("BUILD", frozenset(), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
-    Action.RELEASE: Rule("BUILD", frozenset({S.HOLD}), S.BUILD, S.STARTED, S.ERROR,
-                         commit_at_once=True),
+    Action.RELEASE: Rule("BUILD", frozenset({S.HOLD}), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
     Action.START: Rule("START", frozenset({S.STOPPED}), None, S.STARTED, None),
     Action.STOP: Rule("STOP", frozenset({S.STARTED, S.SUSPENDED}), None, S.STOPPED, None),
     Action.REBOOT: Rule("REBOOT", frozenset({S.STARTED}), None, S.STARTED, None),
     Action.SUSPEND: Rule("SUSPEND", frozenset({S.STARTED}), None, S.SUSPENDED, None),
     Action.RESUME: Rule("RESUME", frozenset({S.SUSPENDED}), None, S.STARTED, None),
-    Action.RESIZE: Rule("RESIZE", frozenset({S.STOPPED}), None, S.STOPPED, None,
-                        changes_flavor=True),
+    Action.RESIZE: Rule("RESIZE", frozenset({S.STOPPED}), None, S.STOPPED, None, changes_flavor=True),
     Action.MIGRATE: Rule("MIGRATE", frozenset({S.STOPPED}), None, None, None, admin_only=True),
-    Action.LIVE_MIGRATE: Rule("LIVE_MIGRATE", frozenset({S.STARTED}), None, None, None,
-                              admin_only=True),
-    Action.SAVE_IMAGE: Rule("SAVE_IMAGE", frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED,
-                            None),
+    Action.LIVE_MIGRATE: Rule("LIVE_MIGRATE", frozenset({S.STARTED}), None, None, None, admin_only=True),
+    Action.SAVE_IMAGE: Rule("SAVE_IMAGE", frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED, None),
     Action.CONSOLE: Rule("CONSOLE", frozenset({S.STARTED}), None, None, None),
     Action.DESTROY: Rule("DESTROY", ALL_LIVE, None, S.DESTROYED, None),
 }
@@ -139,8 +135,12 @@ def footprint(state: Operstate | None, vcpus: int, ram_mb: int, disk_gb: int) ->
         return Deltas()
     active = state in ACTIVE
     return Deltas(
-        vm=1, cpu=vcpus, ram=ram_mb, disk=disk_gb,
-        active_cpu=vcpus if active else 0, active_ram=ram_mb if active else 0,
+        vm=1,
+        cpu=vcpus,
+        ram=ram_mb,
+        disk=disk_gb,
+        active_cpu=vcpus if active else 0,
+        active_ram=ram_mb if active else 0,
     )
 
 
@@ -164,7 +164,8 @@ def decide(action: Action, operstate: Operstate, task: str | None, task_job_id: 
         return Decision(rule, supersedes=task)
     if task is not None:
         raise TaskPending(
-            f"task {task} is pending on this server", task=task,
+            f"task {task} is pending on this server",
+            task=task,
             job_id=str(task_job_id) if task_job_id is not None else None,
         )
     if operstate not in rule.allowed_from:
@@ -176,7 +177,8 @@ def _invalid(action: Action, operstate: Operstate, rule: Rule) -> InvalidState:
     allowed = sorted(rule.allowed_from)
     return InvalidState(
         f"{action.value} is not allowed in operstate {operstate.value}",
-        operstate=operstate.value, allowed_from=[s.value for s in allowed],
+        operstate=operstate.value,
+        allowed_from=[s.value for s in allowed],
     )
 
 

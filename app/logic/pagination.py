@@ -41,7 +41,12 @@ def decode_cursor(cursor: str) -> uuid.UUID:
 
 
 async def paginate(
-    session: AsyncSession, stmt: sa.Select[Any], id_column: Any, *, limit: int, cursor: str | None,
+    session: AsyncSession,
+    stmt: sa.Select[Any],
+    id_column: Any,
+    *,
+    limit: int,
+    cursor: str | None,
 ) -> Page[Any]:
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}", limit=limit)

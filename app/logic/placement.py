@@ -55,8 +55,14 @@ async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = F
 
 
 async def reserve(
-    session: AsyncSession, *, vcpus: int, ram_mb: int, zone: str | None,
-    host: str | None = None, exclude: str | None = None, several: bool = False,
+    session: AsyncSession,
+    *,
+    vcpus: int,
+    ram_mb: int,
+    zone: str | None,
+    host: str | None = None,
+    exclude: str | None = None,
+    several: bool = False,
 ) -> Placed:
     """Reserve ``vcpus`` / ``ram_mb`` on the best fitting host, or raise ``NoCapacity``.
 
@@ -69,17 +75,22 @@ async def reserve(
     candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
     for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):
-        seq = (await session.execute(
-            _hosts.update()
-            .where(
-                _hosts.c.id == chosen.id,
-                _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
-                _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+        seq = (
+            await session.execute(
+                _hosts.update()
+                .where(
+                    _hosts.c.id == chosen.id,
+                    _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
+                    _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+                )
+                .values(
+                    used_cpus=_hosts.c.used_cpus + vcpus,
+                    used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
+                    vnc_seq=_hosts.c.vnc_seq + 1,
+                )
+                .returning(_hosts.c.vnc_seq)
             )
-            .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
-                    vnc_seq=_hosts.c.vnc_seq + 1)
-            .returning(_hosts.c.vnc_seq)
-        )).scalar_one_or_none()
+        ).scalar_one_or_none()
         if seq is not None:
             # The loaded Host is left untouched: the ORM would write it back as absolute values
             # over concurrent reservations. A later read in this transaction re-reads the row.
@@ -87,7 +98,10 @@ async def reserve(
     where = f"host {host}" if host else (f"zone {zone}" if zone else "any zone")
     raise NoCapacity(
         f"no host in {where} can take {vcpus} vCPUs and {ram_mb} MiB",
-        vcpus=vcpus, ram_mb=ram_mb, zone=zone, host=host,
+        vcpus=vcpus,
+        ram_mb=ram_mb,
+        zone=zone,
+        host=host,
     )
 
 
@@ -98,19 +112,22 @@ async def grow(session: AsyncSession, *, host: str, vcpus: int, ram_mb: int) -> 
         return
     # The conditional UPDATE takes the host's row lock and re-checks the room
     # after any concurrent writer commits, so the host is never overfilled.
-    done = (await session.execute(
-        _hosts.update()
-        .where(
-            _hosts.c.name == host,
-            _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
-            _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+    done = (
+        await session.execute(
+            _hosts.update()
+            .where(
+                _hosts.c.name == host,
+                _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
+                _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+            )
+            .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
+            .returning(_hosts.c.id)
         )
-        .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
-        .returning(_hosts.c.id)
-    )).scalar_one_or_none()
+    ).scalar_one_or_none()
     if done is None:
-        raise NoCapacity(f"host {host} cannot grow by {vcpus} vCPUs and {ram_mb} MiB",
-                         host=host, vcpus=vcpus, ram_mb=ram_mb)
+        raise NoCapacity(
+            f"host {host} cannot grow by {vcpus} vCPUs and {ram_mb} MiB", host=host, vcpus=vcpus, ram_mb=ram_mb
+        )
 
 
 async def release(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: int) -> None:
@@ -123,7 +140,8 @@ async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: in
     if host is None or (vcpus == 0 and ram_mb == 0):
         return
     await session.execute(
-        _hosts.update().where(_hosts.c.name == host)
+        _hosts.update()
+        .where(_hosts.c.name == host)
         .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
     )
 

@@ -27,7 +27,12 @@ from app.models import Commission, Project, Quota, table_of
 
 #: Limits of a project created without explicit quotas (ram MiB, disk GiB).
 DEFAULT_LIMITS: dict[str, int] = {
-    "vm": 20, "cpu": 40, "ram": 81920, "disk": 1000, "active_cpu": 40, "active_ram": 81920,
+    "vm": 20,
+    "cpu": 40,
+    "ram": 81920,
+    "disk": 1000,
+    "active_cpu": 40,
+    "active_ram": 81920,
 }
 
 _commissions = table_of(Commission)
@@ -47,16 +52,18 @@ async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[
     if any(v < 0 for v in limits.values()):
         raise BadRequest("quota limits must be >= 0")
     existing = {
-        q.resource: q
-        for q in (await session.scalars(sa.select(Quota).where(_quotas.c.project_id == project_id)))
+        q.resource: q for q in (await session.scalars(sa.select(Quota).where(_quotas.c.project_id == project_id)))
     }
     for resource in RESOURCES:
         if resource in existing:
             if resource in limits:
                 existing[resource].hard_limit = limits[resource]
         else:
-            session.add(Quota(project_id=project_id, resource=resource,
-                              hard_limit=limits.get(resource, DEFAULT_LIMITS[resource])))
+            session.add(
+                Quota(
+                    project_id=project_id, resource=resource, hard_limit=limits.get(resource, DEFAULT_LIMITS[resource])
+                )
+            )
     await session.flush()
 
 
@@ -74,14 +81,18 @@ async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict
     to usage) is seen entirely or not at all, never half -- which ``check`` relies on, since
     applying a result does not take the project's lock.
     """
-    pending = (sa.select(*_pending_columns())
-               .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
-               .subquery())
-    rows = (await session.execute(
-        sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage, *pending.c)
-        .select_from(_quotas.join(pending, sa.true()))  # the sums are one row
-        .where(_quotas.c.project_id == project_id)
-    )).all()
+    pending = (
+        sa.select(*_pending_columns())
+        .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
+        .subquery()
+    )
+    rows = (
+        await session.execute(
+            sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage, *pending.c)
+            .select_from(_quotas.join(pending, sa.true()))  # the sums are one row
+            .where(_quotas.c.project_id == project_id)
+        )
+    ).all()
     out = {r: {"limit": 0, "usage": 0, "pending": 0} for r in RESOURCES}
     for row in rows:
         out[row.resource].update(limit=int(row.hard_limit), usage=int(row.usage))
@@ -106,8 +117,11 @@ async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas)
         if need > 0 and q["usage"] + q["pending"] + need > q["limit"]:
             raise OverLimit(
                 f"quota exceeded for {resource}",
-                resource=resource, limit=q["limit"], usage=q["usage"],
-                pending=q["pending"], requested=need,
+                resource=resource,
+                limit=q["limit"],
+                usage=q["usage"],
+                pending=q["pending"],
+                requested=need,
             )
 
 
@@ -122,16 +136,24 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
     # transactions whose plans differ took the same rows in opposite orders and deadlocked.
     # A locking SELECT with ORDER BY locks after sorting, so every mover takes them alike.
     where = (_quotas.c.project_id == project_id, _quotas.c.resource.in_(sorted(changes)))
-    await session.execute(sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource)
-                          .with_for_update(key_share=True))
+    await session.execute(
+        sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource).with_for_update(key_share=True)
+    )
     # Then one statement for every resource: a CASE keyed on the resource column.
     amount = sa.case(*((_quotas.c.resource == r, v) for r, v in changes.items()), else_=0)
     await session.execute(_quotas.update().where(*where).values(usage=_quotas.c.usage + amount))
 
 
 async def issue(
-    session: AsyncSession, *, project_id: uuid.UUID, server_id: uuid.UUID | None, deltas: Deltas,
-    issuer: str = "api", accept: bool = False, reason: str | None = None, move: bool = True,
+    session: AsyncSession,
+    *,
+    project_id: uuid.UUID,
+    server_id: uuid.UUID | None,
+    deltas: Deltas,
+    issuer: str = "api",
+    accept: bool = False,
+    reason: str | None = None,
+    move: bool = True,
 ) -> Commission:
     """Record a commission; with ``accept`` it is accepted at once, and usage moves now unless
     ``move`` is false (the caller then moves it last, with ``move_usage``). No limit check here."""

@@ -56,8 +56,15 @@ class Report:
     fixed: bool = False
     actions: list[str] = field(default_factory=list)
 
-    KINDS = ("stale", "orphans", "unsynced_operstate", "unsynced_flavor", "stuck_tasks", "quota_drift",
-             "pending_without_job")
+    KINDS = (
+        "stale",
+        "orphans",
+        "unsynced_operstate",
+        "unsynced_flavor",
+        "stuck_tasks",
+        "quota_drift",
+        "pending_without_job",
+    )
 
     def counts(self) -> dict[str, int]:
         return {kind: len(getattr(self, kind)) for kind in self.KINDS}
@@ -68,14 +75,23 @@ class Report:
 
 async def recomputed_usage(session: AsyncSession) -> dict[uuid.UUID, Deltas]:
     """Usage per project as its VMs say it should be (the invariant's right-hand side)."""
-    rows = (await session.execute(
-        sa.select(_servers.c.project_id, _servers.c.operstate, _flavors.c.vcpus, _flavors.c.ram_mb,
-                  _flavors.c.disk_gb, sa.func.count())
-        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-        .where(_servers.c.operstate != Operstate.DESTROYED.value)
-        .group_by(_servers.c.project_id, _servers.c.operstate, _flavors.c.vcpus, _flavors.c.ram_mb,
-                  _flavors.c.disk_gb)
-    )).all()
+    rows = (
+        await session.execute(
+            sa.select(
+                _servers.c.project_id,
+                _servers.c.operstate,
+                _flavors.c.vcpus,
+                _flavors.c.ram_mb,
+                _flavors.c.disk_gb,
+                sa.func.count(),
+            )
+            .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+            .where(_servers.c.operstate != Operstate.DESTROYED.value)
+            .group_by(
+                _servers.c.project_id, _servers.c.operstate, _flavors.c.vcpus, _flavors.c.ram_mb, _flavors.c.disk_gb
+            )
+        )
+    ).all()
     out: dict[uuid.UUID, Deltas] = defaultdict(Deltas)
     for project_id, state, vcpus, ram, disk, n in rows:
         out[project_id] = out[project_id] + footprint(Operstate(state), vcpus, ram, disk) * int(n)
@@ -83,30 +99,38 @@ async def recomputed_usage(session: AsyncSession) -> dict[uuid.UUID, Deltas]:
 
 
 async def _quota_drift(session: AsyncSession, report: Report) -> None:
-    busy = set(await session.scalars(
-        sa.select(_servers.c.project_id).where(_servers.c.task.is_not(None)).distinct()))
+    busy = set(await session.scalars(sa.select(_servers.c.project_id).where(_servers.c.task.is_not(None)).distinct()))
     actual = await recomputed_usage(session)
-    for project_id, resource, usage in (await session.execute(
-            sa.select(_quotas.c.project_id, _quotas.c.resource, _quotas.c.usage))).all():
+    for project_id, resource, usage in (
+        await session.execute(sa.select(_quotas.c.project_id, _quotas.c.resource, _quotas.c.usage))
+    ).all():
         if project_id in busy:
             continue
         want = getattr(actual.get(project_id, Deltas()), resource)
         if int(usage) != want:
-            report.quota_drift.append({"project_id": str(project_id), "resource": resource,
-                                       "recorded": int(usage), "recomputed": want})
+            report.quota_drift.append(
+                {"project_id": str(project_id), "resource": resource, "recorded": int(usage), "recomputed": want}
+            )
 
 
 async def _pending_without_job(session: AsyncSession, report: Report) -> None:
-    rows = (await session.execute(
-        sa.select(_commissions.c.id, _commissions.c.project_id, _commissions.c.server_id, _jobs.c.status)
-        .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
-        .where(_commissions.c.state == "pending")
-    )).all()
+    rows = (
+        await session.execute(
+            sa.select(_commissions.c.id, _commissions.c.project_id, _commissions.c.server_id, _jobs.c.status)
+            .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
+            .where(_commissions.c.state == "pending")
+        )
+    ).all()
     for commission_id, project_id, server_id, status in rows:
         if status is None or status in FINAL:
-            report.pending_without_job.append({"commission_id": str(commission_id), "project_id": str(project_id),
-                                               "server_id": str(server_id) if server_id else None,
-                                               "job_status": status})
+            report.pending_without_job.append(
+                {
+                    "commission_id": str(commission_id),
+                    "project_id": str(project_id),
+                    "server_id": str(server_id) if server_id else None,
+                    "job_status": status,
+                }
+            )
 
 
 #: A VM changed this close to (or after) its host's inventory was taken is not judged against
@@ -131,8 +155,11 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
         taken[host.name] = host.inventory_at - SETTLE
 
     flavors = {f.id: f for f in await session.scalars(sa.select(Flavor))}
-    placed = list(await session.scalars(sa.select(Server).where(
-        _servers.c.host.is_not(None), _servers.c.operstate != Operstate.DESTROYED.value)))
+    placed = list(
+        await session.scalars(
+            sa.select(Server).where(_servers.c.host.is_not(None), _servers.c.operstate != Operstate.DESTROYED.value)
+        )
+    )
     owned: dict[str, set[uuid.UUID]] = defaultdict(set)
     for server in placed:
         assert server.host is not None
@@ -140,8 +167,12 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
         if server.host not in domains or server.task is not None or server.updated_at >= taken[server.host]:
             continue  # unreachable host, a job in flight, or changed since the inventory: not judged now
         seen = domains[server.host].get(server.id)
-        entry = {"server_id": str(server.id), "project_id": str(server.project_id), "host": server.host,
-                 "operstate": server.operstate}
+        entry = {
+            "server_id": str(server.id),
+            "project_id": str(server.project_id),
+            "host": server.host,
+            "operstate": server.operstate,
+        }
         if seen is None or seen["state"] == "missing":
             report.stale.append(entry)
             continue
@@ -150,34 +181,68 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
             report.unsynced_operstate.append({**entry, "observed": seen["state"]})
         flavor = flavors[server.flavor_id]
         if (seen["vcpus"], seen["ram_mb"]) != (flavor.vcpus, flavor.ram_mb):
-            report.unsynced_flavor.append({**entry, "flavor": flavor.name,
-                                           "expected": {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb},
-                                           "observed": {"vcpus": seen["vcpus"], "ram_mb": seen["ram_mb"]}})
+            report.unsynced_flavor.append(
+                {
+                    **entry,
+                    "flavor": flavor.name,
+                    "expected": {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb},
+                    "observed": {"vcpus": seen["vcpus"], "ram_mb": seen["ram_mb"]},
+                }
+            )
     in_flight = set(await session.scalars(sa.select(_jobs.c.server_id).where(_jobs.c.status.notin_(list(FINAL)))))
-    changed = {sid: at for sid, at in (await session.execute(
-        sa.select(_servers.c.id, _servers.c.updated_at).where(_servers.c.id.in_(
-            [sid for seen_domains in domains.values() for sid in seen_domains])))).all()}
-    orphans = [(host_name, server_id, seen) for host_name, seen_domains in domains.items()
-               for server_id, seen in seen_domains.items()
-               if server_id not in owned[host_name] and server_id not in in_flight
-               and not (server_id in changed and changed[server_id] >= taken[host_name])]
-    rows = {sid: state for sid, state in (await session.execute(
-        sa.select(_servers.c.id, _servers.c.operstate).where(_servers.c.id.in_({o[1] for o in orphans})))).all()}
+    changed = {
+        sid: at
+        for sid, at in (
+            await session.execute(
+                sa.select(_servers.c.id, _servers.c.updated_at).where(
+                    _servers.c.id.in_([sid for seen_domains in domains.values() for sid in seen_domains])
+                )
+            )
+        ).all()
+    }
+    orphans = [
+        (host_name, server_id, seen)
+        for host_name, seen_domains in domains.items()
+        for server_id, seen in seen_domains.items()
+        if server_id not in owned[host_name]
+        and server_id not in in_flight
+        and not (server_id in changed and changed[server_id] >= taken[host_name])
+    ]
+    rows = {
+        sid: state
+        for sid, state in (
+            await session.execute(
+                sa.select(_servers.c.id, _servers.c.operstate).where(_servers.c.id.in_({o[1] for o in orphans}))
+            )
+        ).all()
+    }
     for host_name, server_id, seen in orphans:
         marked = bool(seen.get("owned", False))
-        report.orphans.append({
-            "host": host_name, "domain_name": seen.get("name", ""), "domain_uuid": str(server_id),
-            "state": seen["state"], "owned": marked,
-            # Only a marked domain was made for a VM; the VM's operstate, if it has a row.
-            "server_id": str(server_id) if marked else None,
-            "operstate": rows.get(server_id) if marked else None,
-        })
+        report.orphans.append(
+            {
+                "host": host_name,
+                "domain_name": seen.get("name", ""),
+                "domain_uuid": str(server_id),
+                "state": seen["state"],
+                "owned": marked,
+                # Only a marked domain was made for a VM; the VM's operstate, if it has a row.
+                "server_id": str(server_id) if marked else None,
+                "operstate": rows.get(server_id) if marked else None,
+            }
+        )
 
     for job_id in await deadlines.expired(session):
         job = await session.get(Job, job_id)
         assert job is not None
-        report.stuck_tasks.append({"job_id": str(job.id), "server_id": str(job.server_id), "action": job.action,
-                                   "host": job.host, "deadline": job.deadline.isoformat()})
+        report.stuck_tasks.append(
+            {
+                "job_id": str(job.id),
+                "server_id": str(job.server_id),
+                "action": job.action,
+                "host": job.host,
+                "deadline": job.deadline.isoformat(),
+            }
+        )
     await _quota_drift(session, report)
     await _pending_without_job(session, report)
     return report
@@ -198,9 +263,14 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
     """Repair one finding, in the caller's transaction (one per finding: each touches one VM's
     rows in the usual lock order). Returns what was done, for the report."""
     if kind == "unsynced_operstate":
-        outcome = await results.apply_state_change(session, server_id=uuid.UUID(entry["server_id"]),
-                                                   observed=entry["observed"], seq=None, issuer="reconcile",
-                                                   reason="reconcile: the host runs it " + entry["observed"])
+        outcome = await results.apply_state_change(
+            session,
+            server_id=uuid.UUID(entry["server_id"]),
+            observed=entry["observed"],
+            seq=None,
+            issuer="reconcile",
+            reason="reconcile: the host runs it " + entry["observed"],
+        )
         return [f"server {entry['server_id']}: operstate set from the host ({outcome.value})"]
     if kind == "unsynced_flavor":
         return await resized(session, uuid.UUID(entry["server_id"]), **entry["observed"])
@@ -210,8 +280,9 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
     if kind == "stuck_tasks":
         passed = deadlines.Pass()
         await deadlines.resolve(session, uuid.UUID(entry["job_id"]), passed)
-        return ([f"job {j}: resolved past its deadline" for j in passed.resolved]
-                + [f"host {h}: must send a fresh inventory first" for h in passed.need_inventory])
+        return [f"job {j}: resolved past its deadline" for j in passed.resolved] + [
+            f"host {h}: must send a fresh inventory first" for h in passed.need_inventory
+        ]
     if kind == "pending_without_job":
         commission = await quotas.get_commission(session, uuid.UUID(entry["commission_id"]))
         if commission is None:
@@ -235,8 +306,15 @@ async def fix_usage(session: AsyncSession) -> list[str]:
     done = []
     for project_id, change in by_project.items():
         deltas = Deltas(**{r: change.get(r, 0) for r in RESOURCES})
-        await quotas.issue(session, project_id=uuid.UUID(project_id), server_id=None, deltas=deltas,
-                           issuer="reconcile", accept=True, reason="reconcile: usage recomputed from the VMs")
+        await quotas.issue(
+            session,
+            project_id=uuid.UUID(project_id),
+            server_id=None,
+            deltas=deltas,
+            issuer="reconcile",
+            accept=True,
+            reason="reconcile: usage recomputed from the VMs",
+        )
         done.append(f"project {project_id}: usage adjusted by {change}")
     return done
 
@@ -251,12 +329,24 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     before = Operstate(server.operstate)
     await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
     server.operstate, server.destroyed_at, server.updated_at = Operstate.DESTROYED.value, utcnow(), utcnow()
-    events.record(session, server, "out_of_band", before=before.value, after=Operstate.DESTROYED.value,
-                  message=f"reconcile: host {server.host} no longer has it")
+    events.record(
+        session,
+        server,
+        "out_of_band",
+        before=before.value,
+        after=Operstate.DESTROYED.value,
+        message=f"reconcile: host {server.host} no longer has it",
+    )
     await session.flush()
-    await quotas.issue(session, project_id=server.project_id, server_id=server.id,
-                       deltas=Deltas() - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb),
-                       issuer="reconcile", accept=True, reason="reconcile: vanished from its host")
+    await quotas.issue(
+        session,
+        project_id=server.project_id,
+        server_id=server.id,
+        deltas=Deltas() - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb),
+        issuer="reconcile",
+        accept=True,
+        reason="reconcile: vanished from its host",
+    )
 
 
 async def _settled(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
@@ -278,31 +368,54 @@ async def resized(session: AsyncSession, server_id: uuid.UUID, *, vcpus: int, ra
     assert old is not None
     if (old.vcpus, old.ram_mb) == (vcpus, ram_mb):
         return []
-    same_size = list(await session.scalars(sa.select(Flavor).where(
-        _flavors.c.vcpus == vcpus, _flavors.c.ram_mb == ram_mb).order_by(_flavors.c.name)))
+    same_size = list(
+        await session.scalars(
+            sa.select(Flavor).where(_flavors.c.vcpus == vcpus, _flavors.c.ram_mb == ram_mb).order_by(_flavors.c.name)
+        )
+    )
     if not same_size:
         return [f"server {server_id}: no flavor has {vcpus} vCPUs and {ram_mb} MiB; left for an operator"]
     new = next((f for f in same_size if f.disk_gb == old.disk_gb), same_size[0])
     state = Operstate(server.operstate)
     await placement.add(session, host=server.host, vcpus=new.vcpus - old.vcpus, ram_mb=new.ram_mb - old.ram_mb)
     server.flavor_id, server.updated_at = new.id, utcnow()
-    events.record(session, server, "out_of_band", before=state.value, after=state.value,
-                  message=f"reconcile: the host runs it as {new.name}, not {old.name}")
+    events.record(
+        session,
+        server,
+        "out_of_band",
+        before=state.value,
+        after=state.value,
+        message=f"reconcile: the host runs it as {new.name}, not {old.name}",
+    )
     await session.flush()
     real = footprint(state, new.vcpus, new.ram_mb, new.disk_gb) - footprint(state, old.vcpus, old.ram_mb, old.disk_gb)
     if not real.is_zero():
-        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
-                           issuer="reconcile", accept=True, reason=f"reconcile: runs as {new.name}")
+        await quotas.issue(
+            session,
+            project_id=server.project_id,
+            server_id=server.id,
+            deltas=real,
+            issuer="reconcile",
+            accept=True,
+            reason=f"reconcile: runs as {new.name}",
+        )
     return [f"server {server_id}: flavor set from the host ({old.name} -> {new.name})"]
 
 
 # -- the continuous drift report -----------------------------------------------------------------
 
-async def record(session: AsyncSession, report: Report, *, started_at: datetime, duration_s: float,
-                 keep: int = 100) -> DriftReport:
+
+async def record(
+    session: AsyncSession, report: Report, *, started_at: datetime, duration_s: float, keep: int = 100
+) -> DriftReport:
     """Store a periodic pass's report; only the latest ``keep`` are kept."""
-    row = DriftReport(started_at=started_at, duration_s=duration_s, fixed=report.fixed, counts=report.counts(),
-                      report={k: getattr(report, k) for k in (*Report.KINDS, "unreachable_hosts", "actions")})
+    row = DriftReport(
+        started_at=started_at,
+        duration_s=duration_s,
+        fixed=report.fixed,
+        counts=report.counts(),
+        report={k: getattr(report, k) for k in (*Report.KINDS, "unreachable_hosts", "actions")},
+    )
     session.add(row)
     await session.flush()
     old = list(await session.scalars(sa.select(_drift.c.id).order_by(_drift.c.id.desc()).offset(keep)))

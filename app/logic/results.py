@@ -41,8 +41,14 @@ class Outcome(StrEnum):
 
 
 async def apply_result(
-    session: AsyncSession, *, job_id: uuid.UUID, success: bool, error: str | None = None,
-    seq: int | None = None, details: dict[str, Any] | None = None, domain_state: str | None = None,
+    session: AsyncSession,
+    *,
+    job_id: uuid.UUID,
+    success: bool,
+    error: str | None = None,
+    seq: int | None = None,
+    details: dict[str, Any] | None = None,
+    domain_state: str | None = None,
 ) -> Outcome:
     """Apply a job's SUCCESS (``success=True``) or ERROR outcome; idempotent.
 
@@ -57,10 +63,14 @@ async def apply_result(
     # Lock order: server first, as every other writer does.
     server = await servers.locked(session, found.server_id)
     assert server is not None  # jobs reference their server
-    job = (await session.scalars(
-        sa.select(Job).where(_jobs.c.id == job_id).with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )).one()
+    job = (
+        await session.scalars(
+            sa.select(Job)
+            .where(_jobs.c.id == job_id)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        )
+    ).one()
     if job.status in FINAL:
         return Outcome.DUPLICATE
 
@@ -79,13 +89,20 @@ async def apply_result(
     new_flavor = flavor
 
     contradicted: str | None = None
-    if (success and current and not stale and before is not Operstate.DESTROYED
-            and action not in (Action.MIGRATE, Action.LIVE_MIGRATE)  # the source reports after it left
-            and _contradicts(target_state(action, before, True), domain_state)):
+    if (
+        success
+        and current
+        and not stale
+        and before is not Operstate.DESTROYED
+        and action not in (Action.MIGRATE, Action.LIVE_MIGRATE)  # the source reports after it left
+        and _contradicts(target_state(action, before, True), domain_state)
+    ):
         contradicted = domain_state
         success = False
-        error = (f"the agent reported success, but the domain is {domain_state}: "
-                 f"{action.value} should have left it {target_state(action, before, True).value}")
+        error = (
+            f"the agent reported success, but the domain is {domain_state}: "
+            f"{action.value} should have left it {target_state(action, before, True).value}"
+        )
 
     after: Operstate
     if before is Operstate.DESTROYED:
@@ -103,8 +120,9 @@ async def apply_result(
         # An agent ran it, but its RUNNING report is late (dispatchers handle messages
         # concurrently, and a late RUNNING is ignored): the history still says it started.
         job.started_at = now
-        events.record(session, server, "job_started", job_id=job.id, action=action.value,
-                      message=f"running on {job.host}")
+        events.record(
+            session, server, "job_started", job_id=job.id, action=action.value, message=f"running on {job.host}"
+        )
     server.operstate = after.value
     server.flavor_id = new_flavor.id
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
@@ -130,15 +148,23 @@ async def apply_result(
             image.status = (ImageStatus.ACTIVE if success else ImageStatus.ERROR).value
             if success and reported.get("size_bytes") is not None:
                 image.size_bytes = int(reported["size_bytes"])
-    events.record(session, server, "job_succeeded" if success else "job_failed", job_id=job.id,
-                  action=action.value, before=before.value, after=after.value,
-                  message=error or ("stale result: operstate kept" if stale else ""))
+    events.record(
+        session,
+        server,
+        "job_succeeded" if success else "job_failed",
+        job_id=job.id,
+        action=action.value,
+        before=before.value,
+        after=after.value,
+        message=error or ("stale result: operstate kept" if stale else ""),
+    )
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
         await _finish_overtaken(session, server, job)
     # Usage moves last: the quota rows it updates stay locked only until the commit.
     await session.flush()
-    real = (footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb)
-            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    real = footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb) - footprint(
+        before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
+    )
     commission = await quotas.get_commission(session, job.commission_id)
     if commission is not None and commission.state == "pending":
         if quotas.deltas_of(commission) == real:
@@ -147,14 +173,25 @@ async def apply_result(
         else:
             await quotas.reject(session, commission, "the change it described did not happen as described")
     if not real.is_zero():
-        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
-                           issuer="dispatcher", accept=True,
-                           reason=f"{action.value} result moved usage uncommissioned")
+        await quotas.issue(
+            session,
+            project_id=server.project_id,
+            server_id=server.id,
+            deltas=real,
+            issuer="dispatcher",
+            accept=True,
+            reason=f"{action.value} result moved usage uncommissioned",
+        )
     if contradicted is not None:
         # The VM follows its host, as for any change nobody asked for.
         await session.flush()
-        await apply_state_change(session, server_id=server.id, observed=contradicted, seq=None,
-                                 reason=f"after {action.value}, the host reports the domain {contradicted}")
+        await apply_state_change(
+            session,
+            server_id=server.id,
+            observed=contradicted,
+            seq=None,
+            reason=f"after {action.value}, the host reports the domain {contradicted}",
+        )
     return Outcome.APPLIED
 
 
@@ -167,8 +204,9 @@ def _contradicts(expected: Operstate, domain_state: str | None) -> bool:
     return OBSERVED.get(domain_state) is not expected
 
 
-async def _move_host_room(session: AsyncSession, server: Server, job: Job, action: Action,
-                          success: bool, superseded: bool) -> None:
+async def _move_host_room(
+    session: AsyncSession, server: Server, job: Job, action: Action, success: bool, superseded: bool
+) -> None:
     """Resize and migrate reserved room when accepted: keep, give back or move it now."""
     reserved = job.params.get("reserved")
     if not reserved:
@@ -193,8 +231,9 @@ async def _move_host_room(session: AsyncSession, server: Server, job: Job, actio
 
 def _overtaken(server: Server, destroy_job: Job) -> sa.Select[Job]:
     """The server's live jobs other than its destroy: those the destroy overtook."""
-    return sa.select(Job).where(_jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id,
-                                _jobs.c.status.notin_([s.value for s in FINAL]))
+    return sa.select(Job).where(
+        _jobs.c.server_id == server.id, _jobs.c.id != destroy_job.id, _jobs.c.status.notin_([s.value for s in FINAL])
+    )
 
 
 async def _resume_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
@@ -205,22 +244,30 @@ async def _resume_overtaken(session: AsyncSession, server: Server, destroy_job: 
     overtaken = (await session.scalars(_overtaken(server, destroy_job).order_by(_jobs.c.id.desc()).limit(1))).first()
     if overtaken is not None:
         server.task, server.task_job_id = TABLE[Action(overtaken.action)].task, overtaken.id
-        events.record(session, server, "task_resumed", job_id=overtaken.id, action=overtaken.action,
-                      message=f"destroy failed: {overtaken.action} is the task again")
+        events.record(
+            session,
+            server,
+            "task_resumed",
+            job_id=overtaken.id,
+            action=overtaken.action,
+            message=f"destroy failed: {overtaken.action} is the task again",
+        )
 
 
 async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
     """A job is final no later than its server's task is cleared: end the ones destroy overtook."""
-    overtaken = list(await session.scalars(  # several rows: locked in id order, as everywhere
-        _overtaken(server, destroy_job).order_by(_jobs.c.id).with_for_update(key_share=True)))
+    overtaken = list(
+        await session.scalars(  # several rows: locked in id order, as everywhere
+            _overtaken(server, destroy_job).order_by(_jobs.c.id).with_for_update(key_share=True)
+        )
+    )
     now = utcnow()
     for job in overtaken:
         commission = await quotas.get_commission(session, job.commission_id)
         if commission is not None:
             await quotas.reject(session, commission, "superseded by destroy")
         job.status, job.error, job.finished_at = JobStatus.ERROR.value, "superseded by destroy", now
-        events.record(session, server, "job_failed", job_id=job.id, action=job.action,
-                      message="superseded by destroy")
+        events.record(session, server, "job_failed", job_id=job.id, action=job.action, message="superseded by destroy")
 
 
 #: What a domain state observed on a host means for the VM's operstate (``None``: no domain).
@@ -233,8 +280,15 @@ OBSERVED: dict[str, Operstate | None] = {
 }
 
 
-async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, observed: str, seq: int | None,
-                             reason: str = "", issuer: str = "dispatcher") -> Outcome:
+async def apply_state_change(
+    session: AsyncSession,
+    *,
+    server_id: uuid.UUID,
+    observed: str,
+    seq: int | None,
+    reason: str = "",
+    issuer: str = "dispatcher",
+) -> Outcome:
     """A change nobody commissioned (guest shut down, crash, an operator on the host).
 
     The VM takes the observed operstate, the pending commission of its task (which described
@@ -252,8 +306,12 @@ async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, obs
         server.last_seq = seq
     before = Operstate(server.operstate)
     after = OBSERVED.get(observed)
-    if (after is None or after is before or before in (Operstate.DESTROYED, Operstate.HOLD)
-            or server.task in ("BUILD", "DESTROY")):
+    if (
+        after is None
+        or after is before
+        or before in (Operstate.DESTROYED, Operstate.HOLD)
+        or server.task in ("BUILD", "DESTROY")
+    ):
         return Outcome.APPLIED
     task_job = await session.get(Job, server.task_job_id) if server.task_job_id is not None else None
     if task_job is not None and after is target_state(Action(task_job.action), before, True):
@@ -266,13 +324,27 @@ async def apply_state_change(session: AsyncSession, *, server_id: uuid.UUID, obs
             await quotas.reject(session, commission, f"stale: the VM went {after.value} on its own")
     flavor = await session.get(Flavor, server.flavor_id)
     assert flavor is not None
-    real = (footprint(after, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
-            - footprint(before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb))
+    real = footprint(after, flavor.vcpus, flavor.ram_mb, flavor.disk_gb) - footprint(
+        before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
+    )
     if not real.is_zero():
-        await quotas.issue(session, project_id=server.project_id, server_id=server.id, deltas=real,
-                           issuer=issuer, accept=True, reason=f"out-of-band {before.value} -> {after.value}")
+        await quotas.issue(
+            session,
+            project_id=server.project_id,
+            server_id=server.id,
+            deltas=real,
+            issuer=issuer,
+            accept=True,
+            reason=f"out-of-band {before.value} -> {after.value}",
+        )
     server.operstate = after.value
     server.updated_at = utcnow()
-    events.record(session, server, "out_of_band", before=before.value, after=after.value,
-                  message=reason or f"the host reports the domain {observed}")
+    events.record(
+        session,
+        server,
+        "out_of_band",
+        before=before.value,
+        after=after.value,
+        message=reason or f"the host reports the domain {observed}",
+    )
     return Outcome.APPLIED

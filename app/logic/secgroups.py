@@ -26,8 +26,7 @@ _groups, _rules = table_of(SecurityGroup), table_of(SecurityGroupRule)
 _members, _servers = table_of(ServerSecurityGroup), table_of(Server)
 
 #: Protocol names and numbers as clients send them -> the stored name ("-1" is every protocol).
-PROTOCOLS = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "icmp": "icmp", "1": "icmp",
-             "-1": "-1", "all": "-1"}
+PROTOCOLS = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "icmp": "icmp", "1": "icmp", "-1": "-1", "all": "-1"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,15 @@ class Permission:
     description: str = ""
 
 
-def permission(protocol: str | None, from_port: int | None, to_port: int | None, *, cidr: str = "",
-               source_group: str = "", description: str = "") -> Permission:
+def permission(
+    protocol: str | None,
+    from_port: int | None,
+    to_port: int | None,
+    *,
+    cidr: str = "",
+    source_group: str = "",
+    description: str = "",
+) -> Permission:
     """A validated permission: ports are required for tcp/udp (0-65535, from <= to); icmp takes
     type/code (-1 for all); every protocol (-1) spans every port. One source: a CIDR or a group."""
     proto = PROTOCOLS.get((protocol or "").lower())
@@ -79,14 +85,16 @@ async def create(session: AsyncSession, *, project_id: uuid.UUID, name: str, des
     return group
 
 
-async def find(session: AsyncSession, project_id: uuid.UUID, *, ec2_ids: Iterable[str] = (),
-               names: Iterable[str] = ()) -> list[SecurityGroup]:
+async def find(
+    session: AsyncSession, project_id: uuid.UUID, *, ec2_ids: Iterable[str] = (), names: Iterable[str] = ()
+) -> list[SecurityGroup]:
     """The project's groups named by id or by name; every one must exist (``NotFound``)."""
     ec2_ids, names = list(ec2_ids), list(names)
     if not ec2_ids and not names:
         return []
-    stmt = sa.select(SecurityGroup).where(_groups.c.project_id == project_id,
-                                          sa.or_(_groups.c.ec2_id.in_(ec2_ids), _groups.c.name.in_(names)))
+    stmt = sa.select(SecurityGroup).where(
+        _groups.c.project_id == project_id, sa.or_(_groups.c.ec2_id.in_(ec2_ids), _groups.c.name.in_(names))
+    )
     found = list(await session.scalars(stmt))
     unknown = (set(ec2_ids) - {g.ec2_id for g in found}) | (set(names) - {g.name for g in found})
     if unknown:
@@ -97,8 +105,11 @@ async def find(session: AsyncSession, project_id: uuid.UUID, *, ec2_ids: Iterabl
 async def rules_of(session: AsyncSession, group_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[SecurityGroupRule]]:
     out: dict[uuid.UUID, list[SecurityGroupRule]] = {g: [] for g in group_ids}
     if group_ids:
-        stmt = (sa.select(SecurityGroupRule).where(_rules.c.group_id.in_(group_ids))
-                .order_by(_rules.c.protocol, _rules.c.from_port, _rules.c.to_port, _rules.c.id))
+        stmt = (
+            sa.select(SecurityGroupRule)
+            .where(_rules.c.group_id.in_(group_ids))
+            .order_by(_rules.c.protocol, _rules.c.from_port, _rules.c.to_port, _rules.c.id)
+        )
         for rule in await session.scalars(stmt):
             out[rule.group_id].append(rule)
     return out
@@ -111,9 +122,18 @@ async def _sources_exist(session: AsyncSession, project_id: uuid.UUID, perms: li
 async def authorize(session: AsyncSession, group: SecurityGroup, perms: list[Permission]) -> list[SecurityGroupRule]:
     """Add the permissions, all or none: one that exists already is ``AlreadyExists``."""
     await _sources_exist(session, group.project_id, perms)
-    rules = [SecurityGroupRule(group_id=group.id, protocol=p.protocol, from_port=p.from_port, to_port=p.to_port,
-                               cidr=p.cidr, source_group=p.source_group, description=p.description)
-             for p in dict.fromkeys(perms)]
+    rules = [
+        SecurityGroupRule(
+            group_id=group.id,
+            protocol=p.protocol,
+            from_port=p.from_port,
+            to_port=p.to_port,
+            cidr=p.cidr,
+            source_group=p.source_group,
+            description=p.description,
+        )
+        for p in dict.fromkeys(perms)
+    ]
     try:
         async with session.begin_nested():
             session.add_all(rules)
@@ -125,22 +145,35 @@ async def authorize(session: AsyncSession, group: SecurityGroup, perms: list[Per
 async def revoke(session: AsyncSession, group: SecurityGroup, perms: list[Permission]) -> None:
     """Remove the permissions, all or none: one the group does not have is ``NotFound``."""
     for p in perms:
-        deleted = await session.execute(_rules.delete().where(
-            _rules.c.group_id == group.id, _rules.c.protocol == p.protocol, _rules.c.from_port == p.from_port,
-            _rules.c.to_port == p.to_port, _rules.c.cidr == p.cidr, _rules.c.source_group == p.source_group))
+        deleted = await session.execute(
+            _rules.delete().where(
+                _rules.c.group_id == group.id,
+                _rules.c.protocol == p.protocol,
+                _rules.c.from_port == p.from_port,
+                _rules.c.to_port == p.to_port,
+                _rules.c.cidr == p.cidr,
+                _rules.c.source_group == p.source_group,
+            )
+        )
         if deleted.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound("the specified rule does not exist in this security group")
 
 
 async def delete(session: AsyncSession, group: SecurityGroup) -> None:
     live = await session.scalar(
-        sa.select(_servers.c.ec2_id).join(_members, _members.c.server_id == _servers.c.id)
-        .where(_members.c.group_id == group.id, _servers.c.operstate != Operstate.DESTROYED.value).limit(1))
+        sa.select(_servers.c.ec2_id)
+        .join(_members, _members.c.server_id == _servers.c.id)
+        .where(_members.c.group_id == group.id, _servers.c.operstate != Operstate.DESTROYED.value)
+        .limit(1)
+    )
     if live is not None:
         raise InUse(f"resource {group.ec2_id} has a dependent object: instance {live}")
     referenced = await session.scalar(
-        sa.select(_groups.c.ec2_id).join(_rules, _rules.c.group_id == _groups.c.id)
-        .where(_rules.c.source_group == group.ec2_id, _groups.c.id != group.id).limit(1))
+        sa.select(_groups.c.ec2_id)
+        .join(_rules, _rules.c.group_id == _groups.c.id)
+        .where(_rules.c.source_group == group.ec2_id, _groups.c.id != group.id)
+        .limit(1)
+    )
     if referenced is not None:
         raise InUse(f"resource {group.ec2_id} has a dependent object: a rule of {referenced}")
     await session.execute(_members.delete().where(_members.c.group_id == group.id))
@@ -158,9 +191,12 @@ async def groups_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[
     """Each VM's groups as (EC2 id, name), in name order."""
     out: dict[uuid.UUID, list[tuple[str, str]]] = {s: [] for s in server_ids}
     if server_ids:
-        stmt = (sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
-                .join(_groups, _groups.c.id == _members.c.group_id)
-                .where(_members.c.server_id.in_(server_ids)).order_by(_groups.c.name))
+        stmt = (
+            sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
+            .join(_groups, _groups.c.id == _members.c.group_id)
+            .where(_members.c.server_id.in_(server_ids))
+            .order_by(_groups.c.name)
+        )
         for server_id, ec2_id, name in (await session.execute(stmt)).all():
             out[server_id].append((ec2_id, name))
     return out

@@ -66,8 +66,12 @@ async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
 
     Every writer of a VM takes this lock first: it is the per-VM task lock.
     """
-    stmt = (sa.select(Server).where(_servers.c.id == server_id).with_for_update(key_share=True)
-            .execution_options(populate_existing=True))
+    stmt = (
+        sa.select(Server)
+        .where(_servers.c.id == server_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
     return (await session.scalars(stmt)).first()
 
 
@@ -82,17 +86,24 @@ async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> 
 def create_params(server: Server, flavor: Flavor, image: Image, ssh_key: str | None) -> dict[str, Any]:
     """What an agent needs to build the VM, carried in the job itself."""
     return {
-        "name": server.name, "vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb,
+        "name": server.name,
+        "vcpus": flavor.vcpus,
+        "ram_mb": flavor.ram_mb,
         "disk_gb": flavor.disk_gb,
-        "image": {"id": str(image.id), "name": image.name, "disk_format": image.disk_format,
-                  "source_url": image.source_url},
-        "ssh_key": ssh_key, "user_data": server.user_data, "metadata": server.meta,
+        "image": {
+            "id": str(image.id),
+            "name": image.name,
+            "disk_format": image.disk_format,
+            "source_url": image.source_url,
+        },
+        "ssh_key": ssh_key,
+        "user_data": server.user_data,
+        "metadata": server.meta,
         "vnc_port": server.vnc_port,
     }
 
 
-async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: CreateSpec
-                 ) -> list[Created]:
+async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: CreateSpec) -> list[Created]:
     """Accept the creation of ``spec.count`` VMs: all of them, or none."""
     if actor.project_id is None or actor.user_id is None:
         raise BadRequest("servers are created by a user")
@@ -121,10 +132,20 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         now = utcnow()
         server = Server(
             name=spec.name if spec.count == 1 else f"{spec.name}-{i + 1}",
-            description=spec.description, project_id=actor.project_id, user_id=actor.user_id,
-            flavor_id=flavor.id, image_id=image.id, zone=spec.zone, operstate=state.value,
-            meta=dict(spec.metadata), key_name=spec.key_name, user_data=spec.user_data,
-            created_at=now, updated_at=now, reservation_id=reservation, client_token=spec.client_token,
+            description=spec.description,
+            project_id=actor.project_id,
+            user_id=actor.user_id,
+            flavor_id=flavor.id,
+            image_id=image.id,
+            zone=spec.zone,
+            operstate=state.value,
+            meta=dict(spec.metadata),
+            key_name=spec.key_name,
+            user_data=spec.user_data,
+            created_at=now,
+            updated_at=now,
+            reservation_id=reservation,
+            client_token=spec.client_token,
         )
         session.add(server)
         # Written before the rows that refer to it: without relationship() the unit of work
@@ -132,16 +153,31 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         await session.flush()
         job = None
         if not spec.hold:
-            placed = await placement.reserve(session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb,
-                                             zone=spec.zone, several=spec.count > 1)
+            placed = await placement.reserve(
+                session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb, zone=spec.zone, several=spec.count > 1
+            )
             server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
-            job = new_job(session, outbox, server, action=Action.CREATE.value,
-                          params=create_params(server, flavor, image, ssh_key), actor=actor,
-                          commission_id=None, host=placed.host)
+            job = new_job(
+                session,
+                outbox,
+                server,
+                action=Action.CREATE.value,
+                params=create_params(server, flavor, image, ssh_key),
+                actor=actor,
+                commission_id=None,
+                host=placed.host,
+            )
             server.task, server.task_job_id = "BUILD", job.id
-        events.record(session, server, "action", action=Action.CREATE.value, after=state.value,
-                      job_id=job.id if job else None, user_id=actor.user_id,
-                      message="created on hold" if spec.hold else f"placed on {server.host}")
+        events.record(
+            session,
+            server,
+            "action",
+            action=Action.CREATE.value,
+            after=state.value,
+            job_id=job.id if job else None,
+            user_id=actor.user_id,
+            message="created on hold" if spec.hold else f"placed on {server.host}",
+        )
         created.append(Created(server, job))
     await session.flush()
 
@@ -150,8 +186,9 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     await quotas.lock_project(session, actor.project_id)
     await quotas.check(session, actor.project_id, per_vm * spec.count)
     for c in created:
-        commission = await quotas.issue(session, project_id=actor.project_id, server_id=c.server.id,
-                                        deltas=per_vm, accept=True, move=False)
+        commission = await quotas.issue(
+            session, project_id=actor.project_id, server_id=c.server.id, deltas=per_vm, accept=True, move=False
+        )
         if c.job is not None:
             commission.job_id, c.job.commission_id = c.job.id, commission.id
     await quotas.move_usage(session, actor.project_id, per_vm * spec.count)
@@ -188,8 +225,9 @@ class ListFilter:
     all_projects: bool = False
 
 
-async def list_servers(session: AsyncSession, *, actor: Actor, filters: ListFilter, limit: int,
-                       cursor: str | None) -> Page[Server]:
+async def list_servers(
+    session: AsyncSession, *, actor: Actor, filters: ListFilter, limit: int, cursor: str | None
+) -> Page[Server]:
     stmt = sa.select(Server)
     if filters.all_projects and not actor.is_admin:
         raise Forbidden("all_projects needs the admin role")
@@ -197,8 +235,11 @@ async def list_servers(session: AsyncSession, *, actor: Actor, filters: ListFilt
         stmt = stmt.where(_servers.c.project_id == actor.project_id)
     if filters.operstate is not None:
         if filters.operstate not in Operstate.__members__:
-            raise BadRequest(f"unknown operstate {filters.operstate}: one of {', '.join(Operstate)}",
-                             field="operstate", allowed=list(Operstate))
+            raise BadRequest(
+                f"unknown operstate {filters.operstate}: one of {', '.join(Operstate)}",
+                field="operstate",
+                allowed=list(Operstate),
+            )
         stmt = stmt.where(_servers.c.operstate == filters.operstate)
     elif filters.changes_since is None:
         # Destroyed servers are listed only when asked for (or as changes).
@@ -218,13 +259,23 @@ async def list_servers(session: AsyncSession, *, actor: Actor, filters: ListFilt
     return await paginate(session, stmt, _servers.c.id, limit=limit, cursor=cursor)
 
 
-async def update(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID, name: str | None,
-                 description: str | None, metadata: dict[str, str] | None) -> Server:
+async def update(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    name: str | None,
+    description: str | None,
+    metadata: dict[str, str] | None,
+) -> Server:
     """Edit what a user may edit without a job: name, description, metadata."""
     server = await lock(session, actor=actor, server_id=server_id)
     if server.operstate == Operstate.DESTROYED.value:
-        raise InvalidState("a destroyed server cannot be edited", operstate=server.operstate,
-                           allowed_from=[s.value for s in Operstate if s is not Operstate.DESTROYED])
+        raise InvalidState(
+            "a destroyed server cannot be edited",
+            operstate=server.operstate,
+            allowed_from=[s.value for s in Operstate if s is not Operstate.DESTROYED],
+        )
     if name is not None:
         server.name = name
     if description is not None:
@@ -232,15 +283,27 @@ async def update(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID, n
     if metadata is not None:
         server.meta = dict(metadata)
     server.updated_at = utcnow()
-    events.record(session, server, "edited", user_id=actor.user_id,
-                  message=", ".join(k for k, v in (("name", name), ("description", description),
-                                                   ("metadata", metadata)) if v is not None))
+    events.record(
+        session,
+        server,
+        "edited",
+        user_id=actor.user_id,
+        message=", ".join(
+            k for k, v in (("name", name), ("description", description), ("metadata", metadata)) if v is not None
+        ),
+    )
     return server
 
 
-async def set_attributes(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID,
-                         disable_api_termination: bool | None = None, disable_api_stop: bool | None = None,
-                         user_data: str | None = None) -> Server:
+async def set_attributes(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    disable_api_termination: bool | None = None,
+    disable_api_stop: bool | None = None,
+    user_data: str | None = None,
+) -> Server:
     """Change what needs no job (under the VM's lock): the protections, and user data (read by
     the VM's next build). Protections are honoured by ``actions.destroy`` and ``actions.stop``."""
     server = await lock(session, actor=actor, server_id=server_id)

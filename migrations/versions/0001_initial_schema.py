@@ -78,9 +78,7 @@ def upgrade() -> None:
         sa.Column("source_url", sa.String(length=1024), nullable=False),
         sa.Column("source_server_id", sa.Uuid(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_images_project_id_projects")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_images_project_id_projects")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
@@ -93,9 +91,7 @@ def upgrade() -> None:
         sa.Column("resource", sa.String(length=32), nullable=False),
         sa.Column("hard_limit", sa.BigInteger(), nullable=False),
         sa.Column("usage", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_quotas_project_id_projects")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_quotas_project_id_projects")),
         sa.PrimaryKeyConstraint("project_id", "resource", name=op.f("pk_quotas")),
     )
     op.create_table(
@@ -107,9 +103,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(length=16), nullable=False),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_users_project_id_projects")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_users_project_id_projects")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),
         sa.UniqueConstraint("token_hash", name=op.f("uq_users_token_hash")),
     )
@@ -122,9 +116,7 @@ def upgrade() -> None:
         sa.Column("user_id", sa.Uuid(), nullable=False),
         sa.Column("secret_encrypted", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name=op.f("fk_ec2_credentials_user_id_users")
-        ),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_ec2_credentials_user_id_users")),
         sa.PrimaryKeyConstraint("access_key", name=op.f("pk_ec2_credentials")),
     )
     with op.batch_alter_table("ec2_credentials", schema=None) as batch_op:
@@ -138,9 +130,7 @@ def upgrade() -> None:
         sa.Column("status_code", sa.Integer(), nullable=False),
         sa.Column("response", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name=op.f("fk_idempotency_records_user_id_users")
-        ),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_idempotency_records_user_id_users")),
         sa.PrimaryKeyConstraint("user_id", "key", name=op.f("pk_idempotency_records")),
     )
     op.create_table(
@@ -153,9 +143,7 @@ def upgrade() -> None:
         sa.Column("public_key", sa.Text(), nullable=False),
         sa.Column("fingerprint", sa.String(length=128), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_keypairs_project_id_projects")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_keypairs_project_id_projects")),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_keypairs_user_id_users")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_keypairs")),
         sa.UniqueConstraint("project_id", "name", name=op.f("uq_keypairs_project_id_name")),
@@ -183,23 +171,15 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("destroyed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["flavor_id"], ["flavors.id"], name=op.f("fk_servers_flavor_id_flavors")
-        ),
-        sa.ForeignKeyConstraint(
-            ["image_id"], ["images.id"], name=op.f("fk_servers_image_id_images")
-        ),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_servers_project_id_projects")
-        ),
+        sa.ForeignKeyConstraint(["flavor_id"], ["flavors.id"], name=op.f("fk_servers_flavor_id_flavors")),
+        sa.ForeignKeyConstraint(["image_id"], ["images.id"], name=op.f("fk_servers_image_id_images")),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_servers_project_id_projects")),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_servers_user_id_users")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_servers")),
     )
     with op.batch_alter_table("servers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_servers_host"), ["host"], unique=False)
-        batch_op.create_index(
-            "ix_servers_project_id_operstate", ["project_id", "operstate"], unique=False
-        )
+        batch_op.create_index("ix_servers_project_id_operstate", ["project_id", "operstate"], unique=False)
         batch_op.create_index(batch_op.f("ix_servers_updated_at"), ["updated_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_servers_user_id"), ["user_id"], unique=False)
 
@@ -220,18 +200,12 @@ def upgrade() -> None:
         sa.Column("active_ram", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_commissions_project_id_projects")
-        ),
-        sa.ForeignKeyConstraint(
-            ["server_id"], ["servers.id"], name=op.f("fk_commissions_server_id_servers")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_commissions_project_id_projects")),
+        sa.ForeignKeyConstraint(["server_id"], ["servers.id"], name=op.f("fk_commissions_server_id_servers")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_commissions")),
     )
     with op.batch_alter_table("commissions", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_commissions_project_id_state", ["project_id", "state"], unique=False
-        )
+        batch_op.create_index("ix_commissions_project_id_state", ["project_id", "state"], unique=False)
         batch_op.create_index(batch_op.f("ix_commissions_server_id"), ["server_id"], unique=False)
 
     op.create_table(
@@ -252,12 +226,8 @@ def upgrade() -> None:
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["project_id"], ["projects.id"], name=op.f("fk_jobs_project_id_projects")
-        ),
-        sa.ForeignKeyConstraint(
-            ["server_id"], ["servers.id"], name=op.f("fk_jobs_server_id_servers")
-        ),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_jobs_project_id_projects")),
+        sa.ForeignKeyConstraint(["server_id"], ["servers.id"], name=op.f("fk_jobs_server_id_servers")),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_jobs_user_id_users")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
@@ -277,9 +247,7 @@ def upgrade() -> None:
         sa.Column("operstate_to", sa.String(length=16), nullable=True),
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["server_id"], ["servers.id"], name=op.f("fk_server_events_server_id_servers")
-        ),
+        sa.ForeignKeyConstraint(["server_id"], ["servers.id"], name=op.f("fk_server_events_server_id_servers")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_server_events")),
     )
     with op.batch_alter_table("server_events", schema=None) as batch_op:

@@ -26,8 +26,7 @@ def _backfill(table: str, column: str, prefix: str) -> None:
     conn = op.get_bind()
     rows = conn.execute(sa.text(f"SELECT id FROM {table}")).all()
     for (row_id,) in rows:
-        conn.execute(sa.text(f"UPDATE {table} SET {column} = :v WHERE id = :id"),
-                     {"v": _ec2_id(prefix), "id": row_id})
+        conn.execute(sa.text(f"UPDATE {table} SET {column} = :v WHERE id = :id"), {"v": _ec2_id(prefix), "id": row_id})
 
 
 def upgrade() -> None:
@@ -35,8 +34,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("ec2_id", sa.String(length=32), nullable=True))
         batch.add_column(sa.Column("reservation_id", sa.String(length=32), nullable=True))
         batch.add_column(sa.Column("client_token", sa.String(length=64), nullable=True))
-        batch.add_column(sa.Column("disable_api_termination", sa.Boolean(), server_default=sa.false(),
-                                   nullable=False))
+        batch.add_column(sa.Column("disable_api_termination", sa.Boolean(), server_default=sa.false(), nullable=False))
         batch.add_column(sa.Column("disable_api_stop", sa.Boolean(), server_default=sa.false(), nullable=False))
     for table in ("images", "keypairs"):
         with op.batch_alter_table(table) as batch:
@@ -72,8 +70,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("reservation_id", sa.String(length=32), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name=op.f("fk_ec2_client_tokens_project_id_projects")),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_ec2_client_tokens_project_id_projects")),
         sa.PrimaryKeyConstraint("project_id", "token", name=op.f("pk_ec2_client_tokens")),
     )
     op.create_table(
@@ -84,8 +81,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("description", sa.String(length=255), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name=op.f("fk_security_groups_project_id_projects")),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_security_groups_project_id_projects")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_security_groups")),
         sa.UniqueConstraint("ec2_id", name=op.f("uq_security_groups_ec2_id")),
         sa.UniqueConstraint("project_id", "name", name=op.f("uq_security_groups_project_id_name")),
@@ -101,26 +97,29 @@ def upgrade() -> None:
         sa.Column("cidr", sa.String(length=64), nullable=False),
         sa.Column("source_group", sa.String(length=32), nullable=False),
         sa.Column("description", sa.String(length=255), nullable=False),
-        sa.ForeignKeyConstraint(["group_id"], ["security_groups.id"],
-                                name=op.f("fk_security_group_rules_group_id_security_groups")),
+        sa.ForeignKeyConstraint(
+            ["group_id"], ["security_groups.id"], name=op.f("fk_security_group_rules_group_id_security_groups")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_security_group_rules")),
         sa.UniqueConstraint("ec2_id", name=op.f("uq_security_group_rules_ec2_id")),
-        sa.UniqueConstraint("group_id", "protocol", "from_port", "to_port", "cidr", "source_group",
-                            name="uq_security_group_rules_rule"),
+        sa.UniqueConstraint(
+            "group_id", "protocol", "from_port", "to_port", "cidr", "source_group", name="uq_security_group_rules_rule"
+        ),
     )
     op.create_index(op.f("ix_security_group_rules_group_id"), "security_group_rules", ["group_id"], unique=False)
     op.create_table(
         "server_security_groups",
         sa.Column("server_id", sa.Uuid(), nullable=False),
         sa.Column("group_id", sa.Uuid(), nullable=False),
-        sa.ForeignKeyConstraint(["group_id"], ["security_groups.id"],
-                                name=op.f("fk_server_security_groups_group_id_security_groups")),
-        sa.ForeignKeyConstraint(["server_id"], ["servers.id"],
-                                name=op.f("fk_server_security_groups_server_id_servers")),
+        sa.ForeignKeyConstraint(
+            ["group_id"], ["security_groups.id"], name=op.f("fk_server_security_groups_group_id_security_groups")
+        ),
+        sa.ForeignKeyConstraint(
+            ["server_id"], ["servers.id"], name=op.f("fk_server_security_groups_server_id_servers")
+        ),
         sa.PrimaryKeyConstraint("server_id", "group_id", name=op.f("pk_server_security_groups")),
     )
-    op.create_index(op.f("ix_server_security_groups_group_id"), "server_security_groups", ["group_id"],
-                    unique=False)
+    op.create_index(op.f("ix_server_security_groups_group_id"), "server_security_groups", ["group_id"], unique=False)
 
 
 def downgrade() -> None:

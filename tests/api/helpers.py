@@ -42,5 +42,11 @@ def expected_usage(state: str, flavor: tuple[int, int, int] = SMALL) -> dict[str
         return dict.fromkeys(("vm", "cpu", "ram", "disk", "active_cpu", "active_ram"), 0)
     cpu, ram, disk = flavor
     active = state in ("BUILD", "STARTED", "SUSPENDED", "ERROR")
-    return {"vm": 1, "cpu": cpu, "ram": ram, "disk": disk,
-            "active_cpu": cpu if active else 0, "active_ram": ram if active else 0}
+    return {
+        "vm": 1,
+        "cpu": cpu,
+        "ram": ram,
+        "disk": disk,
+        "active_cpu": cpu if active else 0,
+        "active_ram": ram if active else 0,
+    }

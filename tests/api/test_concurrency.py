@@ -26,15 +26,17 @@ async def test_twenty_starts_one_wins(cloud: Cloud) -> None:
     user = await cloud.user()
     server = await server_in(cloud, user, "STOPPED")
     url = f"/api/v1/servers/{server['id']}/actions"
-    replies = await asyncio.gather(*(cloud.client.post(url, headers=user, json={"action": "start"})
-                                     for _ in range(20)))
+    replies = await asyncio.gather(*(cloud.client.post(url, headers=user, json={"action": "start"}) for _ in range(20)))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 1, 409: 19}
     winner = next(r.json()["job_id"] for r in replies if r.status_code == 202)
     for r in replies:
         if r.status_code == 409:
-            assert r.json()["error"] == {"code": "TaskPending", "message": "task START is pending on this server",
-                                         "details": {"task": "START", "job_id": winner}}
+            assert r.json()["error"] == {
+                "code": "TaskPending",
+                "message": "task START is pending on this server",
+                "details": {"task": "START", "job_id": winner},
+            }
     q = await cloud.quotas(user)
     assert q["active_cpu"]["pending"] == 1  # one reservation, not twenty
 
@@ -56,8 +58,7 @@ async def test_destroy_during_a_pending_task_replaces_it(cloud: Cloud) -> None:
 
 async def test_fifty_creates_with_room_for_ten(cloud: Cloud) -> None:
     user = await cloud.user(vm=10, cpu=100, ram=10**6, active_cpu=100, active_ram=10**6, disk=10**4)
-    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=user, json=BODY)
-                                     for _ in range(50)))
+    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=user, json=BODY) for _ in range(50)))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 10, 413: 40}
     assert all(r.json()["error"]["details"]["resource"] == "vm" for r in replies if r.status_code == 413)
@@ -80,8 +81,7 @@ async def test_two_projects_filling_one_host(one_host_cloud: Cloud) -> None:
     big = {"vm": 100, "cpu": 100, "ram": 10**6, "active_cpu": 100, "active_ram": 10**6, "disk": 10**4}
     a, b = await cloud.user(**big), await cloud.user(**big)
     # 8192 MiB holds four 2048 MiB VMs (RAM is not overcommitted; 2 CPUs x 4 would allow 8).
-    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=h, json=BODY)
-                                     for h in [a, b] * 15))
+    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=h, json=BODY) for h in [a, b] * 15))
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 4, 503: 26}
     async with cloud.sessions() as s:
@@ -97,8 +97,12 @@ async def test_two_projects_filling_one_host(one_host_cloud: Cloud) -> None:
 async def test_concurrent_actions_on_many_servers_keep_usage_exact(cloud: Cloud) -> None:
     user = await cloud.user(vm=20, cpu=20, active_cpu=3, ram=10**6, active_ram=10**6, disk=10**4)
     servers = [await server_in(cloud, user, "STOPPED") for _ in range(8)]
-    replies = await asyncio.gather(*(cloud.client.post(f"/api/v1/servers/{s['id']}/actions", headers=user,
-                                                          json={"action": "start"}) for s in servers))
+    replies = await asyncio.gather(
+        *(
+            cloud.client.post(f"/api/v1/servers/{s['id']}/actions", headers=user, json={"action": "start"})
+            for s in servers
+        )
+    )
     codes = Counter(r.status_code for r in replies)
     assert codes == {202: 3, 413: 5}  # active_cpu 3 admits three pending starts, not more
     for r in replies:

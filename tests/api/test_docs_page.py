@@ -25,6 +25,7 @@ from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.slow
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,8 +45,9 @@ def _chromium() -> str:
 async def served(tmp_path: Path) -> AsyncIterator[str]:
     port = _free_port()
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'docs.db'}", port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient() as client:
@@ -62,12 +64,27 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
 
 def _offline_chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={profile}", "--no-first-run", "--disable-background-networking",
-         # The network is off: nothing resolves, and anything not on loopback goes to a closed port.
-         "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-         "--virtual-time-budget=15000", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(profile)}, check=False)
+        [
+            _chromium(),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--no-first-run",
+            "--disable-background-networking",
+            # The network is off: nothing resolves, and anything not on loopback goes to a closed port.
+            "--proxy-server=http://127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--virtual-time-budget=15000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(profile)},
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("page", ["docs", "redoc"])
@@ -82,8 +99,13 @@ async def test_the_documentation_renders_with_the_network_off(served: str, page:
     if page == "docs":
         assert "opblock" in dom.stdout
     shot = tmp_path / f"{page}.png"
-    taken = await asyncio.to_thread(_offline_chromium, f"--screenshot={shot}", "--window-size=1280,1600",
-                                    f"{served}/{page}", profile=tmp_path / "p2")
+    taken = await asyncio.to_thread(
+        _offline_chromium,
+        f"--screenshot={shot}",
+        "--window-size=1280,1600",
+        f"{served}/{page}",
+        profile=tmp_path / "p2",
+    )
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     keep = os.environ.get("NEPHOS_SCREENSHOTS")

@@ -44,16 +44,45 @@ class Generator:
 
     def text(self) -> str:
         r = self.rng
-        return r.choice([
-            lambda: r.choice(self.known),
-            lambda: r.choice(["i-", "ami-", "sg-", "key-", "r-", "sgr-"]) + "".join(
-                r.choice("0123456789abcdef") for _ in range(r.choice([8, 17, 3]))),
-            lambda: "".join(r.choice(string.printable) for _ in range(r.randint(0, 40))),
-            lambda: "".join(chr(r.randint(0x80, 0x2FFF)) for _ in range(r.randint(1, 10))),
-            lambda: r.choice(["", "*", "?", "%", "_", "\\", "'", '"', "true", "false", "-1", "0", "1e9",
-                              "tiny", "small", "running", "stopped", "tcp", "0.0.0.0/0", "300.1.1.1/99",
-                              "x" * 5000, "i-*", "tag:Name", "instance-state-name"]),
-        ])()
+        return r.choice(
+            [
+                lambda: r.choice(self.known),
+                lambda: (
+                    r.choice(["i-", "ami-", "sg-", "key-", "r-", "sgr-"])
+                    + "".join(r.choice("0123456789abcdef") for _ in range(r.choice([8, 17, 3])))
+                ),
+                lambda: "".join(r.choice(string.printable) for _ in range(r.randint(0, 40))),
+                lambda: "".join(chr(r.randint(0x80, 0x2FFF)) for _ in range(r.randint(1, 10))),
+                lambda: r.choice(
+                    [
+                        "",
+                        "*",
+                        "?",
+                        "%",
+                        "_",
+                        "\\",
+                        "'",
+                        '"',
+                        "true",
+                        "false",
+                        "-1",
+                        "0",
+                        "1e9",
+                        "tiny",
+                        "small",
+                        "running",
+                        "stopped",
+                        "tcp",
+                        "0.0.0.0/0",
+                        "300.1.1.1/99",
+                        "x" * 5000,
+                        "i-*",
+                        "tag:Name",
+                        "instance-state-name",
+                    ]
+                ),
+            ]
+        )()
 
     def value(self, shape: Shape, depth: int = 0) -> Any:
         r = self.rng
@@ -90,8 +119,11 @@ class Generator:
         try:
             body = SERIALIZER.serialize_to_request(params, op)["body"]
         except Exception:  # a value botocore will not flatten: send the raw keys instead
-            body = {"Action": op.name, "Version": "2016-11-15",
-                    **{k: v if isinstance(v, str) else repr(v) for k, v in params.items()}}
+            body = {
+                "Action": op.name,
+                "Version": "2016-11-15",
+                **{k: v if isinstance(v, str) else repr(v) for k, v in params.items()},
+            }
         body = {str(k): str(v) for k, v in body.items()}
         if r.random() < 0.1:
             body[self.text()[:30] or "x"] = self.text()
@@ -105,18 +137,31 @@ async def test_random_actions_and_parameters_never_5xx(cloud: Cloud, caplog: pyt
     r = await cloud.client.post("/api/v1/credentials/ec2", headers=headers)
     assert r.status_code == 201, r.text
     credentials = Credentials(r.json()["access_key"], r.json()["secret_key"])
+
     async def send(form: dict[str, str]) -> Any:
         body = urlencode(form)
-        request = AWSRequest(method="POST", url="http://nephos.test/ec2/", data=body,
-                             headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+        request = AWSRequest(
+            method="POST",
+            url="http://nephos.test/ec2/",
+            data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        )
         SigV4Auth(credentials, "ec2", "us-east-1").add_auth(request)
         return await cloud.client.post("/ec2/", content=body, headers=dict(request.headers.items()))
 
     # Real ids for the generator to use: an image, an instance, a key pair, a group.
     images = await send({"Action": "DescribeImages", "Version": "2016-11-15"})
     known = [e.text or "" for e in ElementTree.fromstring(images.content).iter() if e.tag.endswith("imageId")]
-    run = await send({"Action": "RunInstances", "Version": "2016-11-15", "ImageId": known[0], "MinCount": "1",
-                      "MaxCount": "1", "InstanceType": "tiny"})
+    run = await send(
+        {
+            "Action": "RunInstances",
+            "Version": "2016-11-15",
+            "ImageId": known[0],
+            "MinCount": "1",
+            "MaxCount": "1",
+            "InstanceType": "tiny",
+        }
+    )
     assert run.status_code == 200, run.text
     known += [e.text or "" for e in ElementTree.fromstring(run.content).iter() if e.tag.endswith("instanceId")]
     known += ["tiny", "small", "debian-12"]

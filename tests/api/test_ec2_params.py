@@ -41,8 +41,12 @@ async def test_unknown_parameters_are_refused_and_unused_ones_accepted(pg_cloud:
 
     async def send(form: dict[str, str]) -> tuple[int, str]:
         body = urlencode({"Version": "2016-11-15", **form})
-        request = AWSRequest(method="POST", url="http://nephos.test/ec2/", data=body,
-                             headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+        request = AWSRequest(
+            method="POST",
+            url="http://nephos.test/ec2/",
+            data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        )
         SigV4Auth(credentials, "ec2", "us-east-1").add_auth(request)
         reply = await pg_cloud.client.post("/ec2/", content=body, headers=dict(request.headers.items()))
         return reply.status_code, reply.text
@@ -57,17 +61,19 @@ async def test_unknown_parameters_are_refused_and_unused_ones_accepted(pg_cloud:
 
 
 def main() -> None:
-    lines = ['"""Each action\'s parameters, as EC2 names them on the wire (the first segment of a flattened',
-             f"name: ``Filter`` for ``Filter.1.Value.2``), from botocore {botocore.__version__}'s EC2 model.",
-             "",
-             "A parameter of the action that Nephos has no use for (``SubnetId``, ``Monitoring``...) is",
-             "accepted and ignored, as ec2-api does; a name that is no parameter of the action at all is",
-             "``UnknownParameter`` (400). Regenerate after adding an action::",
-             "",
-             "    .venv/bin/python -m tests.api.test_ec2_params > app/api/ec2/params.py",
-             '"""',
-             "",
-             "PARAMETERS: dict[str, frozenset[str]] = {"]
+    lines = [
+        '"""Each action\'s parameters, as EC2 names them on the wire (the first segment of a flattened',
+        f"name: ``Filter`` for ``Filter.1.Value.2``), from botocore {botocore.__version__}'s EC2 model.",
+        "",
+        "A parameter of the action that Nephos has no use for (``SubnetId``, ``Monitoring``...) is",
+        "accepted and ignored, as ec2-api does; a name that is no parameter of the action at all is",
+        "``UnknownParameter`` (400). Regenerate after adding an action::",
+        "",
+        "    .venv/bin/python -m tests.api.test_ec2_params > app/api/ec2/params.py",
+        '"""',
+        "",
+        "PARAMETERS: dict[str, frozenset[str]] = {",
+    ]
     for action in sorted(ACTIONS):
         lines.append(f'    "{action}": frozenset({{')
         lines += ["        " + w for w in textwrap.wrap(", ".join(f'"{n}"' for n in model_parameters(action)), 100)]

@@ -28,8 +28,9 @@ async def test_every_request_body_carries_an_example_and_the_create_example_work
                 continue
             examples = _examples(spec, body["content"]["application/json"]["schema"])
             assert examples, f"{method.upper()} {path} has no example"
-    create = _examples(spec, spec["paths"]["/api/v1/servers"]["post"]["requestBody"]["content"][
-        "application/json"]["schema"])[0]
+    create = _examples(
+        spec, spec["paths"]["/api/v1/servers"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    )[0]
     user = await cloud.user()
     r = await cloud.client.post("/api/v1/servers", headers=user, json=create)
     assert r.status_code == 202, r.text
@@ -39,8 +40,9 @@ async def test_every_request_body_carries_an_example_and_the_create_example_work
     assert server["ec2_id"].startswith("i-")
     # The admin's examples work as sent too: a user of the admin's own project, a project.
     for path in ("/api/v1/admin/users", "/api/v1/admin/projects"):
-        example = _examples(spec, spec["paths"][path]["post"]["requestBody"]["content"]["application/json"][
-            "schema"])[0]
+        example = _examples(spec, spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"])[
+            0
+        ]
         r = await cloud.client.post(path, headers=cloud.admin, json=example)
         assert r.status_code == 201, (path, r.text)
 
@@ -49,8 +51,9 @@ async def test_over_quota_is_413_before_any_placement(cloud: Cloud) -> None:
     user = await cloud.user()  # default quotas: 40 vCPUs
     # 11 x large (4 vCPUs, 8 GiB) exceeds the vCPU quota and also the hosts' memory: the quota
     # is the answer (the user can act on it), not 503 NoCapacity.
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "big", "flavor": "large", "image": "debian-12", "count": 11})
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=user, json={"name": "big", "flavor": "large", "image": "debian-12", "count": 11}
+    )
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "OverLimit" and r.json()["error"]["details"]["resource"] == "cpu"
     q = await cloud.quotas(user)
@@ -73,9 +76,13 @@ async def test_setting_the_admin_token_rotates_the_bootstrap_token(cloud: Cloud)
         await bootstrap.seed(session, admin_token="nph_rotated_admin_token_000000000")
         await session.commit()
     old = await cloud.client.get("/api/v1/admin/hosts", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    new = await cloud.client.get("/api/v1/admin/hosts",
-                                 headers={"Authorization": "Bearer nph_rotated_admin_token_000000000"})
+    new = await cloud.client.get(
+        "/api/v1/admin/hosts", headers={"Authorization": "Bearer nph_rotated_admin_token_000000000"}
+    )
     assert (old.status_code, new.status_code) == (401, 200)
-    users = (await cloud.client.get("/api/v1/admin/users", headers={
-        "Authorization": "Bearer nph_rotated_admin_token_000000000"})).json()["items"]
+    users = (
+        await cloud.client.get(
+            "/api/v1/admin/users", headers={"Authorization": "Bearer nph_rotated_admin_token_000000000"}
+        )
+    ).json()["items"]
     assert [u["name"] for u in users if u["role"] == "admin"] == ["admin"]  # rotated, not a second admin

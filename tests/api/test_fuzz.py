@@ -29,9 +29,26 @@ TOKEN = "nph_fuzz_admin_token"
 
 def _schemathesis(base: str, token: str, seed: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [nephos_bin("st"), "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {token}",
-         "--checks", "all", "--max-examples", "30", "--seed", str(seed), "--workers", "1", "--no-color"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,  # reads ROOT/schemathesis.toml
+        [
+            nephos_bin("st"),
+            "run",
+            f"{base}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--checks",
+            "all",
+            "--max-examples",
+            "30",
+            "--seed",
+            str(seed),
+            "--workers",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,  # reads ROOT/schemathesis.toml
     )
 
 
@@ -40,7 +57,7 @@ def _verdict(run: subprocess.CompletedProcess[str], log: list[str]) -> None:
     assert generated and int(generated.group(1)) > 500, run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0 and not re.search(r"\d+ failures?\b", run.stdout), run.stdout[-8000:]
     assert len([line for line in log if "HTTP/1.1" in line]) > 500
-    errors = [line for line in log if "HTTP/1.1\" 500" in line or "unexpected error" in line]
+    errors = [line for line in log if 'HTTP/1.1" 500' in line or "unexpected error" in line]
     assert not errors, "\n".join(log[-200:])
 
 
@@ -52,8 +69,9 @@ def test_every_check_passes_with_an_admins_token_on_postgresql(pg_url: str, tmp_
 
 def test_every_check_passes_with_a_users_token_on_the_embedded_cloud(tmp_path: Path) -> None:
     with nephos_up(tmp_path, NEPHOS_ADMIN_TOKEN=TOKEN) as (base, log):
-        user = httpx.post(f"{base}/api/v1/admin/users", headers={"Authorization": f"Bearer {TOKEN}"},
-                          json={"name": "fuzzed"})
+        user = httpx.post(
+            f"{base}/api/v1/admin/users", headers={"Authorization": f"Bearer {TOKEN}"}, json={"name": "fuzzed"}
+        )
         assert user.status_code == 201, user.text
         run = _schemathesis(base, user.json()["token"], seed=20261203)
     _verdict(run, log)

@@ -42,8 +42,9 @@ async def test_same_key_other_body_conflicts(cloud: Cloud) -> None:
 async def test_concurrent_same_key_creates_once(cloud: Cloud) -> None:
     user = await cloud.user()
     headers = {**user, "Idempotency-Key": "race"}
-    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=headers, json=BODY)
-                                     for _ in range(8)))
+    replies = await asyncio.gather(
+        *(cloud.client.post("/api/v1/servers", headers=headers, json=BODY) for _ in range(8))
+    )
     assert {r.status_code for r in replies} == {202}
     assert len({r.text for r in replies}) == 1
     assert await _servers(cloud) == 1
@@ -54,8 +55,9 @@ async def test_refusals_are_not_recorded(cloud: Cloud) -> None:
     user = await cloud.user(vm=0)
     headers = {**user, "Idempotency-Key": "k-3"}
     assert (await cloud.client.post("/api/v1/servers", headers=headers, json=BODY)).status_code == 413
-    r = await cloud.client.patch(f"/api/v1/admin/projects/{user['X-Project']}", headers=cloud.admin,
-                                 json={"quotas": {"vm": 5}})
+    r = await cloud.client.patch(
+        f"/api/v1/admin/projects/{user['X-Project']}", headers=cloud.admin, json={"quotas": {"vm": 5}}
+    )
     assert r.status_code == 200 and r.json()["quotas"]["vm"]["limit"] == 5
     assert (await cloud.client.post("/api/v1/servers", headers=headers, json=BODY)).status_code == 202
 

@@ -18,9 +18,13 @@ BODIES = {
 
 
 def _fill(path: str, server_id: str) -> str:
-    return (path.replace("{server_id}", server_id).replace("{job_id}", server_id)
-            .replace("{project_id}", server_id).replace("{name}", "host-1")
-            .replace("{access_key}", "AKIAXXXXXXXXXXXXXXXX"))
+    return (
+        path.replace("{server_id}", server_id)
+        .replace("{job_id}", server_id)
+        .replace("{project_id}", server_id)
+        .replace("{name}", "host-1")
+        .replace("{access_key}", "AKIAXXXXXXXXXXXXXXXX")
+    )
 
 
 async def test_other_projects_server_is_404_on_every_server_route(cloud: Cloud) -> None:
@@ -31,8 +35,12 @@ async def test_other_projects_server_is_404_on_every_server_route(cloud: Cloud) 
     routes = [(m, p) for m, p in ROUTES if "{server_id}" in p]
     assert len(routes) >= 5
     for method, path in routes:
-        r = await cloud.client.request(method, _fill(path, server["id"]), headers=intruder,
-                                       json=BODIES.get(path, {"action": "stop"} if method == "POST" else None))
+        r = await cloud.client.request(
+            method,
+            _fill(path, server["id"]),
+            headers=intruder,
+            json=BODIES.get(path, {"action": "stop"} if method == "POST" else None),
+        )
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["code"] == "NotFound"
     r = await cloud.client.get(f"/api/v1/jobs/{job}", headers=intruder)
@@ -49,8 +57,12 @@ async def test_every_admin_route_is_403_for_users(cloud: Cloud) -> None:
     routes = [(m, p) for m, p in ROUTES if p.startswith("/api/v1/admin")]
     assert len(routes) >= 10
     for method, path in routes:
-        r = await cloud.client.request(method, _fill(path, "00000000-0000-0000-0000-000000000000"),
-                                       headers=user, json={} if method in ("POST", "PATCH") else None)
+        r = await cloud.client.request(
+            method,
+            _fill(path, "00000000-0000-0000-0000-000000000000"),
+            headers=user,
+            json={} if method in ("POST", "PATCH") else None,
+        )
         assert r.status_code == 403, (method, path, r.text)
         assert r.json()["error"]["code"] == "Forbidden"
 

@@ -20,8 +20,9 @@ async def test_generate_import_list_delete(cloud: Cloud) -> None:
     assert public.decode() == body["public_key"] and body["fingerprint"].startswith("SHA256:")
     rsa = (await cloud.client.post("/api/v1/keypairs", headers=user, json={"name": "r", "key_type": "rsa"})).json()
     serialization.load_pem_private_key(rsa["private_key"].encode(), password=None)
-    imported = await cloud.client.post("/api/v1/keypairs", headers=user,
-                                       json={"name": "imp", "public_key": body["public_key"] + " me@host"})
+    imported = await cloud.client.post(
+        "/api/v1/keypairs", headers=user, json={"name": "imp", "public_key": body["public_key"] + " me@host"}
+    )
     assert imported.status_code == 201 and imported.json()["private_key"] is None
     assert imported.json()["fingerprint"] == body["fingerprint"]
     bad = await cloud.client.post("/api/v1/keypairs", headers=user, json={"name": "bad", "public_key": "ssh-rsa xx"})
@@ -40,4 +41,6 @@ async def test_generate_import_list_delete(cloud: Cloud) -> None:
         assert job.params["user_data"] == "#cloud-config\n"
     assert (await cloud.client.delete("/api/v1/keypairs/gen", headers=user)).status_code == 204
     assert [k["name"] for k in (await cloud.client.get("/api/v1/keypairs", headers=user)).json()["items"]] == [
-        "r", "imp"]
+        "r",
+        "imp",
+    ]

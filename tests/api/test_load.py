@@ -36,8 +36,9 @@ async def _finish(cloud: Cloud, job_id: str) -> None:
 
 @pytest.fixture
 async def roomy(db_url: str) -> AsyncIterator[Cloud]:
-    cloud, manager = await start_cloud(db_url, hosts=[HostSpec("roomy-1", 4096, 4 * 10**6),
-                                                      HostSpec("roomy-2", 4096, 4 * 10**6)])
+    cloud, manager = await start_cloud(
+        db_url, hosts=[HostSpec("roomy-1", 4096, 4 * 10**6), HostSpec("roomy-2", 4096, 4 * 10**6)]
+    )
     yield cloud
     await stop_cloud(cloud, manager)
 
@@ -54,12 +55,14 @@ async def test_creates_actions_and_results_in_one_project_never_5xx(roomy: Cloud
         codes[r.status_code] += 1
         if r.status_code >= 400:
             kinds[f"{r.status_code} {r.json()['error']['code']}"] += 1
+
     pending_jobs: list[str] = []
     servers: dict[str, str] = {}  # id -> operstate we expect after its pending job
 
     async def create() -> None:
-        r = await cloud.client.post("/api/v1/servers", headers=user,
-                                    json={"name": "load", "flavor": "tiny", "image": "debian-12"})
+        r = await cloud.client.post(
+            "/api/v1/servers", headers=user, json={"name": "load", "flavor": "tiny", "image": "debian-12"}
+        )
         count(r)
         if r.status_code == 202:
             body: dict[str, Any] = r.json()

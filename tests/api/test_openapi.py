@@ -19,12 +19,15 @@ def test_every_operation_is_documented_with_models() -> None:
         if path != "/healthz":
             assert {"401", "422"} <= codes, where
             assert op["responses"]["401"]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/ErrorBody"}, where
+                "$ref": "#/components/schemas/ErrorBody"
+            }, where
         for code in success:
             if code != "204":
                 assert "schema" in op["responses"][code]["content"]["application/json"], where
-        if method in ("post", "patch") and path not in ("/api/v1/credentials/ec2",
-                                                          "/api/v1/admin/hosts/{host}/domains/{domain_uuid}/destroy"):
+        if method in ("post", "patch") and path not in (
+            "/api/v1/credentials/ec2",
+            "/api/v1/admin/hosts/{host}/domains/{domain_uuid}/destroy",
+        ):
             assert "requestBody" in op, where
 
 

@@ -24,14 +24,19 @@ async def test_400_bad_request(cloud: Cloud) -> None:
     user = await cloud.user()
     server = await server_in(cloud, user, "STOPPED")
     small = (await cloud.server(user, server["id"]))["flavor_id"]
-    r = await cloud.client.post(f"/api/v1/servers/{server['id']}/actions", headers=user,
-                                json={"action": "resize", "flavor_id": small})
+    r = await cloud.client.post(
+        f"/api/v1/servers/{server['id']}/actions", headers=user, json={"action": "resize", "flavor_id": small}
+    )
     error(r, 400, "BadRequest")
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "nope", "image": "debian-12"})
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=user, json={"name": "x", "flavor": "nope", "image": "debian-12"}
+    )
     assert error(r, 400, "BadRequest")["field"] == "flavor_id"
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "small", "image": "debian-12", "key_name": "nokey"})
+    r = await cloud.client.post(
+        "/api/v1/servers",
+        headers=user,
+        json={"name": "x", "flavor": "small", "image": "debian-12", "key_name": "nokey"},
+    )
     assert error(r, 400, "BadRequest")["field"] == "key_name"
     r = await cloud.client.get("/api/v1/servers?cursor=!!notacursor", headers=user)
     error(r, 400, "BadRequest")
@@ -54,17 +59,16 @@ async def test_401_unauthorized(cloud: Cloud) -> None:
     r = await cloud.client.get("/api/v1/servers")
     error(r, 401, "Unauthorized")
     assert r.headers["www-authenticate"] == "Bearer"
-    error(await cloud.client.get("/api/v1/servers", headers={"Authorization": "Bearer nope"}), 401,
-          "Unauthorized")
-    error(await cloud.client.get("/api/v1/servers", headers={"Authorization": "Basic Zm9vOmJhcg=="}), 401,
-          "Unauthorized")
+    error(await cloud.client.get("/api/v1/servers", headers={"Authorization": "Bearer nope"}), 401, "Unauthorized")
+    error(
+        await cloud.client.get("/api/v1/servers", headers={"Authorization": "Basic Zm9vOmJhcg=="}), 401, "Unauthorized"
+    )
 
 
 async def test_403_forbidden(cloud: Cloud) -> None:
     user = await cloud.user()
     server = await server_in(cloud, user, "STOPPED")
-    r = await cloud.client.post(f"/api/v1/servers/{server['id']}/actions", headers=user,
-                                json={"action": "migrate"})
+    r = await cloud.client.post(f"/api/v1/servers/{server['id']}/actions", headers=user, json={"action": "migrate"})
     error(r, 403, "Forbidden")
     error(await cloud.client.get("/api/v1/servers?host=host-1", headers=user), 403, "Forbidden")
 
@@ -86,24 +90,34 @@ async def test_409_task_pending_and_invalid_state(cloud: Cloud) -> None:
     user = await cloud.user()
     reply = await cloud.create(user)
     sid, job = reply["servers"][0]["id"], reply["job_ids"][0]
-    details = error(await cloud.client.post(f"/api/v1/servers/{sid}/actions", headers=user,
-                                            json={"action": "stop"}), 409, "TaskPending")
+    details = error(
+        await cloud.client.post(f"/api/v1/servers/{sid}/actions", headers=user, json={"action": "stop"}),
+        409,
+        "TaskPending",
+    )
     assert details == {"task": "BUILD", "job_id": job}
     await cloud.finish(job)
-    details = error(await cloud.client.post(f"/api/v1/servers/{sid}/actions", headers=user,
-                                            json={"action": "start"}), 409, "InvalidState")
+    details = error(
+        await cloud.client.post(f"/api/v1/servers/{sid}/actions", headers=user, json={"action": "start"}),
+        409,
+        "InvalidState",
+    )
     assert details == {"operstate": "STARTED", "allowed_from": ["STOPPED"]}
     destroyed = await server_in(cloud, user, "DESTROYED")
-    details = error(await cloud.client.post(f"/api/v1/servers/{destroyed['id']}/actions", headers=user,
-                                            json={"action": "start"}), 409, "InvalidState")
+    details = error(
+        await cloud.client.post(f"/api/v1/servers/{destroyed['id']}/actions", headers=user, json={"action": "start"}),
+        409,
+        "InvalidState",
+    )
     assert details["operstate"] == "DESTROYED"
     # Destroying a destroyed server succeeds and changes nothing (AWS and Nova): the answer names
     # the job that destroyed it, and no new job is made.
     events = (await cloud.client.get(f"/api/v1/servers/{destroyed['id']}/events", headers=user)).json()["items"]
     destroy_job = next(e["job_id"] for e in events if e["action"] == "destroy")
-    for again in (cloud.client.delete(f"/api/v1/servers/{destroyed['id']}", headers=user),
-                  cloud.client.post(f"/api/v1/servers/{destroyed['id']}/actions", headers=user,
-                                    json={"action": "destroy"})):
+    for again in (
+        cloud.client.delete(f"/api/v1/servers/{destroyed['id']}", headers=user),
+        cloud.client.post(f"/api/v1/servers/{destroyed['id']}/actions", headers=user, json={"action": "destroy"}),
+    ):
         r = await again
         assert r.status_code == 202 and r.json() == {"job_id": destroy_job}, r.text
     after = (await cloud.client.get(f"/api/v1/servers/{destroyed['id']}/events", headers=user)).json()["items"]
@@ -115,24 +129,34 @@ async def test_409_already_exists(cloud: Cloud) -> None:
     assert (await cloud.client.post("/api/v1/keypairs", headers=user, json={"name": "k"})).status_code == 201
     error(await cloud.client.post("/api/v1/keypairs", headers=user, json={"name": "k"}), 409, "AlreadyExists")
     await cloud.project(name="dup")
-    error(await cloud.client.post("/api/v1/admin/projects", headers=cloud.admin, json={"name": "dup"}),
-          409, "AlreadyExists")
+    error(
+        await cloud.client.post("/api/v1/admin/projects", headers=cloud.admin, json={"name": "dup"}),
+        409,
+        "AlreadyExists",
+    )
 
 
 async def test_413_over_limit(cloud: Cloud) -> None:
     user = await cloud.user(vm=2, cpu=10)
     await cloud.create(user)
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "small", "image": "debian-12", "count": 2})
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=user, json={"name": "x", "flavor": "small", "image": "debian-12", "count": 2}
+    )
     assert error(r, 413, "OverLimit") == {"resource": "vm", "limit": 2, "usage": 1, "pending": 0, "requested": 2}
     # Pending positive deltas count too: a start reserves active_cpu until its result.
     tight = await cloud.user(active_cpu=1, cpu=5, vm=5)
     stopped = await server_in(cloud, tight, "STOPPED")
     await cloud.act(tight, stopped["id"], "start")
-    r = await cloud.client.post("/api/v1/servers", headers=tight,
-                                json={"name": "x", "flavor": "small", "image": "debian-12"})
-    assert error(r, 413, "OverLimit") == {"resource": "active_cpu", "limit": 1, "usage": 0, "pending": 1,
-                                          "requested": 1}
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=tight, json={"name": "x", "flavor": "small", "image": "debian-12"}
+    )
+    assert error(r, 413, "OverLimit") == {
+        "resource": "active_cpu",
+        "limit": 1,
+        "usage": 0,
+        "pending": 1,
+        "requested": 1,
+    }
 
 
 async def test_422_validation_error(cloud: Cloud) -> None:
@@ -143,14 +167,19 @@ async def test_422_validation_error(cloud: Cloud) -> None:
         await cloud.client.post(url, headers=user, json={"action": "explode"}),
         await cloud.client.post(url, headers=user, json={}),
         await cloud.client.post(url, headers=user, json={"action": "save_image"}),
-        await cloud.client.post(url, headers=user, content=b"{not json", ),
+        await cloud.client.post(
+            url,
+            headers=user,
+            content=b"{not json",
+        ),
         await cloud.client.post("/api/v1/servers", headers=user, json={"flavor": "small"}),
         await cloud.client.post("/api/v1/servers", headers=user, json={"name": "x", "count": 0}),
         await cloud.client.post("/api/v1/servers", headers=user, json={"name": "x", "surprise": 1}),
         await cloud.client.get("/api/v1/servers/not-a-uuid", headers=user),
         await cloud.client.get("/api/v1/servers?limit=100000", headers=user),
-        await cloud.client.post("/api/v1/admin/projects", headers=cloud.admin,
-                                json={"name": "q", "quotas": {"gpus": 1}}),
+        await cloud.client.post(
+            "/api/v1/admin/projects", headers=cloud.admin, json={"name": "q", "quotas": {"gpus": 1}}
+        ),
     ):
         details = error(r, 422, "ValidationError")
         assert details["errors"]
@@ -161,22 +190,27 @@ async def test_422_validation_error(cloud: Cloud) -> None:
 
 async def test_503_no_capacity(cloud: Cloud) -> None:
     user = await cloud.user(vm=100, cpu=10**4, active_cpu=10**4, ram=10**8, active_ram=10**8, disk=10**6)
-    r = await cloud.client.post("/api/v1/admin/flavors", headers=cloud.admin,
-                                json={"name": "huge", "vcpus": 8, "ram_mb": 30000, "disk_gb": 10})
+    r = await cloud.client.post(
+        "/api/v1/admin/flavors", headers=cloud.admin, json={"name": "huge", "vcpus": 8, "ram_mb": 30000, "disk_gb": 10}
+    )
     assert r.status_code == 201 and r.json()["capacity"] == 2
     await cloud.create(user, flavor="huge", count=2)
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "huge", "image": "debian-12"})
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=user, json={"name": "x", "flavor": "huge", "image": "debian-12"}
+    )
     error(r, 503, "NoCapacity")
     # All or nothing: nothing of the refused request is left behind.
     listed = (await cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
     assert len(listed) == 2
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "tiny", "image": "debian-12", "zone": "default",
-                                      "count": 3})
+    r = await cloud.client.post(
+        "/api/v1/servers",
+        headers=user,
+        json={"name": "x", "flavor": "tiny", "image": "debian-12", "zone": "default", "count": 3},
+    )
     assert r.status_code == 202
-    r = await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "x", "flavor": "tiny", "image": "debian-12", "zone": "mars"})
+    r = await cloud.client.post(
+        "/api/v1/servers", headers=user, json={"name": "x", "flavor": "tiny", "image": "debian-12", "zone": "mars"}
+    )
     error(r, 400, "BadRequest")
 
 
@@ -184,17 +218,22 @@ async def test_what_postgresql_cannot_store_is_a_422_not_a_500(cloud: Cloud) -> 
     """Found by schemathesis against PostgreSQL: NUL characters and integers past a column's range."""
     user = await cloud.user()
     for r in (
-        await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "a\u0000b", "flavor": "small", "image": "debian-12"}),
-        await cloud.client.post("/api/v1/servers", headers=user,
-                                json={"name": "a", "flavor": "small", "image": "debian-12",
-                                      "metadata": {"k": "\u0000"}}),
+        await cloud.client.post(
+            "/api/v1/servers", headers=user, json={"name": "a\u0000b", "flavor": "small", "image": "debian-12"}
+        ),
+        await cloud.client.post(
+            "/api/v1/servers",
+            headers=user,
+            json={"name": "a", "flavor": "small", "image": "debian-12", "metadata": {"k": "\u0000"}},
+        ),
         await cloud.client.get("/api/v1/servers", params={"name": "x\u0000"}, headers=user),
         await cloud.client.delete("/api/v1/keypairs/a%00b", headers=user),
-        await cloud.client.post("/api/v1/admin/hosts", headers=cloud.admin,
-                                json={"name": "h", "cpus": 4, "ram_mb": 177263041841886}),
-        await cloud.client.post("/api/v1/admin/projects", headers=cloud.admin,
-                                json={"name": "big", "quotas": {"vm": 2**70}}),
+        await cloud.client.post(
+            "/api/v1/admin/hosts", headers=cloud.admin, json={"name": "h", "cpus": 4, "ram_mb": 177263041841886}
+        ),
+        await cloud.client.post(
+            "/api/v1/admin/projects", headers=cloud.admin, json={"name": "big", "quotas": {"vm": 2**70}}
+        ),
     ):
         assert error(r, 422, "ValidationError")["errors"]
 
@@ -209,8 +248,9 @@ async def test_503_unavailable_while_the_database_is_away(pg_cloud: Cloud) -> No
     kept, pg_cloud.state.sessions = pg_cloud.state.sessions, make_sessionmaker(away)
     try:
         for method, path in (("GET", "/api/v1/servers"), ("POST", "/api/v1/servers")):
-            r = await pg_cloud.client.request(method, path, headers=user,
-                                              json={"name": "x", "flavor": "tiny", "image": "debian-12"})
+            r = await pg_cloud.client.request(
+                method, path, headers=user, json={"name": "x", "flavor": "tiny", "image": "debian-12"}
+            )
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "Unavailable" and r.headers["Retry-After"] == "1"
     finally:

@@ -19,9 +19,13 @@ from tests.conftest import Cloud
 
 
 async def _waiting_for_a_lock(conn: asyncpg.Connection, other_than: int) -> bool:
-    return bool(await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> $1 "
-        "AND wait_event_type = 'Lock'", other_than))
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> $1 "
+            "AND wait_event_type = 'Lock'",
+            other_than,
+        )
+    )
 
 
 async def test_a_deadlocked_create_runs_again_and_succeeds_once(pg_cloud: Cloud) -> None:
@@ -34,10 +38,14 @@ async def test_a_deadlocked_create_runs_again_and_succeeds_once(pg_cloud: Cloud)
         tx = other.transaction()
         await tx.start()
         await other.execute("SET LOCAL deadlock_timeout = '60s'")  # the request's check fires first
-        await other.execute("UPDATE quotas SET usage = usage WHERE project_id = $1 AND resource = 'vm'",
-                            uuid.UUID(project_id))
-        request = asyncio.create_task(cloud.client.post(
-            "/api/v1/servers", headers=user, json={"name": "dl", "flavor": "small", "image": "debian-12"}))
+        await other.execute(
+            "UPDATE quotas SET usage = usage WHERE project_id = $1 AND resource = 'vm'", uuid.UUID(project_id)
+        )
+        request = asyncio.create_task(
+            cloud.client.post(
+                "/api/v1/servers", headers=user, json={"name": "dl", "flavor": "small", "image": "debian-12"}
+            )
+        )
         for _ in range(200):
             if await _waiting_for_a_lock(watcher, other.get_server_pid()):
                 break

@@ -27,8 +27,9 @@ async def test_tokens_and_secrets_at_rest_and_in_logs(cloud: Cloud, caplog: pyte
     caplog.set_level(logging.DEBUG)
     logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL and parameters, as an operator might
     try:
-        r = await cloud.client.post("/api/v1/admin/users", headers=cloud.admin,
-                                    json={"name": "s", "project_id": (await cloud.project())["id"]})
+        r = await cloud.client.post(
+            "/api/v1/admin/users", headers=cloud.admin, json={"name": "s", "project_id": (await cloud.project())["id"]}
+        )
         token = r.json()["token"]
         user = {"Authorization": f"Bearer {token}"}
         cred = await cloud.client.post("/api/v1/credentials/ec2", headers=user)
@@ -71,13 +72,15 @@ async def test_what_is_shown_once_is_never_stored_readable_even_with_an_idempote
 
     cred = await cloud.client.post("/api/v1/credentials/ec2", headers={**user, "Idempotency-Key": "cred-1"})
     secret = cred.json()["secret_key"]
-    key = await cloud.client.post("/api/v1/keypairs", headers={**user, "Idempotency-Key": "key-1"},
-                                  json={"name": "k1"})
+    key = await cloud.client.post("/api/v1/keypairs", headers={**user, "Idempotency-Key": "key-1"}, json={"name": "k1"})
     assert key.status_code == 201, key.text
     private_key = key.json()["private_key"]
     vm = await server_in(cloud, user, "STARTED")
-    console = await cloud.client.post(f"/api/v1/servers/{vm['id']}/actions",
-                                      headers={**user, "Idempotency-Key": "console-1"}, json={"action": "console"})
+    console = await cloud.client.post(
+        f"/api/v1/servers/{vm['id']}/actions",
+        headers={**user, "Idempotency-Key": "console-1"},
+        json={"action": "console"},
+    )
     assert console.status_code == 200, console.text
     password = console.json()["password"]
     assert len(password) == 8

@@ -73,8 +73,11 @@ async def test_every_action_commits_a_pending_job(cloud: Cloud) -> None:
         job = (await cloud.client.get(f"/api/v1/jobs/{reply['job_id']}", headers=cloud.admin)).json()
         assert job["status"] == "PENDING" and job["action"] == action
         async with cloud.sessions() as s:
-            kinds = list(await s.scalars(sa.select(ServerEvent.kind).where(
-                ServerEvent.__table__.c.job_id == uuid.UUID(reply["job_id"]))))
+            kinds = list(
+                await s.scalars(
+                    sa.select(ServerEvent.kind).where(ServerEvent.__table__.c.job_id == uuid.UUID(reply["job_id"]))
+                )
+            )
             assert kinds == ["action"]
         # Clean up so quotas stay within the default project's limits.
         destroy = await cloud.act(cloud.admin, server["id"], "destroy")
@@ -134,24 +137,32 @@ async def test_list_filters_and_cursor_pagination(cloud: Cloud) -> None:
     since = gone[0]["updated_at"]
     changed = (await cloud.client.get("/api/v1/servers", params={"changes_since": since}, headers=user)).json()
     assert ids[0] in [s["id"] for s in changed["items"]]
-    everyone = (await cloud.client.get("/api/v1/servers?all_projects=true&limit=1000",
-                                       headers=cloud.admin)).json()["items"]
+    everyone = (await cloud.client.get("/api/v1/servers?all_projects=true&limit=1000", headers=cloud.admin)).json()[
+        "items"
+    ]
     assert len(everyone) == 7  # 6 live of user + 1 of other
-    on_host = (await cloud.client.get(f"/api/v1/servers?host={made['servers'][1]['host']}&all_projects=true",
-                                      headers=cloud.admin)).json()["items"]
+    on_host = (
+        await cloud.client.get(
+            f"/api/v1/servers?host={made['servers'][1]['host']}&all_projects=true", headers=cloud.admin
+        )
+    ).json()["items"]
     assert on_host and all(s["host"] == made["servers"][1]["host"] for s in on_host)
 
 
 async def test_patch_and_events(cloud: Cloud) -> None:
     user = await cloud.user()
     server = await server_in(cloud, user, "STARTED")
-    r = await cloud.client.patch(f"/api/v1/servers/{server['id']}", headers=user,
-                                 json={"name": "renamed", "metadata": {"a": "b"}})
+    r = await cloud.client.patch(
+        f"/api/v1/servers/{server['id']}", headers=user, json={"name": "renamed", "metadata": {"a": "b"}}
+    )
     assert r.status_code == 200 and r.json()["name"] == "renamed" and r.json()["metadata"] == {"a": "b"}
     events = (await cloud.client.get(f"/api/v1/servers/{server['id']}/events?limit=1", headers=user)).json()
     assert len(events["items"]) == 1 and events["next_cursor"]
-    rest = (await cloud.client.get(f"/api/v1/servers/{server['id']}/events",
-                                   params={"cursor": events["next_cursor"]}, headers=user)).json()
+    rest = (
+        await cloud.client.get(
+            f"/api/v1/servers/{server['id']}/events", params={"cursor": events["next_cursor"]}, headers=user
+        )
+    ).json()
     kinds = [e["kind"] for e in events["items"] + rest["items"]]
     assert kinds == ["action", "job_succeeded", "edited"]
 
@@ -164,8 +175,10 @@ async def test_catalogue_lists_are_paginated(cloud: Cloud, path: str) -> None:
 
 async def test_flavor_capacity_counts_what_still_fits(cloud: Cloud) -> None:
     user = await cloud.user(vm=100, cpu=1000, active_cpu=1000, ram=10**7, active_ram=10**7, disk=10**6)
+
     def cap(items: list[dict[str, object]], name: str) -> object:
         return next(f["capacity"] for f in items if f["name"] == name)
+
     before = (await cloud.client.get("/api/v1/flavors", headers=user)).json()["items"]
     # Two hosts of 16 CPUs (x4 overcommit) and 32 GiB: RAM bounds the large flavor at 4 each.
     assert cap(before, "large") == 8 and cap(before, "small") == 32

@@ -9,8 +9,7 @@ from app.backend.driver import Driver, write_test_node
 
 
 def _params(name: str) -> dict[str, object]:
-    return {"name": name, "vcpus": 1, "ram_mb": 512, "disk_gb": 1, "image": {"name": "debian-12"},
-            "vnc_port": 5901}
+    return {"name": name, "vcpus": 1, "ram_mb": 512, "disk_gb": 1, "image": {"name": "debian-12"}, "vnc_port": 5901}
 
 
 async def test_a_restarted_agent_finds_its_domains_as_they_were(tmp_path: Path) -> None:
@@ -32,7 +31,10 @@ async def test_a_restarted_agent_finds_its_domains_as_they_were(tmp_path: Path) 
     await second.close()
     assert after == before
     assert {sid: state for sid, (state, *_) in after.items()} == {
-        running: "running", stopped: "shutoff", paused: "paused"}
+        running: "running",
+        stopped: "shutoff",
+        paused: "paused",
+    }
 
 
 async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: Path) -> None:
@@ -41,8 +43,9 @@ async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: 
     import libvirt
 
     driver = Driver(write_test_node(tmp_path, "h", 4, 8192), instance_dir=tmp_path, image_dir=tmp_path)
-    elsewhere = Driver(write_test_node(tmp_path, "g", 4, 8192), vnc_listen="192.0.2.7", instance_dir=tmp_path,
-                       image_dir=tmp_path)
+    elsewhere = Driver(
+        write_test_node(tmp_path, "g", 4, 8192), vnc_listen="192.0.2.7", instance_dir=tmp_path, image_dir=tmp_path
+    )
     await driver.open()
     await elsewhere.open()
     try:
@@ -62,8 +65,10 @@ async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: 
         # Nephos's domains carry its mark; one defined by hand does not, until adopted and marked.
         assert driver.conn is not None
         stranger = uuid.uuid4()
-        driver.conn.defineXML(f"<domain type='test'><name>ops</name><uuid>{stranger}</uuid>"
-                              "<memory unit='MiB'>64</memory><os><type arch='i686'>hvm</type></os></domain>")
+        driver.conn.defineXML(
+            f"<domain type='test'><name>ops</name><uuid>{stranger}</uuid>"
+            "<memory unit='MiB'>64</memory><os><type arch='i686'>hvm</type></os></domain>"
+        )
         seen = {d.server_id: (d.name, d.owned) for d in await driver.domains()}
         assert seen[first] == (f"nephos-{first}", True) and seen[stranger] == ("ops", False)
         await driver.mark(stranger, {})
@@ -84,8 +89,9 @@ async def test_an_agent_on_a_real_hypervisor_never_fakes_a_migration() -> None:
     from app.messages import JobMessage
 
     agent = Agent(host="h1", zone="z", driver=Driver("qemu:///system"), bus=MemoryBus())
-    job = JobMessage(job_id=uuid.uuid4(), server_id=uuid.uuid4(), action="live_migrate", host="h1",
-                     params={"target_host": "h2"})
+    job = JobMessage(
+        job_id=uuid.uuid4(), server_id=uuid.uuid4(), action="live_migrate", host="h1", params={"target_host": "h2"}
+    )
     with pytest.raises(libvirt.libvirtError, match="no migration URI for host h2"):
         await agent._migrate(job)
     assert agent.driver.hypervisor == "qemu" and Driver("test:///default").hypervisor == "test"

@@ -54,8 +54,10 @@ async def test_jobs_go_to_their_host_only(make_bus: Callable[[], Bus]) -> None:
     await bus.start()
     got: dict[str, list[bytes]] = {h: [] for h in HOSTS}
     for h in HOSTS:
+
         async def handler(body: bytes, h: str = h) -> None:
             got[h].append(body)
+
         await bus.consume_jobs(h, handler)
     await asyncio.gather(*(bus.publish_job("h1" if i % 3 else "h2", b"%d" % i) for i in range(30)))
     await _until(lambda: sum(map(len, got.values())) == 30)
@@ -73,6 +75,7 @@ async def test_a_job_published_before_its_agent_starts_waits_for_it(make_bus: Ca
 
     async def handler(body: bytes) -> None:
         got.append(body)
+
     await agent.consume_jobs("h1", handler)
     await _until(lambda: got == [b"early"])
 
@@ -86,6 +89,7 @@ async def test_failed_handler_is_retried_then_acked_once(make_bus: Callable[[], 
         calls[body] += 1
         if body == b"flaky" and calls[body] < 3:
             raise RuntimeError("database is down")
+
     await bus.consume_results(flaky)
     await bus.publish_result(b"flaky")
     await bus.publish_result(b"fine")
@@ -111,6 +115,7 @@ async def test_a_database_away_longer_than_every_retry_loses_nothing(make_bus: C
         calls[body] += 1
         if calls[body] <= times:
             raise ConnectionRefusedError(111, "Connect call failed")
+
     await bus.consume_results(database_away)
     await bus.publish_result(b"result")
     await _until(lambda: calls[b"result"] == times + 1, timeout=20)
@@ -130,6 +135,7 @@ async def test_poison_is_dead_lettered_and_the_queue_moves_on(make_bus: Callable
         if body == b"always-fails":
             raise RuntimeError("never works")
         seen.append(body)
+
     bus.base_backoff = 0.001
     await bus.consume_results(handler)
     for body in (b"garbage", b"good-1", b"always-fails", b"good-2"):
@@ -150,6 +156,7 @@ async def test_unacked_message_is_redelivered_to_the_next_consumer(make_bus: Cal
     async def stuck(body: bytes) -> None:
         started.set()
         await asyncio.sleep(3600)  # the consumer dies before acknowledging
+
     await first.consume_results(stuck)
     await first.publish_result(b"important")
     await asyncio.wait_for(started.wait(), 10)
@@ -161,6 +168,7 @@ async def test_unacked_message_is_redelivered_to_the_next_consumer(make_bus: Cal
 
     async def handler(body: bytes) -> None:
         got.append(body)
+
     await second.consume_results(handler)
     await _until(lambda: got == [b"important"])
 
@@ -174,6 +182,7 @@ async def test_competing_consumers_share_the_results_queue(make_bus: Callable[[]
 
     async def handler(body: bytes) -> None:
         got.append(body)
+
     await a.consume_results(handler)
     await b.consume_results(handler)
     await asyncio.gather(*(a.publish_result(b"%d" % i) for i in range(100)))

@@ -29,11 +29,18 @@ from tests.procs import free_port, nephos_bin
 TOKEN = "nph_e2e_admin_token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 HOSTS = ("host-1", "host-2")
-FAST = {"NEPHOS_HEARTBEAT_INTERVAL": "0.5", "NEPHOS_SWEEP_INTERVAL": "0.3", "NEPHOS_RESEND_AFTER": "1",
-        "NEPHOS_HOST_TIMEOUT": "5", "NEPHOS_INVENTORY_INTERVAL": "2", "NEPHOS_LOG_LEVEL": "warning",
-        # Small pools: clusters of several processes share PostgreSQL's 100 connections with
-        # the other test worker.
-        "NEPHOS_DB_POOL_SIZE": "4", "NEPHOS_DB_MAX_OVERFLOW": "8"}
+FAST = {
+    "NEPHOS_HEARTBEAT_INTERVAL": "0.5",
+    "NEPHOS_SWEEP_INTERVAL": "0.3",
+    "NEPHOS_RESEND_AFTER": "1",
+    "NEPHOS_HOST_TIMEOUT": "5",
+    "NEPHOS_INVENTORY_INTERVAL": "2",
+    "NEPHOS_LOG_LEVEL": "warning",
+    # Small pools: clusters of several processes share PostgreSQL's 100 connections with
+    # the other test worker.
+    "NEPHOS_DB_POOL_SIZE": "4",
+    "NEPHOS_DB_MAX_OVERFLOW": "8",
+}
 
 
 @dataclass
@@ -54,8 +61,9 @@ class Cluster:
         argv = argv or self.commands[name]
         self.commands[name] = argv
         log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(argv, cwd=self.workdir, env={**self.env, **extra}, stdout=log,
-                                            stderr=subprocess.STDOUT)
+        self.procs[name] = subprocess.Popen(
+            argv, cwd=self.workdir, env={**self.env, **extra}, stdout=log, stderr=subprocess.STDOUT
+        )
         _SPAWNED.append(self.procs[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -99,38 +107,59 @@ class Cluster:
             except httpx.TransportError:
                 return False
             return r.status_code == 200 and r.json()["hosts_up"] >= n
+
         await self.wait_for(f"{n} hosts up", up, timeout=60)
 
     async def job_done(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         async def final() -> dict[str, Any] | None:
             job = await self.get(f"/api/v1/jobs/{job_id}")
             return job if job["status"] in ("SUCCESS", "ERROR") else None
+
         return await self.wait_for(f"job {job_id}", final, timeout)  # type: ignore[no-any-return]
 
     async def idle(self, server_id: str, timeout: float = 30) -> dict[str, Any]:
         async def no_task() -> dict[str, Any] | None:
             server = await self.get(f"/api/v1/servers/{server_id}")
             return server if server["task"] is None else None
+
         return await self.wait_for(f"server {server_id} idle", no_task, timeout)  # type: ignore[no-any-return]
 
 
 def _base_env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")}
-    return {**env, **FAST, "NEPHOS_ADMIN_TOKEN": TOKEN, "NEPHOS_STATE_DIR": str(workdir / "var"),
-            "NEPHOS_SECRET_KEY_FILE": str(workdir / "var" / "secret.key")}
+    return {
+        **env,
+        **FAST,
+        "NEPHOS_ADMIN_TOKEN": TOKEN,
+        "NEPHOS_STATE_DIR": str(workdir / "var"),
+        "NEPHOS_SECRET_KEY_FILE": str(workdir / "var" / "secret.key"),
+    }
 
 
 @contextlib.asynccontextmanager
-async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, apis: int = 1,
-                             size: str = "16:32768", amqp_url: str = AMQP_URL,
-                             extra_env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
+async def production_cluster(
+    pg_url: str,
+    workdir: Path,
+    dispatchers: int = 1,
+    apis: int = 1,
+    size: str = "16:32768",
+    amqp_url: str = AMQP_URL,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Cluster]:
     need_amqp()
     prefix = amqp_prefix()
     port = free_port()
-    env = {**_base_env(workdir), "NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": amqp_url,
-           "NEPHOS_AMQP_PREFIX": prefix, "NEPHOS_PORT": str(port), **(extra_env or {})}
-    seed = await asyncio.create_subprocess_exec(nephos_bin(), "seed", cwd=workdir, env=env,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **_base_env(workdir),
+        "NEPHOS_DATABASE_URL": pg_url,
+        "NEPHOS_AMQP_URL": amqp_url,
+        "NEPHOS_AMQP_PREFIX": prefix,
+        "NEPHOS_PORT": str(port),
+        **(extra_env or {}),
+    }
+    seed = await asyncio.create_subprocess_exec(
+        nephos_bin(), "seed", cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     assert await seed.wait() == 0
     cluster = Cluster("production", f"http://127.0.0.1:{port}", env, workdir)
     for i in range(apis):
@@ -156,8 +185,12 @@ async def production_cluster(pg_url: str, workdir: Path, dispatchers: int = 1, a
 @contextlib.asynccontextmanager
 async def embedded_cluster(workdir: Path) -> AsyncIterator[Cluster]:
     port = free_port()
-    env = {**_base_env(workdir), "NEPHOS_PORT": str(port), "NEPHOS_HOSTS": ",".join(f"{h}:16:32768" for h in HOSTS),
-           "NEPHOS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'var' / 'nephos.db'}"}
+    env = {
+        **_base_env(workdir),
+        "NEPHOS_PORT": str(port),
+        "NEPHOS_HOSTS": ",".join(f"{h}:16:32768" for h in HOSTS),
+        "NEPHOS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'var' / 'nephos.db'}",
+    }
     cluster = Cluster("embedded", f"http://127.0.0.1:{port}", env, workdir)
     cluster.spawn("up", [nephos_bin(), "up"])
     async with cluster.running():

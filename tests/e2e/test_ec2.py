@@ -33,8 +33,9 @@ REGION = "us-east-1"
 
 async def ec2_client(c: Cluster, **quotas: int) -> tuple[Any, dict[str, str]]:
     """A boto3 EC2 client for a new user in a new project, and that user's REST headers."""
-    r = await c.client.post("/api/v1/admin/projects", headers=ADMIN,
-                            json={"name": f"ec2-{uuid.uuid4().hex[:8]}", "quotas": quotas})
+    r = await c.client.post(
+        "/api/v1/admin/projects", headers=ADMIN, json={"name": f"ec2-{uuid.uuid4().hex[:8]}", "quotas": quotas}
+    )
     assert r.status_code == 201, r.text
     r = await c.client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": r.json()["id"]})
     headers = {"Authorization": f"Bearer {r.json()['token']}"}
@@ -44,9 +45,14 @@ async def ec2_client(c: Cluster, **quotas: int) -> tuple[Any, dict[str, str]]:
 
 
 def client(c: Cluster, access_key: str, secret_key: str) -> Any:
-    return boto3.client("ec2", endpoint_url=f"{c.base}/ec2", region_name=REGION, aws_access_key_id=access_key,
-                        aws_secret_access_key=secret_key,
-                        config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+    return boto3.client(
+        "ec2",
+        endpoint_url=f"{c.base}/ec2",
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+    )
 
 
 def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
@@ -66,9 +72,16 @@ async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 async def test_lifecycle_through_boto3_with_waiters_tags_and_client_token(cluster: Cluster) -> None:
     ec2, _ = await ec2_client(cluster)
     ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
-    run = dict(ImageId=ami["ImageId"], InstanceType="tiny", MinCount=2, MaxCount=2, ClientToken="tok-1",
-               TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "web"},
-                                                                        {"Key": "team", "Value": "a"}]}])
+    run = dict(
+        ImageId=ami["ImageId"],
+        InstanceType="tiny",
+        MinCount=2,
+        MaxCount=2,
+        ClientToken="tok-1",
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "web"}, {"Key": "team", "Value": "a"}]}
+        ],
+    )
     first = await in_thread(ec2.run_instances, **run)
     ids = [i["InstanceId"] for i in first["Instances"]]
     assert len(ids) == 2 and all(i.startswith("i-") and len(i) == 19 for i in ids)
@@ -114,23 +127,33 @@ async def test_filters_and_pages_return_every_instance_exactly_once(cluster: Clu
     ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
     mine = []
     for team, n in (("red", 7), ("blue", 6)):
-        r = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=n, MaxCount=n,
-                            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "team", "Value": team}]}])
+        r = await in_thread(
+            ec2.run_instances,
+            ImageId=ami,
+            InstanceType="tiny",
+            MinCount=n,
+            MaxCount=n,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "team", "Value": team}]}],
+        )
         mine += [i["InstanceId"] for i in r["Instances"]]
     # A VM made through REST is an EC2 instance too.
-    r = await cluster.client.post("/api/v1/servers", headers=headers,
-                                  json={"name": "rest", "flavor": "tiny", "image": "debian-12"})
+    r = await cluster.client.post(
+        "/api/v1/servers", headers=headers, json={"name": "rest", "flavor": "tiny", "image": "debian-12"}
+    )
     assert r.status_code == 202, r.text
 
-    pages = await in_thread(lambda: list(ec2.get_paginator("describe_instances").paginate(
-        PaginationConfig={"PageSize": 5})))
+    pages = await in_thread(
+        lambda: list(ec2.get_paginator("describe_instances").paginate(PaginationConfig={"PageSize": 5}))
+    )
     seen = [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
     assert len(pages) == 3 and len(seen) == 14 == len(set(seen)) and set(mine) < set(seen)
 
     red = await in_thread(ec2.describe_instances, Filters=[{"Name": "tag:team", "Values": ["r*"]}])
     assert len([i for r in red["Reservations"] for i in r["Instances"]]) == 7
-    both = await in_thread(ec2.describe_instances, Filters=[
-        {"Name": "tag:team", "Values": ["red", "blue"]}, {"Name": "instance-type", "Values": ["tin?"]}])
+    both = await in_thread(
+        ec2.describe_instances,
+        Filters=[{"Name": "tag:team", "Values": ["red", "blue"]}, {"Name": "instance-type", "Values": ["tin?"]}],
+    )
     assert len([i for r in both["Reservations"] for i in r["Instances"]]) == 13
     none = await in_thread(ec2.describe_instances, Filters=[{"Name": "instance-state-name", "Values": ["stopped"]}])
     assert none["Reservations"] == []
@@ -187,11 +210,13 @@ async def test_catalogue_dry_run_ids_and_isolation(cluster: Cluster) -> None:
     launched = [i["InstanceId"] for i in r["Instances"]]
     await in_thread(ec2.terminate_instances, InstanceIds=launched)
     await in_thread(fast("instance_terminated", ec2).wait, InstanceIds=launched)  # their quota back
-    r = await cluster.client.post("/api/v1/servers", headers=headers,
-                                  json={"name": "held", "flavor": "tiny", "image": "debian-12", "hold": True})
+    r = await cluster.client.post(
+        "/api/v1/servers", headers=headers, json={"name": "held", "flavor": "tiny", "image": "debian-12", "hold": True}
+    )
     assert r.status_code == 202, r.text
-    held = (await in_thread(ec2.describe_instances, Filters=[{"Name": "instance-state-name",
-                                                               "Values": ["pending"]}]))["Reservations"]
+    held = (await in_thread(ec2.describe_instances, Filters=[{"Name": "instance-state-name", "Values": ["pending"]}]))[
+        "Reservations"
+    ]
     (held_id,) = [i["InstanceId"] for res in held for i in res["Instances"]]
     with pytest.raises(ClientError) as exc:
         await in_thread(ec2.stop_instances, InstanceIds=[held_id])
@@ -225,8 +250,12 @@ async def test_signatures_are_checked(cluster: Cluster) -> None:
 async def signed_post(c: Cluster, key: str, secret: str, form: dict[str, str]) -> Any:
     """A form POST to /ec2/ signed as botocore signs (for what boto3 itself will not send)."""
     body = urlencode(form)
-    request = AWSRequest(method="POST", url=f"{c.base}/ec2/", data=body,
-                         headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    request = AWSRequest(
+        method="POST",
+        url=f"{c.base}/ec2/",
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+    )
     SigV4Auth(Credentials(key, secret), "ec2", REGION).add_auth(request)
     return await c.client.post("/ec2/", content=body, headers=dict(request.headers.items()))
 
@@ -271,8 +300,11 @@ async def test_key_pairs_and_security_groups(cluster: Cluster) -> None:
     from_web = {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": web}]}
     await in_thread(ec2.authorize_security_group_ingress, GroupName="db", IpPermissions=[from_web])
     with pytest.raises(ClientError) as exc:
-        await in_thread(ec2.authorize_security_group_ingress, GroupId=web, IpPermissions=[
-            {"IpProtocol": "tcp", "FromPort": 90, "ToPort": 80, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
+        await in_thread(
+            ec2.authorize_security_group_ingress,
+            GroupId=web,
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 90, "ToPort": 80, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}],
+        )
     assert code_of(exc) == "InvalidParameterValue"
     groups = {g["GroupName"]: g for g in (await in_thread(ec2.describe_security_groups))["SecurityGroups"]}
     assert groups["web"]["IpPermissions"][0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
@@ -283,8 +315,15 @@ async def test_key_pairs_and_security_groups(cluster: Cluster) -> None:
 
     # An instance launched in a group and with a key: the group is in use while it lives.
     ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
-    run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1,
-                          KeyName="mine", SecurityGroupIds=[web])
+    run = await in_thread(
+        ec2.run_instances,
+        ImageId=ami,
+        InstanceType="tiny",
+        MinCount=1,
+        MaxCount=1,
+        KeyName="mine",
+        SecurityGroupIds=[web],
+    )
     instance = run["Instances"][0]
     assert instance["KeyName"] == "mine" and instance["SecurityGroups"] == [{"GroupId": web, "GroupName": "web"}]
     by_group = await in_thread(ec2.describe_instances, Filters=[{"Name": "instance.group-name", "Values": ["web"]}])
@@ -314,14 +353,20 @@ async def test_key_pairs_and_security_groups(cluster: Cluster) -> None:
 async def test_attributes_protection_console_and_status(cluster: Cluster) -> None:
     ec2, headers = await ec2_client(cluster)
     ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
-    run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1,
-                          DisableApiTermination=True)
+    run = await in_thread(
+        ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1, DisableApiTermination=True
+    )
     i = run["Instances"][0]["InstanceId"]
     await in_thread(fast("instance_status_ok", ec2).wait, InstanceIds=[i])
     status = (await in_thread(ec2.describe_instance_status, InstanceIds=[i]))["InstanceStatuses"][0]
     assert status["InstanceState"]["Name"] == "running" and status["SystemStatus"]["Status"] == "ok"
-    by_code = await in_thread(ec2.describe_instance_status, Filters=[
-        {"Name": "instance-state-code", "Values": ["16"]}, {"Name": "instance-status.status", "Values": ["o?"]}])
+    by_code = await in_thread(
+        ec2.describe_instance_status,
+        Filters=[
+            {"Name": "instance-state-code", "Values": ["16"]},
+            {"Name": "instance-status.status", "Values": ["o?"]},
+        ],
+    )
     assert [s["InstanceId"] for s in by_code["InstanceStatuses"]] == [i]
 
     # Termination protection: refused through EC2 and through REST alike.
@@ -344,8 +389,9 @@ async def test_attributes_protection_console_and_status(cluster: Cluster) -> Non
         await in_thread(ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"})
     assert code_of(exc) == "IncorrectInstanceState"
     with pytest.raises(ClientError) as exc:
-        await in_thread(ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"},
-                        DisableApiStop={"Value": True})
+        await in_thread(
+            ec2.modify_instance_attribute, InstanceId=i, InstanceType={"Value": "small"}, DisableApiStop={"Value": True}
+        )
     assert code_of(exc) == "InvalidParameterCombination"
     await in_thread(ec2.stop_instances, InstanceIds=[i])
     await in_thread(fast("instance_stopped", ec2).wait, InstanceIds=[i])
@@ -354,6 +400,7 @@ async def test_attributes_protection_console_and_status(cluster: Cluster) -> Non
     async def resized() -> bool:
         a = await in_thread(ec2.describe_instance_attribute, InstanceId=i, Attribute="instanceType")
         return bool(a["InstanceType"]["Value"] == "small")
+
     await cluster.wait_for("resize", resized)
     await cluster.wait_for("idle", lambda: _idle(cluster, server_id))
     await in_thread(ec2.modify_instance_attribute, InstanceId=i, UserData={"Value": b"#!/bin/sh\necho hi\n"})
@@ -380,26 +427,51 @@ async def test_the_aws_command_line(prod_cluster: Cluster, tmp_path: Path) -> No
     """awscli, unchanged, as an operator's script would run it (production cluster)."""
     ec2, _ = await ec2_client(prod_cluster)
     creds = ec2._request_signer._credentials
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": creds.access_key,
-           "AWS_SECRET_ACCESS_KEY": creds.secret_key, "AWS_DEFAULT_REGION": REGION,
-           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": creds.access_key,
+        "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
 
     async def aws(*args: str) -> Any:
         proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "aws"), "--endpoint-url", f"{prod_cluster.base}/ec2",
-            "--output", "json", "ec2", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            str(Path(sys.executable).parent / "aws"),
+            "--endpoint-url",
+            f"{prod_cluster.base}/ec2",
+            "--output",
+            "json",
+            "ec2",
+            *args,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 300)
         assert proc.returncode == 0, (args, out.decode(), err.decode())
         return json.loads(out) if out.strip() else None
 
     ami = (await aws("describe-images", "--filters", "Name=name,Values=debian-12"))["Images"][0]["ImageId"]
-    run = await aws("run-instances", "--image-id", ami, "--instance-type", "tiny", "--count", "2",
-                    "--tag-specifications", "ResourceType=instance,Tags=[{Key=role,Value=cli}]")
+    run = await aws(
+        "run-instances",
+        "--image-id",
+        ami,
+        "--instance-type",
+        "tiny",
+        "--count",
+        "2",
+        "--tag-specifications",
+        "ResourceType=instance,Tags=[{Key=role,Value=cli}]",
+    )
     ids = [i["InstanceId"] for i in run["Instances"]]
     assert len(ids) == 2
     await aws("wait", "instance-running", "--instance-ids", *ids)
-    found = await aws("describe-instances", "--filters", "Name=tag:role,Values=cli",
-                      "Name=instance-state-name,Values=running")
+    found = await aws(
+        "describe-instances", "--filters", "Name=tag:role,Values=cli", "Name=instance-state-name,Values=running"
+    )
     assert sorted(i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]) == sorted(ids)
     stopped = await aws("stop-instances", "--instance-ids", *ids)
     assert {s["PreviousState"]["Name"] for s in stopped["StoppingInstances"]} == {"running"}
@@ -426,8 +498,7 @@ async def test_tags_and_a_client_token_raced_by_its_twins(cluster: Cluster) -> N
     assert sorted(t["ResourceId"] for t in tags) == ids and {t["Value"] for t in tags} == {"prod"}
     # 2 x (env, x) + 2 x k0..k4 = 14 tags, in pages of 5.
     await in_thread(ec2.create_tags, Resources=ids, Tags=[{"Key": f"k{n}", "Value": "v"} for n in range(5)])
-    pages = await in_thread(lambda: list(ec2.get_paginator("describe_tags").paginate(
-        PaginationConfig={"PageSize": 5})))
+    pages = await in_thread(lambda: list(ec2.get_paginator("describe_tags").paginate(PaginationConfig={"PageSize": 5})))
     seen = [(t["ResourceId"], t["Key"]) for p in pages for t in p["Tags"]]
     assert len(pages) == 3 and len(seen) == 14 == len(set(seen))
     await in_thread(ec2.delete_tags, Resources=ids, Tags=[{"Key": f"k{n}"} for n in range(5)])
@@ -454,20 +525,28 @@ async def test_every_filter_takes_the_wire_values_a_boto3_user_sends(cluster: Cl
 
     async def image_names(*filters: dict[str, Any]) -> list[str]:
         return sorted(i["Name"] for i in (await in_thread(ec2.describe_images, Filters=list(filters)))["Images"])
+
     assert await image_names({"Name": "state", "Values": ["available"]}) == sorted(i["Name"] for i in images)
     assert await image_names({"Name": "state", "Values": ["pending", "failed"]}) == []
     assert await image_names({"Name": "image-id", "Values": [debian["ImageId"]]}) == ["debian-12"]
     assert await image_names({"Name": "name", "Values": ["debian-*"]}) == ["debian-12"]
     assert await image_names({"Name": "is-public", "Values": ["true"]}) == sorted(i["Name"] for i in images)
 
-    run = await in_thread(ec2.run_instances, ImageId=debian["ImageId"], InstanceType="tiny", MinCount=1, MaxCount=1,
-                          TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "db"}]}])
+    run = await in_thread(
+        ec2.run_instances,
+        ImageId=debian["ImageId"],
+        InstanceType="tiny",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "db"}]}],
+    )
     iid = run["Instances"][0]["InstanceId"]
     await in_thread(fast("instance_running", ec2).wait, InstanceIds=[iid])
 
     async def found(*filters: dict[str, Any]) -> list[str]:
         reply = await in_thread(ec2.describe_instances, Filters=list(filters))
         return [i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"]]
+
     assert await found({"Name": "instance-state-name", "Values": ["running"]}) == [iid]
     assert await found({"Name": "instance-state-name", "Values": ["stopped", "pending"]}) == []
     assert await found({"Name": "instance-type", "Values": ["tiny"]}) == [iid]
@@ -483,14 +562,19 @@ async def test_a_suspended_vm_is_started_and_stopped_through_ec2(cluster: Cluste
     StopInstances stops it (both allowed there), where the old rule table refused or did nothing."""
     ec2, headers = await ec2_client(cluster)
     ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
-    ids = [i["InstanceId"] for i in (await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny",
-                                                     MinCount=2, MaxCount=2))["Instances"]]
+    ids = [
+        i["InstanceId"]
+        for i in (
+            await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=2, MaxCount=2)
+        )["Instances"]
+    ]
     await in_thread(fast("instance_running", ec2).wait, InstanceIds=ids)
     listed = (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]
     by_ec2 = {s["ec2_id"]: s["id"] for s in listed}
     for iid in ids:
-        r = await cluster.client.post(f"/api/v1/servers/{by_ec2[iid]}/actions", headers=headers,
-                                      json={"action": "suspend"})
+        r = await cluster.client.post(
+            f"/api/v1/servers/{by_ec2[iid]}/actions", headers=headers, json={"action": "suspend"}
+        )
         assert r.status_code == 202, r.text
         await cluster.idle(by_ec2[iid])
         assert (await cluster.get(f"/api/v1/servers/{by_ec2[iid]}"))["operstate"] == "SUSPENDED"
@@ -509,8 +593,9 @@ async def test_a_suspended_vm_is_started_and_stopped_through_ec2(cluster: Cluste
 
 async def test_run_instances_launches_as_many_as_fit_between_min_and_max(cluster: Cluster) -> None:
     ec2, _ = await ec2_client(cluster, vm=3)
-    ami = (await in_thread(ec2.describe_images, Owners=["nephos"], Filters=[
-        {"Name": "name", "Values": ["debian-12"]}]))["Images"][0]["ImageId"]
+    ami = (
+        await in_thread(ec2.describe_images, Owners=["nephos"], Filters=[{"Name": "name", "Values": ["debian-12"]}])
+    )["Images"][0]["ImageId"]
     run = await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=2, MaxCount=5)
     assert len(run["Instances"]) == 3  # the quota holds three: three, not MinCount's two
     with pytest.raises(ClientError) as exc:
@@ -525,9 +610,14 @@ async def test_owners_and_the_signing_region(cluster: Cluster) -> None:
     assert (await in_thread(ec2.describe_images, Owners=["self"]))["Images"] == []
     # A client signing for another region is refused, as AWS does, instead of silently served.
     creds = ec2._request_signer._credentials
-    elsewhere = boto3.client("ec2", endpoint_url=f"{cluster.base}/ec2", region_name="eu-west-3",
-                             aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
-                             config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+    elsewhere = boto3.client(
+        "ec2",
+        endpoint_url=f"{cluster.base}/ec2",
+        region_name="eu-west-3",
+        aws_access_key_id=creds.access_key,
+        aws_secret_access_key=creds.secret_key,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+    )
     with pytest.raises(ClientError) as exc:
         await in_thread(elsewhere.describe_images)
     assert code_of(exc) == "AuthFailure" and "region" in str(exc.value)

@@ -60,8 +60,7 @@ CONVERGE_WITHIN = 120.0 if FULL else 60.0
 DEADLINE = 10  # job deadline (s): an unanswered job ends this long after it was accepted
 QUOTA = {"vm": 1000, "cpu": 10**4, "ram": 10**8, "disk": 10**6, "active_cpu": 10**4, "active_ram": 10**8}
 LIVE = ("PENDING", "SENT", "RUNNING")
-ENV = {"NEPHOS_JOB_DEADLINE_SECONDS": str(DEADLINE), "NEPHOS_RECONCILE_INTERVAL": "2",
-       "NEPHOS_HOST_TIMEOUT": "4"}
+ENV = {"NEPHOS_JOB_DEADLINE_SECONDS": str(DEADLINE), "NEPHOS_RECONCILE_INTERVAL": "2", "NEPHOS_HOST_TIMEOUT": "4"}
 
 
 @dataclass
@@ -110,8 +109,9 @@ class Load:
         server = r.json()
         if server["operstate"] == "DESTROYED":
             self.vms.remove(sid)
-            r = await self.c.client.post("/api/v1/servers", headers=self.user,
-                                         json={"name": "load", "flavor": "tiny", "image": "debian-12"})
+            r = await self.c.client.post(
+                "/api/v1/servers", headers=self.user, json={"name": "load", "flavor": "tiny", "image": "debian-12"}
+            )
             if r.status_code == 202:
                 self.vms += [s["id"] for s in r.json()["servers"]]
                 self.accepted += [str(j) for j in r.json()["job_ids"]]
@@ -125,8 +125,9 @@ class Load:
         if rng.random() < 0.08 or not choices:
             r = await self.c.client.delete(f"/api/v1/servers/{sid}", headers=self.user)
         else:
-            r = await self.c.client.post(f"/api/v1/servers/{sid}/actions", headers=self.user,
-                                         json={"action": rng.choice(choices)})
+            r = await self.c.client.post(
+                f"/api/v1/servers/{sid}/actions", headers=self.user, json={"action": rng.choice(choices)}
+            )
         if r.status_code == 202:
             self.accepted.append(r.json()["job_id"])
         else:
@@ -218,17 +219,26 @@ class Faults:
             r = await self.c.client.get(f"/api/v1/jobs/{job_id}", headers=ADMIN)
             statuses[r.json()["status"] if r.status_code == 200 else str(r.status_code)] += 1
         lost_accepted = sum(n for s, n in statuses.items() if s not in ("SUCCESS", "ERROR"))
-        row = Row(fault, in_flight, round(converged, 1), max(lost, 0) + lost_accepted, max(drift, 0),
-                  len(load.accepted), sum(load.refused.values()))
+        row = Row(
+            fault,
+            in_flight,
+            round(converged, 1),
+            max(lost, 0) + lost_accepted,
+            max(drift, 0),
+            len(load.accepted),
+            sum(load.refused.values()),
+        )
         self.rows.append(row)
         assert lost == 0 and drift == 0 and lost_accepted == 0, (row, statuses, self.c.logs())
         return row
 
-    async def under_load(self, fault: str, inject: Callable[[], Awaitable[None]],
-                         during: Callable[[Load], Awaitable[None]] | None = None) -> Row:
+    async def under_load(
+        self, fault: str, inject: Callable[[], Awaitable[None]], during: Callable[[Load], Awaitable[None]] | None = None
+    ) -> Row:
         user = await new_user(self.c, f"load-{len(self.rows)}", **QUOTA)
-        r = await self.c.client.post("/api/v1/servers", headers=user,
-                                     json={"name": "pool", "flavor": "tiny", "image": "debian-12", "count": VMS})
+        r = await self.c.client.post(
+            "/api/v1/servers", headers=user, json={"name": "pool", "flavor": "tiny", "image": "debian-12", "count": VMS}
+        )
         assert r.status_code == 202, r.text
         load = Load(self.c, user, [s["id"] for s in r.json()["servers"]])
         load.accepted += [str(j) for j in r.json()["job_ids"]]
@@ -245,10 +255,14 @@ class Faults:
         return await self.converge(fault, in_flight, load, recovered)
 
     def table(self) -> str:
-        lines = ["| fault | actions in flight | convergence (s) | lost | drift | accepted | refused |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.fault} | {r.in_flight} | {r.converged_s} | {r.lost} | {r.drift} | {r.accepted} | "
-                  f"{r.refused} |" for r in self.rows]
+        lines = [
+            "| fault | actions in flight | convergence (s) | lost | drift | accepted | refused |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r.fault} | {r.in_flight} | {r.converged_s} | {r.lost} | {r.drift} | {r.accepted} | {r.refused} |"
+            for r in self.rows
+        ]
         return "\n".join(lines)
 
 
@@ -291,21 +305,33 @@ async def test_every_fault_heals_with_nothing_lost(pg_template: str, tmp_path: P
             async def down() -> bool:
                 hosts = (await c.client.get("/api/v1/admin/hosts", headers=ADMIN)).json()["items"]
                 return any(h["name"] == "host-2" and h["state"] == "down" for h in hosts)
+
             await c.wait_for("host-2 marked down", down, timeout=30)
             # New VMs go to the host that answers.
-            r = await c.client.post("/api/v1/servers", headers=load.user,
-                                    json={"name": "elsewhere", "flavor": "tiny", "image": "debian-12", "count": 3})
+            r = await c.client.post(
+                "/api/v1/servers",
+                headers=load.user,
+                json={"name": "elsewhere", "flavor": "tiny", "image": "debian-12", "count": 3},
+            )
             assert r.status_code == 202, r.text
             assert {s["host"] for s in r.json()["servers"]} == {"host-1"}
             load.accepted += [str(j) for j in r.json()["job_ids"]]
+
             # The silent host's tasks end at their deadline, with a clear error.
             async def ended() -> bool:
                 return await f.sql(f"SELECT count(*) FROM jobs WHERE host = 'host-2' AND status IN {LIVE}") == 0
+
             await c.wait_for("host-2's jobs ended", ended, timeout=DEADLINE * 3)
             # The errors of host-2's jobs accepted since it went silent that ended at their deadline.
-            errors = [r["error"] for r in await f.fetch(
-                "SELECT error FROM jobs WHERE host = $1 AND status = 'ERROR' AND error LIKE '%deadline%'"
-                " AND created_at >= $2", "host-2", silenced_at[0])]
+            errors = [
+                r["error"]
+                for r in await f.fetch(
+                    "SELECT error FROM jobs WHERE host = $1 AND status = 'ERROR' AND error LIKE '%deadline%'"
+                    " AND created_at >= $2",
+                    "host-2",
+                    silenced_at[0],
+                )
+            ]
             assert errors, "the silent host had jobs in flight"
             assert all("deadline" in e and "host-2 is down" in e for e in errors), errors
             agent.send_signal(signal.SIGCONT)  # it comes back
@@ -315,4 +341,3 @@ async def test_every_fault_heals_with_nothing_lost(pg_template: str, tmp_path: P
         finally:
             agent.send_signal(signal.SIGCONT)
         print("\n" + f.table())
-

@@ -28,6 +28,7 @@ async def all_settled(c: Cluster, user: dict[str, str], n: int, state: str, time
         items = r.json()["items"]
         done = [s for s in items if s["task"] is None and s["operstate"] == state]
         return items if len(done) == n == len(items) else None
+
     return await c.wait_for(f"{n} servers {state}", settled, timeout)  # type: ignore[no-any-return]
 
 
@@ -68,15 +69,19 @@ async def test_dispatcher_killed_with_200_jobs_in_flight(big_cluster: Cluster) -
 
 
 async def test_jobs_committed_while_the_broker_is_down_are_delivered_when_it_is_back(
-        pg_template: str, tmp_path: Path) -> None:
+    pg_template: str, tmp_path: Path
+) -> None:
     proxy = Proxy()
     await proxy.start()
     async for url in _pg_database(pg_template):
         async with production_cluster(url, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as c:
             user = await new_user(c)
             await proxy.cut()  # the broker is gone for every Nephos process
-            r = await c.client.post("/api/v1/servers", headers=user,
-                                    json={"name": "late", "flavor": "tiny", "image": "debian-12", "count": 3})
+            r = await c.client.post(
+                "/api/v1/servers",
+                headers=user,
+                json={"name": "late", "flavor": "tiny", "image": "debian-12", "count": 3},
+            )
             assert r.status_code == 202, r.text  # committed: the API does not need the broker
             for job_id in r.json()["job_ids"]:
                 assert (await c.get(f"/api/v1/jobs/{job_id}"))["status"] == "PENDING"
@@ -101,13 +106,21 @@ async def test_two_dispatchers_and_two_apis_keep_every_rule(pg_template: str, tm
             servers = await all_settled(c, user, 40, "STARTED")
             # 20 concurrent stops of one VM, spread over both APIs: one wins.
             target = servers[0]["id"]
-            stops = await asyncio.gather(*(apis[i % 2].post(f"/api/v1/servers/{target}/actions", headers=user,
-                                                            json={"action": "stop"}) for i in range(20)))
+            stops = await asyncio.gather(
+                *(
+                    apis[i % 2].post(f"/api/v1/servers/{target}/actions", headers=user, json={"action": "stop"})
+                    for i in range(20)
+                )
+            )
             assert Counter(r.status_code for r in stops) == {202: 1, 409: 19}
             # Everything else stops through alternating APIs.
             others = [s["id"] for s in servers[1:]]
-            acks = await asyncio.gather(*(apis[i % 2].post(f"/api/v1/servers/{sid}/actions", headers=user,
-                                                           json={"action": "stop"}) for i, sid in enumerate(others)))
+            acks = await asyncio.gather(
+                *(
+                    apis[i % 2].post(f"/api/v1/servers/{sid}/actions", headers=user, json={"action": "stop"})
+                    for i, sid in enumerate(others)
+                )
+            )
             assert {r.status_code for r in acks} == {202}
             await all_settled(c, user, 40, "STOPPED")
             await exact_usage(c, user, 40, active=False)

@@ -45,14 +45,16 @@ class Cloud:
         return (await self.client.get(f"/api/v1/servers/{sid}", headers=ADMIN)).json()  # type: ignore[no-any-return]
 
     async def started_vm(self) -> dict[str, Any]:
-        r = await self.client.post("/api/v1/servers", headers=ADMIN,
-                                   json={"name": "vm", "flavor": "small", "image": "debian-12"})
+        r = await self.client.post(
+            "/api/v1/servers", headers=ADMIN, json={"name": "vm", "flavor": "small", "image": "debian-12"}
+        )
         assert r.status_code == 202, r.text
         sid = r.json()["servers"][0]["id"]
 
         async def started() -> dict[str, Any] | None:
             s = await self.server(sid)
             return s if s["operstate"] == "STARTED" and s["task"] is None else None
+
         return await self.until("STARTED", started)  # type: ignore[no-any-return]
 
     async def quotas(self) -> dict[str, Any]:
@@ -61,12 +63,18 @@ class Cloud:
 
 @pytest.fixture(params=["embedded", "production"])
 async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cloud]:
-    settings_kw: dict[str, Any] = {"state_dir": tmp_path, "secret_key_file": tmp_path / "secret.key",
-                                   "heartbeat_interval": 0.3, "sweep_interval": 0.2,
-                                   "resend_after": 0.5, "inventory_interval": 1}
+    settings_kw: dict[str, Any] = {
+        "state_dir": tmp_path,
+        "secret_key_file": tmp_path / "secret.key",
+        "heartbeat_interval": 0.3,
+        "sweep_interval": 0.2,
+        "resend_after": 0.5,
+        "inventory_interval": 1,
+    }
     if request.param == "embedded":
         url, bus, databases = f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", MemoryBus(), None
         from app.db import upgrade
+
         await upgrade(url)
     else:
         need_amqp()
@@ -81,9 +89,16 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await p.start_dispatcher()
         for host in ("host-1", "host-2"):
             from app.backend.driver import write_test_node
+
             await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
-        state = AppState(settings=settings, sessions=p.sessions, cipher=p.cipher,
-                         publish=p.outbox.submit, bus_ok=lambda: p.bus.connected, bus=p.bus)
+        state = AppState(
+            settings=settings,
+            sessions=p.sessions,
+            cipher=p.cipher,
+            publish=p.outbox.submit,
+            bus_ok=lambda: p.bus.connected,
+            bus=p.bus,
+        )
         app = create_app(settings, state)
         async with LifespanManager(app) as manager:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
@@ -110,6 +125,7 @@ async def test_a_domain_stopped_behind_our_back(cloud: Cloud) -> None:
 
     async def stopped() -> bool:
         return (await cloud.server(vm["id"]))["operstate"] == "STOPPED"
+
     await cloud.until("the database to follow the host", stopped)
     q = await cloud.quotas()
     assert {k: v["usage"] for k, v in q.items()} == expected_usage("STOPPED")
@@ -127,29 +143,36 @@ async def test_duplicates_reordering_and_garbage_on_the_results_queue(cloud: Clo
     async def stopped() -> bool:
         s = await cloud.server(vm["id"])
         return bool(s["operstate"] == "STOPPED" and s["task"] is None)
+
     await cloud.until("STOPPED", stopped)
     bus = cloud.plane.bus
     dispatcher = cloud.plane.dispatcher
     assert dispatcher is not None
     old = time.time_ns() - 10**12
     # The same result again, a "running" that is older than what was applied, and garbage.
-    await bus.publish_result(encode(JobStatus(job_id=job_id, server_id=sid, host=vm["host"], status="SUCCESS",
-                                              domain_state="shutoff", seq=old)))
+    await bus.publish_result(
+        encode(
+            JobStatus(job_id=job_id, server_id=sid, host=vm["host"], status="SUCCESS", domain_state="shutoff", seq=old)
+        )
+    )
     await bus.publish_result(encode(StateChange(server_id=sid, host=vm["host"], domain_state="running", seq=old)))
     await bus.publish_result(b"\x00 this is not json")
     await bus.publish_result(b'{"kind": "job_status", "v": 1}')
     # ...and then a good message, which is still applied.
-    await bus.publish_result(encode(StateChange(server_id=sid, host=vm["host"], domain_state="running",
-                                                seq=time.time_ns() + 10**9)))
+    await bus.publish_result(
+        encode(StateChange(server_id=sid, host=vm["host"], domain_state="running", seq=time.time_ns() + 10**9))
+    )
 
     async def running() -> bool:
         return (await cloud.server(vm["id"]))["operstate"] == "STARTED"
+
     await cloud.until("the good message to be applied", running)
     await cloud.until("two dead letters", lambda: _dead(bus, 2))
 
     async def all_handled() -> bool:  # handlers run concurrently: wait for the stragglers
         counts = dispatcher.counts
         return (counts["malformed"], counts["job_status:duplicate"], counts["state_change:duplicate"]) == (2, 1, 1)
+
     await cloud.until("the duplicate and the stale event to be dropped", all_handled)
     q = await cloud.quotas()
     assert {k: v["usage"] for k, v in q.items()} == expected_usage("STARTED")
@@ -161,8 +184,10 @@ async def _dead(bus: Any, n: int) -> bool:
 
 def foreign_xml(domain_uuid: uuid.UUID, name: str = "operators-vm") -> str:
     """A domain an operator defined on the host by hand: no Nephos mark."""
-    return (f"<domain type='test'><name>{name}</name><uuid>{domain_uuid}</uuid><memory unit='MiB'>2048</memory>"
-            "<vcpu>1</vcpu><os><type arch='i686'>hvm</type></os></domain>")
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{domain_uuid}</uuid><memory unit='MiB'>2048</memory>"
+        "<vcpu>1</vcpu><os><type arch='i686'>hvm</type></os></domain>"
+    )
 
 
 async def _reconcile(cloud: Cloud, fix: bool) -> dict[str, Any]:
@@ -188,9 +213,19 @@ async def test_reconcile_through_the_api(cloud: Cloud) -> None:
     async def found() -> dict[str, Any] | None:
         dry = await _reconcile(cloud, False)
         return dry if dry["stale"] and dry["orphans"] else None
+
     dry = await cloud.until("the drift to show", found)
-    assert dry["orphans"] == [{"host": kept["host"], "domain_name": "operators-vm", "domain_uuid": str(stranger),
-                               "state": "running", "owned": False, "server_id": None, "operstate": None}]
+    assert dry["orphans"] == [
+        {
+            "host": kept["host"],
+            "domain_name": "operators-vm",
+            "domain_uuid": str(stranger),
+            "state": "running",
+            "owned": False,
+            "server_id": None,
+            "operstate": None,
+        }
+    ]
     assert [s["server_id"] for s in dry["stale"]] == [lost["id"]]
     assert dry["fixed"] is False and dry["unreachable_hosts"] == []
     fixed = await _reconcile(cloud, True)
@@ -200,6 +235,7 @@ async def test_reconcile_through_the_api(cloud: Cloud) -> None:
     async def clean() -> bool:
         again = await _reconcile(cloud, False)
         return not any(again[k] for k in ("stale", "unsynced_operstate", "quota_drift"))
+
     await cloud.until("an empty report", clean)
     # The operator's domain is still there, running: only an admin who names it removes it.
     assert conn.lookupByUUIDString(str(stranger)).isActive()
@@ -229,11 +265,11 @@ async def test_a_foreign_domain_survives_periodic_passes_until_an_admin_destroys
     assert (await cloud.client.post(f"{base}/{uuid.uuid4()}/destroy", headers=ADMIN)).status_code == 404
     r = await cloud.client.post(f"{base}/{stranger}/destroy", headers=ADMIN)
     assert r.status_code == 202, r.text
-    assert r.json() == {"host": vm["host"], "domain_uuid": str(stranger), "domain_name": "operators-vm",
-                        "owned": False}
+    assert r.json() == {"host": vm["host"], "domain_uuid": str(stranger), "domain_name": "operators-vm", "owned": False}
 
     async def gone() -> bool:
         return str(stranger) not in {d.UUIDString() for d in agent.driver.conn.listAllDomains()}  # type: ignore[union-attr]
+
     await cloud.until("the agent to destroy it", gone)
     assert (await cloud.server(vm["id"]))["operstate"] == "STARTED"
 
@@ -247,17 +283,25 @@ async def test_an_admin_adopts_a_foreign_domain_into_a_project(cloud: Cloud) -> 
     dry = await cloud.until("the orphan to show", lambda: _orphans(cloud))
     assert dry[0]["domain_uuid"] == str(stranger)
     project = (await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "legacy"})).json()
-    r = await cloud.client.post(f"/api/v1/admin/hosts/{vm['host']}/domains/{stranger}/adopt", headers=ADMIN,
-                                json={"project_id": project["id"], "image": "debian-12"})
+    r = await cloud.client.post(
+        f"/api/v1/admin/hosts/{vm['host']}/domains/{stranger}/adopt",
+        headers=ADMIN,
+        json={"project_id": project["id"], "image": "debian-12"},
+    )
     assert r.status_code == 201, r.text
     adopted = r.json()
     assert (adopted["id"], adopted["name"], adopted["operstate"], adopted["host"]) == (
-        str(stranger), "legacy-db", "STARTED", vm["host"])
+        str(stranger),
+        "legacy-db",
+        "STARTED",
+        vm["host"],
+    )
     again = (await cloud.client.get(f"/api/v1/admin/projects/{project['id']}", headers=ADMIN)).json()
     assert again["quotas"]["vm"]["usage"] == 1 and again["quotas"]["active_ram"]["usage"] == 2048
 
     async def marked() -> bool:
         return any(d.server_id == stranger and d.owned for d in await agent.driver.domains())
+
     await cloud.until("the agent to mark it", marked)
     # It is a VM like any other now: reconciliation finds nothing, and Nephos can stop it.
     assert not await _orphans(cloud)
@@ -284,6 +328,7 @@ async def test_drift_report_and_gauges_show_drift_then_its_repair(cloud: Cloud) 
         await reconciler.periodic_pass(cloud.plane.sessions, cloud.plane.bus, wait=5)
         d = (await cloud.client.get("/api/v1/admin/drift", headers=ADMIN)).json()
         return d if d["counts"].get("stale") else None
+
     drift = await cloud.until("the pass to see the drift", drift_seen)
     assert drift["fixed"] and any("marked DESTROYED" in a for a in drift["report"]["actions"])
     metrics = (await cloud.client.get("/metrics")).text

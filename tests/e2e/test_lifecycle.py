@@ -22,8 +22,9 @@ async def new_user(c: Cluster, name: str = "e2e", **quotas: int) -> dict[str, st
     return {"Authorization": f"Bearer {r.json()['token']}"}
 
 
-async def step(c: Cluster, headers: dict[str, str], sid: str, action: str, expect: str, **extra: Any
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+async def step(
+    c: Cluster, headers: dict[str, str], sid: str, action: str, expect: str, **extra: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run an action, wait for its job, check the server is idle in ``expect``."""
     r = await c.client.post(f"/api/v1/servers/{sid}/actions", headers=headers, json={"action": action, **extra})
     assert r.status_code in (200, 202), r.text
@@ -44,8 +45,11 @@ async def usage(c: Cluster, headers: dict[str, str]) -> dict[str, int]:
 async def test_every_action_end_to_end(cluster: Cluster) -> None:
     c = cluster
     user = await new_user(c)
-    r = await c.client.post("/api/v1/servers", headers=user,
-                            json={"name": "e2e", "flavor": "small", "image": "debian-12", "user_data": "#!/bin/sh"})
+    r = await c.client.post(
+        "/api/v1/servers",
+        headers=user,
+        json={"name": "e2e", "flavor": "small", "image": "debian-12", "user_data": "#!/bin/sh"},
+    )
     assert r.status_code == 202, r.text
     sid, job_id = r.json()["servers"][0]["id"], r.json()["job_ids"][0]
     assert (await c.job_done(job_id))["status"] == "SUCCESS"
@@ -100,12 +104,14 @@ async def test_every_action_end_to_end(cluster: Cluster) -> None:
 
 async def test_a_failing_job_reports_libvirts_error(cluster: Cluster) -> None:
     c = cluster
-    r = await c.client.post("/api/v1/admin/flavors", headers=ADMIN,
-                            json={"name": "wide", "vcpus": 40, "ram_mb": 2048, "disk_gb": 20})
+    r = await c.client.post(
+        "/api/v1/admin/flavors", headers=ADMIN, json={"name": "wide", "vcpus": 40, "ram_mb": 2048, "disk_gb": 20}
+    )
     assert r.status_code == 201
     user = await new_user(c)
-    r = await c.client.post("/api/v1/servers", headers=user,
-                            json={"name": "f", "flavor": "small", "image": "debian-12"})
+    r = await c.client.post(
+        "/api/v1/servers", headers=user, json={"name": "f", "flavor": "small", "image": "debian-12"}
+    )
     sid = r.json()["servers"][0]["id"]
     await c.job_done(r.json()["job_ids"][0])
     await step(c, user, sid, "stop", "STOPPED")
@@ -127,9 +133,17 @@ async def test_admin_reconcile_command(prod_cluster: Cluster) -> None:
     user = await new_user(c)
     r = await c.client.post("/api/v1/servers", headers=user, json={"name": "r", "flavor": "tiny", "image": "debian-12"})
     await c.job_done(r.json()["job_ids"][0])
-    run = await asyncio.create_subprocess_exec(nephos_bin(), "admin", "reconcile", "--wait", "20", env=c.env,
-                                               cwd=c.workdir, stdout=asyncio.subprocess.PIPE,
-                                               stderr=asyncio.subprocess.STDOUT)
+    run = await asyncio.create_subprocess_exec(
+        nephos_bin(),
+        "admin",
+        "reconcile",
+        "--wait",
+        "20",
+        env=c.env,
+        cwd=c.workdir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out = (await run.communicate())[0].decode()
     assert run.returncode == 0, out
     assert "reconciliation (dry run)" in out and "no fresh inventory" not in out

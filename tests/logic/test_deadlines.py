@@ -25,8 +25,9 @@ async def _expire(cloud: Cloud, job_id: str) -> None:
 
 async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]]) -> None:
     async with cloud.sessions() as s:
-        assert await hosts.store_inventory(s, name=host, inventory={"host": host, "domains": domains},
-                                           taken_at=utcnow())
+        assert await hosts.store_inventory(
+            s, name=host, inventory={"host": host, "domains": domains}, taken_at=utcnow()
+        )
         await s.commit()
 
 
@@ -84,8 +85,9 @@ async def test_a_job_on_a_down_host_ends_in_error_at_once(cloud: Cloud) -> None:
 
 async def test_silent_hosts_go_down_and_come_back(cloud: Cloud) -> None:
     async with cloud.sessions() as s:
-        await hosts.heartbeat(s, name="host-1", zone="default", cpus=16, ram_mb=32768,
-                              at=utcnow() - timedelta(seconds=60))
+        await hosts.heartbeat(
+            s, name="host-1", zone="default", cpus=16, ram_mb=32768, at=utcnow() - timedelta(seconds=60)
+        )
         await hosts.heartbeat(s, name="host-2", zone="default", cpus=16, ram_mb=32768, at=utcnow())
         await hosts.heartbeat(s, name="host-new", zone="edge", cpus=8, ram_mb=8192, at=utcnow())
         await s.commit()

@@ -58,8 +58,19 @@ STEPS = 50
 HOSTS = [HostSpec("inv-1", 2, 3072), HostSpec("inv-2", 2, 3072)]
 # Near-full quotas: two or three VMs per project, fewer of them active.
 LIMITS = {"vm": 3, "cpu": 3, "ram": 4096, "disk": 45, "active_cpu": 2, "active_ram": 2560}
-ACTIONS = ("start", "stop", "reboot", "suspend", "resume", "release", "console", "resize", "save_image",
-           "migrate", "live_migrate")
+ACTIONS = (
+    "start",
+    "stop",
+    "reboot",
+    "suspend",
+    "resume",
+    "release",
+    "console",
+    "resize",
+    "save_image",
+    "migrate",
+    "live_migrate",
+)
 FINAL_VALUES = [s.value for s in FINAL]
 
 _servers, _jobs, _hosts = table_of(Server), table_of(Job), table_of(Host)
@@ -70,32 +81,64 @@ T = TypeVar("T")
 # The invariants' statements, built once (building SQLAlchemy statements costs more than running
 # them); ``projects`` and ``after`` are bound per step.
 _PROJECTS = sa.bindparam("projects", expanding=True)
-_TASKS = (sa.select(_servers.c.id, _servers.c.task, _servers.c.task_job_id, _jobs.c.status)
-          .outerjoin(_jobs, _jobs.c.id == _servers.c.task_job_id).where(_servers.c.project_id.in_(_PROJECTS)))
+_TASKS = (
+    sa.select(_servers.c.id, _servers.c.task, _servers.c.task_job_id, _jobs.c.status)
+    .outerjoin(_jobs, _jobs.c.id == _servers.c.task_job_id)
+    .where(_servers.c.project_id.in_(_PROJECTS))
+)
 _JOB_COLUMNS = (_jobs.c.id, _jobs.c.server_id, _jobs.c.action, _jobs.c.host, _jobs.c.params)
 _JOB = sa.select(*_JOB_COLUMNS).where(_jobs.c.id == sa.bindparam("job_id"))
-_LIVE = (sa.select(*_JOB_COLUMNS)
-         .where(_jobs.c.status.notin_(FINAL_VALUES)).order_by(_jobs.c.id))
-_PENDING = (sa.select(_commissions.c.id, _commissions.c.job_id, _jobs.c.status)
-            .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
-            .where(_commissions.c.project_id.in_(_PROJECTS), _commissions.c.state == "pending"))
-_HELD = (sa.select(_servers.c.host, _flavors.c.vcpus, _flavors.c.ram_mb)
-         .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-         .where(_servers.c.host.is_not(None), _servers.c.operstate != "DESTROYED"))
-_HOSTS = sa.select(_hosts.c.name, _hosts.c.cpus, _hosts.c.ram_mb, _hosts.c.cpu_ratio, _hosts.c.ram_ratio,
-                   _hosts.c.used_cpus, _hosts.c.used_ram_mb)
-_NEW_COMMISSIONS = (sa.select(_commissions.c.id, _commissions.c.project_id, _commissions.c.issuer,
-                              _commissions.c.state, *[_commissions.c[r] for r in RESOURCES])
-                    .where(_commissions.c.project_id.in_(_PROJECTS), _commissions.c.id > sa.bindparam("after"))
-                    .order_by(_commissions.c.id))
-_pending_sums = (sa.select(_commissions.c.project_id, *[
-    sa.func.sum(sa.case((_commissions.c[r] > 0, _commissions.c[r]), else_=0)).label(r) for r in RESOURCES])
+_LIVE = sa.select(*_JOB_COLUMNS).where(_jobs.c.status.notin_(FINAL_VALUES)).order_by(_jobs.c.id)
+_PENDING = (
+    sa.select(_commissions.c.id, _commissions.c.job_id, _jobs.c.status)
+    .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
     .where(_commissions.c.project_id.in_(_PROJECTS), _commissions.c.state == "pending")
-    .group_by(_commissions.c.project_id).subquery())
-_OVERDRAFT = (sa.select(_quotas.c.project_id, _quotas.c.resource, _quotas.c.usage, _quotas.c.hard_limit,
-                        *[_pending_sums.c[r] for r in RESOURCES])
-              .outerjoin(_pending_sums, _pending_sums.c.project_id == _quotas.c.project_id)
-              .where(_quotas.c.project_id.in_(_PROJECTS)))
+)
+_HELD = (
+    sa.select(_servers.c.host, _flavors.c.vcpus, _flavors.c.ram_mb)
+    .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+    .where(_servers.c.host.is_not(None), _servers.c.operstate != "DESTROYED")
+)
+_HOSTS = sa.select(
+    _hosts.c.name,
+    _hosts.c.cpus,
+    _hosts.c.ram_mb,
+    _hosts.c.cpu_ratio,
+    _hosts.c.ram_ratio,
+    _hosts.c.used_cpus,
+    _hosts.c.used_ram_mb,
+)
+_NEW_COMMISSIONS = (
+    sa.select(
+        _commissions.c.id,
+        _commissions.c.project_id,
+        _commissions.c.issuer,
+        _commissions.c.state,
+        *[_commissions.c[r] for r in RESOURCES],
+    )
+    .where(_commissions.c.project_id.in_(_PROJECTS), _commissions.c.id > sa.bindparam("after"))
+    .order_by(_commissions.c.id)
+)
+_pending_sums = (
+    sa.select(
+        _commissions.c.project_id,
+        *[sa.func.sum(sa.case((_commissions.c[r] > 0, _commissions.c[r]), else_=0)).label(r) for r in RESOURCES],
+    )
+    .where(_commissions.c.project_id.in_(_PROJECTS), _commissions.c.state == "pending")
+    .group_by(_commissions.c.project_id)
+    .subquery()
+)
+_OVERDRAFT = (
+    sa.select(
+        _quotas.c.project_id,
+        _quotas.c.resource,
+        _quotas.c.usage,
+        _quotas.c.hard_limit,
+        *[_pending_sums.c[r] for r in RESOURCES],
+    )
+    .outerjoin(_pending_sums, _pending_sums.c.project_id == _quotas.c.project_id)
+    .where(_quotas.c.project_id.in_(_PROJECTS))
+)
 
 
 class World:
@@ -180,8 +223,7 @@ class ControlPlane(RuleBasedStateMachine):
             return True
         domain = self.domains.get(sid)
         if action in ("create", "release"):
-            self.domains[sid] = {"host": host, "state": "running", "vcpus": params["vcpus"],
-                                 "ram_mb": params["ram_mb"]}
+            self.domains[sid] = {"host": host, "state": "running", "vcpus": params["vcpus"], "ram_mb": params["ram_mb"]}
         elif action == "destroy":
             self.domains.pop(sid, None)
         elif domain is None:
@@ -201,8 +243,18 @@ class ControlPlane(RuleBasedStateMachine):
 
     def status(self, job: Any, status: str, **extra: Any) -> None:
         """The agent's report on a job: RUNNING, SUCCESS or ERROR."""
-        self.handle(encode(JobStatus(job_id=job.id, server_id=job.server_id, host=job.host or "none",
-                                     status=status, seq=self._next_seq(), **extra)))
+        self.handle(
+            encode(
+                JobStatus(
+                    job_id=job.id,
+                    server_id=job.server_id,
+                    host=job.host or "none",
+                    status=status,
+                    seq=self._next_seq(),
+                    **extra,
+                )
+            )
+        )
 
     def result(self, job_id: str, success: bool) -> None:
         job = self.job(job_id)
@@ -215,11 +267,30 @@ class ControlPlane(RuleBasedStateMachine):
         # within ``reconcile.SETTLE`` of an inventory, so these are stamped as if taken after that.
         taken = utcnow() + 2 * reconcile.SETTLE
         for spec in HOSTS:
-            domains = [DomainInfo(server_id=uuid.UUID(sid), state=d["state"], vcpus=d["vcpus"], ram_mb=d["ram_mb"],
-                                  name=f"nephos-{sid}", owned=True)
-                       for sid, d in self.domains.items() if d["host"] == spec.name]
-            self.handle(encode(Inventory(host=spec.name, zone=spec.zone, cpus=spec.cpus, ram_mb=spec.ram_mb,
-                                         domains=domains, taken_at=taken)))
+            domains = [
+                DomainInfo(
+                    server_id=uuid.UUID(sid),
+                    state=d["state"],
+                    vcpus=d["vcpus"],
+                    ram_mb=d["ram_mb"],
+                    name=f"nephos-{sid}",
+                    owned=True,
+                )
+                for sid, d in self.domains.items()
+                if d["host"] == spec.name
+            ]
+            self.handle(
+                encode(
+                    Inventory(
+                        host=spec.name,
+                        zone=spec.zone,
+                        cpus=spec.cpus,
+                        ram_mb=spec.ram_mb,
+                        domains=domains,
+                        taken_at=taken,
+                    )
+                )
+            )
 
     def reconcile(self, *, fix: bool) -> reconcile.Report:
         started = utcnow()
@@ -233,18 +304,27 @@ class ControlPlane(RuleBasedStateMachine):
 
     # -- the rules: API actions --------------------------------------------------------------
 
-    @rule(user=st.integers(0, 1), flavor=st.sampled_from(["tiny", "small"]), count=st.integers(1, 2),
-          hold=st.booleans())
+    @rule(
+        user=st.integers(0, 1), flavor=st.sampled_from(["tiny", "small"]), count=st.integers(1, 2), hold=st.booleans()
+    )
     def create(self, user: int, flavor: str, count: int, hold: bool) -> None:
-        r = self.request(user, "POST", "/api/v1/servers",
-                         {"name": "inv", "flavor": flavor, "image": "debian-12", "count": count, "hold": hold})
+        r = self.request(
+            user,
+            "POST",
+            "/api/v1/servers",
+            {"name": "inv", "flavor": flavor, "image": "debian-12", "count": count, "hold": hold},
+        )
         if r.status_code == 202:
             self.servers += [(user, s["id"]) for s in r.json()["servers"]]
             self.jobs += r.json()["job_ids"]
 
     @precondition(lambda self: self.servers)
-    @rule(i=st.integers(0, 63), action=st.sampled_from(ACTIONS), flavor=st.sampled_from(["tiny", "small"]),
-          admin=st.booleans())
+    @rule(
+        i=st.integers(0, 63),
+        action=st.sampled_from(ACTIONS),
+        flavor=st.sampled_from(["tiny", "small"]),
+        admin=st.booleans(),
+    )
     def act(self, i: int, action: str, flavor: str, admin: bool) -> None:
         user, sid = self.servers[i % len(self.servers)]
         body: dict[str, Any] = {"action": action}
@@ -294,8 +374,17 @@ class ControlPlane(RuleBasedStateMachine):
             del self.domains[sid]
         else:
             self.domains[sid]["state"] = state
-        self.handle(encode(StateChange(server_id=uuid.UUID(sid), host=host, domain_state=state,  # type: ignore[arg-type]
-                                       seq=self._next_seq(), reason="the model")))
+        self.handle(
+            encode(
+                StateChange(
+                    server_id=uuid.UUID(sid),
+                    host=host,
+                    domain_state=state,  # type: ignore[arg-type]
+                    seq=self._next_seq(),
+                    reason="the model",
+                )
+            )
+        )
 
     @rule(i=st.integers(0, 63), agent_did_it=st.booleans())
     def deadline_passes(self, i: int, agent_did_it: bool) -> None:
@@ -331,16 +420,20 @@ class ControlPlane(RuleBasedStateMachine):
         mine = {"projects": self.projects}
         async with self.c.sessions() as session:
             run = session.execute
-            tasks = {sid: (task, job_id) for sid, task, job_id, status in (await run(_TASKS, mine)).all()
-                     if self._task_is_live(sid, task, job_id, status)}
+            tasks = {
+                sid: (task, job_id)
+                for sid, task, job_id, status in (await run(_TASKS, mine)).all()
+                if self._task_is_live(sid, task, job_id, status)
+            }
             live = (await run(_LIVE)).all()
             for job_id, server_id, *_ in live:
                 task, current = tasks.get(server_id, (None, None))
                 if job_id != current:
                     assert task == "DESTROY", f"server {server_id}: live job {job_id} beside its task {task}"
             for commission_id, job_id, status in (await run(_PENDING, mine)).all():
-                assert job_id is not None and status not in FINAL_VALUES, \
+                assert job_id is not None and status not in FINAL_VALUES, (
                     f"pending commission {commission_id} with job {job_id} {status}"
+                )
             await self._hosts_hold_exactly_their_vms(session, live)
             await self._only_reality_overdraws(session)
 
@@ -363,18 +456,21 @@ class ControlPlane(RuleBasedStateMachine):
                 held[(where, "cpu")] += reserved["vcpus"]
                 held[(where, "ram")] += reserved["ram_mb"]
         for name, cpus, ram, cpu_ratio, ram_ratio, used_cpus, used_ram in (await session.execute(_HOSTS)).all():
-            assert 0 <= used_cpus <= cpus * cpu_ratio and 0 <= used_ram <= ram * ram_ratio, \
+            assert 0 <= used_cpus <= cpus * cpu_ratio and 0 <= used_ram <= ram * ram_ratio, (
                 f"host {name} over capacity: {used_cpus} vCPUs, {used_ram} MiB"
-            assert (used_cpus, used_ram) == (held[(name, "cpu")], held[(name, "ram")]), \
-                f"host {name} holds {used_cpus}/{used_ram}, its VMs and reservations {held[(name, 'cpu')]}/" \
+            )
+            assert (used_cpus, used_ram) == (held[(name, "cpu")], held[(name, "ram")]), (
+                f"host {name} holds {used_cpus}/{used_ram}, its VMs and reservations {held[(name, 'cpu')]}/"
                 f"{held[(name, 'ram')]}"
+            )
 
     async def _only_reality_overdraws(self, session: Any) -> None:
         """usage + pending <= limit, unless reality (a commission the dispatcher or reconciliation
         accepted without asking, since the last step) pushed it over: an accepted action never does."""
         reality: Counter[tuple[uuid.UUID, str]] = Counter()
-        for row in (await session.execute(_NEW_COMMISSIONS, {"projects": self.projects,
-                                                              "after": self.last_commission})).all():
+        for row in (
+            await session.execute(_NEW_COMMISSIONS, {"projects": self.projects, "after": self.last_commission})
+        ).all():
             self.last_commission = row.id
             if row.issuer != "api" and row.state == "accepted":
                 for resource, value in zip(RESOURCES, row[4:], strict=True):
@@ -385,8 +481,9 @@ class ControlPlane(RuleBasedStateMachine):
             extra = dict(zip(RESOURCES, row[4:], strict=True))[row.resource] or 0
             now[(row.project_id, row.resource)] = row.usage + int(extra) - row.hard_limit
         for key, over in now.items():
-            assert over <= max(0, self.over.get(key, 0)) + reality[key], \
+            assert over <= max(0, self.over.get(key, 0)) + reality[key], (
                 f"project {key[0]} {key[1]}: usage + pending exceeds its limit by {over}"
+            )
         self.over = now
 
     # -- quiescence ---------------------------------------------------------------------------------
@@ -397,12 +494,16 @@ class ControlPlane(RuleBasedStateMachine):
             for job in self.live_jobs():
                 self.result(str(job.id), True)
         assert not self.live_jobs(), "every job terminal"
-        assert not self.sql(sa.select(_commissions.c.id).where(
-            _commissions.c.project_id.in_(self.projects), _commissions.c.state == "pending")), \
-            "no pending commission at quiescence"
+        assert not self.sql(
+            sa.select(_commissions.c.id).where(
+                _commissions.c.project_id.in_(self.projects), _commissions.c.state == "pending"
+            )
+        ), "no pending commission at quiescence"
         report = self.w.run(self._compare())
-        assert not report.quota_drift and not report.pending_without_job, (report.quota_drift,
-                                                                           report.pending_without_job)
+        assert not report.quota_drift and not report.pending_without_job, (
+            report.quota_drift,
+            report.pending_without_job,
+        )
         # Reality may have drifted behind the API's back (a domain removed, a late job):
         # one reconciliation pass repairs it, and the next finds nothing.
         self.reconcile(fix=True)
@@ -426,8 +527,10 @@ class ControlPlane(RuleBasedStateMachine):
         async with self.c.sessions() as session:
             actual = await reconcile.recomputed_usage(session)
             for project_id in self.projects:
-                recorded = {q.resource: q.usage for q in await session.scalars(
-                    sa.select(Quota).where(_quotas.c.project_id == project_id))}
+                recorded = {
+                    q.resource: q.usage
+                    for q in await session.scalars(sa.select(Quota).where(_quotas.c.project_id == project_id))
+                }
                 assert recorded == actual.get(project_id, reconcile.Deltas()).as_dict(), (recorded, actual)
 
 
@@ -455,10 +558,20 @@ def test_random_interleavings_keep_every_invariant(world: World) -> None:
     # until EXAMPLES of them have run every step.
     full = 0
     for _ in range(5):
-        run_state_machine_as_test(ControlPlane, settings=settings(
-            max_examples=max(EXAMPLES - full, 10), stateful_step_count=STEPS, deadline=None, database=None,
-            suppress_health_check=list(HealthCheck), print_blob=True,
-            phases=[Phase.explicit, Phase.generate] if os.environ.get("NEPHOS_INVARIANT_NO_SHRINK") else list(Phase)))
+        run_state_machine_as_test(
+            ControlPlane,
+            settings=settings(
+                max_examples=max(EXAMPLES - full, 10),
+                stateful_step_count=STEPS,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                print_blob=True,
+                phases=[Phase.explicit, Phase.generate]
+                if os.environ.get("NEPHOS_INVARIANT_NO_SHRINK")
+                else list(Phase),
+            ),
+        )
         full = sum(1 for n in world.steps if n >= STEPS)
         if full >= EXAMPLES:
             break
@@ -467,6 +580,7 @@ def test_random_interleavings_keep_every_invariant(world: World) -> None:
 
 
 # -- shrunk failures, kept: each replays a sequence hypothesis found and shrank --------------------
+
 
 def replay(world: World, steps: str) -> None:
     state = ControlPlane()
@@ -480,7 +594,9 @@ def replay(world: World, steps: str) -> None:
 def test_a_failed_destroy_gives_the_vm_back_the_task_it_overtook(world: World) -> None:
     """Found by the suite: a destroy overtook a create, then failed; the create's job was still
     out on the host, yet the VM had no task, so a second action could have run beside it."""
-    replay(world, """
+    replay(
+        world,
+        """
         state.reconciliation(fix=False)
         state.create(count=1, flavor='tiny', hold=True, user=0)
         state.create(count=1, flavor='tiny', hold=False, user=0)
@@ -500,4 +616,5 @@ def test_a_failed_destroy_gives_the_vm_back_the_task_it_overtook(world: World) -
         state.act(action='console', admin=True, flavor='small', i=36)
         state.destroy(i=10)
         state.job_result(i=39, success=False)
-    """)
+    """,
+    )

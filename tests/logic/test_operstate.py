@@ -54,8 +54,7 @@ def test_every_action_has_an_entry() -> None:
     assert set(OUTCOME) == set(A)
 
 
-@pytest.mark.parametrize(("action", "state", "task"),
-                         list(itertools.product(sorted(ALLOWED), list(S), TASKS)))
+@pytest.mark.parametrize(("action", "state", "task"), list(itertools.product(sorted(ALLOWED), list(S), TASKS)))
 def test_decide(action: Action, state: Operstate, task: str | None) -> None:
     allowed = state in ALLOWED[action]
     if action is A.DESTROY:
@@ -79,16 +78,14 @@ def test_decide(action: Action, state: Operstate, task: str | None) -> None:
     elif not allowed:
         with pytest.raises(InvalidState) as err:
             decide(action, state, task)
-        assert err.value.details == {"operstate": state.value,
-                                     "allowed_from": sorted(s.value for s in ALLOWED[action])}
+        assert err.value.details == {"operstate": state.value, "allowed_from": sorted(s.value for s in ALLOWED[action])}
     else:
         decision = decide(action, state, task)
         assert decision.rule is TABLE[action]
         assert decision.supersedes is None
 
 
-@pytest.mark.parametrize(("action", "state", "success"),
-                         list(itertools.product(list(A), LIVE, [True, False])))
+@pytest.mark.parametrize(("action", "state", "success"), list(itertools.product(list(A), LIVE, [True, False])))
 def test_target_state(action: Action, state: Operstate, success: bool) -> None:
     expected = OUTCOME[action][0 if success else 1]
     assert target_state(action, state, success) is (expected or state)
@@ -109,30 +106,41 @@ FULL = Deltas(vm=1, cpu=2, ram=4096, disk=40, active_cpu=2, active_ram=4096)
 IDLE = Deltas(vm=1, cpu=2, ram=4096, disk=40)
 
 
-@pytest.mark.parametrize(("state", "expected"), [
-    (None, Deltas()), (S.DESTROYED, Deltas()),
-    (S.HOLD, IDLE), (S.STOPPED, IDLE),
-    (S.BUILD, FULL), (S.STARTED, FULL), (S.SUSPENDED, FULL), (S.ERROR, FULL),
-])
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (None, Deltas()),
+        (S.DESTROYED, Deltas()),
+        (S.HOLD, IDLE),
+        (S.STOPPED, IDLE),
+        (S.BUILD, FULL),
+        (S.STARTED, FULL),
+        (S.SUSPENDED, FULL),
+        (S.ERROR, FULL),
+    ],
+)
 def test_footprint(state: Operstate | None, expected: Deltas) -> None:
     assert footprint(state, *FLAVOR) == expected
 
 
-@pytest.mark.parametrize(("action", "before", "delta"), [
-    (A.CREATE, None, FULL),
-    (A.RELEASE, S.HOLD, Deltas(active_cpu=2, active_ram=4096)),
-    (A.START, S.STOPPED, Deltas(active_cpu=2, active_ram=4096)),
-    (A.STOP, S.STARTED, Deltas(active_cpu=-2, active_ram=-4096)),
-    (A.STOP, S.SUSPENDED, Deltas(active_cpu=-2, active_ram=-4096)),
-    (A.SUSPEND, S.STARTED, Deltas()),
-    (A.RESUME, S.SUSPENDED, Deltas()),
-    (A.REBOOT, S.STARTED, Deltas()),
-    (A.SAVE_IMAGE, S.STARTED, Deltas(active_cpu=-2, active_ram=-4096)),
-    (A.SAVE_IMAGE, S.STOPPED, Deltas()),
-    (A.DESTROY, S.STARTED, FULL * -1),
-    (A.DESTROY, S.STOPPED, IDLE * -1),
-    (A.DESTROY, S.HOLD, IDLE * -1),
-])
+@pytest.mark.parametrize(
+    ("action", "before", "delta"),
+    [
+        (A.CREATE, None, FULL),
+        (A.RELEASE, S.HOLD, Deltas(active_cpu=2, active_ram=4096)),
+        (A.START, S.STOPPED, Deltas(active_cpu=2, active_ram=4096)),
+        (A.STOP, S.STARTED, Deltas(active_cpu=-2, active_ram=-4096)),
+        (A.STOP, S.SUSPENDED, Deltas(active_cpu=-2, active_ram=-4096)),
+        (A.SUSPEND, S.STARTED, Deltas()),
+        (A.RESUME, S.SUSPENDED, Deltas()),
+        (A.REBOOT, S.STARTED, Deltas()),
+        (A.SAVE_IMAGE, S.STARTED, Deltas(active_cpu=-2, active_ram=-4096)),
+        (A.SAVE_IMAGE, S.STOPPED, Deltas()),
+        (A.DESTROY, S.STARTED, FULL * -1),
+        (A.DESTROY, S.STOPPED, IDLE * -1),
+        (A.DESTROY, S.HOLD, IDLE * -1),
+    ],
+)
 def test_commission_is_the_footprint_change(action: Action, before: Operstate | None, delta: Deltas) -> None:
     rule = TABLE[action]
     after = rule.on_accept or rule.on_success or before

@@ -15,15 +15,21 @@ from tests.api.helpers import expected_usage, server_in, usage
 from tests.conftest import Cloud
 
 
-def _domain(vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_mb: int = 2048,
-            owned: bool = True) -> dict[str, object]:
+def _domain(
+    vm: dict[str, object], state: str = "running", vcpus: int = 1, ram_mb: int = 2048, owned: bool = True
+) -> dict[str, object]:
     """A domain as an agent reports it; ``owned``: it carries Nephos's mark."""
-    return {"server_id": vm["id"], "state": state, "vcpus": vcpus, "ram_mb": ram_mb,
-            "name": f"nephos-{vm['id']}" if owned else "operators-own", "owned": owned}
+    return {
+        "server_id": vm["id"],
+        "state": state,
+        "vcpus": vcpus,
+        "ram_mb": ram_mb,
+        "name": f"nephos-{vm['id']}" if owned else "operators-own",
+        "owned": owned,
+    }
 
 
-async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]],
-                     settled: bool = True) -> None:
+async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]], settled: bool = True) -> None:
     """A host's inventory; ``settled``: stamped as taken once the VMs' last changes had settled
     (reconciliation does not judge a VM changed within ``SETTLE`` of its host's inventory)."""
     taken = utcnow() + (2 * reconcile.SETTLE if settled else timedelta(0))
@@ -35,8 +41,11 @@ async def _inventory(cloud: Cloud, host: str, domains: list[dict[str, object]],
 async def _all_seen(cloud: Cloud, vms: list[dict[str, object]]) -> None:
     """Both hosts report exactly the VMs placed on them, as the database has them."""
     for host in ("host-1", "host-2"):
-        await _inventory(cloud, host, [_domain(v, "running" if v["operstate"] == "STARTED" else "shutoff")
-                                       for v in vms if v["host"] == host])
+        await _inventory(
+            cloud,
+            host,
+            [_domain(v, "running" if v["operstate"] == "STARTED" else "shutoff") for v in vms if v["host"] == host],
+        )
 
 
 async def _report(cloud: Cloud, fix: bool = False) -> reconciler.reconcile.Report:
@@ -75,11 +84,18 @@ async def test_orphan_domain(cloud: Cloud) -> None:
     await _inventory(cloud, other, [_domain(vm)])  # a copy left behind where it is not placed
     report = await _report(cloud)
     assert sorted((o["domain_uuid"], o["host"]) for o in report.orphans) == sorted(
-        [(stranger["id"], vm["host"]), (vm["id"], other)])
+        [(stranger["id"], vm["host"]), (vm["id"], other)]
+    )
     by_uuid = {o["domain_uuid"]: o for o in report.orphans}
     assert by_uuid[stranger["id"]] == {
-        "host": vm["host"], "domain_name": "operators-own", "domain_uuid": stranger["id"], "state": "running",
-        "owned": False, "server_id": None, "operstate": None}
+        "host": vm["host"],
+        "domain_name": "operators-own",
+        "domain_uuid": stranger["id"],
+        "state": "running",
+        "owned": False,
+        "server_id": None,
+        "operstate": None,
+    }
     assert by_uuid[vm["id"]]["owned"] and by_uuid[vm["id"]]["operstate"] == "STARTED"
     assert report.stale == []
     # Neither is Nephos's to remove: a foreign domain, and a copy of a live VM.
@@ -94,13 +110,15 @@ async def test_only_a_marked_domain_of_a_destroyed_vm_is_reapable(cloud: Cloud) 
     await _inventory(cloud, gone["host"], [_domain(gone)])
     report = await _report(cloud)
     assert [(o["domain_uuid"], o["operstate"], reconcile.reapable(o)) for o in report.orphans] == [
-        (gone["id"], "DESTROYED", True)]
+        (gone["id"], "DESTROYED", True)
+    ]
     # The same UUID without the mark (someone else's domain) is not reaped; nor a marked one
     # whose VM Nephos has no row for.
     await _inventory(cloud, gone["host"], [_domain(foreign_same_id, owned=False), _domain(marked_no_row)])
     report = await _report(cloud)
     assert sorted((o["domain_uuid"], reconcile.reapable(o)) for o in report.orphans) == sorted(
-        [(gone["id"], False), (marked_no_row["id"], False)])
+        [(gone["id"], False), (marked_no_row["id"], False)]
+    )
 
 
 async def test_unsynced_operstate(cloud: Cloud) -> None:
@@ -120,9 +138,17 @@ async def test_unsynced_flavor(cloud: Cloud) -> None:
     vm = await server_in(cloud, user, "STARTED")
     await _inventory(cloud, vm["host"], [_domain(vm, vcpus=4, ram_mb=8192)])
     report = await _report(cloud)
-    assert report.unsynced_flavor == [{
-        "server_id": vm["id"], "project_id": user["X-Project"], "host": vm["host"], "operstate": "STARTED",
-        "flavor": "small", "expected": {"vcpus": 1, "ram_mb": 2048}, "observed": {"vcpus": 4, "ram_mb": 8192}}]
+    assert report.unsynced_flavor == [
+        {
+            "server_id": vm["id"],
+            "project_id": user["X-Project"],
+            "host": vm["host"],
+            "operstate": "STARTED",
+            "flavor": "small",
+            "expected": {"vcpus": 1, "ram_mb": 2048},
+            "observed": {"vcpus": 4, "ram_mb": 8192},
+        }
+    ]
     # The fix follows the host: the VM becomes a "large", its quota and host room with it.
     fixed = await _report(cloud, fix=True)
     assert any("small -> large" in a for a in fixed.actions), fixed.actions
@@ -167,12 +193,14 @@ async def test_quota_drift(cloud: Cloud) -> None:
     await _all_seen(cloud, [vm])
     quotas = table_of(Quota)
     async with cloud.sessions() as s:  # someone edits a usage row by hand
-        await s.execute(quotas.update().where(quotas.c.project_id == uuid.UUID(user["X-Project"]),
-                                              quotas.c.resource == "cpu").values(usage=7))
+        await s.execute(
+            quotas.update()
+            .where(quotas.c.project_id == uuid.UUID(user["X-Project"]), quotas.c.resource == "cpu")
+            .values(usage=7)
+        )
         await s.commit()
     report = await _report(cloud)
-    assert report.quota_drift == [{"project_id": user["X-Project"], "resource": "cpu", "recorded": 7,
-                                   "recomputed": 1}]
+    assert report.quota_drift == [{"project_id": user["X-Project"], "resource": "cpu", "recorded": 7, "recomputed": 1}]
     fixed = await _report(cloud, fix=True)
     assert any("usage adjusted by {'cpu': -6}" in a for a in fixed.actions)
     assert usage(await cloud.quotas(user)) == expected_usage("STARTED")
@@ -193,6 +221,7 @@ async def test_pending_commission_without_a_live_job(cloud: Cloud) -> None:
         await s.commit()
     async with cloud.sessions() as s:
         from app.models import Server
+
         server = await s.get(Server, uuid.UUID(vm["id"]))
         assert server is not None
         server.task, server.task_job_id = None, None

@@ -50,8 +50,9 @@ async def test_apply_result(cloud: Cloud, action: str, success: bool) -> None:
         server, job_id = reply["servers"][0], reply["job_ids"][0]
     else:
         server = await server_in(cloud, user, start)
-        job_id = (await cloud.act(user, server["id"], action,
-                                  expect=200 if action == "console" else 202, **extra))["job_id"]
+        job_id = (await cloud.act(user, server["id"], action, expect=200 if action == "console" else 202, **extra))[
+            "job_id"
+        ]
     hosts_before = await _hosts(cloud)
     source = (await cloud.server(user, server["id"]))["host"]
 
@@ -161,8 +162,9 @@ async def test_what_the_agent_reports_is_kept_and_a_contradicting_success_is_not
     vm = await server_in(cloud, user, "STARTED")
     console = await cloud.act(user, vm["id"], "console", expect=200)
     async with cloud.sessions() as s:
-        await apply_result(s, job_id=uuid.UUID(console["job_id"]), success=True, domain_state="running",
-                           details={"port": 5931})
+        await apply_result(
+            s, job_id=uuid.UUID(console["job_id"]), success=True, domain_state="running", details={"port": 5931}
+        )
         await s.commit()
     job = (await cloud.client.get(f"/api/v1/jobs/{console['job_id']}", headers=user)).json()
     assert (job["status"], job["domain_state"], job["details"]) == ("SUCCESS", "running", {"port": 5931})
@@ -204,15 +206,32 @@ async def test_migration_uris_come_from_the_heartbeat_to_the_job(cloud: Cloud) -
     source, target = vm["host"], "host-2" if vm["host"] == "host-1" else "host-1"
     async with cloud.sessions() as s:
         for name, uri in ((source, "qemu+ssh://src/system"), (target, None)):
-            await hosts.heartbeat(s, name=name, zone="default", cpus=16, ram_mb=32768, at=datetime.now(UTC),
-                                  migration_uri=uri, hypervisor="qemu")
+            await hosts.heartbeat(
+                s,
+                name=name,
+                zone="default",
+                cpus=16,
+                ram_mb=32768,
+                at=datetime.now(UTC),
+                migration_uri=uri,
+                hypervisor="qemu",
+            )
         await s.commit()
-    r = await cloud.client.post(f"/api/v1/servers/{vm['id']}/actions", headers=cloud.admin,
-                                json={"action": "live_migrate", "host": target})
+    r = await cloud.client.post(
+        f"/api/v1/servers/{vm['id']}/actions", headers=cloud.admin, json={"action": "live_migrate", "host": target}
+    )
     assert r.status_code == 400 and "no migration URI" in r.json()["error"]["message"], r.text
     async with cloud.sessions() as s:
-        await hosts.heartbeat(s, name=target, zone="default", cpus=16, ram_mb=32768, at=datetime.now(UTC),
-                              migration_uri="qemu+ssh://dst/system", hypervisor="qemu")
+        await hosts.heartbeat(
+            s,
+            name=target,
+            zone="default",
+            cpus=16,
+            ram_mb=32768,
+            at=datetime.now(UTC),
+            migration_uri="qemu+ssh://dst/system",
+            hypervisor="qemu",
+        )
         await s.commit()
     job_id = (await cloud.act(cloud.admin, vm["id"], "live_migrate", host=target))["job_id"]
     async with cloud.sessions() as s:

@@ -30,17 +30,31 @@ _servers, _flavors, _hosts, _events = table_of(Server), table_of(Flavor), table_
 
 #: Attributes DescribeInstanceAttribute answers, as the wire names them.
 _FIXED: dict[str, Any] = {
-    "instanceInitiatedShutdownBehavior": {"value": "stop"}, "rootDeviceName": {"value": "/dev/vda"},
-    "sourceDestCheck": {"value": True}, "ebsOptimized": {"value": False}, "enaSupport": {"value": False},
-    "blockDeviceMapping": [], "productCodes": [], "kernel": {}, "ramdisk": {}, "sriovNetSupport": {},
+    "instanceInitiatedShutdownBehavior": {"value": "stop"},
+    "rootDeviceName": {"value": "/dev/vda"},
+    "sourceDestCheck": {"value": True},
+    "ebsOptimized": {"value": False},
+    "enaSupport": {"value": False},
+    "blockDeviceMapping": [],
+    "productCodes": [],
+    "kernel": {},
+    "ramdisk": {},
+    "sriovNetSupport": {},
 }
 #: ``<Attr>.Value`` parameters and their ``Attribute=`` names.
-_MODIFIABLE = {"InstanceType": "instanceType", "UserData": "userData",
-               "DisableApiTermination": "disableApiTermination", "DisableApiStop": "disableApiStop",
-               "InstanceInitiatedShutdownBehavior": "instanceInitiatedShutdownBehavior",
-               "SourceDestCheck": "sourceDestCheck", "EbsOptimized": "ebsOptimized",
-               "EnaSupport": "enaSupport", "SriovNetSupport": "sriovNetSupport", "Kernel": "kernel",
-               "Ramdisk": "ramdisk"}
+_MODIFIABLE = {
+    "InstanceType": "instanceType",
+    "UserData": "userData",
+    "DisableApiTermination": "disableApiTermination",
+    "DisableApiStop": "disableApiStop",
+    "InstanceInitiatedShutdownBehavior": "instanceInitiatedShutdownBehavior",
+    "SourceDestCheck": "sourceDestCheck",
+    "EbsOptimized": "ebsOptimized",
+    "EnaSupport": "enaSupport",
+    "SriovNetSupport": "sriovNetSupport",
+    "Kernel": "kernel",
+    "Ramdisk": "ramdisk",
+}
 
 
 async def _one(ctx: Ctx) -> Server:
@@ -75,9 +89,11 @@ def _boolean(name: str, value: str | list[str]) -> bool:
 async def _stopped(ctx: Ctx, server: Server, what: str) -> None:
     state = (await ec2.states_of(ctx.session, [server.id]))[server.id]
     if state != "stopped":
-        raise Ec2Error("IncorrectInstanceState",
-                       f"The instance '{server.ec2_id}' is not in the 'stopped' state; its {what} can only "
-                       f"be changed when it is stopped.")
+        raise Ec2Error(
+            "IncorrectInstanceState",
+            f"The instance '{server.ec2_id}' is not in the 'stopped' state; its {what} can only "
+            f"be changed when it is stopped.",
+        )
 
 
 @action("ModifyInstanceAttribute")
@@ -94,9 +110,10 @@ async def modify_instance_attribute(ctx: Ctx) -> dict[str, Any]:
             try:
                 await actions.resize(ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id, flavor_id=flavor)
             except (e.TaskPending, e.InvalidState, e.HostDown):
-                raise Ec2Error("IncorrectInstanceState",
-                               f"The instance '{server.ec2_id}' is not in a state from which it can be "
-                               f"modified") from None
+                raise Ec2Error(
+                    "IncorrectInstanceState",
+                    f"The instance '{server.ec2_id}' is not in a state from which it can be modified",
+                ) from None
             except (e.OverLimit, e.NoCapacity) as exc:
                 raise ec2_error(exc) from None
     elif name == "userData":
@@ -108,11 +125,13 @@ async def modify_instance_attribute(ctx: Ctx) -> dict[str, Any]:
             raise invalid("UserData", "...", "UserData must be base64.") from None
         await servers.set_attributes(ctx.session, actor=ctx.actor, server_id=server.id, user_data=data)
     elif name == "disableApiTermination":
-        await servers.set_attributes(ctx.session, actor=ctx.actor, server_id=server.id,
-                                     disable_api_termination=_boolean(name, value))
+        await servers.set_attributes(
+            ctx.session, actor=ctx.actor, server_id=server.id, disable_api_termination=_boolean(name, value)
+        )
     elif name == "disableApiStop":
-        await servers.set_attributes(ctx.session, actor=ctx.actor, server_id=server.id,
-                                     disable_api_stop=_boolean(name, value))
+        await servers.set_attributes(
+            ctx.session, actor=ctx.actor, server_id=server.id, disable_api_stop=_boolean(name, value)
+        )
     elif name == "groupSet":
         assert isinstance(value, list)
         groups = await find_groups(ctx, value, [])
@@ -133,8 +152,9 @@ async def describe_instance_attribute(ctx: Ctx) -> dict[str, Any]:
     name = ctx.params.require("Attribute")
     answer: Any
     if name == "instanceType":
-        answer = {"value": await ctx.session.scalar(sa.select(_flavors.c.name).where(
-            _flavors.c.id == server.flavor_id))}
+        answer = {
+            "value": await ctx.session.scalar(sa.select(_flavors.c.name).where(_flavors.c.id == server.flavor_id))
+        }
     elif name == "userData":
         answer = {"value": base64.b64encode(server.user_data.encode()).decode() if server.user_data else None}
     elif name == "disableApiTermination":
@@ -154,8 +174,11 @@ async def describe_instance_attribute(ctx: Ctx) -> dict[str, Any]:
 @action("GetConsoleOutput")
 async def get_console_output(ctx: Ctx) -> dict[str, Any]:
     server = await _one(ctx)
-    events = list(await ctx.session.scalars(
-        sa.select(ServerEvent).where(_events.c.server_id == server.id).order_by(_events.c.created_at, _events.c.id)))
+    events = list(
+        await ctx.session.scalars(
+            sa.select(ServerEvent).where(_events.c.server_id == server.id).order_by(_events.c.created_at, _events.c.id)
+        )
+    )
     lines = []
     for ev in events:
         if ev.operstate_to:
@@ -163,11 +186,15 @@ async def get_console_output(ctx: Ctx) -> dict[str, Any]:
         else:
             change = f" (from {ev.operstate_from})" if ev.operstate_from else ""
         what = " ".join(filter(None, [ev.kind, ev.action])) + change
-        lines.append(f"[{ev.created_at:%Y-%m-%d %H:%M:%S}] {server.ec2_id}: {what}"
-                     + (f": {ev.message}" if ev.message else ""))
+        lines.append(
+            f"[{ev.created_at:%Y-%m-%d %H:%M:%S}] {server.ec2_id}: {what}" + (f": {ev.message}" if ev.message else "")
+        )
     text = "\n".join(lines) + "\n" if lines else ""
-    return {"instanceId": server.ec2_id, "timestamp": events[-1].created_at if events else utcnow(),
-            "output": base64.b64encode(text.encode()).decode()}
+    return {
+        "instanceId": server.ec2_id,
+        "timestamp": events[-1].created_at if events else utcnow(),
+        "output": base64.b64encode(text.encode()).decode(),
+    }
 
 
 # -- DescribeInstanceStatus --------------------------------------------------------------------
@@ -189,14 +216,33 @@ def _status(status: str) -> dict[str, Any]:
 @action("DescribeInstanceStatus")
 async def describe_instance_status(ctx: Ctx) -> dict[str, Any]:
     stmt, ids, size = await listed(
-        ctx, sa.select(Server, ec2.STATE, _STATUS).outerjoin(_hosts, _hosts.c.name == _servers.c.host))
+        ctx, sa.select(Server, ec2.STATE, _STATUS).outerjoin(_hosts, _hosts.c.name == _servers.c.host)
+    )
     if not ids and not ctx.params.flag("IncludeAllInstances"):
         stmt = stmt.where(ec2.STATE == "running")
-    stmt = where_filters(ctx, stmt, {
-        "availability-zone": _servers.c.zone, "instance-state-name": ec2.STATE,
-        "instance-state-code": ec2.state_codes, "instance-status.status": _STATUS, "system-status.status": _STATUS})
+    stmt = where_filters(
+        ctx,
+        stmt,
+        {
+            "availability-zone": _servers.c.zone,
+            "instance-state-name": ec2.STATE,
+            "instance-state-code": ec2.state_codes,
+            "instance-status.status": _STATUS,
+            "system-status.status": _STATUS,
+        },
+    )
     rows, token = await paged(ctx, stmt, size)
-    return {"instanceStatusSet": [{
-        "instanceId": s.ec2_id, "availabilityZone": s.zone or "", "instanceState": state_item(state),
-        "systemStatus": _status(status), "instanceStatus": _status(status), "eventsSet": [],
-    } for s, state, status in rows], "nextToken": token}
+    return {
+        "instanceStatusSet": [
+            {
+                "instanceId": s.ec2_id,
+                "availabilityZone": s.zone or "",
+                "instanceState": state_item(state),
+                "systemStatus": _status(status),
+                "instanceStatus": _status(status),
+                "eventsSet": [],
+            }
+            for s, state, status in rows
+        ],
+        "nextToken": token,
+    }

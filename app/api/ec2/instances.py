@@ -43,8 +43,10 @@ def instance_ids(ctx: Ctx, *, required: bool = True) -> list[str]:
 
 def _not_found(ids: list[str]) -> Ec2Error:
     quoted = ", ".join(f"'{i}'" for i in ids)
-    return Ec2Error("InvalidInstanceID.NotFound",
-                    f"The instance ID{'s' if len(ids) > 1 else ''} {quoted} do{'' if len(ids) > 1 else 'es'} not exist")
+    return Ec2Error(
+        "InvalidInstanceID.NotFound",
+        f"The instance ID{'s' if len(ids) > 1 else ''} {quoted} do{'' if len(ids) > 1 else 'es'} not exist",
+    )
 
 
 async def find(ctx: Ctx, ids: list[str]) -> list[Server]:
@@ -66,28 +68,48 @@ async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
     groups = await secgroups.groups_of(ctx.session, [r[0].id for r in rows])
     out = []
     for index, (s, state, flavor, image) in enumerate(rows):
-        reason = {"code": "Client.UserInitiatedShutdown",
-                  "message": "Client.UserInitiatedShutdown: User initiated shutdown"} \
-            if state in ("stopped", "stopping", "terminated", "shutting-down") else None
-        out.append({
-            "instanceId": s.ec2_id, "imageId": image, "instanceState": state_item(state),
-            "privateDnsName": "", "dnsName": "", "reason": "", "keyName": s.key_name,
-            "amiLaunchIndex": index, "productCodes": [], "instanceType": flavor, "launchTime": s.created_at,
-            "placement": {"availabilityZone": s.zone or "", "tenancy": "default"},
-            "monitoring": {"state": "disabled"},
-            "groupSet": [{"groupId": gid, "groupName": name} for gid, name in groups[s.id]],
-            "stateReason": reason, "architecture": "x86_64", "rootDeviceType": "ebs",
-            "rootDeviceName": "/dev/vda", "blockDeviceMapping": [], "virtualizationType": "hvm",
-            "hypervisor": "kvm", "clientToken": s.client_token or "", "ebsOptimized": False,
-            "tagSet": [{"key": k, "value": v} for k, v in tags[s.ec2_id]] or None,
-        })
+        reason = (
+            {"code": "Client.UserInitiatedShutdown", "message": "Client.UserInitiatedShutdown: User initiated shutdown"}
+            if state in ("stopped", "stopping", "terminated", "shutting-down")
+            else None
+        )
+        out.append(
+            {
+                "instanceId": s.ec2_id,
+                "imageId": image,
+                "instanceState": state_item(state),
+                "privateDnsName": "",
+                "dnsName": "",
+                "reason": "",
+                "keyName": s.key_name,
+                "amiLaunchIndex": index,
+                "productCodes": [],
+                "instanceType": flavor,
+                "launchTime": s.created_at,
+                "placement": {"availabilityZone": s.zone or "", "tenancy": "default"},
+                "monitoring": {"state": "disabled"},
+                "groupSet": [{"groupId": gid, "groupName": name} for gid, name in groups[s.id]],
+                "stateReason": reason,
+                "architecture": "x86_64",
+                "rootDeviceType": "ebs",
+                "rootDeviceName": "/dev/vda",
+                "blockDeviceMapping": [],
+                "virtualizationType": "hvm",
+                "hypervisor": "kvm",
+                "clientToken": s.client_token or "",
+                "ebsOptimized": False,
+                "tagSet": [{"key": k, "value": v} for k, v in tags[s.ec2_id]] or None,
+            }
+        )
     return out
 
 
 def _select() -> sa.Select[Any]:
-    return (sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
-            .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-            .join(_images, _images.c.id == _servers.c.image_id))
+    return (
+        sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
+        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+        .join(_images, _images.c.id == _servers.c.image_id)
+    )
 
 
 async def _reservations(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
@@ -96,11 +118,13 @@ async def _reservations(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
     for (server, *_), item in zip(rows, items, strict=True):
         groups.setdefault(server.reservation_id, []).append(item)
     owner = str(ctx.project_id)
-    return [{"reservationId": rid, "ownerId": owner, "groupSet": [], "instancesSet": group}
-            for rid, group in groups.items()]
+    return [
+        {"reservationId": rid, "ownerId": owner, "groupSet": [], "instancesSet": group} for rid, group in groups.items()
+    ]
 
 
 # -- RunInstances --------------------------------------------------------------------------------
+
 
 def _launch_spec(p: Params) -> dict[str, Any]:
     image = p.require("ImageId")
@@ -127,10 +151,19 @@ def _launch_spec(p: Params) -> dict[str, Any]:
             continue  # volumes and the like: nothing of theirs to tag here
         for tag in spec.structs("Tag"):
             tags.append((tag.require("Key"), tag.get("Value") or ""))
-    return {"image": image, "min": low, "max": high, "type": p.get("InstanceType") or "small",
-            "key": p.get("KeyName"), "user_data": user_data, "zone": p.sub("Placement").get("AvailabilityZone"),
-            "tags": tags, "group_ids": p.many("SecurityGroupId"), "group_names": p.many("SecurityGroup"),
-            "protect": p.flag("DisableApiTermination")}
+    return {
+        "image": image,
+        "min": low,
+        "max": high,
+        "type": p.get("InstanceType") or "small",
+        "key": p.get("KeyName"),
+        "user_data": user_data,
+        "zone": p.sub("Placement").get("AvailabilityZone"),
+        "tags": tags,
+        "group_ids": p.many("SecurityGroupId"),
+        "group_names": p.many("SecurityGroup"),
+        "protect": p.flag("DisableApiTermination"),
+    }
 
 
 @action("RunInstances")
@@ -144,13 +177,16 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
         earlier = await ec2.token(ctx.session, ctx.project_id, token)
         if earlier is not None:
             return await _replay(ctx, earlier, request_hash)
-    image = (await ctx.session.scalars(catalogue.visible_images(ctx.actor)
-                                       .where(_images.c.ec2_id == spec["image"]))).first()
+    image = (
+        await ctx.session.scalars(catalogue.visible_images(ctx.actor).where(_images.c.ec2_id == spec["image"]))
+    ).first()
     if image is None:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{spec['image']}]' does not exist")
     if image.status != ImageStatus.ACTIVE.value:
-        raise Ec2Error("InvalidAMIID.Unavailable",
-                       f"The image id '[{spec['image']}]' is {ec2.IMAGE_STATES[ImageStatus(image.status)]}")
+        raise Ec2Error(
+            "InvalidAMIID.Unavailable",
+            f"The image id '[{spec['image']}]' is {ec2.IMAGE_STATES[ImageStatus(image.status)]}",
+        )
     flavor = (await ctx.session.scalars(sa.select(Flavor).where(_flavors.c.name == spec["type"]))).first()
     if flavor is None:
         raise invalid("InstanceType", spec["type"], "No such instance type.")
@@ -167,9 +203,16 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
     name = dict(spec["tags"]).get("Name", "") or "ec2"
     fit = await servers.how_many(ctx.session, actor=ctx.actor, flavor=flavor, low=spec["min"], high=spec["max"])
     for count in sorted({fit, spec["min"]}, reverse=True):
-        launch = servers.CreateSpec(name=name, flavor_id=flavor.id, image_id=image.id, count=count,
-                                    key_name=spec["key"], user_data=spec["user_data"], zone=spec["zone"] or None,
-                                    client_token=token)
+        launch = servers.CreateSpec(
+            name=name,
+            flavor_id=flavor.id,
+            image_id=image.id,
+            count=count,
+            key_name=spec["key"],
+            user_data=spec["user_data"],
+            zone=spec["zone"] or None,
+            client_token=token,
+        )
         try:
             async with ctx.session.begin_nested():
                 created = await servers.create(ctx.session, ctx.outbox, actor=ctx.actor, spec=launch)
@@ -195,40 +238,54 @@ async def run_instances(ctx: Ctx) -> dict[str, Any]:
             assert earlier is not None
             return await _replay(ctx, earlier, request_hash)
     await ctx.session.flush()
-    rows = (await ctx.session.execute(_select().where(_servers.c.reservation_id == reservation)
-                                      .order_by(_servers.c.id))).all()
+    rows = (
+        await ctx.session.execute(_select().where(_servers.c.reservation_id == reservation).order_by(_servers.c.id))
+    ).all()
     (group,) = await _reservations(ctx, list(rows))
     return group
 
 
 async def _replay(ctx: Ctx, earlier: Any, request_hash: str) -> dict[str, Any]:
     if earlier.request_hash != request_hash:
-        raise Ec2Error("IdempotentParameterMismatch",
-                       "The client token was already used with different parameters")
-    rows = (await ctx.session.execute(_select().where(_servers.c.reservation_id == earlier.reservation_id,
-                                                      _servers.c.project_id == ctx.project_id)
-                                      .order_by(_servers.c.id))).all()
+        raise Ec2Error("IdempotentParameterMismatch", "The client token was already used with different parameters")
+    rows = (
+        await ctx.session.execute(
+            _select()
+            .where(_servers.c.reservation_id == earlier.reservation_id, _servers.c.project_id == ctx.project_id)
+            .order_by(_servers.c.id)
+        )
+    ).all()
     (group,) = await _reservations(ctx, list(rows))
     return group
 
 
 # -- DescribeInstances -------------------------------------------------------------------------
 
+
 def _filter(name: str, values: list[str]) -> sa.ColumnElement[bool]:
     if name.startswith("tag:"):
         return ec2.tag_filter(name[4:], values)
-    simple = {"instance-id": _servers.c.ec2_id, "image-id": _images.c.ec2_id, "instance-type": _flavors.c.name,
-              "key-name": _servers.c.key_name, "availability-zone": _servers.c.zone,
-              "client-token": _servers.c.client_token, "reservation-id": _servers.c.reservation_id,
-              "instance-state-name": ec2.STATE}
+    simple = {
+        "instance-id": _servers.c.ec2_id,
+        "image-id": _images.c.ec2_id,
+        "instance-type": _flavors.c.name,
+        "key-name": _servers.c.key_name,
+        "availability-zone": _servers.c.zone,
+        "client-token": _servers.c.client_token,
+        "reservation-id": _servers.c.reservation_id,
+        "instance-state-name": ec2.STATE,
+    }
     if name in simple:
         return ec2.matches(simple[name], values)
     if name == "instance-state-code":
         return ec2.state_codes(values)
     if name in ("instance.group-id", "group-id", "instance.group-name", "group-name"):
         column = _sgroups.c.ec2_id if name.endswith("id") else _sgroups.c.name
-        return _servers.c.id.in_(sa.select(_members.c.server_id).join(_sgroups, _sgroups.c.id == _members.c.group_id)
-                                 .where(ec2.matches(column, values)))
+        return _servers.c.id.in_(
+            sa.select(_members.c.server_id)
+            .join(_sgroups, _sgroups.c.id == _members.c.group_id)
+            .where(ec2.matches(column, values))
+        )
     if name == "tag-key":
         return ec2.has_tag(ec2.matches(_tags.c.key, values))
     if name == "tag-value":
@@ -269,8 +326,9 @@ async def listed(ctx: Ctx, stmt: Any) -> tuple[Any, list[str], int | None]:
     ids = instance_ids(ctx, required=False)
     size = page_size(ctx.params)
     if ids and size is not None:
-        raise Ec2Error("InvalidParameterCombination",
-                       "The parameter instancesSet cannot be used with the parameter maxResults")
+        raise Ec2Error(
+            "InvalidParameterCombination", "The parameter instancesSet cannot be used with the parameter maxResults"
+        )
     stmt = stmt.where(ec2.visible(ctx.project_id))
     if ids:
         await find(ctx, ids)
@@ -329,13 +387,17 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
             raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {reason}") from None
         except e.Protected:
             attribute = "disableApiTermination" if verb == "terminate" else "disableApiStop"
-            raise Ec2Error("OperationNotPermitted",
-                           f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
-                           f"Modify its '{attribute}' instance attribute and try again.") from None
+            raise Ec2Error(
+                "OperationNotPermitted",
+                f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
+                f"Modify its '{attribute}' instance attribute and try again.",
+            ) from None
     await ctx.session.flush()
     after = await ec2.states_of(ctx.session, [s.id for s in targets])
-    return [{"instanceId": s.ec2_id, "previousState": state_item(before[s.id]), "currentState": state_item(after[s.id])}
-            for s in targets]
+    return [
+        {"instanceId": s.ec2_id, "previousState": state_item(before[s.id]), "currentState": state_item(after[s.id])}
+        for s in targets
+    ]
 
 
 @action("StartInstances")
@@ -361,11 +423,15 @@ async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
 
 # -- catalogue -----------------------------------------------------------------------------------
 
+
 def _public(values: list[str]) -> sa.ColumnElement[bool]:
     """``is-public``: EC2 sends ``true`` / ``false``."""
     wanted = {v.lower() for v in values}
-    return sa.or_(*([_images.c.is_public.is_(True)] if "true" in wanted else []),
-                  *([_images.c.is_public.is_(False)] if "false" in wanted else []), sa.false())
+    return sa.or_(
+        *([_images.c.is_public.is_(True)] if "true" in wanted else []),
+        *([_images.c.is_public.is_(False)] if "false" in wanted else []),
+        sa.false(),
+    )
 
 
 #: The owner of public images, as DescribeImages shows it (imageOwnerId) and --owners names it.
@@ -401,20 +467,42 @@ async def describe_images(ctx: Ctx) -> dict[str, Any]:
     owners = ctx.params.many("Owner")
     if owners:
         stmt = stmt.where(_owned_by(ctx, owners))
-    stmt = where_filters(ctx, stmt, {"image-id": _images.c.ec2_id, "name": _images.c.name,
-                                     "owner-id": lambda values: _owned_by(ctx, values),
-                                     "state": ec2.IMAGE_STATE, "is-public": _public})
+    stmt = where_filters(
+        ctx,
+        stmt,
+        {
+            "image-id": _images.c.ec2_id,
+            "name": _images.c.name,
+            "owner-id": lambda values: _owned_by(ctx, values),
+            "state": ec2.IMAGE_STATE,
+            "is-public": _public,
+        },
+    )
     images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
     unknown = set(ids) - {i.ec2_id for i in images}
     if unknown:
         raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
-    return {"imagesSet": [{
-        "imageId": i.ec2_id, "imageLocation": i.name, "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
-        "imageOwnerId": str(i.project_id) if i.project_id else PUBLIC_OWNER, "isPublic": i.is_public,
-        "architecture": "x86_64", "imageType": "machine", "name": i.name, "rootDeviceType": "ebs",
-        "rootDeviceName": "/dev/vda", "virtualizationType": "hvm", "hypervisor": "kvm",
-        "creationDate": i.created_at, "blockDeviceMapping": [],
-    } for i in images]}
+    return {
+        "imagesSet": [
+            {
+                "imageId": i.ec2_id,
+                "imageLocation": i.name,
+                "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
+                "imageOwnerId": str(i.project_id) if i.project_id else PUBLIC_OWNER,
+                "isPublic": i.is_public,
+                "architecture": "x86_64",
+                "imageType": "machine",
+                "name": i.name,
+                "rootDeviceType": "ebs",
+                "rootDeviceName": "/dev/vda",
+                "virtualizationType": "hvm",
+                "hypervisor": "kvm",
+                "creationDate": i.created_at,
+                "blockDeviceMapping": [],
+            }
+            for i in images
+        ]
+    }
 
 
 @action("DescribeInstanceTypes")
@@ -431,14 +519,24 @@ async def describe_instance_types(ctx: Ctx) -> dict[str, Any]:
     unknown = set(wanted) - {f.name for f in flavors}
     if unknown and not any("*" in w or "?" in w for w in wanted):
         raise invalid("InstanceType", ", ".join(sorted(unknown)), "No such instance type.")
-    return {"instanceTypeSet": [{
-        "instanceType": f.name, "currentGeneration": True, "bareMetal": False, "hypervisor": "kvm",
-        "vCpuInfo": {"defaultVCpus": f.vcpus, "defaultCores": f.vcpus, "defaultThreadsPerCore": 1},
-        "memoryInfo": {"sizeInMiB": f.ram_mb},
-        "instanceStorageSupported": True, "instanceStorageInfo": {"totalSizeInGB": f.disk_gb},
-        "supportedRootDeviceTypes": ["ebs"], "supportedVirtualizationTypes": ["hvm"],
-        "processorInfo": {"supportedArchitectures": ["x86_64"]},
-    } for f in flavors]}
+    return {
+        "instanceTypeSet": [
+            {
+                "instanceType": f.name,
+                "currentGeneration": True,
+                "bareMetal": False,
+                "hypervisor": "kvm",
+                "vCpuInfo": {"defaultVCpus": f.vcpus, "defaultCores": f.vcpus, "defaultThreadsPerCore": 1},
+                "memoryInfo": {"sizeInMiB": f.ram_mb},
+                "instanceStorageSupported": True,
+                "instanceStorageInfo": {"totalSizeInGB": f.disk_gb},
+                "supportedRootDeviceTypes": ["ebs"],
+                "supportedVirtualizationTypes": ["hvm"],
+                "processorInfo": {"supportedArchitectures": ["x86_64"]},
+            }
+            for f in flavors
+        ]
+    }
 
 
 @action("DescribeAvailabilityZones")
@@ -451,9 +549,19 @@ async def describe_availability_zones(ctx: Ctx) -> dict[str, Any]:
             raise invalid("ZoneName", ", ".join(sorted(unknown)), "No such availability zone.")
         zones = [z for z in zones if z in names]
     region = ctx.state.settings.ec2_region
-    return {"availabilityZoneInfo": [{"zoneName": z, "zoneState": "available", "regionName": region,
-                                      "zoneId": z, "zoneType": "availability-zone", "messageSet": []}
-                                     for z in zones]}
+    return {
+        "availabilityZoneInfo": [
+            {
+                "zoneName": z,
+                "zoneState": "available",
+                "regionName": region,
+                "zoneId": z,
+                "zoneType": "availability-zone",
+                "messageSet": [],
+            }
+            for z in zones
+        ]
+    }
 
 
 @action("DescribeRegions")
@@ -466,6 +574,7 @@ async def describe_regions(ctx: Ctx) -> dict[str, Any]:
 
 
 # -- tags ---------------------------------------------------------------------------------------
+
 
 async def _taggable(ctx: Ctx) -> list[str]:
     ids = ctx.params.many("ResourceId")
@@ -499,15 +608,23 @@ async def delete_tags(ctx: Ctx) -> dict[str, Any]:
 @action("DescribeTags")
 async def describe_tags(ctx: Ctx) -> dict[str, Any]:
     stmt = sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value).where(_tags.c.project_id == ctx.project_id)
-    stmt = where_filters(ctx, stmt, {
-        "resource-id": _tags.c.resource_id, "key": _tags.c.key, "value": _tags.c.value,
-        # Only instances are tagged here.
-        "resource-type": lambda values: sa.true() if "instance" in values else sa.false()})
+    stmt = where_filters(
+        ctx,
+        stmt,
+        {
+            "resource-id": _tags.c.resource_id,
+            "key": _tags.c.key,
+            "value": _tags.c.value,
+            # Only instances are tagged here.
+            "resource-type": lambda values: sa.true() if "instance" in values else sa.false(),
+        },
+    )
     after = _token(ctx, "tags")
     if after is not None:
         resource, _, key = after.partition("\x00")
-        stmt = stmt.where(sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(resource),
-                                                                                 sa.literal(key)))
+        stmt = stmt.where(
+            sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(resource), sa.literal(key))
+        )
     size = page_size(ctx.params)
     stmt = stmt.order_by(_tags.c.resource_id, _tags.c.key)
     rows = list((await ctx.session.execute(stmt if size is None else stmt.limit(size + 1))).all())
@@ -515,5 +632,7 @@ async def describe_tags(ctx: Ctx) -> dict[str, Any]:
     if size is not None and len(rows) > size:
         rows = rows[:size]
         token = _next_token(ctx, "tags", f"{rows[-1][0]}\x00{rows[-1][1]}")
-    return {"tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows],
-            "nextToken": token}
+    return {
+        "tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows],
+        "nextToken": token,
+    }

@@ -25,6 +25,7 @@ _keypairs, _groups = table_of(KeyPair), table_of(SecurityGroup)
 
 # -- key pairs ------------------------------------------------------------------------------
 
+
 def _key_name(p: Params) -> str:
     name = p.require("KeyName")
     if len(name) > 255 or not name.isprintable():
@@ -33,14 +34,19 @@ def _key_name(p: Params) -> str:
 
 
 def _key_item(k: KeyPair, **extra: Any) -> dict[str, Any]:
-    return {"keyPairId": k.ec2_id, "keyName": k.name, "keyFingerprint": k.fingerprint, "keyType": k.key_type,
-            "createTime": k.created_at, **extra}
+    return {
+        "keyPairId": k.ec2_id,
+        "keyName": k.name,
+        "keyFingerprint": k.fingerprint,
+        "keyType": k.key_type,
+        "createTime": k.created_at,
+        **extra,
+    }
 
 
 async def _new_key(ctx: Ctx, name: str, public_key: str | None, key_type: str) -> keypairs.Created:
     try:
-        return await keypairs.create(ctx.session, actor=ctx.actor, name=name, public_key=public_key,
-                                     key_type=key_type)
+        return await keypairs.create(ctx.session, actor=ctx.actor, name=name, public_key=public_key, key_type=key_type)
     except e.AlreadyExists:
         raise Ec2Error("InvalidKeyPair.Duplicate", f"The keypair '{name}' already exists.") from None
     except e.BadRequest:
@@ -57,8 +63,12 @@ async def create_key_pair(ctx: Ctx) -> dict[str, Any]:
         raise invalid("KeyFormat", ctx.params.get("KeyFormat"), "Only pem is offered.")
     created = await _new_key(ctx, name, None, key_type)
     k = created.keypair
-    return {"keyName": k.name, "keyFingerprint": k.fingerprint, "keyMaterial": created.private_key,
-            "keyPairId": k.ec2_id}
+    return {
+        "keyName": k.name,
+        "keyFingerprint": k.fingerprint,
+        "keyMaterial": created.private_key,
+        "keyPairId": k.ec2_id,
+    }
 
 
 @action("ImportKeyPair")
@@ -84,8 +94,16 @@ async def describe_key_pairs(ctx: Ctx) -> dict[str, Any]:
         stmt = stmt.where(_keypairs.c.name.in_(names))
     if ids:
         stmt = stmt.where(_keypairs.c.ec2_id.in_(ids))
-    stmt = where_filters(ctx, stmt, {"key-name": _keypairs.c.name, "fingerprint": _keypairs.c.fingerprint,
-                                     "key-pair-id": _keypairs.c.ec2_id, "key-type": _keypairs.c.key_type})
+    stmt = where_filters(
+        ctx,
+        stmt,
+        {
+            "key-name": _keypairs.c.name,
+            "fingerprint": _keypairs.c.fingerprint,
+            "key-pair-id": _keypairs.c.ec2_id,
+            "key-type": _keypairs.c.key_type,
+        },
+    )
     keys = list(await ctx.session.scalars(stmt.order_by(_keypairs.c.name)))
     unknown = (set(names) - {k.name for k in keys}) | (set(ids) - {k.ec2_id for k in keys})
     if unknown:
@@ -108,6 +126,7 @@ async def delete_key_pair(ctx: Ctx) -> dict[str, Any]:
 
 
 # -- security groups ------------------------------------------------------------------------
+
 
 async def find_groups(ctx: Ctx, ids: list[str], names: list[str]) -> list[SecurityGroup]:
     for i in ids:
@@ -143,10 +162,18 @@ def _rule_items(rules: list[Any], owner: str) -> list[dict[str, Any]]:
     """Rules as ipPermissions: one item per (protocol, ports), its CIDRs and groups inside."""
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in rules:
-        item = merged.setdefault((r.protocol, r.from_port, r.to_port), {
-            "ipProtocol": r.protocol, "fromPort": None if r.protocol == "-1" else r.from_port,
-            "toPort": None if r.protocol == "-1" else r.to_port, "groups": [], "ipRanges": [],
-            "ipv6Ranges": [], "prefixListIds": []})
+        item = merged.setdefault(
+            (r.protocol, r.from_port, r.to_port),
+            {
+                "ipProtocol": r.protocol,
+                "fromPort": None if r.protocol == "-1" else r.from_port,
+                "toPort": None if r.protocol == "-1" else r.to_port,
+                "groups": [],
+                "ipRanges": [],
+                "ipv6Ranges": [],
+                "prefixListIds": [],
+            },
+        )
         if r.cidr and ":" in r.cidr:
             item["ipv6Ranges"].append({"cidrIpv6": r.cidr, "description": r.description or None})
         elif r.cidr:
@@ -163,15 +190,25 @@ async def describe_security_groups(ctx: Ctx) -> dict[str, Any]:
     stmt = sa.select(SecurityGroup).where(_groups.c.project_id == ctx.project_id)
     if ids or names:
         stmt = stmt.where(_groups.c.id.in_(named))
-    stmt = where_filters(ctx, stmt, {"group-id": _groups.c.ec2_id, "group-name": _groups.c.name,
-                                     "description": _groups.c.description})
+    stmt = where_filters(
+        ctx, stmt, {"group-id": _groups.c.ec2_id, "group-name": _groups.c.name, "description": _groups.c.description}
+    )
     groups = list(await ctx.session.scalars(stmt.order_by(_groups.c.name)))
     rules = await secgroups.rules_of(ctx.session, [g.id for g in groups])
     owner = str(ctx.project_id)
-    return {"securityGroupInfo": [{
-        "ownerId": owner, "groupId": g.ec2_id, "groupName": g.name, "groupDescription": g.description,
-        "ipPermissions": _rule_items(rules[g.id], owner), "ipPermissionsEgress": [],
-    } for g in groups]}
+    return {
+        "securityGroupInfo": [
+            {
+                "ownerId": owner,
+                "groupId": g.ec2_id,
+                "groupName": g.name,
+                "groupDescription": g.description,
+                "ipPermissions": _rule_items(rules[g.id], owner),
+                "ipPermissionsEgress": [],
+            }
+            for g in groups
+        ]
+    }
 
 
 def _int(p: Params, name: str) -> int | None:
@@ -189,12 +226,16 @@ def _permissions(ctx: Ctx) -> list[secgroups.Permission]:
             sources += [("", r.get("GroupId") or "", r.get("Description") or "") for r in p.structs("Groups")]
             if not sources:
                 raise missing("IpPermissions.N.IpRanges")
-            out += [secgroups.permission(proto, low, high, cidr=c, source_group=g, description=d)
-                    for c, g, d in sources]
+            out += [
+                secgroups.permission(proto, low, high, cidr=c, source_group=g, description=d) for c, g, d in sources
+            ]
         flat = ctx.params.get("IpProtocol")
         if flat is not None:
-            out.append(secgroups.permission(flat, _int(ctx.params, "FromPort"), _int(ctx.params, "ToPort"),
-                                            cidr=ctx.params.get("CidrIp") or ""))
+            out.append(
+                secgroups.permission(
+                    flat, _int(ctx.params, "FromPort"), _int(ctx.params, "ToPort"), cidr=ctx.params.get("CidrIp") or ""
+                )
+            )
     except e.BadRequest as exc:
         raise invalid(str(exc.details.get("field")), "", exc.message) from None
     if not out:
@@ -215,14 +256,25 @@ async def authorize_ingress(ctx: Ctx) -> dict[str, Any]:
         raise Ec2Error("InvalidPermission.Duplicate", exc.message) from None
     except e.NotFound as exc:
         raise Ec2Error("InvalidGroup.NotFound", exc.message) from None
-    return {"return": True, "securityGroupRuleSet": [{
-        "securityGroupRuleId": r.ec2_id, "groupId": group.ec2_id, "groupOwnerId": str(ctx.project_id),
-        "isEgress": False, "ipProtocol": r.protocol, "fromPort": r.from_port, "toPort": r.to_port,
-        "cidrIpv4": r.cidr if r.cidr and ":" not in r.cidr else None,
-        "cidrIpv6": r.cidr if ":" in r.cidr else None,
-        "referencedGroupInfo": {"groupId": r.source_group} if r.source_group else None,
-        "description": r.description or None,
-    } for r in rules]}
+    return {
+        "return": True,
+        "securityGroupRuleSet": [
+            {
+                "securityGroupRuleId": r.ec2_id,
+                "groupId": group.ec2_id,
+                "groupOwnerId": str(ctx.project_id),
+                "isEgress": False,
+                "ipProtocol": r.protocol,
+                "fromPort": r.from_port,
+                "toPort": r.to_port,
+                "cidrIpv4": r.cidr if r.cidr and ":" not in r.cidr else None,
+                "cidrIpv6": r.cidr if ":" in r.cidr else None,
+                "referencedGroupInfo": {"groupId": r.source_group} if r.source_group else None,
+                "description": r.description or None,
+            }
+            for r in rules
+        ],
+    }
 
 
 @action("RevokeSecurityGroupIngress")

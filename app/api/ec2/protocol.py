@@ -73,7 +73,7 @@ class Params:
     def sub(self, name: str) -> Params:
         """``Name.Field`` as a ``Params`` of the fields (a structure)."""
         prefix = name + "."
-        return Params({k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)})
+        return Params({k[len(prefix) :]: v for k, v in self.values.items() if k.startswith(prefix)})
 
     def flag(self, name: str, default: bool = False) -> bool:
         value = self.values.get(name)
@@ -149,9 +149,11 @@ def _element(tag: str, value: Any, out: list[str]) -> None:
 
 
 def render(action: str, version: str, request_id: str, body: dict[str, Any]) -> bytes:
-    out = ['<?xml version="1.0" encoding="UTF-8"?>',
-           f'<{action}Response xmlns="{NAMESPACE.format(version=version)}">',
-           f"<requestId>{request_id}</requestId>"]
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<{action}Response xmlns="{NAMESPACE.format(version=version)}">',
+        f"<requestId>{request_id}</requestId>",
+    ]
     for key, value in body.items():
         _element(key, value, out)
     out.append(f"</{action}Response>")
@@ -159,7 +161,8 @@ def render(action: str, version: str, request_id: str, body: dict[str, Any]) -> 
 
 
 def render_error(code: str, message: str, request_id: str) -> bytes:
-    return ('<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-            f"<Code>{xml_escape(code)}</Code><Message>{xml_escape(message)}</Message>"
-            f"</Error></Errors><RequestID>{request_id}</RequestID></Response>").encode()
-
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+        f"<Code>{xml_escape(code)}</Code><Message>{xml_escape(message)}</Message>"
+        f"</Error></Errors><RequestID>{request_id}</RequestID></Response>"
+    ).encode()

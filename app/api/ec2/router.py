@@ -35,8 +35,15 @@ from app.logic.jobs import Outbox
 log = logging.getLogger("nephos.ec2")
 router = APIRouter(tags=["ec2"])
 
-_AUTH_PARAMS = {"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-SignedHeaders", "X-Amz-Signature",
-                "X-Amz-Security-Token", "X-Amz-Expires"}
+_AUTH_PARAMS = {
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "X-Amz-Expires",
+}
 
 
 @dataclass
@@ -64,6 +71,7 @@ def action(name: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         ACTIONS[name] = fn
         return fn
+
     return register
 
 
@@ -141,8 +149,9 @@ async def ec2_endpoint(request: Request) -> Response:
                 actor, secret = await accounts.ec2_secret(session, access_key=signed.access_key, cipher=state.cipher)
             except e.Unauthorized:
                 raise sigv4.auth_failure() from None
-            sigv4.verify(signed, secret, method=request.method, path=request.url.path, query=query,
-                         headers=headers, body=body)
+            sigv4.verify(
+                signed, secret, method=request.method, path=request.url.path, query=query, headers=headers, body=body
+            )
             allowed = PARAMETERS.get(name, frozenset())
             unknown = sorted({key.split(".", 1)[0] for key in values} - allowed)
             if unknown:
@@ -164,17 +173,22 @@ async def ec2_endpoint(request: Request) -> Response:
         return _error(exc, request_id)
     except Exception as exc:
         if retriable(exc):  # a lost race: the retry middleware runs the request again
-            return _error(Ec2Error("Unavailable", "The request conflicted with concurrent ones; retry shortly", 503),
-                          request_id, {"Retry-After": "1", RETRY_HEADER.decode(): "1"})
+            return _error(
+                Ec2Error("Unavailable", "The request conflicted with concurrent ones; retry shortly", 503),
+                request_id,
+                {"Retry-After": "1", RETRY_HEADER.decode(): "1"},
+            )
         if database_unavailable(exc):
             return _error(Ec2Error("Unavailable", "The service is unavailable; retry shortly", 503), request_id)
         log.exception("unexpected error in EC2 %s", name)
-        return _error(Ec2Error("InternalError", "An internal error has occurred; it has been logged", 500),
-                      request_id)
+        return _error(Ec2Error("InternalError", "An internal error has occurred; it has been logged", 500), request_id)
     return Response(render(name, version, request_id, reply), media_type="text/xml;charset=UTF-8")
 
 
 def _error(exc: Ec2Error, request_id: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(render_error(exc.code, exc.message, request_id), status_code=exc.status,
-                    media_type="text/xml;charset=UTF-8", headers=headers)
-
+    return Response(
+        render_error(exc.code, exc.message, request_id),
+        status_code=exc.status,
+        media_type="text/xml;charset=UTF-8",
+        headers=headers,
+    )

@@ -42,8 +42,11 @@ def parse(headers: dict[str, str], query: dict[str, str]) -> Signed:
     """The signature's parts, from the ``Authorization`` header or a presigned query."""
     header = headers.get("authorization")
     if header is None and "X-Amz-Signature" in query:
-        credential, signed, signature = (query.get("X-Amz-Credential", ""), query.get("X-Amz-SignedHeaders", ""),
-                                         query.get("X-Amz-Signature", ""))
+        credential, signed, signature = (
+            query.get("X-Amz-Credential", ""),
+            query.get("X-Amz-SignedHeaders", ""),
+            query.get("X-Amz-Signature", ""),
+        )
         amz_date = query.get("X-Amz-Date", "")
         if query.get("X-Amz-Algorithm") != ALGORITHM:
             raise Ec2Error("IncompleteSignature", f"Unsupported algorithm; use {ALGORITHM}")
@@ -54,14 +57,19 @@ def parse(headers: dict[str, str], query: dict[str, str]) -> Signed:
         if algorithm != ALGORITHM:
             raise Ec2Error("IncompleteSignature", f"Unsupported algorithm {algorithm!r}; use {ALGORITHM}")
         fields = dict(_FIELD.findall(rest))
-        credential, signed, signature = fields.get("Credential", ""), fields.get("SignedHeaders", ""), \
-            fields.get("Signature", "")
+        credential, signed, signature = (
+            fields.get("Credential", ""),
+            fields.get("SignedHeaders", ""),
+            fields.get("Signature", ""),
+        )
         amz_date = headers.get("x-amz-date", "")
     scope = credential.split("/")
     if len(scope) != 5 or not signed or not re.fullmatch(r"[0-9a-f]{64}", signature) or not amz_date:
-        raise Ec2Error("IncompleteSignature",
-                       "Authorization must name Credential=KEY/DATE/REGION/SERVICE/aws4_request, "
-                       "SignedHeaders and Signature, with X-Amz-Date")
+        raise Ec2Error(
+            "IncompleteSignature",
+            "Authorization must name Credential=KEY/DATE/REGION/SERVICE/aws4_request, "
+            "SignedHeaders and Signature, with X-Amz-Date",
+        )
     access_key, date, region, service, terminal = scope
     if terminal != "aws4_request" or service != "ec2":
         raise Ec2Error("IncompleteSignature", "The credential scope must end in ec2/aws4_request")
@@ -74,8 +82,12 @@ def parse(headers: dict[str, str], query: dict[str, str]) -> Signed:
 def check_region(signed: Signed, region: str) -> None:
     """The request is signed for this facade's region (``NEPHOS_EC2_REGION``), as AWS requires."""
     if signed.region != region:
-        raise Ec2Error("AuthFailure", f"Credential should be scoped to a valid region, not '{signed.region[:64]}'. "
-                                      f"This endpoint serves region '{region}'.", 401)
+        raise Ec2Error(
+            "AuthFailure",
+            f"Credential should be scoped to a valid region, not '{signed.region[:64]}'. "
+            f"This endpoint serves region '{region}'.",
+            401,
+        )
 
 
 def check_time(signed: Signed, now: datetime | None = None) -> None:
@@ -90,19 +102,28 @@ def check_time(signed: Signed, now: datetime | None = None) -> None:
 
 
 def _canonical_query(raw: str) -> str:
-    pairs = [(quote(k, safe="-_.~"), quote(v, safe="-_.~"))
-             for k, v in parse_qsl(raw, keep_blank_values=True) if k != "X-Amz-Signature"]
+    pairs = [
+        (quote(k, safe="-_.~"), quote(v, safe="-_.~"))
+        for k, v in parse_qsl(raw, keep_blank_values=True)
+        if k != "X-Amz-Signature"
+    ]
     return "&".join(f"{k}={v}" for k, v in sorted(pairs))
 
 
-def expected(signed: Signed, secret: str, *, method: str, path: str, query: str,
-             headers: dict[str, str], body: bytes) -> str:
-    canonical_headers = "".join(f"{name}:{' '.join(headers.get(name, '').split())}\n"
-                                for name in signed.signed_headers)
-    canonical = "\n".join([
-        method, quote(path, safe="/-_.~"), _canonical_query(query), canonical_headers,
-        ";".join(signed.signed_headers), hashlib.sha256(body).hexdigest(),
-    ])
+def expected(
+    signed: Signed, secret: str, *, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+) -> str:
+    canonical_headers = "".join(f"{name}:{' '.join(headers.get(name, '').split())}\n" for name in signed.signed_headers)
+    canonical = "\n".join(
+        [
+            method,
+            quote(path, safe="/-_.~"),
+            _canonical_query(query),
+            canonical_headers,
+            ";".join(signed.signed_headers),
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
     scope = f"{signed.date}/{signed.region}/{signed.service}/aws4_request"
     to_sign = "\n".join([ALGORITHM, signed.amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = ("AWS4" + secret).encode()
@@ -111,8 +132,9 @@ def expected(signed: Signed, secret: str, *, method: str, path: str, query: str,
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
-def verify(signed: Signed, secret: str, *, method: str, path: str, query: str, headers: dict[str, str],
-           body: bytes) -> None:
+def verify(
+    signed: Signed, secret: str, *, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+) -> None:
     mine = expected(signed, secret, method=method, path=path, query=query, headers=headers, body=body)
     if not hmac.compare_digest(mine, signed.signature):
         raise auth_failure("The request signature we calculated does not match the signature you provided")
