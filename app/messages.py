@@ -11,11 +11,35 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 VERSION = 1
+
+
+class Action(StrEnum):
+    """What a job asks an agent to do: the operstate table's actions (``logic.operstate.TABLE``
+    says when each is allowed and where it leads), by the names the job messages carry."""
+
+    CREATE = "create"
+    RELEASE = "release"
+    START = "start"
+    STOP = "stop"
+    REBOOT = "reboot"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    RESIZE = "resize"
+    MIGRATE = "migrate"
+    LIVE_MIGRATE = "live_migrate"
+    SAVE_IMAGE = "save_image"
+    CONSOLE = "console"
+    DESTROY = "destroy"
+
+
+#: An untracked job (no row, no operstate rule): put Nephos's mark on a domain an admin adopted.
+MARK = "mark"
 
 #: Domain states as the agent observes them.
 DomainState = Literal["running", "paused", "shutoff", "crashed", "missing", "other"]

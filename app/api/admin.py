@@ -38,6 +38,7 @@ from app.logic import accounts, catalogue, domains, placement, quotas
 from app.logic import reconcile as reconcile_logic
 from app.logic.errors import Unavailable
 from app.logic.pagination import DEFAULT_LIMIT
+from app.messages import MARK, Action
 from app.models import Project
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=CommittingRoute)
@@ -193,7 +194,7 @@ async def destroy_domain(
     """Destroy a domain no VM owns (reconciliation's orphan), named by host and UUID; foreign ones too."""
     seen = await domains.for_destroy(tx.session, actor=actor, host=host, domain_uuid=domain_uuid)
     bus = _bus(state)
-    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, "destroy"))
+    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, Action.DESTROY))
     return DomainDestroyed(
         host=host, domain_uuid=domain_uuid, domain_name=seen.get("name", ""), owned=bool(seen.get("owned"))
     )
@@ -211,7 +212,7 @@ async def adopt_domain(
     """Make a domain no VM owns a VM of a project (its UUID becomes the server's id); it gets Nephos's mark."""
     bus = _bus(state)
     server = await domains.adopt(tx.session, actor=actor, host=host, domain_uuid=domain_uuid, **body.model_dump())
-    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, "mark"))  # once the VM row is committed
+    tx.later(lambda: reconciler.send_untracked(bus, host, domain_uuid, MARK))  # once the VM row is committed
     return ServerOut.of(server, await catalogue.labels(tx.session, [server]))
 
 

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.logic.catalogue import Labels
-from app.logic.operstate import RESOURCES
+from app.logic.hoststate import HostState
+from app.logic.jobs import JobStatus
+from app.logic.operstate import RESOURCES, Operstate
 
 T = TypeVar("T")
 Id = Annotated[uuid.UUID, Field(strict=False)]
@@ -122,7 +124,7 @@ class ServerOut(BaseModel):
     image_id: uuid.UUID
     host: str | None
     zone: str | None
-    operstate: Literal["HOLD", "BUILD", "STARTED", "STOPPED", "SUSPENDED", "ERROR", "DESTROYED"]
+    operstate: Operstate
     task: str | None
     task_job_id: uuid.UUID | None
     metadata: dict[str, Any]
@@ -320,7 +322,7 @@ class JobOut(BaseModel):
     id: uuid.UUID
     server_id: uuid.UUID
     action: str
-    status: Literal["PENDING", "SENT", "RUNNING", "SUCCESS", "ERROR"]
+    status: JobStatus
     error: str | None
     host: str | None
     domain_state: str | None = Field(description="The domain's state as the agent saw it after the job")
@@ -525,7 +527,7 @@ class HostOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     name: str
     zone: str
-    state: Literal["up", "down", "disabled"]
+    state: HostState
     cpus: int
     ram_mb: int
     cpu_ratio: float
@@ -561,7 +563,7 @@ class HostPatch(Strict):
         }
     )
 
-    state: Literal["up", "down", "disabled"]
+    state: Annotated[HostState, Field(strict=False)]
 
 
 class Health(BaseModel):

@@ -33,6 +33,7 @@ from app.bus import Bus, Poison
 from app.messages import (
     TO_AGENT,
     VERSION,
+    Action,
     Heartbeat,
     Inventory,
     InventoryRequest,
@@ -266,9 +267,9 @@ class Agent:
 
     async def _run(self, job: JobMessage) -> dict[str, Any]:
         d, sid, p = self.driver, job.server_id, job.params
-        if job.action == "create" or job.action == "release":
+        if job.action in (Action.CREATE, Action.RELEASE):
             return await d.create(sid, p)
-        if job.action in ("migrate", "live_migrate"):
+        if job.action in (Action.MIGRATE, Action.LIVE_MIGRATE):
             return await self._migrate(job)
         handler = getattr(d, job.action, None)
         if handler is None or job.action.startswith("_"):
@@ -277,7 +278,7 @@ class Agent:
 
     async def _migrate(self, job: JobMessage) -> dict[str, Any]:
         target = str(job.params["target_host"])
-        live = job.action == "live_migrate"
+        live = job.action == Action.LIVE_MIGRATE
         target_uri = job.params.get("target_uri")
         if not self.driver.simulated:
             # A real hypervisor migrates with libvirt itself (live: the guest keeps running);

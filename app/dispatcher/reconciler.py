@@ -22,7 +22,8 @@ from app.bus import Bus
 from app.db import sqlstate
 from app.ids import utcnow
 from app.logic import reconcile
-from app.messages import InventoryRequest, JobMessage, encode
+from app.logic.hoststate import HostState
+from app.messages import Action, InventoryRequest, JobMessage, encode
 from app.models import Host, table_of
 
 _hosts = table_of(Host)
@@ -47,7 +48,7 @@ async def fresh(
         # hand) are not waited for: they are reported as unreachable at once, never judged empty.
         names = list(
             await session.scalars(
-                sa.select(_hosts.c.name).where(_hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None))
+                sa.select(_hosts.c.name).where(_hosts.c.state == HostState.UP, _hosts.c.last_heartbeat.is_not(None))
             )
         )
     for name in names:
@@ -74,7 +75,7 @@ async def fresh(
         for orphan in report.orphans:
             where = f"domain {orphan['domain_name'] or '?'} ({orphan['domain_uuid']}) on {orphan['host']}"
             if reconcile.reapable(orphan):
-                await send_untracked(bus, orphan["host"], uuid.UUID(orphan["domain_uuid"]), "destroy")
+                await send_untracked(bus, orphan["host"], uuid.UUID(orphan["domain_uuid"]), Action.DESTROY)
                 report.actions.append(f"{where}: its VM is DESTROYED; destroy sent")
             else:
                 why = "not made by Nephos" if not orphan["owned"] else "its VM is not DESTROYED"

@@ -26,6 +26,7 @@ from app.logic import catalogue, events, hosts, jobs, keypairs, placement, quota
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import BadRequest, Forbidden, HostDown, Protected
+from app.logic.hoststate import HostState
 from app.logic.jobs import JobStatus, Outbox, new_job
 from app.logic.operstate import TABLE, Action, Operstate, decide, footprint
 from app.models import Flavor, Image, Job, Server
@@ -196,7 +197,7 @@ async def _host_down(session: AsyncSession, server: Server, action: Action) -> b
     if server.host is None or action is Action.RELEASE:
         return False
     host = await hosts.get(session, server.host)
-    if host is None or host.state != "down":
+    if host is None or host.state != HostState.DOWN:
         return False
     if action is not Action.DESTROY:
         raise HostDown(f"host {server.host} is down: only destroy is accepted until it is back", host=server.host)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.logic import placement
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound
+from app.logic.hoststate import HostState
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
 from app.models import Flavor, Host, Image, Zone, table_of
@@ -184,7 +185,7 @@ async def list_zones(session: AsyncSession, *, limit: int, cursor: str | None) -
         ).all()
     }
     views = [
-        ZoneView(z, sum(n for (zn, _), n in counts.items() if zn == z.name), counts.get((z.name, "up"), 0))
+        ZoneView(z, sum(n for (zn, _), n in counts.items() if zn == z.name), counts.get((z.name, HostState.UP), 0))
         for z in page.items
     ]
     return Page(views, page.next_cursor)
@@ -205,7 +206,7 @@ async def register_host(
     ram_mb: int,
     cpu_ratio: float = 4.0,
     ram_ratio: float = 1.0,
-    state: str = "up",
+    state: str = HostState.UP,
 ) -> Host:
     """Create a host, or update its capacity and zone if it exists (an agent re-registering)."""
     require_admin(actor)
@@ -227,7 +228,7 @@ async def register_host(
 
 async def set_host_state(session: AsyncSession, *, actor: Actor, name: str, state: str) -> Host:
     require_admin(actor)
-    if state not in ("up", "down", "disabled"):
+    if state not in set(HostState):
         raise BadRequest("state is one of up, down, disabled", state=state)
     host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
     if host is None:
@@ -239,6 +240,6 @@ async def set_host_state(session: AsyncSession, *, actor: Actor, name: str, stat
 async def hosts_up(session: AsyncSession) -> int:
     return int(
         (
-            await session.execute(sa.select(sa.func.count()).select_from(_hosts).where(_hosts.c.state == "up"))
+            await session.execute(sa.select(sa.func.count()).select_from(_hosts).where(_hosts.c.state == HostState.UP))
         ).scalar_one()
     )

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
 from app.logic import hosts, results
+from app.logic.hoststate import HostState
 from app.logic.jobs import FINAL
 from app.logic.operstate import Action, Operstate, target_state
 from app.models import Job, Server, table_of
@@ -53,7 +54,7 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     if job is None or job.status in FINAL:
         return
     host = await hosts.get(session, job.host)
-    if host is None or host.state == "down":
+    if host is None or host.state == HostState.DOWN:
         await results.apply_result(
             session, job_id=job.id, success=False, error=f"no result before the deadline, and host {job.host} is down"
         )

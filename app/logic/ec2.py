@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import utcnow
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import InvalidState
-from app.logic.operstate import TABLE, Action, Operstate, decide
+from app.logic.operstate import TABLE, Action, Operstate, Task, decide
 from app.models import Ec2ClientToken, Ec2Tag, Image, Server, table_of
 
 _servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
@@ -35,13 +35,13 @@ _S = Operstate
 #: shows pending, a reboot stays running).
 STATE: sa.ColumnElement[str] = sa.case(
     (_servers.c.operstate == _S.DESTROYED.value, "terminated"),
-    (_servers.c.task == "DESTROY", "shutting-down"),
+    (_servers.c.task == Task.DESTROY, "shutting-down"),
     (_servers.c.operstate.in_([_S.HOLD.value, _S.BUILD.value]), "pending"),
-    (_servers.c.task.in_(["START", "RESUME"]), "pending"),
+    (_servers.c.task.in_([Task.START, Task.RESUME]), "pending"),
     (
         sa.or_(
-            _servers.c.task == "STOP",
-            sa.and_(_servers.c.task == "SAVE_IMAGE", _servers.c.operstate == _S.STARTED.value),
+            _servers.c.task == Task.STOP,
+            sa.and_(_servers.c.task == Task.SAVE_IMAGE, _servers.c.operstate == _S.STARTED.value),
         ),
         "stopping",
     ),

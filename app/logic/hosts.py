@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import utcnow
 from app.logic import catalogue
 from app.logic.errors import BadRequest
+from app.logic.hoststate import HostState
 from app.models import Host, table_of
 
 _hosts = table_of(Host)
@@ -36,15 +37,15 @@ async def heartbeat(
     host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name).with_for_update(key_share=True))).first()
     if host is None:
         await catalogue.ensure_zone(session, zone)
-        host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, state="up")
+        host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, state=HostState.UP)
         session.add(host)
     else:
         if host.zone != zone:
             await catalogue.ensure_zone(session, zone)
             host.zone = zone
         host.cpus, host.ram_mb = cpus, ram_mb
-        if host.state == "down":
-            host.state = "up"
+        if host.state == HostState.DOWN:
+            host.state = HostState.UP
     if host.last_heartbeat is None or at > host.last_heartbeat:
         host.last_heartbeat = at
     host.migration_uri = migration_uri
@@ -68,8 +69,8 @@ async def mark_silent_down(session: AsyncSession, *, silent_for: timedelta) -> l
     cutoff = utcnow() - silent_for
     rows = await session.execute(
         _hosts.update()
-        .where(_hosts.c.state == "up", _hosts.c.last_heartbeat.is_not(None), _hosts.c.last_heartbeat < cutoff)
-        .values(state="down")
+        .where(_hosts.c.state == HostState.UP, _hosts.c.last_heartbeat.is_not(None), _hosts.c.last_heartbeat < cutoff)
+        .values(state=HostState.DOWN)
         .returning(_hosts.c.name)
     )
     return [r[0] for r in rows]

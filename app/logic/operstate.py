@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 
 from app.logic.errors import InvalidState, TaskPending
+from app.messages import Action as Action  # the actions are named as the job messages name them
 
 
 class Operstate(StrEnum):
@@ -45,30 +46,32 @@ class Operstate(StrEnum):
     DESTROYED = "DESTROYED"
 
 
-class Action(StrEnum):
-    CREATE = "create"
-    RELEASE = "release"
-    START = "start"
-    STOP = "stop"
-    REBOOT = "reboot"
-    SUSPEND = "suspend"
-    RESUME = "resume"
-    RESIZE = "resize"
-    MIGRATE = "migrate"
-    LIVE_MIGRATE = "live_migrate"
-    SAVE_IMAGE = "save_image"
-    CONSOLE = "console"
-    DESTROY = "destroy"
+class Task(StrEnum):
+    """A VM's pending task, named by its action (create and release both build)."""
+
+    BUILD = "BUILD"
+    START = "START"
+    STOP = "STOP"
+    REBOOT = "REBOOT"
+    SUSPEND = "SUSPEND"
+    RESUME = "RESUME"
+    RESIZE = "RESIZE"
+    MIGRATE = "MIGRATE"
+    LIVE_MIGRATE = "LIVE_MIGRATE"
+    SAVE_IMAGE = "SAVE_IMAGE"
+    CONSOLE = "CONSOLE"
+    DESTROY = "DESTROY"
 
 
 S = Operstate
+T = Task
 ALL_LIVE = frozenset(s for s in Operstate if s is not S.DESTROYED)
 ACTIVE = frozenset({S.BUILD, S.STARTED, S.SUSPENDED, S.ERROR})
 
 
 @dataclass(frozen=True)
 class Rule:
-    task: str
+    task: Task
     allowed_from: frozenset[Operstate]
     on_accept: Operstate | None
     on_success: Operstate | None
@@ -80,19 +83,19 @@ class Rule:
 
 TABLE: dict[Action, Rule] = {
     #                     task            allowed from                 on accept  on success   on failure
-    Action.CREATE: Rule("BUILD", frozenset(), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
-    Action.RELEASE: Rule("BUILD", frozenset({S.HOLD}), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
-    Action.START: Rule("START", frozenset({S.STOPPED}), None, S.STARTED, None),
-    Action.STOP: Rule("STOP", frozenset({S.STARTED, S.SUSPENDED}), None, S.STOPPED, None),
-    Action.REBOOT: Rule("REBOOT", frozenset({S.STARTED}), None, S.STARTED, None),
-    Action.SUSPEND: Rule("SUSPEND", frozenset({S.STARTED}), None, S.SUSPENDED, None),
-    Action.RESUME: Rule("RESUME", frozenset({S.SUSPENDED}), None, S.STARTED, None),
-    Action.RESIZE: Rule("RESIZE", frozenset({S.STOPPED}), None, S.STOPPED, None, changes_flavor=True),
-    Action.MIGRATE: Rule("MIGRATE", frozenset({S.STOPPED}), None, None, None, admin_only=True),
-    Action.LIVE_MIGRATE: Rule("LIVE_MIGRATE", frozenset({S.STARTED}), None, None, None, admin_only=True),
-    Action.SAVE_IMAGE: Rule("SAVE_IMAGE", frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED, None),
-    Action.CONSOLE: Rule("CONSOLE", frozenset({S.STARTED}), None, None, None),
-    Action.DESTROY: Rule("DESTROY", ALL_LIVE, None, S.DESTROYED, None),
+    Action.CREATE: Rule(T.BUILD, frozenset(), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
+    Action.RELEASE: Rule(T.BUILD, frozenset({S.HOLD}), S.BUILD, S.STARTED, S.ERROR, commit_at_once=True),
+    Action.START: Rule(T.START, frozenset({S.STOPPED}), None, S.STARTED, None),
+    Action.STOP: Rule(T.STOP, frozenset({S.STARTED, S.SUSPENDED}), None, S.STOPPED, None),
+    Action.REBOOT: Rule(T.REBOOT, frozenset({S.STARTED}), None, S.STARTED, None),
+    Action.SUSPEND: Rule(T.SUSPEND, frozenset({S.STARTED}), None, S.SUSPENDED, None),
+    Action.RESUME: Rule(T.RESUME, frozenset({S.SUSPENDED}), None, S.STARTED, None),
+    Action.RESIZE: Rule(T.RESIZE, frozenset({S.STOPPED}), None, S.STOPPED, None, changes_flavor=True),
+    Action.MIGRATE: Rule(T.MIGRATE, frozenset({S.STOPPED}), None, None, None, admin_only=True),
+    Action.LIVE_MIGRATE: Rule(T.LIVE_MIGRATE, frozenset({S.STARTED}), None, None, None, admin_only=True),
+    Action.SAVE_IMAGE: Rule(T.SAVE_IMAGE, frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED, None),
+    Action.CONSOLE: Rule(T.CONSOLE, frozenset({S.STARTED}), None, None, None),
+    Action.DESTROY: Rule(T.DESTROY, ALL_LIVE, None, S.DESTROYED, None),
 }
 
 

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic.errors import NoCapacity
+from app.logic.hoststate import HostState
 from app.models import Flavor, Host, table_of
 
 _hosts = table_of(Host)
@@ -46,7 +47,7 @@ def free_of(host: Host) -> tuple[int, int]:
 
 async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = False) -> list[Host]:
     """Up hosts (of ``zone``), read afresh; with ``lock``, locked in id order."""
-    stmt = sa.select(Host).where(_hosts.c.state == "up").execution_options(populate_existing=True)
+    stmt = sa.select(Host).where(_hosts.c.state == HostState.UP).execution_options(populate_existing=True)
     if zone is not None:
         stmt = stmt.where(_hosts.c.zone == zone)
     if lock:
@@ -148,7 +149,7 @@ async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: in
 
 async def capacity(session: AsyncSession, flavors: list[Flavor]) -> dict[uuid.UUID, int]:
     """How many more VMs of each flavor the up hosts can take now (the lease-it view)."""
-    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == "up")))
+    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == HostState.UP)))
     out: dict[uuid.UUID, int] = {}
     for flavor in flavors:
         total = 0

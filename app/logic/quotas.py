@@ -15,6 +15,7 @@ project is locked last (check, then commit), and usage moves last of all.
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,6 +25,15 @@ from app.ids import utcnow
 from app.logic.errors import BadRequest, OverLimit
 from app.logic.operstate import RESOURCES, Deltas
 from app.models import Commission, Project, Quota, table_of
+
+
+class CommissionState(StrEnum):
+    """A commission is pending until its job's result accepts (usage moves) or rejects it."""
+
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
 
 #: Limits of a project created without explicit quotas (ram MiB, disk GiB).
 DEFAULT_LIMITS: dict[str, int] = {
@@ -83,7 +93,7 @@ async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict
     """
     pending = (
         sa.select(*_pending_columns())
-        .where(_commissions.c.project_id == project_id, _commissions.c.state == "pending")
+        .where(_commissions.c.project_id == project_id, _commissions.c.state == CommissionState.PENDING)
         .subquery()
     )
     rows = (
@@ -161,7 +171,7 @@ async def issue(
     for resource, amount in deltas.as_dict().items():
         setattr(commission, resource, amount)
     if accept:
-        commission.state = "accepted"
+        commission.state = CommissionState.ACCEPTED
         commission.resolved_at = utcnow()
         if move:
             await move_usage(session, project_id, deltas)
@@ -174,17 +184,17 @@ def deltas_of(commission: Commission) -> Deltas:
 
 
 async def accept(session: AsyncSession, commission: Commission) -> None:
-    if commission.state != "pending":
+    if commission.state != CommissionState.PENDING:
         return
     await move_usage(session, commission.project_id, deltas_of(commission))
-    commission.state = "accepted"
+    commission.state = CommissionState.ACCEPTED
     commission.resolved_at = utcnow()
 
 
 async def reject(session: AsyncSession, commission: Commission, reason: str) -> None:
-    if commission.state != "pending":
+    if commission.state != CommissionState.PENDING:
         return
-    commission.state = "rejected"
+    commission.state = CommissionState.REJECTED
     commission.reason = reason
     commission.resolved_at = utcnow()
 

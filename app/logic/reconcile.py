@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import snapshot
 from app.ids import utcnow
 from app.logic import deadlines, events, placement, quotas, results, servers
+from app.logic.hoststate import HostState
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
 from app.models import Commission, DriftReport, Flavor, Host, Job, Quota, Server, table_of
@@ -118,7 +119,7 @@ async def _pending_without_job(session: AsyncSession, report: Report) -> None:
         await session.execute(
             sa.select(_commissions.c.id, _commissions.c.project_id, _commissions.c.server_id, _jobs.c.status)
             .outerjoin(_jobs, _jobs.c.id == _commissions.c.job_id)
-            .where(_commissions.c.state == "pending")
+            .where(_commissions.c.state == quotas.CommissionState.PENDING)
         )
     ).all()
     for commission_id, project_id, server_id, status in rows:
@@ -143,7 +144,7 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     meanwhile cannot make quotas and VMs look apart when they are not."""
     await snapshot(session)
     report = Report()
-    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state != "disabled")))
+    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state != HostState.DISABLED)))
     domains: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
     taken: dict[str, datetime] = {}
     for host in hosts:

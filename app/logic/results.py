@@ -28,7 +28,7 @@ from app.ids import utcnow
 from app.logic import events, placement, quotas, servers
 from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
-from app.logic.operstate import TABLE, Action, Operstate, footprint, target_state
+from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
 from app.models import Flavor, Image, Job, Server, table_of
 
 _jobs = table_of(Job)
@@ -166,7 +166,7 @@ async def apply_result(
         before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
     )
     commission = await quotas.get_commission(session, job.commission_id)
-    if commission is not None and commission.state == "pending":
+    if commission is not None and commission.state == quotas.CommissionState.PENDING:
         if quotas.deltas_of(commission) == real:
             await quotas.accept(session, commission)
             real = real - real
@@ -310,7 +310,7 @@ async def apply_state_change(
         after is None
         or after is before
         or before in (Operstate.DESTROYED, Operstate.HOLD)
-        or server.task in ("BUILD", "DESTROY")
+        or server.task in (Task.BUILD, Task.DESTROY)
     ):
         return Outcome.APPLIED
     task_job = await session.get(Job, server.task_job_id) if server.task_job_id is not None else None

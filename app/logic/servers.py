@@ -19,7 +19,7 @@ from app.logic import catalogue, events, keypairs, placement, quotas
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
-from app.logic.operstate import Action, Operstate, footprint
+from app.logic.operstate import Action, Operstate, Task, footprint
 from app.logic.pagination import Page, paginate
 from app.models import Flavor, Image, Job, Server, table_of
 
@@ -167,7 +167,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 commission_id=None,
                 host=placed.host,
             )
-            server.task, server.task_job_id = "BUILD", job.id
+            server.task, server.task_job_id = Task.BUILD, job.id
         events.record(
             session,
             server,

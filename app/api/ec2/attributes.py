@@ -24,6 +24,7 @@ from app.api.ec2.router import Ctx, action, ec2_error, where_filters
 from app.ids import utcnow
 from app.logic import actions, ec2, secgroups, servers
 from app.logic import errors as e
+from app.logic.hoststate import HostState
 from app.models import Flavor, Host, Server, ServerEvent, table_of
 
 _servers, _flavors, _hosts, _events = table_of(Server), table_of(Flavor), table_of(Host), table_of(ServerEvent)
@@ -203,7 +204,7 @@ async def get_console_output(ctx: Ctx) -> dict[str, Any]:
 #: pending or terminated one has no status ("not-applicable").
 _STATUS: sa.ColumnElement[str] = sa.case(
     (ec2.STATE != "running", "not-applicable"),
-    (_hosts.c.state == "up", "ok"),
+    (_hosts.c.state == HostState.UP, "ok"),
     else_="impaired",
 ).label("status")
 
