@@ -98,7 +98,7 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.NephosError)
     async def _domain(_: Request, exc: e.NephosError) -> JSONResponse:
-        status = STATUS[type(exc)]
+        status = next(STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS)  # a subclass: its family's
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return error_response(status, exc.code, exc.message, exc.details, headers)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
 from app.logic.catalogue import ImageStatus
-from app.logic.errors import InvalidState
+from app.logic.errors import InvalidState, UnknownFilter
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
 from app.models import Ec2ClientToken, Ec2Tag, Image, Server, table_of
 
@@ -129,6 +130,23 @@ def like(pattern: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+#: A filter: a column matched with EC2's wildcards, or a function of the values giving the clause.
+Filter = sa.ColumnElement[Any] | Callable[[list[str]], sa.ColumnElement[bool]]
+#: Filters as a request gives them: (name, values), in order.
+Given = list[tuple[str, list[str]]]
+
+
+def where(stmt: Any, known: dict[str, Filter], given: Given) -> Any:
+    """``given`` filters as WHERE clauses: OR across one name's values, AND across names; a name
+    the listing does not know is ``UnknownFilter``."""
+    for name, values in given:
+        found = known.get(name)
+        if found is None:
+            raise UnknownFilter(f"unsupported filter name {name}", name=name)
+        stmt = stmt.where(matches(found, values) if isinstance(found, sa.ColumnElement) else found(values))
+    return stmt
 
 
 def matches(column: Any, values: list[str]) -> sa.ColumnElement[bool]:

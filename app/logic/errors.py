@@ -78,3 +78,50 @@ class Unavailable(NephosError):
     """A part of the cloud this request needs cannot be reached now; retry later."""
 
     code = "Unavailable"
+
+
+# -- names that do not resolve: each facade words them its own way (REST 400/404, EC2's codes) --
+
+
+class UnknownFilter(BadRequest):
+    """A list filter the listing does not know (``details``: ``name``)."""
+
+    code = "BadRequest"
+
+
+class UnknownInstances(NotFound):
+    """Instances named by their EC2 ids that this project does not have (``details``: ``ids``)."""
+
+    code = "NotFound"
+
+
+class UnknownImage(NotFound):
+    """An image named (by id) that the caller cannot see (``details``: ``ids``)."""
+
+    code = "NotFound"
+
+
+class ImageUnavailable(BadRequest):
+    """An image that exists but cannot be used now (saving, failed)."""
+
+    code = "BadRequest"
+
+
+class UnknownFlavor(BadRequest):
+    """A flavor (instance type) named that does not exist (``details``: ``names``)."""
+
+    code = "BadRequest"
+
+
+class UnknownKeyPair(NotFound):
+    code = "NotFound"
+
+
+class UnknownZone(BadRequest):
+    code = "BadRequest"
+
+
+class UnknownGroup(NotFound):
+    """Security groups named that the project does not have (``details``: ``ids``)."""
+
+    code = "NotFound"

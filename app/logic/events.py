@@ -41,3 +41,10 @@ async def list_for(session: AsyncSession, server_id: uuid.UUID, *, limit: int, c
     table = table_of(ServerEvent)
     stmt = sa.select(ServerEvent).where(table.c.server_id == server_id)
     return await paginate(session, stmt, table.c.id, limit=limit, cursor=cursor)
+
+
+async def history(session: AsyncSession, server_id: uuid.UUID) -> list[ServerEvent]:
+    """Every event of a server, oldest first (the EC2 console output is this log)."""
+    table = table_of(ServerEvent)
+    stmt = sa.select(ServerEvent).where(table.c.server_id == server_id).order_by(table.c.created_at, table.c.id)
+    return list(await session.scalars(stmt))

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound
+from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound, UnknownGroup
 from app.logic.operstate import Operstate
 from app.logic.rows import insert_unique
 from app.models import SecurityGroup, SecurityGroupRule, Server, ServerSecurityGroup, table_of
@@ -88,7 +88,7 @@ async def create(session: AsyncSession, *, project_id: uuid.UUID, name: str, des
 async def find(
     session: AsyncSession, project_id: uuid.UUID, *, ec2_ids: Iterable[str] = (), names: Iterable[str] = ()
 ) -> list[SecurityGroup]:
-    """The project's groups named by id or by name; every one must exist (``NotFound``)."""
+    """The project's groups named by id or by name; every one must exist (``UnknownGroup``)."""
     ec2_ids, names = list(ec2_ids), list(names)
     if not ec2_ids and not names:
         return []
@@ -98,7 +98,7 @@ async def find(
     found = list(await session.scalars(stmt))
     unknown = (set(ec2_ids) - {g.ec2_id for g in found}) | (set(names) - {g.name for g in found})
     if unknown:
-        raise NotFound(f"The security group '{', '.join(sorted(unknown))}' does not exist", ids=sorted(unknown))
+        raise UnknownGroup(f"The security group '{', '.join(sorted(unknown))}' does not exist", ids=sorted(unknown))
     return found
 
 

@@ -15,19 +15,15 @@ import base64
 import binascii
 from typing import Any
 
-import sqlalchemy as sa
-
-from app.api.ec2.instances import find, listed, paged, state_item
+from app.api.ec2.instances import find, listing, next_token, state_item
 from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, ec2_error, where_filters
+from app.api.ec2.router import Ctx, action, ec2_error
 from app.ids import utcnow
-from app.logic import actions, ec2, secgroups, servers
+from app.logic import actions, ec2, instances, secgroups, servers
 from app.logic import errors as e
-from app.logic.hoststate import HostState
-from app.models import Flavor, Host, Server, ServerEvent, table_of
-
-_servers, _flavors, _hosts, _events = table_of(Server), table_of(Flavor), table_of(Host), table_of(ServerEvent)
+from app.logic import events as logged
+from app.models import Server
 
 #: Attributes DescribeInstanceAttribute answers, as the wire names them.
 _FIXED: dict[str, Any] = {
@@ -103,9 +99,7 @@ async def modify_instance_attribute(ctx: Ctx) -> dict[str, Any]:
     name, value = _change(ctx.params)
     if name == "instanceType":
         assert isinstance(value, str)
-        flavor = await ctx.session.scalar(sa.select(_flavors.c.id).where(_flavors.c.name == value))
-        if flavor is None:
-            raise invalid("InstanceType", value, "No such instance type.")
+        flavor = await instances.flavor_id(ctx.session, value)
         if flavor != server.flavor_id:
             await _stopped(ctx, server, "instance type")
             try:
@@ -153,9 +147,7 @@ async def describe_instance_attribute(ctx: Ctx) -> dict[str, Any]:
     name = ctx.params.require("Attribute")
     answer: Any
     if name == "instanceType":
-        answer = {
-            "value": await ctx.session.scalar(sa.select(_flavors.c.name).where(_flavors.c.id == server.flavor_id))
-        }
+        answer = {"value": await instances.flavor_name(ctx.session, server)}
     elif name == "userData":
         answer = {"value": base64.b64encode(server.user_data.encode()).decode() if server.user_data else None}
     elif name == "disableApiTermination":
@@ -175,11 +167,7 @@ async def describe_instance_attribute(ctx: Ctx) -> dict[str, Any]:
 @action("GetConsoleOutput")
 async def get_console_output(ctx: Ctx) -> dict[str, Any]:
     server = await _one(ctx)
-    events = list(
-        await ctx.session.scalars(
-            sa.select(ServerEvent).where(_events.c.server_id == server.id).order_by(_events.c.created_at, _events.c.id)
-        )
-    )
+    events = await logged.history(ctx.session, server.id)
     lines = []
     for ev in events:
         if ev.operstate_to:
@@ -200,14 +188,6 @@ async def get_console_output(ctx: Ctx) -> dict[str, Any]:
 
 # -- DescribeInstanceStatus --------------------------------------------------------------------
 
-#: A running instance is "ok" while its host is up, "impaired" while it is down; a stopped,
-#: pending or terminated one has no status ("not-applicable").
-_STATUS: sa.ColumnElement[str] = sa.case(
-    (ec2.STATE != "running", "not-applicable"),
-    (_hosts.c.state == HostState.UP, "ok"),
-    else_="impaired",
-).label("status")
-
 
 def _status(status: str) -> dict[str, Any]:
     detail = {"ok": "passed", "impaired": "failed"}.get(status)
@@ -216,23 +196,9 @@ def _status(status: str) -> dict[str, Any]:
 
 @action("DescribeInstanceStatus")
 async def describe_instance_status(ctx: Ctx) -> dict[str, Any]:
-    stmt, ids, size = await listed(
-        ctx, sa.select(Server, ec2.STATE, _STATUS).outerjoin(_hosts, _hosts.c.name == _servers.c.host)
+    rows, more = await instances.statuses(
+        ctx.session, project_id=ctx.project_id, listing=listing(ctx), include_all=ctx.params.flag("IncludeAllInstances")
     )
-    if not ids and not ctx.params.flag("IncludeAllInstances"):
-        stmt = stmt.where(ec2.STATE == "running")
-    stmt = where_filters(
-        ctx,
-        stmt,
-        {
-            "availability-zone": _servers.c.zone,
-            "instance-state-name": ec2.STATE,
-            "instance-state-code": ec2.state_codes,
-            "instance-status.status": _STATUS,
-            "system-status.status": _STATUS,
-        },
-    )
-    rows, token = await paged(ctx, stmt, size)
     return {
         "instanceStatusSet": [
             {
@@ -245,5 +211,5 @@ async def describe_instance_status(ctx: Ctx) -> dict[str, Any]:
             }
             for s, state, status in rows
         ],
-        "nextToken": token,
+        "nextToken": next_token(ctx, more),
     }

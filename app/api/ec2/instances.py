@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
-from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, ec2_error, where_filters
-from app.logic import actions, catalogue, ec2, keypairs, secgroups, servers
+from app.api.ec2.router import Ctx, action, where_filters
+from app.logic import actions, catalogue, ec2, instances, secgroups, servers
 from app.logic import errors as e
 from app.logic.catalogue import ImageStatus
 from app.logic.operstate import Operstate
@@ -41,33 +40,22 @@ def instance_ids(ctx: Ctx, *, required: bool = True) -> list[str]:
     return ids
 
 
-def _not_found(ids: list[str]) -> Ec2Error:
-    quoted = ", ".join(f"'{i}'" for i in ids)
-    return Ec2Error(
-        "InvalidInstanceID.NotFound",
-        f"The instance ID{'s' if len(ids) > 1 else ''} {quoted} do{'' if len(ids) > 1 else 'es'} not exist",
-    )
-
-
 async def find(ctx: Ctx, ids: list[str]) -> list[Server]:
     """The instances named, in the order named; all of them exist in this project, or NotFound."""
-    found = await ec2.instances(ctx.session, ctx.project_id, ids)
-    unknown = [i for i in ids if i not in found]
-    if unknown:
-        raise _not_found(unknown)
-    return [found[i] for i in ids]
+    return await instances.find(ctx.session, ctx.project_id, ids)
 
 
 def state_item(name: str) -> dict[str, Any]:
     return {"code": ec2.CODES[name], "name": name}
 
 
-async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
-    """(Server, state, flavor name, image ec2 id) rows as instancesSet items."""
-    tags = await ec2.tags_of(ctx.session, [r[0].ec2_id for r in rows])
-    groups = await secgroups.groups_of(ctx.session, [r[0].id for r in rows])
+async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
+    """Listed instances as instancesSet items."""
+    tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows])
+    groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows])
     out = []
-    for index, (s, state, flavor, image) in enumerate(rows):
+    for index, row in enumerate(rows):
+        s, state = row.server, row.state
         reason = (
             {"code": "Client.UserInitiatedShutdown", "message": "Client.UserInitiatedShutdown: User initiated shutdown"}
             if state in ("stopped", "stopping", "terminated", "shutting-down")
@@ -76,7 +64,7 @@ async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "instanceId": s.ec2_id,
-                "imageId": image,
+                "imageId": row.image,
                 "instanceState": state_item(state),
                 "privateDnsName": "",
                 "dnsName": "",
@@ -84,7 +72,7 @@ async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
                 "keyName": s.key_name,
                 "amiLaunchIndex": index,
                 "productCodes": [],
-                "instanceType": flavor,
+                "instanceType": row.flavor,
                 "launchTime": s.created_at,
                 "placement": {"availabilityZone": s.zone or "", "tenancy": "default"},
                 "monitoring": {"state": "disabled"},
@@ -104,19 +92,11 @@ async def _items(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _select() -> sa.Select[Any]:
-    return (
-        sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
-        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-        .join(_images, _images.c.id == _servers.c.image_id)
-    )
-
-
-async def _reservations(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
+async def _reservations(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     items = await _items(ctx, rows)
     groups: dict[str, list[dict[str, Any]]] = {}
-    for (server, *_), item in zip(rows, items, strict=True):
-        groups.setdefault(server.reservation_id, []).append(item)
+    for row, item in zip(rows, items, strict=True):
+        groups.setdefault(row.server.reservation_id, []).append(item)
     owner = str(ctx.project_id)
     return [
         {"reservationId": rid, "ownerId": owner, "groupSet": [], "instancesSet": group} for rid, group in groups.items()
@@ -126,7 +106,7 @@ async def _reservations(ctx: Ctx, rows: list[Any]) -> list[dict[str, Any]]:
 # -- RunInstances --------------------------------------------------------------------------------
 
 
-def _launch_spec(p: Params) -> dict[str, Any]:
+def _launch(p: Params) -> instances.Launch:
     image = p.require("ImageId")
     if not ec2.well_formed(image, "ami"):
         raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{image}"')
@@ -151,146 +131,44 @@ def _launch_spec(p: Params) -> dict[str, Any]:
             continue  # volumes and the like: nothing of theirs to tag here
         for tag in spec.structs("Tag"):
             tags.append((tag.require("Key"), tag.get("Value") or ""))
-    return {
-        "image": image,
-        "min": low,
-        "max": high,
-        "type": p.get("InstanceType") or "small",
-        "key": p.get("KeyName"),
-        "user_data": user_data,
-        "zone": p.sub("Placement").get("AvailabilityZone"),
-        "tags": tags,
-        "group_ids": p.many("SecurityGroupId"),
-        "group_names": p.many("SecurityGroup"),
-        "protect": p.flag("DisableApiTermination"),
-    }
+    group_ids = p.many("SecurityGroupId")
+    for i in group_ids:
+        if not ec2.well_formed(i, "sg"):
+            raise Ec2Error("InvalidGroupId.Malformed", f'Invalid id: "{i}" (expecting "sg-...")')
+    token = p.get("ClientToken")
+    if token is not None and not 0 < len(token) <= 64:
+        raise invalid("ClientToken", token, "A client token has 1 to 64 characters.")
+    launch = instances.Launch(
+        image=image,
+        flavor=p.get("InstanceType") or "small",
+        low=low,
+        high=high,
+        key_name=p.get("KeyName"),
+        user_data=user_data,
+        zone=p.sub("Placement").get("AvailabilityZone"),
+        tags=tags,
+        group_ids=group_ids,
+        group_names=p.many("SecurityGroup"),
+        protect=p.flag("DisableApiTermination"),
+        client_token=token,
+    )
+    # A token reused with other parameters is a conflict: the parameters' digest is its proof.
+    digest = dataclasses.asdict(launch) | {"client_token": None}
+    return dataclasses.replace(
+        launch, request_hash=hashlib.sha256(json.dumps(digest, sort_keys=True).encode()).hexdigest()
+    )
 
 
 @action("RunInstances")
 async def run_instances(ctx: Ctx) -> dict[str, Any]:
-    spec = _launch_spec(ctx.params)
-    token = ctx.params.get("ClientToken")
-    if token is not None and not 0 < len(token) <= 64:
-        raise invalid("ClientToken", token, "A client token has 1 to 64 characters.")
-    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    if token and not ctx.dry_run:
-        earlier = await ec2.token(ctx.session, ctx.project_id, token)
-        if earlier is not None:
-            return await _replay(ctx, earlier, request_hash)
-    image = (
-        await ctx.session.scalars(catalogue.visible_images(ctx.actor).where(_images.c.ec2_id == spec["image"]))
-    ).first()
-    if image is None:
-        raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{spec['image']}]' does not exist")
-    if image.status != ImageStatus.ACTIVE.value:
-        raise Ec2Error(
-            "InvalidAMIID.Unavailable",
-            f"The image id '[{spec['image']}]' is {ec2.IMAGE_STATES[ImageStatus(image.status)]}",
-        )
-    flavor = (await ctx.session.scalars(sa.select(Flavor).where(_flavors.c.name == spec["type"]))).first()
-    if flavor is None:
-        raise invalid("InstanceType", spec["type"], "No such instance type.")
-    if spec["key"] is not None:
-        if await keypairs.find(ctx.session, project_id=ctx.project_id, name=spec["key"]) is None:
-            raise Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{spec['key']}' does not exist")
-    if spec["zone"]:
-        zone = await ctx.session.scalar(sa.select(_zones.c.name).where(_zones.c.name == spec["zone"]))
-        if zone is None:
-            raise invalid("Placement.AvailabilityZone", spec["zone"], "No such availability zone.")
-    groups = await find_groups(ctx, spec["group_ids"], spec["group_names"])
-
-    created: list[servers.Created] = []
-    name = dict(spec["tags"]).get("Name", "") or "ec2"
-    fit = await servers.how_many(ctx.session, actor=ctx.actor, flavor=flavor, low=spec["min"], high=spec["max"])
-    for count in sorted({fit, spec["min"]}, reverse=True):
-        launch = servers.CreateSpec(
-            name=name,
-            flavor_id=flavor.id,
-            image_id=image.id,
-            count=count,
-            key_name=spec["key"],
-            user_data=spec["user_data"],
-            zone=spec["zone"] or None,
-            client_token=token,
-        )
-        try:
-            async with ctx.session.begin_nested():
-                created = await servers.create(ctx.session, ctx.outbox, actor=ctx.actor, spec=launch)
-            break
-        except (e.OverLimit, e.NoCapacity) as exc:
-            ctx.outbox.clear()
-            if count == spec["min"]:
-                raise ec2_error(exc) from None
-    ids = [c.server.ec2_id for c in created]
-    await ec2.set_tags(ctx.session, ctx.project_id, ids, spec["tags"])
-    await secgroups.set_members(ctx.session, [c.server.id for c in created], groups)
-    for c in created:
-        c.server.disable_api_termination = spec["protect"]
-    reservation = created[0].server.reservation_id
-    if token and not ctx.dry_run:
-        try:
-            await ec2.claim_token(ctx.session, ctx.project_id, token, request_hash, reservation)
-        except IntegrityError:
-            # A twin with the same token won the race: this request's VMs are not made.
-            await ctx.session.rollback()
-            ctx.outbox.clear()
-            earlier = await ec2.token(ctx.session, ctx.project_id, token)
-            assert earlier is not None
-            return await _replay(ctx, earlier, request_hash)
-    await ctx.session.flush()
-    rows = (
-        await ctx.session.execute(_select().where(_servers.c.reservation_id == reservation).order_by(_servers.c.id))
-    ).all()
-    (group,) = await _reservations(ctx, list(rows))
-    return group
-
-
-async def _replay(ctx: Ctx, earlier: Any, request_hash: str) -> dict[str, Any]:
-    if earlier.request_hash != request_hash:
-        raise Ec2Error("IdempotentParameterMismatch", "The client token was already used with different parameters")
-    rows = (
-        await ctx.session.execute(
-            _select()
-            .where(_servers.c.reservation_id == earlier.reservation_id, _servers.c.project_id == ctx.project_id)
-            .order_by(_servers.c.id)
-        )
-    ).all()
-    (group,) = await _reservations(ctx, list(rows))
+    rows = await instances.launch(
+        ctx.session, ctx.outbox, actor=ctx.actor, spec=_launch(ctx.params), claim_token=not ctx.dry_run
+    )
+    (group,) = await _reservations(ctx, rows)
     return group
 
 
 # -- DescribeInstances -------------------------------------------------------------------------
-
-
-def _filter(name: str, values: list[str]) -> sa.ColumnElement[bool]:
-    if name.startswith("tag:"):
-        return ec2.tag_filter(name[4:], values)
-    simple = {
-        "instance-id": _servers.c.ec2_id,
-        "image-id": _images.c.ec2_id,
-        "instance-type": _flavors.c.name,
-        "key-name": _servers.c.key_name,
-        "availability-zone": _servers.c.zone,
-        "client-token": _servers.c.client_token,
-        "reservation-id": _servers.c.reservation_id,
-        "instance-state-name": ec2.STATE,
-    }
-    if name in simple:
-        return ec2.matches(simple[name], values)
-    if name == "instance-state-code":
-        return ec2.state_codes(values)
-    if name in ("instance.group-id", "group-id", "instance.group-name", "group-name"):
-        column = _sgroups.c.ec2_id if name.endswith("id") else _sgroups.c.name
-        return _servers.c.id.in_(
-            sa.select(_members.c.server_id)
-            .join(_sgroups, _sgroups.c.id == _members.c.group_id)
-            .where(ec2.matches(column, values))
-        )
-    if name == "tag-key":
-        return ec2.has_tag(ec2.matches(_tags.c.key, values))
-    if name == "tag-value":
-        return ec2.has_tag(ec2.matches(_tags.c.value, values))
-    raise invalid("Filter.Name", name, "Unsupported filter name.")
 
 
 def page_size(p: Params) -> int | None:
@@ -315,51 +193,29 @@ def _next_token(ctx: Ctx, kind: str, value: str) -> str:
     return ctx.state.cipher.encrypt(f"{kind}:{value}".encode()).decode()
 
 
-def cursor(ctx: Ctx) -> uuid.UUID | None:
-    value = _token(ctx, "instances")
-    return None if value is None else uuid.UUID(value)
-
-
-async def listed(ctx: Ctx, stmt: Any) -> tuple[Any, list[str], int | None]:
-    """``stmt`` narrowed to the project's visible instances and to ``InstanceId.N`` (each must
-    exist), with the page size (``MaxResults``); the ids and a page size never go together."""
+def listing(ctx: Ctx) -> instances.Listing:
+    """``InstanceId.N`` (each must exist) or a page (``MaxResults``, ``NextToken``), never both;
+    and the filters."""
     ids = instance_ids(ctx, required=False)
     size = page_size(ctx.params)
     if ids and size is not None:
         raise Ec2Error(
             "InvalidParameterCombination", "The parameter instancesSet cannot be used with the parameter maxResults"
         )
-    stmt = stmt.where(ec2.visible(ctx.project_id))
-    if ids:
-        await find(ctx, ids)
-        stmt = stmt.where(_servers.c.ec2_id.in_(ids))
-    return stmt, ids, size
+    after = _token(ctx, "instances")
+    return instances.Listing(
+        ids=ids, filters=ctx.params.filters(), after=uuid.UUID(after) if after else None, size=size
+    )
+
+
+def next_token(ctx: Ctx, more: uuid.UUID | None) -> str | None:
+    return None if more is None else _next_token(ctx, "instances", str(more))
 
 
 @action("DescribeInstances")
 async def describe_instances(ctx: Ctx) -> dict[str, Any]:
-    stmt, _, size = await listed(ctx, _select())
-    for name, values in ctx.params.filters():
-        stmt = stmt.where(_filter(name, values))
-    rows, token = await paged(ctx, stmt, size)
-    return {"reservationSet": await _reservations(ctx, rows), "nextToken": token}
-
-
-async def paged(ctx: Ctx, stmt: sa.Select[Any], size: int | None) -> tuple[list[Any], str | None]:
-    """One page of rows (a Server first in each), in id order, after ``NextToken``; and the token
-    of the next page, if there is one (the last id, encrypted: opaque and tamper-proof)."""
-    after = cursor(ctx)
-    if after is not None:
-        stmt = stmt.where(_servers.c.id > after)
-    stmt = stmt.order_by(_servers.c.id)
-    if size is not None:
-        stmt = stmt.limit(size + 1)
-    rows = list((await ctx.session.execute(stmt)).all())
-    token = None
-    if size is not None and len(rows) > size:
-        rows = rows[:size]
-        token = _next_token(ctx, "instances", str(rows[-1][0].id))
-    return rows, token
+    rows, more = await instances.describe(ctx.session, project_id=ctx.project_id, listing=listing(ctx))
+    return {"reservationSet": await _reservations(ctx, rows), "nextToken": next_token(ctx, more)}
 
 
 # -- state changes -----------------------------------------------------------------------------
@@ -392,7 +248,6 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
                 f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
                 f"Modify its '{attribute}' instance attribute and try again.",
             ) from None
-    await ctx.session.flush()
     after = await ec2.states_of(ctx.session, [s.id for s in targets])
     return [
         {"instanceId": s.ec2_id, "previousState": state_item(before[s.id]), "currentState": state_item(after[s.id])}

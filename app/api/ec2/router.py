@@ -109,7 +109,37 @@ def where_filters(ctx: Ctx, stmt: Any, filters: dict[str, Filter]) -> Any:
     return stmt
 
 
+def _instances_not_found(ids: list[str]) -> Ec2Error:
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    many = len(ids) > 1
+    return Ec2Error(
+        "InvalidInstanceID.NotFound",
+        f"The instance ID{'s' if many else ''} {quoted} do{'' if many else 'es'} not exist",
+    )
+
+
+#: Names that did not resolve, in EC2's words: each builds its error from the details.
+WORDED: dict[type[e.NephosError], Callable[[dict[str, Any]], Ec2Error]] = {
+    e.UnknownInstances: lambda d: _instances_not_found(d["ids"]),
+    e.UnknownImage: lambda d: Ec2Error(
+        "InvalidAMIID.NotFound", f"The image id '[{', '.join(d['ids'])}]' does not exist"
+    ),
+    e.ImageUnavailable: lambda d: Ec2Error(
+        "InvalidAMIID.Unavailable", f"The image id '[{d['ids'][0]}]' is {d['state']}"
+    ),
+    e.UnknownFlavor: lambda d: invalid("InstanceType", ", ".join(d["names"]), "No such instance type."),
+    e.UnknownKeyPair: lambda d: Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{d['name']}' does not exist"),
+    e.UnknownZone: lambda d: invalid("Placement.AvailabilityZone", d["name"], "No such availability zone."),
+    e.UnknownFilter: lambda d: invalid("Filter.Name", d["name"], "Unsupported filter name."),
+}
+
+
 def ec2_error(exc: e.NephosError) -> Ec2Error:
+    worded = WORDED.get(type(exc))
+    if worded is not None:
+        return worded(exc.details)
+    if isinstance(exc, e.UnknownGroup):
+        return Ec2Error("InvalidGroup.NotFound", exc.message)
     code, status = CODES.get(type(exc), ("InvalidParameterValue", 400))
     if isinstance(exc, e.OverLimit) and exc.details.get("resource") in ("cpu", "active_cpu"):
         code = "VcpuLimitExceeded"
