@@ -18,12 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic.catalogue import ImageStatus
-from app.logic.errors import InvalidState, UnknownFilter
+from app.logic.actor import Actor
+from app.logic.catalogue import ImageStatus, visible_images
+from app.logic.errors import InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
-from app.models import Ec2ClientToken, Ec2Tag, Image, Server, table_of
+from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Server, Zone, table_of
 
 _servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
+_flavors, _zones = table_of(Flavor), table_of(Zone)
 
 #: How long a terminated instance stays listed.
 TERMINATED_VISIBLE = timedelta(hours=1)
@@ -242,3 +244,106 @@ async def claim_token(
 
 async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:
     return await session.get(Ec2ClientToken, (project_id, value))
+
+
+#: The owner of public images, as DescribeImages shows it (imageOwnerId) and --owners names it.
+PUBLIC_OWNER = "nephos"
+
+
+def owned_by(project_id: uuid.UUID, owners: list[str]) -> sa.ColumnElement[bool]:
+    """``Owner.N`` / ``owner-id``: ``self`` (the caller's project), ``nephos`` or ``amazon`` (the
+    cloud's public images), or a project id."""
+    clauses: list[sa.ColumnElement[bool]] = []
+    for owner in owners:
+        if owner == "self":
+            clauses.append(_images.c.project_id == project_id)
+        elif owner in (PUBLIC_OWNER, "amazon"):
+            clauses.append(_images.c.project_id.is_(None))
+        else:
+            try:
+                clauses.append(_images.c.project_id == uuid.UUID(owner))
+            except ValueError:
+                clauses.append(sa.false())
+    return sa.or_(*clauses)
+
+
+def _public(values: list[str]) -> sa.ColumnElement[bool]:
+    """``is-public``: EC2 sends ``true`` / ``false``."""
+    wanted = {v.lower() for v in values}
+    return sa.or_(
+        *([_images.c.is_public.is_(True)] if "true" in wanted else []),
+        *([_images.c.is_public.is_(False)] if "false" in wanted else []),
+        sa.false(),
+    )
+
+
+async def images(
+    session: AsyncSession, actor: Actor, *, project_id: uuid.UUID, ids: list[str], owners: list[str], filters: Given
+) -> list[Image]:
+    """DescribeImages: the images ``actor`` may see, by id, owner and filters; every id named must
+    be one of them (``UnknownImage``)."""
+    stmt = visible_images(actor)
+    if ids:
+        stmt = stmt.where(_images.c.ec2_id.in_(ids))
+    if owners:
+        stmt = stmt.where(owned_by(project_id, owners))
+    known: dict[str, Filter] = {
+        "image-id": _images.c.ec2_id,
+        "name": _images.c.name,
+        "owner-id": lambda values: owned_by(project_id, values),
+        "state": IMAGE_STATE,
+        "is-public": _public,
+    }
+    found = list(await session.scalars(where(stmt, known, filters).order_by(_images.c.name)))
+    unknown = sorted(set(ids) - {i.ec2_id for i in found})
+    if unknown:
+        raise UnknownImage(f"images {', '.join(unknown)} do not exist", ids=unknown)
+    return found
+
+
+async def flavors(session: AsyncSession, names: list[str]) -> list[Flavor]:
+    """DescribeInstanceTypes: the flavors matching ``names`` (wildcards allowed), smallest first;
+    a name without wildcards that matches none is ``UnknownFlavor``."""
+    stmt = sa.select(Flavor).order_by(_flavors.c.vcpus, _flavors.c.ram_mb)
+    if names:
+        stmt = stmt.where(matches(_flavors.c.name, names))
+    found = list(await session.scalars(stmt))
+    unknown = sorted(set(names) - {f.name for f in found})
+    if unknown and not any("*" in n or "?" in n for n in names):
+        raise UnknownFlavor(f"instance types {', '.join(unknown)} do not exist", names=unknown)
+    return found
+
+
+async def zones(session: AsyncSession) -> list[str]:
+    return [str(z) for z in await session.scalars(sa.select(_zones.c.name).order_by(_zones.c.name))]
+
+
+#: DescribeTags' filters (only instances are tagged here).
+TAG_FILTERS: dict[str, Filter] = {
+    "resource-id": _tags.c.resource_id,
+    "key": _tags.c.key,
+    "value": _tags.c.value,
+    "resource-type": lambda values: sa.true() if "instance" in values else sa.false(),
+}
+
+
+async def describe_tags(
+    session: AsyncSession, project_id: uuid.UUID, *, filters: Given, after: tuple[str, str] | None, size: int | None
+) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
+    """The project's tags as (resource, key, value), filtered, in (resource, key) order, after
+    ``after``; and where the next page starts after, when there is one."""
+    stmt = sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value).where(_tags.c.project_id == project_id)
+    stmt = where(stmt, TAG_FILTERS, filters)
+    if after is not None:
+        stmt = stmt.where(
+            sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1]))
+        )
+    stmt = stmt.order_by(_tags.c.resource_id, _tags.c.key)
+    rows = [
+        (str(r), str(k), str(v))
+        for r, k, v in (await session.execute(stmt if size is None else stmt.limit(size + 1))).all()
+    ]
+    if size is not None and len(rows) > size:
+        rows = rows[:size]
+        return rows, (rows[-1][0], rows[-1][1])
+    return rows, None

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import idempotency
+from app.logic import ec2, idempotency
 from app.logic.actor import Actor
-from app.logic.errors import BadRequest, NotFound
+from app.logic.errors import BadRequest, NotFound, UnknownKeyPair
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
 from app.models import KeyPair, table_of
@@ -107,3 +107,48 @@ async def delete(session: AsyncSession, *, actor: Actor, name: str) -> None:
         raise NotFound(f"key pair {name} not found", name=name)
     await idempotency.forget(session, resource(keypair))
     await session.delete(keypair)
+
+
+# -- as EC2 lists and deletes them ----------------------------------------------------------------
+
+
+async def listed(
+    session: AsyncSession,
+    *,
+    project_id: uuid.UUID,
+    names: list[str],
+    ec2_ids: list[str],
+    filters: list[tuple[str, list[str]]],
+) -> list[KeyPair]:
+    """The project's key pairs by name, id and EC2 filters; every one named must exist
+    (``UnknownKeyPair``)."""
+    stmt = sa.select(KeyPair).where(_keypairs.c.project_id == project_id)
+    if names:
+        stmt = stmt.where(_keypairs.c.name.in_(names))
+    if ec2_ids:
+        stmt = stmt.where(_keypairs.c.ec2_id.in_(ec2_ids))
+    known: dict[str, ec2.Filter] = {
+        "key-name": _keypairs.c.name,
+        "fingerprint": _keypairs.c.fingerprint,
+        "key-pair-id": _keypairs.c.ec2_id,
+        "key-type": _keypairs.c.key_type,
+    }
+    keys = list(await session.scalars(ec2.where(stmt, known, filters).order_by(_keypairs.c.name)))
+    unknown = sorted((set(names) - {k.name for k in keys}) | (set(ec2_ids) - {k.ec2_id for k in keys}))
+    if unknown:
+        raise UnknownKeyPair(f"The key pair '{', '.join(unknown)}' does not exist", name=", ".join(unknown))
+    return keys
+
+
+async def delete_if_there(
+    session: AsyncSession, *, project_id: uuid.UUID, name: str | None, ec2_id: str | None
+) -> KeyPair | None:
+    """Delete the key pair named (or with that EC2 id) if it exists: deleting one that is not
+    there succeeds, as on AWS."""
+    stmt = sa.select(KeyPair).where(_keypairs.c.project_id == project_id)
+    stmt = stmt.where(_keypairs.c.name == name) if name else stmt.where(_keypairs.c.ec2_id == ec2_id)
+    keypair = (await session.scalars(stmt)).first()
+    if keypair is not None:
+        await idempotency.forget(session, resource(keypair))
+        await session.delete(keypair)
+    return keypair

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.logic import ec2
 from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound, UnknownGroup
 from app.logic.operstate import Operstate
 from app.logic.rows import insert_unique
@@ -200,3 +201,25 @@ async def groups_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[
         for server_id, ec2_id, name in (await session.execute(stmt)).all():
             out[server_id].append((ec2_id, name))
     return out
+
+
+async def listed(
+    session: AsyncSession,
+    *,
+    project_id: uuid.UUID,
+    ec2_ids: list[str],
+    names: list[str],
+    filters: list[tuple[str, list[str]]],
+) -> list[SecurityGroup]:
+    """DescribeSecurityGroups: the project's groups by id, name and EC2 filters (every one named
+    must exist: ``UnknownGroup``)."""
+    named = {g.id for g in await find(session, project_id, ec2_ids=ec2_ids, names=names)}
+    stmt = sa.select(SecurityGroup).where(_groups.c.project_id == project_id)
+    if ec2_ids or names:
+        stmt = stmt.where(_groups.c.id.in_(named))
+    known: dict[str, ec2.Filter] = {
+        "group-id": _groups.c.ec2_id,
+        "group-name": _groups.c.name,
+        "description": _groups.c.description,
+    }
+    return list(await session.scalars(ec2.where(stmt, known, filters).order_by(_groups.c.name)))

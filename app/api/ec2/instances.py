@@ -16,18 +16,13 @@ import json
 import uuid
 from typing import Any
 
-import sqlalchemy as sa
-
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, where_filters
-from app.logic import actions, catalogue, ec2, instances, secgroups, servers
+from app.api.ec2.router import Ctx, action
+from app.logic import actions, ec2, instances, secgroups, servers
 from app.logic import errors as e
 from app.logic.catalogue import ImageStatus
 from app.logic.operstate import Operstate
-from app.models import Ec2Tag, Flavor, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
-
-_servers, _flavors, _images, _zones = table_of(Server), table_of(Flavor), table_of(Image), table_of(Zone)
-_tags, _sgroups, _members = table_of(Ec2Tag), table_of(SecurityGroup), table_of(ServerSecurityGroup)
+from app.models import Server
 
 
 def instance_ids(ctx: Ctx, *, required: bool = True) -> list[str]:
@@ -279,71 +274,27 @@ async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
 # -- catalogue -----------------------------------------------------------------------------------
 
 
-def _public(values: list[str]) -> sa.ColumnElement[bool]:
-    """``is-public``: EC2 sends ``true`` / ``false``."""
-    wanted = {v.lower() for v in values}
-    return sa.or_(
-        *([_images.c.is_public.is_(True)] if "true" in wanted else []),
-        *([_images.c.is_public.is_(False)] if "false" in wanted else []),
-        sa.false(),
-    )
-
-
-#: The owner of public images, as DescribeImages shows it (imageOwnerId) and --owners names it.
-PUBLIC_OWNER = "nephos"
-
-
-def _owned_by(ctx: Ctx, owners: list[str]) -> sa.ColumnElement[bool]:
-    """``Owner.N`` / ``owner-id``: ``self`` (the caller's project), ``nephos`` or ``amazon`` (the
-    cloud's public images), or a project id."""
-    clauses: list[sa.ColumnElement[bool]] = []
-    for owner in owners:
-        if owner == "self":
-            clauses.append(_images.c.project_id == ctx.project_id)
-        elif owner in (PUBLIC_OWNER, "amazon"):
-            clauses.append(_images.c.project_id.is_(None))
-        else:
-            try:
-                clauses.append(_images.c.project_id == uuid.UUID(owner))
-            except ValueError:
-                clauses.append(sa.false())
-    return sa.or_(*clauses)
-
-
 @action("DescribeImages")
 async def describe_images(ctx: Ctx) -> dict[str, Any]:
-    stmt = catalogue.visible_images(ctx.actor)
     ids = ctx.params.many("ImageId")
     for i in ids:
         if not ec2.well_formed(i, "ami"):
             raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
-    if ids:
-        stmt = stmt.where(_images.c.ec2_id.in_(ids))
-    owners = ctx.params.many("Owner")
-    if owners:
-        stmt = stmt.where(_owned_by(ctx, owners))
-    stmt = where_filters(
-        ctx,
-        stmt,
-        {
-            "image-id": _images.c.ec2_id,
-            "name": _images.c.name,
-            "owner-id": lambda values: _owned_by(ctx, values),
-            "state": ec2.IMAGE_STATE,
-            "is-public": _public,
-        },
+    images = await ec2.images(
+        ctx.session,
+        ctx.actor,
+        project_id=ctx.project_id,
+        ids=ids,
+        owners=ctx.params.many("Owner"),
+        filters=ctx.params.filters(),
     )
-    images = list(await ctx.session.scalars(stmt.order_by(_images.c.name)))
-    unknown = set(ids) - {i.ec2_id for i in images}
-    if unknown:
-        raise Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(sorted(unknown))}]' does not exist")
     return {
         "imagesSet": [
             {
                 "imageId": i.ec2_id,
                 "imageLocation": i.name,
                 "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
-                "imageOwnerId": str(i.project_id) if i.project_id else PUBLIC_OWNER,
+                "imageOwnerId": str(i.project_id) if i.project_id else ec2.PUBLIC_OWNER,
                 "isPublic": i.is_public,
                 "architecture": "x86_64",
                 "imageType": "machine",
@@ -367,13 +318,7 @@ async def describe_instance_types(ctx: Ctx) -> dict[str, Any]:
         if name != "instance-type":
             raise invalid("Filter.Name", name, "Unsupported filter name.")
         wanted += values
-    stmt = sa.select(Flavor).order_by(_flavors.c.vcpus, _flavors.c.ram_mb)
-    if wanted:
-        stmt = stmt.where(ec2.matches(_flavors.c.name, wanted))
-    flavors = list(await ctx.session.scalars(stmt))
-    unknown = set(wanted) - {f.name for f in flavors}
-    if unknown and not any("*" in w or "?" in w for w in wanted):
-        raise invalid("InstanceType", ", ".join(sorted(unknown)), "No such instance type.")
+    flavors = await ec2.flavors(ctx.session, wanted)
     return {
         "instanceTypeSet": [
             {
@@ -397,7 +342,7 @@ async def describe_instance_types(ctx: Ctx) -> dict[str, Any]:
 @action("DescribeAvailabilityZones")
 async def describe_availability_zones(ctx: Ctx) -> dict[str, Any]:
     names = ctx.params.many("ZoneName")
-    zones = list(await ctx.session.scalars(sa.select(_zones.c.name).order_by(_zones.c.name)))
+    zones = await ec2.zones(ctx.session)
     if names:
         unknown = set(names) - set(zones)
         if unknown:
@@ -462,32 +407,16 @@ async def delete_tags(ctx: Ctx) -> dict[str, Any]:
 
 @action("DescribeTags")
 async def describe_tags(ctx: Ctx) -> dict[str, Any]:
-    stmt = sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value).where(_tags.c.project_id == ctx.project_id)
-    stmt = where_filters(
-        ctx,
-        stmt,
-        {
-            "resource-id": _tags.c.resource_id,
-            "key": _tags.c.key,
-            "value": _tags.c.value,
-            # Only instances are tagged here.
-            "resource-type": lambda values: sa.true() if "instance" in values else sa.false(),
-        },
+    token = _token(ctx, "tags")
+    resource, _, key = (token or "").partition("\x00")
+    rows, more = await ec2.describe_tags(
+        ctx.session,
+        ctx.project_id,
+        filters=ctx.params.filters(),
+        after=(resource, key) if token is not None else None,
+        size=page_size(ctx.params),
     )
-    after = _token(ctx, "tags")
-    if after is not None:
-        resource, _, key = after.partition("\x00")
-        stmt = stmt.where(
-            sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(resource), sa.literal(key))
-        )
-    size = page_size(ctx.params)
-    stmt = stmt.order_by(_tags.c.resource_id, _tags.c.key)
-    rows = list((await ctx.session.execute(stmt if size is None else stmt.limit(size + 1))).all())
-    token = None
-    if size is not None and len(rows) > size:
-        rows = rows[:size]
-        token = _next_token(ctx, "tags", f"{rows[-1][0]}\x00{rows[-1][1]}")
     return {
         "tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows],
-        "nextToken": token,
+        "nextToken": None if more is None else _next_token(ctx, "tags", f"{more[0]}\x00{more[1]}"),
     }

@@ -12,16 +12,11 @@ import base64
 import binascii
 from typing import Any
 
-import sqlalchemy as sa
-
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action, where_filters
+from app.api.ec2.router import Ctx, action
 from app.logic import ec2, keypairs, secgroups
 from app.logic import errors as e
-from app.models import KeyPair, SecurityGroup, table_of
-
-_keypairs, _groups = table_of(KeyPair), table_of(SecurityGroup)
-
+from app.models import KeyPair, SecurityGroup
 
 # -- key pairs ------------------------------------------------------------------------------
 
@@ -89,25 +84,9 @@ async def describe_key_pairs(ctx: Ctx) -> dict[str, Any]:
     for i in ids:
         if not ec2.well_formed(i, "key"):
             raise Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{i}' does not exist")
-    stmt = sa.select(KeyPair).where(_keypairs.c.project_id == ctx.project_id)
-    if names:
-        stmt = stmt.where(_keypairs.c.name.in_(names))
-    if ids:
-        stmt = stmt.where(_keypairs.c.ec2_id.in_(ids))
-    stmt = where_filters(
-        ctx,
-        stmt,
-        {
-            "key-name": _keypairs.c.name,
-            "fingerprint": _keypairs.c.fingerprint,
-            "key-pair-id": _keypairs.c.ec2_id,
-            "key-type": _keypairs.c.key_type,
-        },
+    keys = await keypairs.listed(
+        ctx.session, project_id=ctx.project_id, names=names, ec2_ids=ids, filters=ctx.params.filters()
     )
-    keys = list(await ctx.session.scalars(stmt.order_by(_keypairs.c.name)))
-    unknown = (set(names) - {k.name for k in keys}) | (set(ids) - {k.ec2_id for k in keys})
-    if unknown:
-        raise Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{', '.join(sorted(unknown))}' does not exist")
     with_public = ctx.params.flag("IncludePublicKey")
     return {"keySet": [_key_item(k, publicKey=k.public_key if with_public else None) for k in keys]}
 
@@ -117,11 +96,7 @@ async def delete_key_pair(ctx: Ctx) -> dict[str, Any]:
     name, key_id = ctx.params.get("KeyName"), ctx.params.get("KeyPairId")
     if not name and not key_id:
         raise missing("KeyName")
-    stmt = sa.select(KeyPair).where(_keypairs.c.project_id == ctx.project_id)
-    stmt = stmt.where(_keypairs.c.name == name) if name else stmt.where(_keypairs.c.ec2_id == key_id)
-    keypair = (await ctx.session.scalars(stmt)).first()
-    if keypair is not None:  # deleting a key that is not there succeeds, as on AWS
-        await ctx.session.delete(keypair)
+    keypair = await keypairs.delete_if_there(ctx.session, project_id=ctx.project_id, name=name, ec2_id=key_id)
     return {"return": True, "keyPairId": keypair.ec2_id if keypair else None}
 
 
@@ -186,14 +161,12 @@ def _rule_items(rules: list[Any], owner: str) -> list[dict[str, Any]]:
 @action("DescribeSecurityGroups")
 async def describe_security_groups(ctx: Ctx) -> dict[str, Any]:
     ids, names = ctx.params.many("GroupId"), ctx.params.many("GroupName")
-    named = {g.id for g in await find_groups(ctx, ids, names)}
-    stmt = sa.select(SecurityGroup).where(_groups.c.project_id == ctx.project_id)
-    if ids or names:
-        stmt = stmt.where(_groups.c.id.in_(named))
-    stmt = where_filters(
-        ctx, stmt, {"group-id": _groups.c.ec2_id, "group-name": _groups.c.name, "description": _groups.c.description}
+    for i in ids:
+        if not ec2.well_formed(i, "sg"):
+            raise Ec2Error("InvalidGroupId.Malformed", f'Invalid id: "{i}" (expecting "sg-...")')
+    groups = await secgroups.listed(
+        ctx.session, project_id=ctx.project_id, ec2_ids=ids, names=names, filters=ctx.params.filters()
     )
-    groups = list(await ctx.session.scalars(stmt.order_by(_groups.c.name)))
     rules = await secgroups.rules_of(ctx.session, [g.id for g in groups])
     owner = str(ctx.project_id)
     return {

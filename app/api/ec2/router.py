@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +26,7 @@ from app.api.ec2.params import PARAMETERS
 from app.api.ec2.protocol import Ec2Error, Params, invalid, render, render_error, version_of
 from app.api.retry import RETRY_HEADER
 from app.db import database_unavailable, retriable
-from app.logic import accounts, ec2
+from app.logic import accounts
 from app.logic import errors as e
 from app.logic.actor import Actor
 from app.logic.jobs import Outbox
@@ -92,21 +91,6 @@ CODES: dict[type[e.NephosError], tuple[str, int]] = {
     e.NoCapacity: ("InsufficientInstanceCapacity", 500),
     e.Unavailable: ("Unavailable", 503),
 }
-
-
-#: A filter: a column matched with EC2's wildcards, or a function of the values giving the clause.
-Filter = sa.ColumnElement[Any] | Callable[[list[str]], sa.ColumnElement[bool]]
-
-
-def where_filters(ctx: Ctx, stmt: Any, filters: dict[str, Filter]) -> Any:
-    """``Filter.N`` as WHERE clauses: OR across one name's values, AND across names; a name the
-    action does not know is ``InvalidParameterValue``."""
-    for name, values in ctx.params.filters():
-        found = filters.get(name)
-        if found is None:
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        stmt = stmt.where(ec2.matches(found, values) if isinstance(found, sa.ColumnElement) else found(values))
-    return stmt
 
 
 def _instances_not_found(ids: list[str]) -> Ec2Error:
