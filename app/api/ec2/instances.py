@@ -1,4 +1,4 @@
-"""Instances, images, types, zones, regions and tags, as EC2 describes them (EC2.md §2-§3).
+"""Instances as EC2 launches, describes and changes them (EC2.md §2-§3).
 
 Every rule is the logic layer's: RunInstances is ``servers.create``, Start/Stop/Reboot/
 TerminateInstances are ``actions``; this module maps parameters in and the VM out, and adds
@@ -20,7 +20,6 @@ from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action
 from app.logic import actions, ec2, instances, secgroups, servers
 from app.logic import errors as e
-from app.logic.catalogue import ImageStatus
 from app.logic.operstate import Operstate
 from app.models import Server
 
@@ -170,7 +169,7 @@ def page_size(p: Params) -> int | None:
     return p.number("MaxResults", low=5, high=1000)
 
 
-def _token(ctx: Ctx, kind: str) -> str | None:
+def page_token(ctx: Ctx, kind: str) -> str | None:
     """What ``NextToken`` carries (tokens are encrypted and name their list: opaque, tamper-proof)."""
     token = ctx.params.get("NextToken")
     if not token:
@@ -184,7 +183,7 @@ def _token(ctx: Ctx, kind: str) -> str | None:
         raise invalid("NextToken", token[:32], "The pagination token is not valid.") from None
 
 
-def _next_token(ctx: Ctx, kind: str, value: str) -> str:
+def page_token_after(ctx: Ctx, kind: str, value: str) -> str:
     return ctx.state.cipher.encrypt(f"{kind}:{value}".encode()).decode()
 
 
@@ -197,14 +196,14 @@ def listing(ctx: Ctx) -> instances.Listing:
         raise Ec2Error(
             "InvalidParameterCombination", "The parameter instancesSet cannot be used with the parameter maxResults"
         )
-    after = _token(ctx, "instances")
+    after = page_token(ctx, "instances")
     return instances.Listing(
         ids=ids, filters=ctx.params.filters(), after=uuid.UUID(after) if after else None, size=size
     )
 
 
 def next_token(ctx: Ctx, more: uuid.UUID | None) -> str | None:
-    return None if more is None else _next_token(ctx, "instances", str(more))
+    return None if more is None else page_token_after(ctx, "instances", str(more))
 
 
 @action("DescribeInstances")
@@ -269,154 +268,3 @@ async def terminate_instances(ctx: Ctx) -> dict[str, Any]:
 async def reboot_instances(ctx: Ctx) -> dict[str, Any]:
     await _change(ctx, "reboot")
     return {"return": True}
-
-
-# -- catalogue -----------------------------------------------------------------------------------
-
-
-@action("DescribeImages")
-async def describe_images(ctx: Ctx) -> dict[str, Any]:
-    ids = ctx.params.many("ImageId")
-    for i in ids:
-        if not ec2.well_formed(i, "ami"):
-            raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
-    images = await ec2.images(
-        ctx.session,
-        ctx.actor,
-        project_id=ctx.project_id,
-        ids=ids,
-        owners=ctx.params.many("Owner"),
-        filters=ctx.params.filters(),
-    )
-    return {
-        "imagesSet": [
-            {
-                "imageId": i.ec2_id,
-                "imageLocation": i.name,
-                "imageState": ec2.IMAGE_STATES[ImageStatus(i.status)],
-                "imageOwnerId": str(i.project_id) if i.project_id else ec2.PUBLIC_OWNER,
-                "isPublic": i.is_public,
-                "architecture": "x86_64",
-                "imageType": "machine",
-                "name": i.name,
-                "rootDeviceType": "ebs",
-                "rootDeviceName": "/dev/vda",
-                "virtualizationType": "hvm",
-                "hypervisor": "kvm",
-                "creationDate": i.created_at,
-                "blockDeviceMapping": [],
-            }
-            for i in images
-        ]
-    }
-
-
-@action("DescribeInstanceTypes")
-async def describe_instance_types(ctx: Ctx) -> dict[str, Any]:
-    wanted = ctx.params.many("InstanceType")
-    for name, values in ctx.params.filters():
-        if name != "instance-type":
-            raise invalid("Filter.Name", name, "Unsupported filter name.")
-        wanted += values
-    flavors = await ec2.flavors(ctx.session, wanted)
-    return {
-        "instanceTypeSet": [
-            {
-                "instanceType": f.name,
-                "currentGeneration": True,
-                "bareMetal": False,
-                "hypervisor": "kvm",
-                "vCpuInfo": {"defaultVCpus": f.vcpus, "defaultCores": f.vcpus, "defaultThreadsPerCore": 1},
-                "memoryInfo": {"sizeInMiB": f.ram_mb},
-                "instanceStorageSupported": True,
-                "instanceStorageInfo": {"totalSizeInGB": f.disk_gb},
-                "supportedRootDeviceTypes": ["ebs"],
-                "supportedVirtualizationTypes": ["hvm"],
-                "processorInfo": {"supportedArchitectures": ["x86_64"]},
-            }
-            for f in flavors
-        ]
-    }
-
-
-@action("DescribeAvailabilityZones")
-async def describe_availability_zones(ctx: Ctx) -> dict[str, Any]:
-    names = ctx.params.many("ZoneName")
-    zones = await ec2.zones(ctx.session)
-    if names:
-        unknown = set(names) - set(zones)
-        if unknown:
-            raise invalid("ZoneName", ", ".join(sorted(unknown)), "No such availability zone.")
-        zones = [z for z in zones if z in names]
-    region = ctx.state.settings.ec2_region
-    return {
-        "availabilityZoneInfo": [
-            {
-                "zoneName": z,
-                "zoneState": "available",
-                "regionName": region,
-                "zoneId": z,
-                "zoneType": "availability-zone",
-                "messageSet": [],
-            }
-            for z in zones
-        ]
-    }
-
-
-@action("DescribeRegions")
-async def describe_regions(ctx: Ctx) -> dict[str, Any]:
-    region = ctx.state.settings.ec2_region
-    names = ctx.params.many("RegionName")
-    if names and set(names) - {region}:
-        raise invalid("RegionName", ", ".join(sorted(set(names) - {region})), "No such region.")
-    return {"regionInfo": [{"regionName": region, "regionEndpoint": "", "optInStatus": "opt-in-not-required"}]}
-
-
-# -- tags ---------------------------------------------------------------------------------------
-
-
-async def _taggable(ctx: Ctx) -> list[str]:
-    ids = ctx.params.many("ResourceId")
-    if not ids:
-        raise missing("ResourceId.1")
-    for i in ids:
-        if not ec2.well_formed(i, "i"):
-            raise Ec2Error("InvalidID", f'The ID "{i}" is not valid (only instances are tagged here)')
-    await find(ctx, ids)
-    return ids
-
-
-@action("CreateTags")
-async def create_tags(ctx: Ctx) -> dict[str, Any]:
-    ids = await _taggable(ctx)
-    tags = [(t.require("Key"), t.get("Value") or "") for t in ctx.params.structs("Tag")]
-    if not tags:
-        raise missing("Tag.1.Key")
-    await ec2.set_tags(ctx.session, ctx.project_id, ids, tags)
-    return {"return": True}
-
-
-@action("DeleteTags")
-async def delete_tags(ctx: Ctx) -> dict[str, Any]:
-    ids = await _taggable(ctx)
-    tags = [(t.require("Key"), t.get("Value")) for t in ctx.params.structs("Tag")]
-    await ec2.delete_tags(ctx.session, ctx.project_id, ids, tags)
-    return {"return": True}
-
-
-@action("DescribeTags")
-async def describe_tags(ctx: Ctx) -> dict[str, Any]:
-    token = _token(ctx, "tags")
-    resource, _, key = (token or "").partition("\x00")
-    rows, more = await ec2.describe_tags(
-        ctx.session,
-        ctx.project_id,
-        filters=ctx.params.filters(),
-        after=(resource, key) if token is not None else None,
-        size=page_size(ctx.params),
-    )
-    return {
-        "tagSet": [{"resourceId": r, "resourceType": "instance", "key": k, "value": v} for r, k, v in rows],
-        "nextToken": None if more is None else _next_token(ctx, "tags", f"{more[0]}\x00{more[1]}"),
-    }
