@@ -178,6 +178,8 @@ def admin_reconcile(
     from rich.console import Console
     from rich.table import Table
 
+    from app.logic.reconcile import Report
+
     console = Console()
     settings = Settings()
     base, headers = _admin_api(settings, url, token)
@@ -185,15 +187,7 @@ def admin_reconcile(
         report = _call_api(
             "POST", f"{base}/api/v1/admin/reconcile", headers, {"fix": fix, "wait": wait}, timeout=wait + 120
         )
-    kinds = (
-        "stale",
-        "orphans",
-        "unsynced_operstate",
-        "unsynced_flavor",
-        "stuck_tasks",
-        "quota_drift",
-        "pending_without_job",
-    )
+    kinds = Report.KINDS  # the report's kinds, as the engine names them
     table = Table(title="reconciliation" + (" (fixed)" if report["fixed"] else " (dry run)"))
     for column in ("kind", "count", "what"):
         table.add_column(column)
