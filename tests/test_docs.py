@@ -38,3 +38,24 @@ def test_readme_lists_every_setting() -> None:
     ]
     for name in Settings.model_fields:
         assert f"NEPHOS_{name.upper()}" in readme, name
+
+
+def test_make_run_installs_what_running_needs_and_make_test_the_rest() -> None:
+    """``make run`` on a fresh clone installs the package alone (no pytest, mypy, moto,
+    schemathesis or awscli); ``make test`` adds the development extras and chromium."""
+    makefile = (ROOT / "Makefile").read_text()
+    rules = {
+        line.split(":", 1)[0]: line.split(":", 1)[1].split()
+        for line in makefile.splitlines()
+        if line
+        and not line[0].isspace()
+        and ":" in line
+        and not line.startswith(("#", ".", "\t"))
+        and "=" not in line.split(":", 1)[0]
+    }
+    assert rules["run"] == ["install-runtime"]
+    assert rules["install-runtime"] == ["$(RUNTIME)"]
+    runtime = makefile.split("$(RUNTIME): pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    assert "-e ." in runtime and "[dev]" not in runtime
+    assert "install" in rules["test"] and "[dev]" in makefile.split("$(STAMP): $(RUNTIME)", 1)[1].split("\n\n", 1)[0]
+    assert "test-fast" in rules
