@@ -362,3 +362,36 @@ class ServerSecurityGroup(SQLModel, table=True):
     __tablename__ = "server_security_groups"
     server_id: uuid.UUID = Field(foreign_key="servers.id", primary_key=True)
     group_id: uuid.UUID = Field(foreign_key="security_groups.id", primary_key=True, index=True)
+
+
+class LeasePolicy(SQLModel, table=True):
+    """A project's lease policy (``logic.leases``); a project without a row has the default."""
+
+    __tablename__ = "lease_policies"
+    project_id: uuid.UUID = Field(foreign_key="projects.id", primary_key=True)
+    # Null: the project's VMs get no lease.
+    duration_s: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Null: renewals are not capped.
+    max_lifetime_s: int | None = Field(default=None, sa_type=sa.BigInteger)
+    warn_before_s: list[int] = Field(default_factory=list, sa_type=sa.JSON, nullable=False)
+    on_expiry: str = Field(default="destroy", max_length=16)
+    updated_at: datetime = _ts()
+
+
+class ScheduledAction(SQLModel, table=True):
+    """A one-off action on a VM at a time; the lease's end is one (``kind`` "lease")."""
+
+    __tablename__ = "scheduled_actions"
+    __table_args__ = (sa.Index("ix_scheduled_actions_state_at", "state", "at"),)
+    id: uuid.UUID = _id()
+    server_id: uuid.UUID = Field(foreign_key="servers.id", index=True)
+    kind: str = Field(default="user", max_length=16)
+    action: str = Field(max_length=32)
+    at: datetime = Field(sa_type=UTCDateTime)
+    state: str = Field(default="pending", max_length=16)
+    reason: str = Field(default="", sa_type=sa.Text)
+    attempts: int = 0
+    user_id: uuid.UUID | None = None
+    job_id: uuid.UUID | None = None
+    created_at: datetime = _ts()
+    done_at: datetime | None = _ts(nullable=True, default=False)

@@ -7,7 +7,6 @@ is built, and publishes the jobs the transaction wrote only after the commit.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.api.schemas import iso_8601
 from app.bus import Bus
 from app.logic import accounts, idempotency
 from app.logic.actor import Actor
@@ -34,16 +34,9 @@ from app.settings import Settings
 Publish = Callable[[list[Any]], Awaitable[Any]]
 
 
-def _iso_8601(value: Any) -> Any:
-    """A time is ISO 8601 text, as the document says (``format: date-time``), not a number."""
-    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
-        raise ValueError("an ISO 8601 time is needed, e.g. 2026-01-31T12:00:00Z")
-    return value
-
-
 Since = Annotated[
     datetime | None,
-    BeforeValidator(_iso_8601),
+    BeforeValidator(iso_8601),
     Query(description="ISO 8601: only servers changed since then (destroyed ones included)"),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -22,6 +23,16 @@ def _a_number(value: Any) -> Any:
         raise ValueError("a number is needed")
     return value
 
+
+def iso_8601(value: Any) -> Any:
+    """A time is ISO 8601 text, as the document says (``format: date-time``), not a number."""
+    if not isinstance(value, str | datetime) or (isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value)):
+        raise ValueError("an ISO 8601 time is needed, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+#: A time in a request: ISO 8601 text only.
+When = Annotated[datetime, Field(strict=False), BeforeValidator(iso_8601)]
 
 #: An integer as JSON Schema means it: 3 or 3.0, never true or "3" (request bodies are strict).
 Int = Annotated[int, Field(strict=False), BeforeValidator(_a_number)]
@@ -639,3 +650,73 @@ class DriftOut(BaseModel):
     fixed: bool
     counts: dict[str, int] = Field(description="Findings per kind")
     report: dict[str, Any] = Field(description="The findings and what the pass did about them")
+
+
+# -- leases and scheduled actions -------------------------------------------------------------
+
+
+class LeasePolicyIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "duration_s": 7776000,
+                    "max_lifetime_s": None,
+                    "warn_before_s": [604800, 86400],
+                    "on_expiry": "destroy",
+                }
+            ]
+        }
+    )
+
+    duration_s: Annotated[int, Field(strict=False, gt=0, le=2**40), BeforeValidator(_a_number)] | None = Field(
+        description="How long a lease lasts; null: the project's VMs get no lease"
+    )
+    max_lifetime_s: Annotated[int, Field(strict=False, gt=0, le=2**40), BeforeValidator(_a_number)] | None = Field(
+        default=None, description="The most a VM may live, renewals included; null: no cap"
+    )
+    warn_before_s: list[Annotated[int, Field(strict=False, gt=0, le=2**40), BeforeValidator(_a_number)]] = Field(
+        default=[604800, 86400], max_length=10, description="Warnings, in seconds before the end"
+    )
+    on_expiry: Literal["destroy", "stop", "suspend"] = "destroy"
+
+
+class LeasePolicyOut(BaseModel):
+    project_id: uuid.UUID
+    duration_s: int | None
+    max_lifetime_s: int | None
+    warn_before_s: list[int]
+    on_expiry: str
+
+
+class LeaseRenew(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{}]})
+
+    expires_at: When | None = Field(
+        default=None, description="Admin only: the lease's end; by default now + the policy's duration"
+    )
+
+
+class LeaseOut(BaseModel):
+    lease_expires_at: datetime | None
+    max_expires_at: datetime | None = Field(description="The cap renewals cannot pass (null: none)")
+
+
+class ScheduleIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"action": "stop", "at": "2030-01-01T18:00:00Z"}]})
+
+    action: Literal["stop", "start", "suspend", "resume", "reboot", "destroy"]
+    at: When = Field(description="When (ISO 8601)")
+
+
+class ScheduleOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    kind: str = Field(description="user, or lease (the lease's end)")
+    action: str
+    at: datetime
+    state: str = Field(description="pending, done, failed or cancelled")
+    reason: str
+    attempts: int
+    job_id: uuid.UUID | None
+    done_at: datetime | None

@@ -2,6 +2,8 @@
 
 * the outbox: jobs committed but never confirmed as published are published again;
 * hosts: an agent silent for ``host_timeout`` marks its host down (no placement there);
+* scheduled actions that are due (leases' ends among them) run through the logic layer as the
+  system actor, each exactly once (``logic.schedules``);
 * idempotency records past their 24 h are deleted (once a minute);
 * deadlines: jobs past their deadline are resolved from their host's inventory, or ended in
   ERROR when the host is down (``logic.deadlines``); hosts whose inventory is older than a
@@ -23,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.bus import Bus
 from app.bus.outbox import OutboxPublisher
 from app.dispatcher import reconciler
-from app.logic import deadlines, hosts, idempotency
+from app.logic import deadlines, hosts, idempotency, schedules
+from app.logic.jobs import Outbox
 from app.messages import InventoryRequest, encode
 
 log = logging.getLogger("nephos.dispatcher")
@@ -39,6 +42,23 @@ async def resolve_deadlines(sessions: async_sessionmaker[AsyncSession]) -> deadl
             await deadlines.resolve(session, job_id, passed)
             await session.commit()
     return passed
+
+
+async def run_schedules(sessions: async_sessionmaker[AsyncSession], outbox: OutboxPublisher) -> int:
+    """Run the scheduled actions that are due (the leases' ends among them), each in its own
+    transaction with its job; publish the jobs after each commit. Returns how many ran."""
+    async with sessions() as session:
+        due = await schedules.due(session)
+    ran = 0
+    for schedule_id in due:
+        jobs = Outbox()
+        async with sessions() as session:
+            outcome = await schedules.run(session, jobs, schedule_id)
+            await session.commit()
+        if jobs.job_ids:
+            await outbox.publish(jobs.job_ids)
+        ran += outcome in ("done", "failed")
+    return ran
 
 
 class Sweepers:
@@ -96,6 +116,7 @@ class Sweepers:
         passed = await resolve_deadlines(self.sessions)
         for host in passed.need_inventory:
             await self.bus.publish_job(host, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
+        ran = await run_schedules(self.sessions, self.outbox)
         purged = 0
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + 60.0
@@ -105,4 +126,5 @@ class Sweepers:
             "hosts_down": len(down),
             "deadlines_resolved": len(passed.resolved),
             "idempotency_purged": purged,
+            "scheduled_run": ran,
         }

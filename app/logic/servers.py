@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, events, keypairs, placement, quotas
+from app.logic import catalogue, events, keypairs, leases, placement, quotas
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
@@ -127,6 +127,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     # project's lock below, taken last by the lock order (hosts before the project).
     await quotas.check(session, actor.project_id, per_vm * spec.count)
     reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
+    lease = await leases.policy(session, actor.project_id)
     created = []
     for i in range(spec.count):
         now = utcnow()
@@ -151,6 +152,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         # Written before the rows that refer to it: without relationship() the unit of work
         # does not order inserts by foreign key.
         await session.flush()
+        await leases.give(session, server, lease)
         job = None
         if not spec.hold:
             placed = await placement.reserve(

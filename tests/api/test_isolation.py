@@ -14,6 +14,8 @@ PUBLIC = {"/healthz"}
 BODIES = {
     "/api/v1/servers/{server_id}/actions": {"action": "stop"},
     "/api/v1/servers/{server_id}": {"name": "stolen"},
+    "/api/v1/servers/{server_id}/lease": {},
+    "/api/v1/servers/{server_id}/schedule": {"action": "destroy", "at": "2030-01-01T00:00:00Z"},
 }
 
 
@@ -22,6 +24,7 @@ def _fill(path: str, server_id: str) -> str:
         path.replace("{server_id}", server_id)
         .replace("{job_id}", server_id)
         .replace("{project_id}", server_id)
+        .replace("{schedule_id}", server_id)
         .replace("{name}", "host-1")
         .replace("{access_key}", "AKIAXXXXXXXXXXXXXXXX")
     )
