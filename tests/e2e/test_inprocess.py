@@ -339,3 +339,24 @@ async def test_drift_report_and_gauges_show_drift_then_its_repair(cloud: Cloud) 
     assert not any(drift["counts"].values()), drift
     assert 'nephos_drift_findings{kind="stale"} 0.0' in (await cloud.client.get("/metrics")).text
     assert (await cloud.server(vm["id"]))["operstate"] == "DESTROYED"
+
+
+async def test_the_sweeper_ends_a_lease_on_time(cloud: Cloud) -> None:
+    """A policy of seconds: the dispatcher's own sweeper stops the VM at its lease's end, with an
+    event saying why and the quota moved exactly."""
+    project = (await cloud.client.get("/api/v1/lease-policy", headers=ADMIN)).json()["project_id"]
+    r = await cloud.client.put(
+        f"/api/v1/admin/projects/{project}/lease-policy",
+        headers=ADMIN,
+        json={"duration_s": 2, "warn_before_s": [1], "on_expiry": "stop"},
+    )
+    assert r.status_code == 200, r.text
+    vm = await cloud.started_vm()
+
+    async def stopped() -> bool:
+        return (await cloud.server(vm["id"]))["operstate"] == "STOPPED"
+
+    await cloud.until("the lease to stop the VM", stopped, timeout=30)
+    events = (await cloud.client.get(f"/api/v1/servers/{vm['id']}/events", headers=ADMIN)).json()["items"]
+    assert any(e["kind"] == "lease_action" and "the lease ended" in e["message"] for e in events)
+    assert {k: v["usage"] for k, v in (await cloud.quotas()).items()} == expected_usage("STOPPED")
