@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.db import upgrade_sync
 from tests.procs import nephos_bin, nephos_up
@@ -74,6 +75,7 @@ def _nephos(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subp
     )
 
 
+@pytest.mark.timeout(900)  # eight commands, each bounded at 60 s
 def test_operator_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path, pg_url: str) -> None:
     from tests.conftest import AMQP_URL, need_amqp
 
