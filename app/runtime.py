@@ -138,18 +138,20 @@ async def connect_bus(bus: Bus, *, attempts: int | None = 60, delay: float = 1.0
             await asyncio.sleep(delay)
 
 
-async def check_database(settings: Settings) -> None:
+async def check_database(settings: Settings, engine: AsyncEngine | None = None) -> None:
     """One query before serving: a database that does not exist, refuses the login or cannot be
-    reached is said in one line, instead of failing every request later."""
-    engine = make_engine(settings.database_url)
+    reached is said in one line, instead of failing every request later. With ``engine`` (the
+    process's own), the probe uses it; without, it makes and drops one (one-shot commands)."""
+    probe = engine or make_engine(settings.database_url)
     try:
-        async with engine.connect() as conn:
+        async with probe.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
     except (sa_exc.DBAPIError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise StartupError(f"the database at {_masked(settings.database_url)} cannot be used: {reason}") from None
     finally:
-        await engine.dispose()
+        if engine is None:
+            await probe.dispose()
 
 
 @contextlib.asynccontextmanager
@@ -157,13 +159,17 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
     """The database and bus of one process. ``wait_for_bus=False`` (the API): a broker that is
     away does not hold the process back; it connects in the background, ``/healthz`` says 503
     until it has, and jobs committed meanwhile wait in the outbox."""
-    await check_database(settings)
     engine = make_engine(
         settings.database_url,
         **(
             {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
         ),
     )
+    try:
+        await check_database(settings, engine)
+    except StartupError:
+        await engine.dispose()
+        raise
     sessions = make_sessionmaker(engine)
     bus = bus or make_bus(settings)
     bus.transient = transient  # a handler's database hiccup is retried, never dead-lettered

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic import placement
 from app.logic.actor import Actor, require_admin
-from app.logic.errors import BadRequest, NotFound
+from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
 from app.logic.pagination import Page, paginate
 from app.logic.rows import insert_unique
@@ -77,8 +77,16 @@ async def resolve_flavor(
     stmt = sa.select(Flavor).where(_flavors.c.id == flavor_id if flavor_id is not None else _flavors.c.name == name)
     flavor = (await session.scalars(stmt)).first()
     if flavor is None:
-        raise BadRequest(f"flavor {flavor_id or name} does not exist", field=f"{field}_id")
+        raise UnknownFlavor(
+            f"flavor {flavor_id or name} does not exist", field=f"{field}_id", names=[str(flavor_id or name)]
+        )
     return flavor
+
+
+async def flavors_of_size(session: AsyncSession, *, vcpus: int, ram_mb: int) -> list[Flavor]:
+    """The flavors of exactly this size, by name (a domain's size, read off its host)."""
+    stmt = sa.select(Flavor).where(_flavors.c.vcpus == vcpus, _flavors.c.ram_mb == ram_mb)
+    return list(await session.scalars(stmt.order_by(_flavors.c.name)))
 
 
 async def list_flavors(
@@ -164,7 +172,7 @@ async def ensure_zone(session: AsyncSession, name: str) -> Zone:
 
 async def check_zone(session: AsyncSession, name: str) -> None:
     if (await session.scalars(sa.select(_zones.c.id).where(_zones.c.name == name))).first() is None:
-        raise BadRequest(f"zone {name} does not exist", field="zone")
+        raise UnknownZone(f"zone {name} does not exist", field="zone", name=name)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
@@ -90,13 +89,7 @@ async def adopt(
                 field="flavor",
             )
     else:
-        found = (
-            await session.scalars(
-                sa.select(Flavor)
-                .where(_flavors.c.vcpus == seen["vcpus"], _flavors.c.ram_mb == seen["ram_mb"])
-                .order_by(_flavors.c.name)
-            )
-        ).first()
+        found = next(iter(await catalogue.flavors_of_size(session, vcpus=seen["vcpus"], ram_mb=seen["ram_mb"])), None)
         if found is None:
             raise BadRequest(
                 f"no flavor has {seen['vcpus']} vCPUs and {seen['ram_mb']} MiB: create one first", field="flavor"

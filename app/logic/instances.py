@@ -29,7 +29,6 @@ from app.logic.errors import (
     UnknownImage,
     UnknownInstances,
     UnknownKeyPair,
-    UnknownZone,
 )
 from app.logic.hoststate import HostState
 from app.logic.jobs import Outbox
@@ -206,13 +205,11 @@ async def launch(
     if image.status != ImageStatus.ACTIVE.value:
         state = ec2.IMAGE_STATES[ImageStatus(image.status)]
         raise ImageUnavailable(f"image {spec.image} is {state}", ids=[spec.image], state=state)
-    flavor = (await session.scalars(sa.select(Flavor).where(_flavors.c.name == spec.flavor))).first()
-    if flavor is None:
-        raise UnknownFlavor(f"instance type {spec.flavor} does not exist", names=[spec.flavor])
+    flavor = await catalogue.resolve_flavor(session, flavor_id=None, name=spec.flavor)
     if spec.key_name is not None and await keypairs.find(session, project_id=project_id, name=spec.key_name) is None:
         raise UnknownKeyPair(f"key pair {spec.key_name} does not exist", name=spec.key_name)
-    if spec.zone and await session.scalar(sa.select(_zones.c.name).where(_zones.c.name == spec.zone)) is None:
-        raise UnknownZone(f"availability zone {spec.zone} does not exist", name=spec.zone)
+    if spec.zone:
+        await catalogue.check_zone(session, spec.zone)
     groups = await secgroups.find(session, project_id, ec2_ids=spec.group_ids, names=spec.group_names)
 
     created: list[servers.Created] = []
@@ -292,10 +289,9 @@ async def statuses(
 
 async def flavor_id(session: AsyncSession, name: str) -> uuid.UUID:
     """The id of the flavor (instance type) of this name, or ``UnknownFlavor``."""
-    found = await session.scalar(sa.select(_flavors.c.id).where(_flavors.c.name == name))
-    if found is None:
-        raise UnknownFlavor(f"instance type {name} does not exist", names=[name])
-    return uuid.UUID(str(found))
+    if not name:  # an empty InstanceType names no flavor (catalogue would ask for one)
+        raise UnknownFlavor("an instance type is needed", names=[name])
+    return (await catalogue.resolve_flavor(session, flavor_id=None, name=name)).id
 
 
 async def flavor_name(session: AsyncSession, server: Server) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import snapshot
 from app.ids import utcnow
-from app.logic import deadlines, events, placement, quotas, results, servers
+from app.logic import catalogue, deadlines, events, placement, quotas, results, servers
 from app.logic.hoststate import HostState
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
@@ -369,11 +369,7 @@ async def resized(session: AsyncSession, server_id: uuid.UUID, *, vcpus: int, ra
     assert old is not None
     if (old.vcpus, old.ram_mb) == (vcpus, ram_mb):
         return []
-    same_size = list(
-        await session.scalars(
-            sa.select(Flavor).where(_flavors.c.vcpus == vcpus, _flavors.c.ram_mb == ram_mb).order_by(_flavors.c.name)
-        )
-    )
+    same_size = await catalogue.flavors_of_size(session, vcpus=vcpus, ram_mb=ram_mb)
     if not same_size:
         return [f"server {server_id}: no flavor has {vcpus} vCPUs and {ram_mb} MiB; left for an operator"]
     new = next((f for f in same_size if f.disk_gb == old.disk_gb), same_size[0])

@@ -16,6 +16,7 @@ import json
 import uuid
 from typing import Any
 
+from app.api.ec2.keys import group_ids
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action
 from app.logic import actions, ec2, instances, secgroups, servers
@@ -125,10 +126,7 @@ def _launch(p: Params) -> instances.Launch:
             continue  # volumes and the like: nothing of theirs to tag here
         for tag in spec.structs("Tag"):
             tags.append((tag.require("Key"), tag.get("Value") or ""))
-    group_ids = p.many("SecurityGroupId")
-    for i in group_ids:
-        if not ec2.well_formed(i, "sg"):
-            raise Ec2Error("InvalidGroupId.Malformed", f'Invalid id: "{i}" (expecting "sg-...")')
+    groups = group_ids(p.many("SecurityGroupId"))
     token = p.get("ClientToken")
     if token is not None and not 0 < len(token) <= 64:
         raise invalid("ClientToken", token, "A client token has 1 to 64 characters.")
@@ -141,7 +139,7 @@ def _launch(p: Params) -> instances.Launch:
         user_data=user_data,
         zone=p.sub("Placement").get("AvailabilityZone"),
         tags=tags,
-        group_ids=group_ids,
+        group_ids=groups,
         group_names=p.many("SecurityGroup"),
         protect=p.flag("DisableApiTermination"),
         client_token=token,

@@ -103,10 +103,16 @@ async def delete_key_pair(ctx: Ctx) -> dict[str, Any]:
 # -- security groups ------------------------------------------------------------------------
 
 
-async def find_groups(ctx: Ctx, ids: list[str], names: list[str]) -> list[SecurityGroup]:
+def group_ids(ids: list[str]) -> list[str]:
+    """Security group ids as given, each of the ``sg-`` form (else ``InvalidGroupId.Malformed``)."""
     for i in ids:
         if not ec2.well_formed(i, "sg"):
             raise Ec2Error("InvalidGroupId.Malformed", f'Invalid id: "{i}" (expecting "sg-...")')
+    return ids
+
+
+async def find_groups(ctx: Ctx, ids: list[str], names: list[str]) -> list[SecurityGroup]:
+    group_ids(ids)
     try:
         return await secgroups.find(ctx.session, ctx.project_id, ec2_ids=ids, names=names)
     except e.NotFound as exc:
@@ -160,10 +166,7 @@ def _rule_items(rules: list[Any], owner: str) -> list[dict[str, Any]]:
 
 @action("DescribeSecurityGroups")
 async def describe_security_groups(ctx: Ctx) -> dict[str, Any]:
-    ids, names = ctx.params.many("GroupId"), ctx.params.many("GroupName")
-    for i in ids:
-        if not ec2.well_formed(i, "sg"):
-            raise Ec2Error("InvalidGroupId.Malformed", f'Invalid id: "{i}" (expecting "sg-...")')
+    ids, names = group_ids(ctx.params.many("GroupId")), ctx.params.many("GroupName")
     groups = await secgroups.listed(
         ctx.session, project_id=ctx.project_id, ec2_ids=ids, names=names, filters=ctx.params.filters()
     )
