@@ -136,7 +136,7 @@ class _Fatal(Exception):
 def _admin_api(settings: Settings, url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
     """Where the running API is and the admin's headers: admin commands go through the API, so
     they work against every mode (``nephos up``'s in-memory bus included) and every rule holds."""
-    base = (url or settings.api_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    base = (url or settings.public_api_url).rstrip("/")
     secret = token or (settings.admin_token.get_secret_value() if settings.admin_token else None)
     if not secret:
         raise _Fatal("an admin token is needed: pass --token or set NEPHOS_ADMIN_TOKEN")
@@ -203,6 +203,70 @@ def admin_reconcile(
         raise typer.Exit(2)
     found = any(report.get(kind) for kind in kinds)
     raise typer.Exit(0 if not found or report["fixed"] else 1)
+
+
+UrlOption = Annotated[str | None, typer.Option(help="The API (default: NEPHOS_API_URL, else NEPHOS_HOST:PORT)")]
+TokenOption = Annotated[str | None, typer.Option(help="An admin's token (default: NEPHOS_ADMIN_TOKEN)")]
+
+
+@admin_cli.command("leases")
+def admin_leases(
+    within: Annotated[float, typer.Option(help="Leases ending within this many days")] = 7.0,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Leases ending soon, across projects, soonest first."""
+    from datetime import UTC, datetime, timedelta
+    from urllib.parse import urlencode
+
+    from rich.console import Console
+    from rich.table import Table
+
+    base, headers = _admin_api(Settings(), url, token)
+    before = (datetime.now(UTC) + timedelta(days=within)).isoformat()
+    servers: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        query = urlencode({"before": before, "limit": 500, **({"cursor": cursor} if cursor else {})})
+        page = _call_api("GET", f"{base}/api/v1/admin/leases?{query}", headers, None, timeout=60)
+        servers += page["items"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    table = Table(title=f"leases ending within {within:g} days ({len(servers)})")
+    for column in ("ends (UTC)", "server", "name", "project", "state"):
+        table.add_column(column)
+    for s in sorted(servers, key=lambda s: s["lease_expires_at"]):
+        table.add_row(s["lease_expires_at"][:19], s["id"], s["name"], s["project_id"], s["operstate"])
+    Console().print(table)
+
+
+@admin_cli.command("capacity")
+def admin_capacity(url: UrlOption = None, token: TokenOption = None) -> None:
+    """Per flavor and zone: how many more VMs fit now, and how many would fit on empty hosts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    base, headers = _admin_api(Settings(), url, token)
+    items = _call_api("GET", f"{base}/api/v1/admin/capacity", headers, None, timeout=60)["items"]
+    table = Table(title="capacity (up hosts)")
+    for column in ("flavor", "zone", "fit now", "fit on empty hosts", "hosts up"):
+        table.add_column(column, justify="right" if column.startswith(("fit", "hosts")) else "left")
+    for item in items:
+        table.add_row(item["flavor"], item["zone"], str(item["fit_now"]), str(item["fit_empty"]), str(item["hosts_up"]))
+    Console().print(table)
+
+
+@admin_cli.command("notify-test")
+def admin_notify_test(
+    to: Annotated[str | None, typer.Option(help="Recipient (default: the admin's own email)")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Send a test mail through the mail server the API is set up with (NEPHOS_SMTP_*)."""
+    base, headers = _admin_api(Settings(), url, token)
+    sent = _call_api("POST", f"{base}/api/v1/admin/notify-test", headers, {"to": to}, timeout=120)
+    typer.echo(f"sent a test mail to {sent['to']} through {sent['server']}")
 
 
 def main() -> None:

@@ -65,6 +65,8 @@ class Project(SQLModel, table=True):
     id: uuid.UUID = _id()
     name: str = Field(max_length=128, unique=True)
     created_at: datetime = _ts()
+    # DESTROYED servers purged by the retention pass (their rows, jobs and events are gone).
+    purged_servers: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class Quota(SQLModel, table=True):
@@ -395,3 +397,66 @@ class ScheduledAction(SQLModel, table=True):
     job_id: uuid.UUID | None = None
     created_at: datetime = _ts()
     done_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Notification(SQLModel, table=True):
+    """A mail owed to a user (``logic.notifications``): a lease warning, a lease's end, a
+    disabled webhook. Recorded once -- the unique key is the VM, the kind, the lease end it
+    refers to and the warning's offset -- and marked sent once the mail server took it."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        sa.UniqueConstraint("server_id", "kind", "lease_end", "offset_s"),
+        sa.Index("ix_notifications_sent_at_next_at", "sent_at", "next_at"),
+    )
+    id: uuid.UUID = _id()
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    server_id: uuid.UUID | None = None
+    kind: str = Field(max_length=32)
+    lease_end: datetime | None = _ts(nullable=True, default=False)
+    offset_s: int = Field(default=0, sa_type=sa.BigInteger)
+    data: dict[str, Any] = _json()
+    created_at: datetime = _ts()
+    next_at: datetime = _ts()
+    claim: uuid.UUID | None = None
+    claimed_until: datetime | None = _ts(nullable=True, default=False)
+    attempts: int = 0
+    last_error: str = Field(default="", sa_type=sa.Text)
+    sent_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Webhook(SQLModel, table=True):
+    """A project's webhook: where its events are POSTed, signed with its secret (sealed)."""
+
+    __tablename__ = "webhooks"
+    project_id: uuid.UUID = Field(foreign_key="projects.id", primary_key=True)
+    url: str = Field(max_length=2048)
+    secret_sealed: str = Field(sa_type=sa.Text)
+    enabled: bool = True
+    failures: int = 0
+    disabled_reason: str = Field(default="", sa_type=sa.Text)
+    # Deliveries wait until then after a failure (exponential backoff).
+    next_at: datetime = _ts()
+    # One deliverer per project at a time, so its events arrive in order.
+    claim: uuid.UUID | None = None
+    claimed_until: datetime | None = _ts(nullable=True, default=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event owed to a project's webhook, written in the transaction that made the event."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (sa.Index("ix_webhook_deliveries_project_id_state", "project_id", "state"),)
+    id: uuid.UUID = _id()
+    project_id: uuid.UUID = Field(foreign_key="projects.id")
+    server_id: uuid.UUID | None = None
+    kind: str = Field(max_length=32)
+    body: dict[str, Any] = _json()
+    state: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    last_error: str = Field(default="", sa_type=sa.Text)
+    created_at: datetime = _ts()
+    delivered_at: datetime | None = _ts(nullable=True, default=False)

@@ -32,6 +32,7 @@ from app.bus import Bus, make_bus
 from app.bus.outbox import OutboxPublisher
 from app.db import make_engine, make_sessionmaker, transient
 from app.dispatcher.handlers import Dispatcher
+from app.dispatcher.notifier import Notifier
 from app.dispatcher.sweepers import Sweepers
 from app.serverkey import load_cipher
 from app.settings import Settings
@@ -70,9 +71,14 @@ class Plane:
             host_timeout=s.host_timeout,
             resend_after=s.resend_after,
             reconcile_interval=s.reconcile_interval,
+            lease_interval=s.lease_interval,
+            retention_days=s.retention_days,
         )
+        notifier = Notifier(self.sessions, s, lambda: self.cipher)
         self.tasks.append(asyncio.create_task(self.sweepers.run()))
         self.tasks.append(asyncio.create_task(self.sweepers.reconcile_forever()))
+        self.tasks.append(asyncio.create_task(self.sweepers.leases_forever()))
+        self.tasks.append(asyncio.create_task(notifier.run(min(s.lease_interval, 5.0))))
         return self.dispatcher
 
     async def start_agent(

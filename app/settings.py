@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,6 +85,26 @@ class Settings(BaseSettings):
     # Address a domain's VNC server listens on (agents). Loopback by default: reaching a
     # console from elsewhere is an operator's choice (a proxy, or an address on a private net).
     vnc_listen: str = Field(default="127.0.0.1", min_length=1)
+    # Seconds between the lease sweeper's passes: due scheduled actions (leases' ends among
+    # them), warnings to record, mails and webhook deliveries to send, the retention purge.
+    lease_interval: float = Field(default=30.0, gt=0)
+    # Mail (lease warnings and ends). No mail is sent while smtp_host is unset; notifications
+    # are still recorded, and go out once a mail server is set.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=25, gt=0, lt=65536)
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = Field(default="nephos@localhost", min_length=3)
+    smtp_timeout: float = Field(default=10.0, gt=0)
+    # A mail or webhook delivery that failed is tried again after this many seconds, doubled
+    # after each further failure (capped at an hour).
+    notify_retry: float = Field(default=30.0, gt=0)
+    # Webhooks: how long a receiver may take, and how many failures in a row disable one.
+    webhook_timeout: float = Field(default=5.0, gt=0)
+    webhook_max_failures: int = Field(default=8, gt=0)
+    # Days a DESTROYED server's row, jobs and events are kept; 0 keeps them for ever.
+    retention_days: float = Field(default=30, ge=0)
 
     @field_validator("database_url")
     @classmethod
@@ -112,6 +133,11 @@ class Settings(BaseSettings):
     @property
     def host_specs(self) -> list[HostSpec]:
         return parse_hosts(self.hosts)
+
+    @property
+    def public_api_url(self) -> str:
+        """Where users reach the API (links in mails)."""
+        return (self.api_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def is_sqlite(self) -> bool:

@@ -8,9 +8,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import mail
 from app.api.deps import AdminUser, AppState, CommittingRoute, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
 from app.api.schemas import (
+    CapacityItem,
+    CapacityOut,
     DomainAdopt,
     DomainDestroyed,
     DriftOut,
@@ -21,6 +24,8 @@ from app.api.schemas import (
     HostPatch,
     ImageCreate,
     ImageOut,
+    NotifyTestIn,
+    NotifyTestOut,
     Page,
     ProjectCreate,
     ProjectOut,
@@ -36,7 +41,7 @@ from app.bus import Bus
 from app.dispatcher import reconciler
 from app.logic import accounts, catalogue, domains, placement, quotas
 from app.logic import reconcile as reconcile_logic
-from app.logic.errors import Unavailable
+from app.logic.errors import BadRequest, Unavailable
 from app.logic.pagination import DEFAULT_LIMIT
 from app.messages import MARK, Action
 from app.models import Project
@@ -47,7 +52,13 @@ ADMIN = responses(400, 403)
 
 async def _project(session: AsyncSession, project: Project) -> ProjectOut:
     report = QuotasOut.model_validate(await quotas.report(session, project.id))
-    return ProjectOut(id=project.id, name=project.name, created_at=project.created_at, quotas=report)
+    return ProjectOut(
+        id=project.id,
+        name=project.name,
+        created_at=project.created_at,
+        quotas=report,
+        purged_servers=project.purged_servers,
+    )
 
 
 @router.post("/projects", status_code=201, response_model=ProjectOut, responses=responses(400, 403, 409))
@@ -225,3 +236,36 @@ async def drift(tx: TxDep, _: AdminUser) -> DriftOut:
     return DriftOut(
         started_at=last.started_at, duration_s=last.duration_s, fixed=last.fixed, counts=last.counts, report=last.report
     )
+
+
+@router.get("/capacity", response_model=CapacityOut, responses=ADMIN)
+async def capacity(tx: TxDep, _: AdminUser) -> CapacityOut:
+    """Per flavor and zone: how many more VMs fit on the up hosts now, and how many would fit
+    were those hosts empty."""
+    flavors = await catalogue.all_flavors(tx.session)
+    return CapacityOut(
+        items=[
+            CapacityItem(flavor=f.flavor.name, zone=f.zone, fit_now=f.now, fit_empty=f.empty, hosts_up=f.hosts_up)
+            for f in await placement.fits(tx.session, flavors)
+        ]
+    )
+
+
+@router.post("/notify-test", response_model=NotifyTestOut, responses=responses(400, 403, 503))
+async def notify_test(body: NotifyTestIn, state: StateDep, tx: TxDep, actor: AdminUser) -> NotifyTestOut:
+    """Send a test mail through the configured mail server (to ``to``, or the caller)."""
+    to = body.to or await accounts.email_of(tx.session, actor)
+    if not to:
+        raise BadRequest("the caller has no email address: name one in to", field="to")
+    settings = state.settings
+    msg = mail.message(
+        settings,
+        to=to,
+        subject="[Nephos] test mail",
+        body=f"This is a test mail from Nephos at {settings.public_api_url}.\nLease warnings will reach you.\n",
+    )
+    try:
+        await mail.send(settings, msg)
+    except mail.MailError as exc:
+        raise Unavailable(f"the mail server did not take the mail: {exc}") from None
+    return NotifyTestOut(sent=True, to=to, server=f"{settings.smtp_host}:{settings.smtp_port}")

@@ -506,6 +506,9 @@ class ProjectOut(BaseModel):
     name: str
     created_at: datetime
     quotas: QuotasOut
+    purged_servers: int = Field(
+        default=0, description="DESTROYED servers purged by the retention pass (NEPHOS_RETENTION_DAYS)"
+    )
 
 
 class UserCreate(Strict):
@@ -720,3 +723,53 @@ class ScheduleOut(BaseModel):
     attempts: int
     job_id: uuid.UUID | None
     done_at: datetime | None
+
+
+class WebhookIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"url": "https://hooks.example.org/nephos", "secret": "a-long-shared-secret"}]}
+    )
+
+    url: str = Field(max_length=2048, description="Where events are POSTed (http or https)")
+    secret: str = Field(
+        min_length=16, max_length=256, description="Key of the HMAC-SHA256 signature (stored sealed, never shown)"
+    )
+
+
+class WebhookOut(BaseModel):
+    project_id: uuid.UUID
+    url: str
+    enabled: bool
+    failures: int = Field(description="Failed deliveries in a row (a success resets it)")
+    disabled_reason: str = Field(description="Why it was disabled (empty while enabled)")
+    pending: int = Field(description="Deliveries waiting to be sent")
+    updated_at: datetime
+
+
+class CapacityItem(BaseModel):
+    flavor: str
+    zone: str
+    fit_now: int = Field(description="How many more VMs of this flavor the zone's up hosts take now")
+    fit_empty: int = Field(description="How many the zone's up hosts would take were they empty")
+    hosts_up: int
+
+
+class CapacityOut(BaseModel):
+    items: list[CapacityItem]
+
+
+class NotifyTestIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"to": "ops@example.org"}]})
+
+    to: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^[^@\s]+@[^@\s]+$",
+        description="Recipient (default: the caller's email)",
+    )
+
+
+class NotifyTestOut(BaseModel):
+    sent: bool
+    to: str
+    server: str = Field(description="The mail server that took it (host:port)")

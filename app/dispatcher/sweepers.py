@@ -2,8 +2,10 @@
 
 * the outbox: jobs committed but never confirmed as published are published again;
 * hosts: an agent silent for ``host_timeout`` marks its host down (no placement there);
-* scheduled actions that are due (leases' ends among them) run through the logic layer as the
-  system actor, each exactly once (``logic.schedules``);
+* every ``lease_interval``: scheduled actions that are due (leases' ends among them) run through
+  the logic layer as the system actor, each exactly once (``logic.schedules``); lease warnings
+  whose time has come are recorded, each once (``logic.notifications``; ``notifier`` mails them
+  and delivers webhooks, beside this pass); DESTROYED servers past the retention are purged;
 * idempotency records past their 24 h are deleted (once a minute);
 * deadlines: jobs past their deadline are resolved from their host's inventory, or ended in
   ERROR when the host is down (``logic.deadlines``); hosts whose inventory is older than a
@@ -25,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.bus import Bus
 from app.bus.outbox import OutboxPublisher
 from app.dispatcher import reconciler
-from app.logic import deadlines, hosts, idempotency, schedules
+from app.logic import deadlines, hosts, idempotency, notifications, retention, schedules
 from app.logic.jobs import Outbox
 from app.messages import InventoryRequest, encode
 
@@ -72,10 +74,13 @@ class Sweepers:
         host_timeout: float = 15.0,
         resend_after: float = 3.0,
         reconcile_interval: float = 60.0,
+        lease_interval: float = 30.0,
+        retention_days: float = 30.0,
     ) -> None:
         self.sessions, self.bus, self.outbox = sessions, bus, outbox
         self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
         self.reconcile_interval = reconcile_interval
+        self.lease_interval, self.retention_days = lease_interval, retention_days
         self._next_purge = 0.0
 
     async def purge(self) -> int:
@@ -116,7 +121,6 @@ class Sweepers:
         passed = await resolve_deadlines(self.sessions)
         for host in passed.need_inventory:
             await self.bus.publish_job(host, encode(InventoryRequest(request_id=uuid.uuid4().hex)))
-        ran = await run_schedules(self.sessions, self.outbox)
         purged = 0
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + 60.0
@@ -126,5 +130,28 @@ class Sweepers:
             "hosts_down": len(down),
             "deadlines_resolved": len(passed.resolved),
             "idempotency_purged": purged,
-            "scheduled_run": ran,
         }
+
+    async def leases_forever(self) -> None:
+        """The lease pass every ``lease_interval`` seconds (mail and webhooks run beside it, in
+        ``notifier``, so neither ever delays a lease's end)."""
+        while True:
+            try:
+                await self.lease_pass()
+            except Exception:
+                log.warning("lease pass failed", exc_info=True)
+            await asyncio.sleep(self.lease_interval)
+
+    async def lease_pass(self) -> dict[str, int]:
+        """Due scheduled actions (leases' ends among them), then the warnings whose time has
+        come, then the retention purge of long-DESTROYED servers."""
+        ran = await run_schedules(self.sessions, self.outbox)
+        async with self.sessions() as session:
+            warned = await notifications.plan_warnings(session)
+            await session.commit()
+        purged = 0
+        if self.retention_days > 0:
+            async with self.sessions() as session:
+                purged = await retention.purge(session, older_than=timedelta(days=self.retention_days))
+                await session.commit()
+        return {"scheduled_run": ran, "warnings_recorded": warned, "servers_purged": purged}

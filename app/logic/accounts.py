@@ -130,6 +130,12 @@ async def create_user(
     return NewUser(user, token)
 
 
+async def email_of(session: AsyncSession, actor: Actor) -> str:
+    """The acting user's email address ("" when none, or for the system)."""
+    user = await session.get(User, actor.user_id) if actor.user_id else None
+    return user.email if user else ""
+
+
 async def list_users(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[User]:
     require_admin(actor)
     return await paginate(session, sa.select(User), _users.c.id, limit=limit, cursor=cursor)

@@ -89,6 +89,12 @@ async def flavors_of_size(session: AsyncSession, *, vcpus: int, ram_mb: int) -> 
     return list(await session.scalars(stmt.order_by(_flavors.c.name)))
 
 
+async def all_flavors(session: AsyncSession) -> list[Flavor]:
+    """Every flavor, smallest first (the capacity view)."""
+    stmt = sa.select(Flavor).order_by(_flavors.c.vcpus, _flavors.c.ram_mb, _flavors.c.name)
+    return list(await session.scalars(stmt))
+
+
 async def list_flavors(
     session: AsyncSession, *, limit: int, cursor: str | None
 ) -> tuple[Page[Flavor], dict[uuid.UUID, int]]:

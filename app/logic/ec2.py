@@ -16,11 +16,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from app.ids import utcnow
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus, visible_images
-from app.logic.errors import InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
+from app.logic.errors import BadRequest, InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
 from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Server, Zone, table_of
 
@@ -195,9 +197,55 @@ async def tags_of(session: AsyncSession, resource_ids: list[str]) -> dict[str, l
     return out
 
 
+#: The read-only tag of every instance with a lease: the lease's end (ISO 8601, UTC, seconds).
+LEASE_TAG = "nephos:lease-expires"
+#: Tag keys clients may not set or delete (AWS reserves "aws:"; Nephos its own).
+RESERVED_TAG_PREFIXES = ("aws:", "nephos:")
+
+
+def lease_tag(server: Server) -> list[tuple[str, str]]:
+    """The lease tag of an instance (none without a lease)."""
+    end = server.lease_expires_at
+    return [(LEASE_TAG, end.strftime("%Y-%m-%dT%H:%M:%SZ"))] if end is not None else []
+
+
+class iso_utc(FunctionElement[str]):
+    """A timestamp as ``lease_tag`` writes it, computed in the database (for filters)."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(iso_utc, "postgresql")
+def _iso_utc_pg(element: iso_utc, compiler: Any, **kw: Any) -> str:
+    arg = compiler.process(next(iter(element.clauses)), **kw)
+    return f"to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+
+@compiles(iso_utc, "sqlite")
+def _iso_utc_sqlite(element: iso_utc, compiler: Any, **kw: Any) -> str:
+    arg = compiler.process(next(iter(element.clauses)), **kw)
+    return f"strftime('%Y-%m-%dT%H:%M:%SZ', {arg})"
+
+
+def lease_tag_filter(values: list[str]) -> sa.ColumnElement[bool]:
+    """``tag:nephos:lease-expires``: instances with a lease, its end matching a value (if any)."""
+    has = _servers.c.lease_expires_at.is_not(None)
+    return sa.and_(has, matches(iso_utc(_servers.c.lease_expires_at), values)) if values else has
+
+
+def _writable(keys: list[str]) -> None:
+    for key in keys:
+        if key.lower().startswith(RESERVED_TAG_PREFIXES):
+            raise BadRequest(
+                f"Tag keys starting with {' or '.join(RESERVED_TAG_PREFIXES)} are reserved: {key}", field="Tag.Key"
+            )
+
+
 async def set_tags(
     session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str], tags: list[tuple[str, str]]
 ) -> None:
+    _writable([key for key, _ in tags])
     for rid in resource_ids:
         for key, value in tags:
             await session.execute(_tags.delete().where(_tags.c.resource_id == rid, _tags.c.key == key))
@@ -207,6 +255,7 @@ async def set_tags(
 async def delete_tags(
     session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str], tags: list[tuple[str, str | None]]
 ) -> None:
+    _writable([key for key, _ in tags])
     base = sa.and_(_tags.c.project_id == project_id, _tags.c.resource_id.in_(resource_ids))
     if not tags:
         await session.execute(_tags.delete().where(base))

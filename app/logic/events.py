@@ -1,4 +1,6 @@
-"""A VM's history: every action asked, every job outcome, every out-of-band change."""
+"""A VM's history: every action asked, every job outcome, every out-of-band change. The ones a
+webhook carries (state changes, lease warnings and actions) also become deliveries when their
+transaction commits (``webhooks``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.logic import webhooks
 from app.logic.pagination import Page, paginate
 from app.models import Server, ServerEvent, table_of
 
@@ -34,6 +37,7 @@ def record(
         user_id=user_id,
     )
     session.add(event)
+    webhooks.note(session, server, event)
     return event
 
 

@@ -93,7 +93,10 @@ FILTERS: dict[str, ec2.Filter] = {
     "group-id": _groups(_sgroups.c.ec2_id),
     "instance.group-name": _groups(_sgroups.c.name),
     "group-name": _groups(_sgroups.c.name),
-    "tag-key": lambda values: ec2.has_tag(ec2.matches(_tags.c.key, values)),
+    "tag-key": lambda values: sa.or_(
+        ec2.has_tag(ec2.matches(_tags.c.key, values)),
+        sa.and_(_servers.c.lease_expires_at.is_not(None), ec2.matches(sa.literal(ec2.LEASE_TAG), values)),
+    ),
     "tag-value": lambda values: ec2.has_tag(ec2.matches(_tags.c.value, values)),
 }
 
@@ -101,7 +104,9 @@ FILTERS: dict[str, ec2.Filter] = {
 def _with_tags(given: ec2.Given) -> dict[str, ec2.Filter]:
     known = dict(FILTERS)
     for name, _ in given:
-        if name.startswith("tag:"):
+        if name == f"tag:{ec2.LEASE_TAG}":
+            known[name] = ec2.lease_tag_filter
+        elif name.startswith("tag:"):
             key = name[4:]
             known[name] = lambda values, key=key: ec2.tag_filter(key, values)  # type: ignore[misc]
     return known

@@ -147,14 +147,41 @@ async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: in
     )
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How many more VMs of a flavor a zone takes now, and would take on empty hosts."""
+
+    flavor: Flavor
+    zone: str
+    now: int
+    empty: int
+    hosts_up: int
+
+
+def _fits(cpu: int, ram: int, flavor: Flavor) -> int:
+    return max(0, min(cpu // flavor.vcpus, ram // flavor.ram_mb))
+
+
+async def fits(session: AsyncSession, flavors: list[Flavor]) -> list[Fit]:
+    """Per flavor and zone (of the up hosts): room now, and room were the hosts empty."""
+    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == HostState.UP)))
+    zones: dict[str, list[Host]] = {}
+    for h in hosts:
+        zones.setdefault(h.zone, []).append(h)
+    out = []
+    for flavor in flavors:
+        for zone, members in sorted(zones.items()):
+            now = sum(_fits(*free_of(h), flavor) for h in members)
+            empty = sum(
+                _fits(math.floor(h.cpus * h.cpu_ratio), math.floor(h.ram_mb * h.ram_ratio), flavor) for h in members
+            )
+            out.append(Fit(flavor, zone, now, empty, len(members)))
+    return out
+
+
 async def capacity(session: AsyncSession, flavors: list[Flavor]) -> dict[uuid.UUID, int]:
     """How many more VMs of each flavor the up hosts can take now (the lease-it view)."""
-    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == HostState.UP)))
-    out: dict[uuid.UUID, int] = {}
-    for flavor in flavors:
-        total = 0
-        for h in hosts:
-            cpu, ram = free_of(h)
-            total += max(0, min(cpu // flavor.vcpus, ram // flavor.ram_mb))
-        out[flavor.id] = total
+    out = {flavor.id: 0 for flavor in flavors}
+    for fit in await fits(session, flavors):
+        out[fit.flavor.id] += fit.now
     return out

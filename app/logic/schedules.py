@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import actions, events, servers
+from app.logic import actions, events, notifications, servers
 from app.logic.actor import SYSTEM, Actor
 from app.logic.errors import BadRequest, InvalidState, NotFound, Protected, TaskPending
 from app.logic.jobs import Outbox
@@ -115,6 +115,8 @@ async def run(session: AsyncSession, outbox: Outbox, schedule_id: uuid.UUID) -> 
             outcome, reason = ScheduleState.DONE, why
     row.state, row.reason, row.done_at = outcome, reason, utcnow()
     row.attempts += 1
+    if row.kind == ScheduleKind.LEASE and outcome == ScheduleState.DONE:
+        await notifications.lease_ended(session, server, action=action.value, lease_end=row.at, reason=reason)
     events.record(
         session,
         server,

@@ -81,7 +81,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
                 "hypervisor": "kvm",
                 "clientToken": s.client_token or "",
                 "ebsOptimized": False,
-                "tagSet": [{"key": k, "value": v} for k, v in tags[s.ec2_id]] or None,
+                "tagSet": [{"key": k, "value": v} for k, v in [*tags[s.ec2_id], *ec2.lease_tag(s)]] or None,
             }
         )
     return out

@@ -1,0 +1,116 @@
+"""A whole cloud in the test's process -- api, dispatcher, two agents -- so a test can reach an
+agent's libvirt connection and the results queue directly. Runs on both transports: SQLite +
+the in-memory bus, and PostgreSQL + RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.api.app import create_app
+from app.api.deps import AppState
+from app.bus.amqp import AmqpBus
+from app.bus.memory import MemoryBus
+from app.logic import bootstrap
+from app.runtime import Plane, plane
+from app.settings import Settings
+from tests.conftest import ADMIN_TOKEN, AMQP_URL, _pg_database, amqp_prefix, need_amqp
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class Cloud:
+    def __init__(self, p: Plane, client: httpx.AsyncClient) -> None:
+        self.plane, self.client = p, client
+
+    async def until(self, what: str, check: Callable[[], Awaitable[Any]], timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := await check()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+        return value
+
+    async def server(self, sid: str) -> dict[str, Any]:
+        return (await self.client.get(f"/api/v1/servers/{sid}", headers=ADMIN)).json()  # type: ignore[no-any-return]
+
+    async def started_vm(self) -> dict[str, Any]:
+        r = await self.client.post(
+            "/api/v1/servers", headers=ADMIN, json={"name": "vm", "flavor": "small", "image": "debian-12"}
+        )
+        assert r.status_code == 202, r.text
+        sid = r.json()["servers"][0]["id"]
+
+        async def started() -> dict[str, Any] | None:
+            s = await self.server(sid)
+            return s if s["operstate"] == "STARTED" and s["task"] is None else None
+
+        return await self.until("STARTED", started)  # type: ignore[no-any-return]
+
+    async def quotas(self) -> dict[str, Any]:
+        return (await self.client.get("/api/v1/quotas", headers=ADMIN)).json()  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def inprocess_cloud(request: pytest.FixtureRequest, tmp_path: Path, **extra: Any) -> AsyncIterator[Cloud]:
+    """``request.param`` picks the transports ("embedded" or "production"); ``extra`` settings."""
+    settings_kw: dict[str, Any] = {
+        "state_dir": tmp_path,
+        "secret_key_file": tmp_path / "secret.key",
+        "heartbeat_interval": 0.3,
+        "sweep_interval": 0.2,
+        "lease_interval": 0.2,
+        "resend_after": 0.5,
+        "inventory_interval": 1,
+        **extra,
+    }
+    if request.param == "embedded":
+        url, bus, databases = f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", MemoryBus(), None
+        from app.db import upgrade
+
+        await upgrade(url)
+    else:
+        need_amqp()
+        databases = _pg_database(request.getfixturevalue("pg_template"))
+        url = await databases.__anext__()
+        bus = AmqpBus(AMQP_URL, prefix=amqp_prefix())
+    settings = Settings(database_url=url, **settings_kw)
+    async with plane(settings, bus) as p:
+        async with p.sessions() as session:
+            await bootstrap.seed(session, admin_token=ADMIN_TOKEN)
+            await session.commit()
+        await p.start_dispatcher()
+        for host in ("host-1", "host-2"):
+            from app.backend.driver import write_test_node
+
+            await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
+        state = AppState(
+            settings=settings,
+            sessions=p.sessions,
+            cipher=p.cipher,
+            publish=p.outbox.submit,
+            bus_ok=lambda: p.bus.connected,
+            bus=p.bus,
+        )
+        app = create_app(settings, state)
+        async with LifespanManager(app) as manager:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
+                cloud = Cloud(p, c)
+                await cloud.until("hosts up", lambda: _hosts_up(c))
+                yield cloud
+        if isinstance(bus, AmqpBus):
+            await bus.purge_and_delete(["host-1", "host-2"])
+    if databases is not None:
+        await databases.aclose()
+
+
+async def _hosts_up(c: httpx.AsyncClient) -> bool:
+    return bool((await c.get("/healthz")).json()["hosts_up"] == 2)
