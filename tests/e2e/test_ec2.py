@@ -621,3 +621,40 @@ async def test_owners_and_the_signing_region(cluster: Cluster) -> None:
     with pytest.raises(ClientError) as exc:
         await in_thread(elsewhere.describe_images)
     assert code_of(exc) == "AuthFailure" and "region" in str(exc.value)
+
+
+async def test_the_lease_is_a_read_only_tag_that_filters(cluster: Cluster) -> None:
+    """Every leased instance carries ``nephos:lease-expires`` (its lease's end); DescribeInstances
+    filters on it like any tag; clients can neither set nor delete it."""
+    ec2, headers = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    run = await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=2, MaxCount=2)
+    ids = sorted(i["InstanceId"] for i in run["Instances"])
+    servers = {s["ec2_id"]: s for s in (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]}
+    # An admin moves one lease to a known end.
+    end = "2031-05-06T07:08:09Z"
+    r = await cluster.client.post(
+        f"/api/v1/servers/{servers[ids[0]]['id']}/lease", headers=ADMIN, json={"expires_at": end}
+    )
+    assert r.status_code == 200, r.text
+
+    async def described(*filters: dict[str, Any]) -> list[dict[str, Any]]:
+        out = await in_thread(ec2.describe_instances, Filters=list(filters))
+        return [i for res in out["Reservations"] for i in res["Instances"]]
+
+    every = {i["InstanceId"]: i for i in await described()}
+    assert {"Key": "nephos:lease-expires", "Value": end} in every[ids[0]]["Tags"]
+    other = next(t["Value"] for t in every[ids[1]]["Tags"] if t["Key"] == "nephos:lease-expires")
+    assert other == datetime.fromisoformat(servers[ids[1]]["lease_expires_at"]).strftime("%Y-%m-%dT%H:%M:%SZ")
+    exact = await described({"Name": "tag:nephos:lease-expires", "Values": [end]})
+    assert [i["InstanceId"] for i in exact] == [ids[0]]
+    year = await described({"Name": "tag:nephos:lease-expires", "Values": ["2031-05-*"]})
+    assert [i["InstanceId"] for i in year] == [ids[0]]
+    keyed = await described({"Name": "tag-key", "Values": ["nephos:lease-expires"]})
+    assert sorted(i["InstanceId"] for i in keyed) == ids
+    for call in (ec2.create_tags, ec2.delete_tags):
+        with pytest.raises(ClientError) as refused:
+            await in_thread(call, Resources=ids[:1], Tags=[{"Key": "nephos:lease-expires", "Value": "2099-01-01"}])
+        assert code_of(refused) == "InvalidParameterValue"
+    after = {i["InstanceId"]: i for i in await described()}
+    assert {"Key": "nephos:lease-expires", "Value": end} in after[ids[0]]["Tags"]
