@@ -253,11 +253,14 @@ async def capacity(tx: TxDep, _: AdminUser) -> CapacityOut:
 
 @router.post("/notify-test", response_model=NotifyTestOut, responses=responses(400, 403, 503))
 async def notify_test(body: NotifyTestIn, state: StateDep, tx: TxDep, actor: AdminUser) -> NotifyTestOut:
-    """Send a test mail through the configured mail server (to ``to``, or the caller)."""
+    """Send a test mail through the configured mail server (to ``to``, or the caller): 400 when
+    no mail server is set, 503 ``Unavailable`` with the server's complaint when it refuses."""
     to = body.to or await accounts.email_of(tx.session, actor)
     if not to:
         raise BadRequest("the caller has no email address: name one in to", field="to")
     settings = state.settings
+    if not mail.configured(settings):
+        raise BadRequest("no mail server is set (NEPHOS_SMTP_HOST): nothing can be sent", field="NEPHOS_SMTP_HOST")
     msg = mail.message(
         settings,
         to=to,
