@@ -184,13 +184,14 @@ async def production_cluster(
 
 
 @contextlib.asynccontextmanager
-async def embedded_cluster(workdir: Path) -> AsyncIterator[Cluster]:
+async def embedded_cluster(workdir: Path, extra_env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
     port = free_port()
     env = {
         **_base_env(workdir),
         "NEPHOS_PORT": str(port),
         "NEPHOS_HOSTS": ",".join(f"{h}:16:32768" for h in HOSTS),
         "NEPHOS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'var' / 'nephos.db'}",
+        **(extra_env or {}),
     }
     cluster = Cluster("embedded", f"http://127.0.0.1:{port}", env, workdir)
     cluster.spawn("up", [nephos_bin(), "up"])

@@ -138,13 +138,16 @@ async def test_two_warnings_by_mail_then_the_end_with_its_event_quota_and_webhoo
     assert all(v["pending"] == 0 for v in q.values())
 
     async def hooked() -> bool:
-        return receiver.kinds().count("server.state") >= 2 and "lease.action" in receiver.kinds()
+        return any(d.body["kind"] == "server.state" and d.body["data"]["to"] == state for d in receiver.deliveries)
 
     await cloud.until("the webhook deliveries", hooked)
     assert all(d.valid for d in receiver.deliveries)
     assert receiver.kinds().count("lease.warning") == 2
     assert {d.body["server_id"] for d in receiver.deliveries} == {vm["id"]}
-    assert receiver.deliveries[-1].body["data"]["to"] == state
+    kinds = receiver.kinds()
+    assert kinds.index("lease.warning") < kinds.index("lease.action")  # in the order they happened
+    states = [d.body["data"]["to"] for d in receiver.deliveries if d.body["kind"] == "server.state"]
+    assert states == ["BUILD", "STARTED", state], states
     await receiver.stop()
 
 
