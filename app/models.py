@@ -460,3 +460,34 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str = Field(default="", sa_type=sa.Text)
     created_at: datetime = _ts()
     delivered_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Network(SQLModel, table=True):
+    """A project's private network (``logic.networks``): a CIDR, a gateway, a libvirt network
+    with DHCP reservations on every host that runs one of its VMs."""
+
+    __tablename__ = "networks"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
+    id: uuid.UUID = _id()
+    project_id: uuid.UUID = Field(foreign_key="projects.id", index=True)
+    name: str = Field(max_length=64)
+    cidr: str = Field(max_length=43, unique=True)
+    gateway: str = Field(max_length=45)
+    is_default: bool = False
+    ec2_id: str = Field(default_factory=lambda: ec2_id("subnet"), max_length=32, unique=True)
+    created_at: datetime = _ts()
+
+
+class Port(SQLModel, table=True):
+    """A VM's NIC on a network: its fixed address and MAC, unique by constraint."""
+
+    __tablename__ = "ports"
+    __table_args__ = (sa.UniqueConstraint("network_id", "ip"),)
+    id: uuid.UUID = _id()
+    server_id: uuid.UUID = Field(foreign_key="servers.id", index=True)
+    network_id: uuid.UUID = Field(foreign_key="networks.id", index=True)
+    ip: str = Field(max_length=45)
+    mac: str = Field(max_length=17, unique=True)
+    position: int = 0
+    ec2_id: str = Field(default_factory=lambda: ec2_id("eni"), max_length=32, unique=True)
+    created_at: datetime = _ts()

@@ -30,6 +30,7 @@ STATUS: dict[type[e.NephosError], int] = {
     e.InvalidState: 409,
     e.HostDown: 409,
     e.InUse: 409,
+    e.NetworkFull: 409,
     e.Protected: 409,
     e.IdempotencyConflict: 409,
     e.OverLimit: 413,

@@ -113,6 +113,11 @@ class ServerCreate(Strict):
     metadata: Metadata = {}
     zone: str | None = Field(default=None, max_length=64)
     hold: bool = Field(default=False, description="Create in HOLD, unplaced, until released")
+    networks: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=8,
+        description="Networks (names or ids) to give the VM a NIC on, in order; default: the project's default network",
+    )
     description: str = Field(default="", max_length=4096)
 
     @model_validator(mode="after")
@@ -123,6 +128,13 @@ class ServerCreate(Strict):
         if self.image_id is None and not self.image:
             raise ValueError("give image_id or image (an image name, e.g. debian-12)")
         return self
+
+
+class AddressOut(BaseModel):
+    network: str
+    ip: str
+    mac: str
+    public_ip: str | None = None
 
 
 class ServerOut(BaseModel):
@@ -146,12 +158,21 @@ class ServerOut(BaseModel):
     ec2_id: str = Field(description="The same VM's EC2 instance id (i-...)")
     flavor: str = Field(description="The flavor's name")
     image: str = Field(description="The image's name")
+    addresses: list[AddressOut] = Field(default_factory=list, description="One per NIC, in order")
 
     @classmethod
     def of(cls, s: Any, labels: Labels) -> ServerOut:
-        data = {name: getattr(s, name) for name in cls.model_fields if name not in ("metadata", "flavor", "image")}
+        shown = ("metadata", "flavor", "image", "addresses")
+        data = {name: getattr(s, name) for name in cls.model_fields if name not in shown}
         return cls(
-            metadata=s.meta, flavor=labels.flavors.get(s.flavor_id, ""), image=labels.images.get(s.image_id, ""), **data
+            metadata=s.meta,
+            flavor=labels.flavors.get(s.flavor_id, ""),
+            image=labels.images.get(s.image_id, ""),
+            addresses=[
+                AddressOut(network=a.network, ip=a.ip, mac=a.mac, public_ip=a.public_ip)
+                for a in labels.addresses.get(s.id, [])
+            ],
+            **data,
         )
 
 
@@ -642,6 +663,9 @@ class ReconcileReport(BaseModel):
     stuck_tasks: list[dict[str, Any]] = Field(description="Jobs past their deadline")
     quota_drift: list[dict[str, Any]] = Field(description="Recorded usage that differs from the VMs")
     pending_without_job: list[dict[str, Any]] = Field(description="Pending commissions with no live job")
+    stale_addresses: list[dict[str, Any]] = Field(
+        default_factory=list, description="Addresses still held by DESTROYED servers (server_id, network, ip)"
+    )
     unreachable_hosts: list[str] = Field(description="Hosts with no fresh inventory: not judged")
     fixed: bool
     actions: list[str] = Field(description="What the fix did")
@@ -773,3 +797,26 @@ class NotifyTestOut(BaseModel):
     sent: bool
     to: str
     server: str = Field(description="The mail server that took it (host:port)")
+
+
+class NetworkIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "backend", "cidr": "10.20.0.0/24"}]})
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    cidr: str | None = Field(
+        default=None,
+        max_length=43,
+        description="A private IPv4 network, /16 to /29, overlapping no other; default: the next free /24 of the pool",
+    )
+
+
+class NetworkOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    cidr: str
+    gateway: str
+    project_id: uuid.UUID
+    is_default: bool
+    created_at: datetime

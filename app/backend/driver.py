@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -66,6 +67,10 @@ def test_node_xml(cpus: int, ram_mb: int) -> str:
 
 
 _DOMAIN = re.compile(r"<domain\b.*?</domain>", re.S)
+_NETWORK = re.compile(r"<network\b.*?</network>", re.S)
+#: Names of the libvirt networks Nephos makes: ``nephos-<network id>``.
+NETWORK_PREFIX = "nephos-"
+NET_NS = "https://nephos.dev/xmlns/network/1"
 
 
 def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
@@ -73,7 +78,8 @@ def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
     simulated hypervisor outlives its agent, as libvirtd does)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.xml"
-    kept = _DOMAIN.findall(path.read_text()) if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    kept = _NETWORK.findall(text) + _DOMAIN.findall(text)
     _write_atomically(path, test_node_xml(cpus, ram_mb).replace("</node>", "".join(kept) + "</node>"))
     return f"test://{path.resolve()}"
 
@@ -82,6 +88,26 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def network_name(nic: dict[str, Any]) -> str:
+    return f"{NETWORK_PREFIX}{nic['network_id']}"
+
+
+def network_xml(nic: dict[str, Any]) -> str:
+    """A Nephos network on a host: its own bridge, the gateway address, DHCP for reserved
+    addresses only, no forwarding (isolated), and the mark."""
+    net = ipaddress.IPv4Network(str(nic["cidr"]))
+    root = ET.Element("network")
+    ET.SubElement(root, "name").text = network_name(nic)
+    meta = ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NET_NS}}}network")
+    ET.SubElement(meta, f"{{{NET_NS}}}id").text = str(nic["network_id"])  # the mark
+    ET.SubElement(meta, f"{{{NET_NS}}}name").text = str(nic.get("network", ""))
+    ET.SubElement(root, "bridge", name=str(nic["bridge"]), stp="on", delay="0")
+    ip = ET.SubElement(root, "ip", address=str(nic["gateway"]), netmask=str(net.netmask))
+    ET.SubElement(ip, "dhcp")
+    ET.register_namespace("nephosnet", NET_NS)
+    return ET.tostring(root, encoding="unicode")
 
 
 class Driver:
@@ -123,15 +149,18 @@ class Driver:
         return Path(self.uri.removeprefix("test://"))
 
     async def persist(self) -> None:
-        """Keep a simulated host's domains, with their run states, in its node file, so an agent
+        """Keep a simulated host's networks and domains (with run states) in its node file, so an agent
         that restarts (or is killed) finds them again; a no-op for a real hypervisor."""
         path, conn = self.node_file, self.conn
         if path is None or conn is None:
             return
 
         def write() -> None:
-            node = _DOMAIN.sub("", path.read_text())
+            node = _NETWORK.sub("", _DOMAIN.sub("", path.read_text()))
             kept = []
+            for net in conn.listAllNetworks():
+                with contextlib.suppress(libvirt.libvirtError):
+                    kept.append(net.XMLDesc(0))
             for dom in conn.listAllDomains():
                 with contextlib.suppress(libvirt.libvirtError):
                     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -237,10 +266,13 @@ class Driver:
             ET.SubElement(d, "driver", name="qemu", type="qcow2")
             ET.SubElement(d, "source", file=disk)
             ET.SubElement(d, "target", dev="vda", bus="virtio")
-        nic = ET.SubElement(devices, "interface", type="network")
-        ET.SubElement(nic, "source", network="default")
-        if not self.simulated:
-            ET.SubElement(nic, "model", type="virtio")
+        for spec in p.get("nics") or [{"network_name": "default"}]:
+            nic = ET.SubElement(devices, "interface", type="network")
+            if spec.get("mac"):
+                ET.SubElement(nic, "mac", address=str(spec["mac"]))
+            ET.SubElement(nic, "source", network=spec.get("network_name") or network_name(spec))
+            if not self.simulated:
+                ET.SubElement(nic, "model", type="virtio")
         # The console is never open: it listens where the operator says (loopback unless told
         # otherwise) and has a random password from the start, which nobody is shown; the
         # console action sets a fresh one and shows it once.
@@ -279,10 +311,64 @@ class Driver:
             )
         return str(overlay)
 
+    # -- networks ----------------------------------------------------------------------------
+    def _ensure_network(self, nic: dict[str, Any]) -> libvirt.virNetwork:
+        """The NIC's network on this host, defined (isolated: no forwarding off the host) and
+        started if it is not, with the NIC's DHCP reservation. Idempotent."""
+        assert self.conn is not None
+        name = network_name(nic)
+        try:
+            net = self.conn.networkLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                raise
+            net = self.conn.networkDefineXML(network_xml(nic))
+            with contextlib.suppress(libvirt.libvirtError):
+                net.setAutostart(True)
+        if not net.isActive():
+            net.create()
+        host = f"<host mac='{nic['mac']}' ip='{nic['ip']}'/>"
+        existing = ET.fromstring(net.XMLDesc(0)).find(f"./ip/dhcp/host[@mac='{nic['mac']}']")
+        both = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+        if existing is None:
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, host, both
+            )
+        elif existing.get("ip") != nic["ip"]:
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_MODIFY, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, host, both
+            )
+        return net
+
+    def _forget_reservations(self, dom: libvirt.virDomain) -> None:
+        """A destroyed domain's DHCP reservations leave its networks (Nephos's networks only)."""
+        assert self.conn is not None
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        for iface in root.findall("./devices/interface[@type='network']"):
+            source, mac = iface.find("source"), iface.find("mac")
+            if source is None or mac is None or not source.get("network", "").startswith(NETWORK_PREFIX):
+                continue
+            with contextlib.suppress(libvirt.libvirtError):
+                net = self.conn.networkLookupByName(source.get("network", ""))
+                found = ET.fromstring(net.XMLDesc(0)).find(f"./ip/dhcp/host[@mac='{mac.get('address')}']")
+                if found is not None:
+                    both = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
+                        libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if net.isActive() else 0
+                    )
+                    net.update(
+                        libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                        -1,
+                        ET.tostring(found, encoding="unicode"),
+                        both,
+                    )
+
     # -- actions (each returns details for the job's result) -------------------------------------
     async def create(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             assert self.conn is not None
+            for nic in p.get("nics") or []:
+                self._ensure_network(nic)
             dom = self._lookup(server_id)
             if dom is None:
                 dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
@@ -418,6 +504,7 @@ class Driver:
                 return
             if dom.isActive():
                 dom.destroy()
+            self._forget_reservations(dom)
             flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             dom.undefineFlags(flags)
 

@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import catalogue, events, hosts, jobs, keypairs, placement, quotas, results, servers
+from app.logic import catalogue, events, hosts, jobs, keypairs, networks, placement, quotas, results, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import BadRequest, Forbidden, HostDown, Protected
@@ -106,7 +106,8 @@ async def _begin(
             if server.key_name
             else None
         )
-        params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None)
+        nics = await networks.nics_of(session, server.id)
+        params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import placement
+from app.logic import networks, placement
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
@@ -42,10 +42,12 @@ class Labels:
 
     flavors: dict[uuid.UUID, str]
     images: dict[uuid.UUID, str]
+    addresses: dict[uuid.UUID, list[networks.Address]]
 
 
 async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
-    """The names of the flavors and images of ``servers`` (two queries, whatever their number)."""
+    """The names of the flavors and images of ``servers`` and their addresses (three queries,
+    whatever their number)."""
     rows = list(servers)
     flavor_ids = {s.flavor_id for s in rows}
     image_ids = {s.image_id for s in rows}
@@ -63,7 +65,7 @@ async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
         if image_ids
         else {}
     )
-    return Labels(flavors, images)
+    return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in rows]))
 
 
 # -- flavors -------------------------------------------------------------------

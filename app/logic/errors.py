@@ -62,6 +62,12 @@ class HostDown(NephosError):
     code = "HostDown"
 
 
+class NetworkFull(NephosError):
+    """A network (or the pool networks come from) has no free address (range) left."""
+
+    code = "NetworkFull"
+
+
 class InUse(NephosError):
     """The thing is still used by another (a security group by a VM or by another group's rule)."""
 

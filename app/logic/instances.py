@@ -32,10 +32,22 @@ from app.logic.errors import (
 )
 from app.logic.hoststate import HostState
 from app.logic.jobs import Outbox
-from app.models import Ec2Tag, Flavor, Host, Image, SecurityGroup, Server, ServerSecurityGroup, Zone, table_of
+from app.models import (
+    Ec2Tag,
+    Flavor,
+    Host,
+    Image,
+    Port,
+    SecurityGroup,
+    Server,
+    ServerSecurityGroup,
+    Zone,
+    table_of,
+)
 
 _servers, _flavors, _images, _zones = table_of(Server), table_of(Flavor), table_of(Image), table_of(Zone)
 _tags, _sgroups, _members = table_of(Ec2Tag), table_of(SecurityGroup), table_of(ServerSecurityGroup)
+_ports = table_of(Port)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,12 @@ FILTERS: dict[str, ec2.Filter] = {
         sa.and_(_servers.c.lease_expires_at.is_not(None), ec2.matches(sa.literal(ec2.LEASE_TAG), values)),
     ),
     "tag-value": lambda values: ec2.has_tag(ec2.matches(_tags.c.value, values)),
+    "private-ip-address": lambda values: sa.exists().where(
+        _ports.c.server_id == _servers.c.id, ec2.matches(_ports.c.ip, values)
+    ),
+    "network-interface.mac-address": lambda values: sa.exists().where(
+        _ports.c.server_id == _servers.c.id, ec2.matches(_ports.c.mac, values)
+    ),
 }
 
 

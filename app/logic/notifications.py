@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import events
+from app.logic import events, rows
 from app.logic.leases import DEFAULT
 from app.logic.operstate import Operstate
 from app.models import LeasePolicy, Notification, Server, User, table_of
@@ -59,19 +59,6 @@ def _due_offset(now: datetime, end: datetime, offsets: list[int]) -> int | None:
     not a late "in 7 days")."""
     passed = [w for w in offsets if end - timedelta(seconds=w) <= now]
     return min(passed) if passed else None
-
-
-async def _insert_once(session: AsyncSession, values: dict[str, object]) -> bool:
-    """Insert unless its unique key is there already; True when this call inserted it."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(_notes).values(**values).on_conflict_do_nothing().returning(_notes.c.id)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt = sqlite_insert(_notes).values(**values).on_conflict_do_nothing().returning(_notes.c.id)
-    return (await session.execute(stmt)).first() is not None
 
 
 def _row(
@@ -127,7 +114,7 @@ async def plan_warnings(session: AsyncSession, *, now: datetime | None = None) -
         if offset is None or (server.id, end, offset) in recorded:
             continue
         data = {"server_name": server.name, "lease_expires_at": end.isoformat(), "warn_before_s": offset}
-        if await _insert_once(session, _row(server, Kind.WARNING, end, offset, data)):
+        if await rows.insert_or_skip(session, _notes, _row(server, Kind.WARNING, end, offset, data)):
             events.record(
                 session,
                 server,
@@ -146,7 +133,7 @@ async def lease_ended(session: AsyncSession, server: Server, *, action: str, lea
         "reason": reason,
         "lease_expires_at": lease_end.isoformat(),
     }
-    await _insert_once(session, _row(server, Kind.ENDED, lease_end, 0, data))
+    await rows.insert_or_skip(session, _notes, _row(server, Kind.ENDED, lease_end, 0, data))
 
 
 async def tell_project(session: AsyncSession, project_id: uuid.UUID, kind: str, data: dict[str, object]) -> int:

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import snapshot
 from app.ids import utcnow
-from app.logic import catalogue, deadlines, events, placement, quotas, results, servers
+from app.logic import catalogue, deadlines, events, networks, placement, quotas, results, servers
 from app.logic.hoststate import HostState
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
@@ -53,6 +53,7 @@ class Report:
     stuck_tasks: list[dict[str, Any]] = field(default_factory=list)
     quota_drift: list[dict[str, Any]] = field(default_factory=list)
     pending_without_job: list[dict[str, Any]] = field(default_factory=list)
+    stale_addresses: list[dict[str, Any]] = field(default_factory=list)
     unreachable_hosts: list[str] = field(default_factory=list)
     fixed: bool = False
     actions: list[str] = field(default_factory=list)
@@ -65,6 +66,7 @@ class Report:
         "stuck_tasks",
         "quota_drift",
         "pending_without_job",
+        "stale_addresses",
     )
 
     def counts(self) -> dict[str, int]:
@@ -246,6 +248,8 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
         )
     await _quota_drift(session, report)
     await _pending_without_job(session, report)
+    for server_id, network, ip in await networks.held_by_destroyed(session):
+        report.stale_addresses.append({"server_id": str(server_id), "network": network, "ip": ip})
     return report
 
 
@@ -257,7 +261,7 @@ def reapable(orphan: dict[str, Any]) -> bool:
     return bool(orphan.get("owned")) and orphan.get("operstate") == Operstate.DESTROYED.value
 
 
-FIXABLE = ("unsynced_operstate", "unsynced_flavor", "stale", "stuck_tasks", "pending_without_job")
+FIXABLE = ("unsynced_operstate", "unsynced_flavor", "stale", "stuck_tasks", "pending_without_job", "stale_addresses")
 
 
 async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> list[str]:
@@ -290,6 +294,10 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
             return []
         await quotas.reject(session, commission, "reconcile: its job is no longer live")
         return [f"commission {entry['commission_id']}: rejected (no live job)"]
+    if kind == "stale_addresses":
+        if await networks.release(session, [uuid.UUID(entry["server_id"])]):
+            return [f"server {entry['server_id']}: address {entry['ip']} on {entry['network']} given back"]
+        return []
     raise ValueError(f"{kind} is not fixed here")
 
 
@@ -329,6 +337,7 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     assert flavor is not None
     before = Operstate(server.operstate)
     await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    await networks.release(session, [server.id])
     server.operstate, server.destroyed_at, server.updated_at = Operstate.DESTROYED.value, utcnow(), utcnow()
     events.record(
         session,

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import events, placement, quotas, servers
+from app.logic import events, networks, placement, quotas, servers
 from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
@@ -129,6 +129,7 @@ async def apply_result(
         server.destroyed_at = now
         if server.host is not None:
             await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+        await networks.release(session, [server.id])
     if current or after is Operstate.DESTROYED:
         server.task, server.task_job_id = None, None
         if current and action is Action.DESTROY and not success:

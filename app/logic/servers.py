@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, events, keypairs, leases, placement, quotas
+from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
@@ -42,6 +42,7 @@ class CreateSpec:
     hold: bool = False
     description: str = ""
     client_token: str | None = None  # the EC2 facade's ClientToken
+    networks: list[str] | None = None  # names or ids; default: the project's default network
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> 
     return server
 
 
-def create_params(server: Server, flavor: Flavor, image: Image, ssh_key: str | None) -> dict[str, Any]:
+def create_params(
+    server: Server, flavor: Flavor, image: Image, ssh_key: str | None, nics: list[dict[str, Any]]
+) -> dict[str, Any]:
     """What an agent needs to build the VM, carried in the job itself."""
     return {
         "name": server.name,
@@ -100,6 +103,7 @@ def create_params(server: Server, flavor: Flavor, image: Image, ssh_key: str | N
         "user_data": server.user_data,
         "metadata": server.meta,
         "vnc_port": server.vnc_port,
+        "nics": nics,
     }
 
 
@@ -128,6 +132,9 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     await quotas.check(session, actor.project_id, per_vm * spec.count)
     reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
     lease = await leases.policy(session, actor.project_id)
+    nets = await networks.resolve(session, actor.project_id, spec.networks)
+    addresses = networks.Allocator(nets)
+    await addresses.lock(session)  # the lock order: networks before hosts and the project
     created = []
     for i in range(spec.count):
         now = utcnow()
@@ -153,6 +160,9 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         # does not order inserts by foreign key.
         await session.flush()
         await leases.give(session, server, lease)
+        ports = addresses.ports(server)
+        session.add_all(ports)
+        nics = [networks.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
         job = None
         if not spec.hold:
             placed = await placement.reserve(
@@ -164,7 +174,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 outbox,
                 server,
                 action=Action.CREATE.value,
-                params=create_params(server, flavor, image, ssh_key),
+                params=create_params(server, flavor, image, ssh_key, nics),
                 actor=actor,
                 commission_id=None,
                 host=placed.host,

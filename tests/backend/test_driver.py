@@ -95,3 +95,43 @@ async def test_an_agent_on_a_real_hypervisor_never_fakes_a_migration() -> None:
     with pytest.raises(libvirt.libvirtError, match="no migration URI for host h2"):
         await agent._migrate(job)
     assert agent.driver.hypervisor == "qemu" and Driver("test:///default").hypervisor == "test"
+
+
+async def test_a_nic_gets_its_network_and_reservation_and_a_destroy_gives_it_back(tmp_path: Path) -> None:
+    """The network is made (isolated, marked) on first use, each NIC's MAC reserved its address;
+    both survive an agent restart; a destroy removes the reservation, not the network."""
+    from xml.etree import ElementTree as ET
+
+    net_id = uuid.uuid4()
+    nic = {
+        "network_id": str(net_id),
+        "network": "default",
+        "bridge": "nph" + net_id.hex[:12],
+        "cidr": "10.128.0.0/24",
+        "gateway": "10.128.0.1",
+    }
+    driver = Driver(write_test_node(tmp_path, "h", 4, 8192), instance_dir=tmp_path, image_dir=tmp_path)
+    await driver.open()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    await driver.create(a, {**_params("a"), "nics": [{**nic, "ip": "10.128.0.2", "mac": "52:00:00:00:00:0a"}]})
+    await driver.create(b, {**_params("b"), "nics": [{**nic, "ip": "10.128.0.3", "mac": "52:00:00:00:00:0b"}]})
+    await driver.create(b, {**_params("b"), "nics": [{**nic, "ip": "10.128.0.3", "mac": "52:00:00:00:00:0b"}]})
+    await driver.persist()
+    await driver.close()
+
+    again = Driver(write_test_node(tmp_path, "h", 4, 8192), instance_dir=tmp_path, image_dir=tmp_path)
+    await again.open()
+    assert again.conn is not None
+    net = again.conn.networkLookupByName(f"nephos-{net_id}")
+    root = ET.fromstring(net.XMLDesc(0))
+    assert root.find("forward") is None  # isolated
+    assert {(h.get("mac"), h.get("ip")) for h in root.findall("./ip/dhcp/host")} == {
+        ("52:00:00:00:00:0a", "10.128.0.2"),
+        ("52:00:00:00:00:0b", "10.128.0.3"),
+    }
+    iface = ET.fromstring(again.conn.lookupByUUIDString(str(a)).XMLDesc(0)).find("./devices/interface")
+    assert iface is not None and iface.find("mac").get("address") == "52:00:00:00:00:0a"  # type: ignore[union-attr]
+    await again.destroy(a, {})
+    hosts = ET.fromstring(net.XMLDesc(0)).findall("./ip/dhcp/host")
+    assert [(h.get("mac"), h.get("ip")) for h in hosts] == [("52:00:00:00:00:0b", "10.128.0.3")]
+    await again.close()

@@ -658,3 +658,24 @@ async def test_the_lease_is_a_read_only_tag_that_filters(cluster: Cluster) -> No
         assert code_of(refused) == "InvalidParameterValue"
     after = {i["InstanceId"]: i for i in await described()}
     assert {"Key": "nephos:lease-expires", "Value": end} in after[ids[0]]["Tags"]
+
+
+async def test_instances_show_their_private_address_and_network_interface(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    run = await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=2, MaxCount=2)
+    launched = {i["InstanceId"]: i for i in run["Instances"]}
+    rest = {s["ec2_id"]: s for s in (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]}
+    for iid, instance in launched.items():
+        [address] = rest[iid]["addresses"]
+        assert instance["PrivateIpAddress"] == address["ip"]
+        [eni] = instance["NetworkInterfaces"]
+        assert eni["MacAddress"] == address["mac"] and eni["PrivateIpAddress"] == address["ip"]
+        assert eni["NetworkInterfaceId"].startswith("eni-") and eni["Attachment"]["DeviceIndex"] == 0
+        assert instance["SubnetId"] == eni["SubnetId"] and eni["SubnetId"].startswith("subnet-")
+    first = sorted(launched)[0]
+    out = await in_thread(
+        ec2.describe_instances,
+        Filters=[{"Name": "private-ip-address", "Values": [launched[first]["PrivateIpAddress"]]}],
+    )
+    assert [i["InstanceId"] for r in out["Reservations"] for i in r["Instances"]] == [first]

@@ -19,7 +19,7 @@ from typing import Any
 from app.api.ec2.keys import group_ids
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action
-from app.logic import actions, ec2, instances, secgroups, servers
+from app.logic import actions, ec2, instances, networks, secgroups, servers
 from app.logic import errors as e
 from app.logic.operstate import Operstate
 from app.models import Server
@@ -48,6 +48,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     """Listed instances as instancesSet items."""
     tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows])
     groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows])
+    addresses = await networks.addresses_of(ctx.session, [r.server.id for r in rows])
     out = []
     for index, row in enumerate(rows):
         s, state = row.server, row.state
@@ -82,9 +83,42 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
                 "clientToken": s.client_token or "",
                 "ebsOptimized": False,
                 "tagSet": [{"key": k, "value": v} for k, v in [*tags[s.ec2_id], *ec2.lease_tag(s)]] or None,
+                **_nics(addresses[s.id], groups[s.id], s.created_at),
             }
         )
     return out
+
+
+def _nics(addresses: list[networks.Address], groups: list[tuple[str, str]], since: Any) -> dict[str, Any]:
+    """The instance's private address, subnet and network interfaces (one per NIC)."""
+    if not addresses:
+        return {"privateIpAddress": None}
+    first = addresses[0]
+    return {
+        "privateIpAddress": first.ip,
+        "subnetId": first.subnet,
+        "networkInterfaceSet": [
+            {
+                "networkInterfaceId": a.port,
+                "subnetId": a.subnet,
+                "description": a.network,
+                "status": "in-use",
+                "macAddress": a.mac,
+                "privateIpAddress": a.ip,
+                "sourceDestCheck": True,
+                "groupSet": [{"groupId": gid, "groupName": name} for gid, name in groups],
+                "attachment": {
+                    "attachmentId": "eni-attach-" + a.port.removeprefix("eni-"),
+                    "deviceIndex": index,
+                    "status": "attached",
+                    "attachTime": since,
+                    "deleteOnTermination": True,
+                },
+                "privateIpAddressesSet": [{"privateIpAddress": a.ip, "primary": True}],
+            }
+            for index, a in enumerate(addresses)
+        ],
+    }
 
 
 async def _reservations(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:

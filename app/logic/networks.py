@@ -1,0 +1,301 @@
+"""Private networks and addresses (IPAM).
+
+* A **network** belongs to a project: a name, an IPv4 CIDR (the user's, or the next free /24 of
+  ``POOL``), its gateway (the first address). No two networks overlap, in any project: on a
+  host each is a libvirt network with its own bridge, and libvirt refuses overlapping ones. A
+  project without one gets ``default`` at its first create.
+* A **port** is a VM's NIC on a network: a fixed address and a MAC, allocated in the
+  transaction that accepts the create. Uniqueness is the database's: ``(network_id, ip)`` and
+  ``mac`` are unique constraints, and allocation runs under the network's row lock, so no
+  address is ever given twice, whatever runs concurrently. A VM's ports are released when it is
+  DESTROYED (``release``); reconciliation reports a port still held by a destroyed VM as drift.
+
+Lock order (every writer): server, networks (by id), hosts, project, quota rows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.logic import rows
+from app.logic.actor import Actor
+from app.logic.errors import AlreadyExists, BadRequest, InUse, NetworkFull, NotFound
+from app.logic.operstate import Operstate
+from app.logic.pagination import Page, paginate
+from app.models import Network, Port, Server, table_of
+
+_networks, _ports, _servers = table_of(Network), table_of(Port), table_of(Server)
+
+#: Where networks made without a CIDR come from, a /24 each.
+POOL = ipaddress.IPv4Network("10.128.0.0/9")
+DEFAULT_PREFIX = 24
+#: Smallest and largest networks a user may ask for.
+MIN_PREFIX, MAX_PREFIX = 16, 29
+DEFAULT_NAME = "default"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A VM's address as representations show it."""
+
+    network: str
+    network_id: uuid.UUID
+    ip: str
+    mac: str
+    subnet: str  # the network's EC2 id
+    port: str  # the NIC's EC2 id
+    public_ip: str | None = None
+
+
+def bridge_of(network: Network) -> str:
+    """The host bridge of a network (at most 15 characters, as Linux wants)."""
+    return f"nph{network.id.hex[:12]}"
+
+
+def _parse(cidr: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        raise BadRequest(f"cidr {cidr!r} is not a network address with a prefix: {exc}", field="cidr") from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise BadRequest("only IPv4 networks are supported", field="cidr")
+    if not MIN_PREFIX <= net.prefixlen <= MAX_PREFIX:
+        raise BadRequest(f"the prefix must be between /{MIN_PREFIX} and /{MAX_PREFIX}", field="cidr")
+    if not net.is_private:
+        raise BadRequest("a private network needs a private (RFC 1918) range", field="cidr")
+    return net
+
+
+async def _taken(session: AsyncSession) -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network(c) for c in await session.scalars(sa.select(_networks.c.cidr))]
+
+
+def _next_free(taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    for candidate in POOL.subnets(new_prefix=DEFAULT_PREFIX):
+        if not any(candidate.overlaps(t) for t in taken):
+            return candidate
+    raise NetworkFull(f"the network pool {POOL} has no free /{DEFAULT_PREFIX} left", pool=str(POOL))
+
+
+def _row(project_id: uuid.UUID, name: str, net: ipaddress.IPv4Network, *, default: bool) -> dict[str, object]:
+    from app.ids import ec2_id, utcnow, uuid7
+
+    return {
+        "id": uuid7(),
+        "project_id": project_id,
+        "name": name,
+        "cidr": str(net),
+        "gateway": str(net.network_address + 1),
+        "is_default": default,
+        "ec2_id": ec2_id("subnet"),
+        "created_at": utcnow(),
+    }
+
+
+async def _named(session: AsyncSession, project_id: uuid.UUID, name: str) -> Network | None:
+    stmt = sa.select(Network).where(_networks.c.project_id == project_id, _networks.c.name == name)
+    return (await session.scalars(stmt.execution_options(populate_existing=True))).first()
+
+
+async def create(session: AsyncSession, *, actor: Actor, name: str, cidr: str | None) -> Network:
+    """A network of the caller's project: ``cidr`` if given (409 ``InUse`` if it overlaps
+    another network), else the pool's next free /24."""
+    if actor.project_id is None:
+        raise BadRequest("the caller has no project")
+    if await _named(session, actor.project_id, name) is not None:
+        raise AlreadyExists(f"network {name} already exists", field="name")
+    if cidr is not None:
+        net = _parse(cidr)
+        clash = next((t for t in await _taken(session) if net.overlaps(t)), None)
+        if clash is not None:
+            raise InUse(f"{net} overlaps network {clash}", cidr=str(net), overlaps=str(clash))
+        if not await rows.insert_or_skip(
+            session, _networks, _row(actor.project_id, name, net, default=name == DEFAULT_NAME)
+        ):
+            raise InUse(f"{net} or the name {name} was taken meanwhile", cidr=str(net))
+    else:
+        await _made_from_pool(session, actor.project_id, name)
+    made = await _named(session, actor.project_id, name)
+    assert made is not None
+    return made
+
+
+async def _made_from_pool(session: AsyncSession, project_id: uuid.UUID, name: str) -> None:
+    for _ in range(20):  # another project may take the same /24 at the same moment: next one
+        if await rows.insert_or_skip(
+            session, _networks, _row(project_id, name, _next_free(await _taken(session)), default=name == DEFAULT_NAME)
+        ):
+            return
+        if await _named(session, project_id, name) is not None:
+            return  # made by a concurrent request of the same project
+    raise NetworkFull("no free range could be taken from the pool (too much contention); retry")
+
+
+async def default_for(session: AsyncSession, project_id: uuid.UUID) -> Network:
+    """The project's default network, made on first use."""
+    found = await _named(session, project_id, DEFAULT_NAME)
+    if found is None:
+        await _made_from_pool(session, project_id, DEFAULT_NAME)
+        found = await _named(session, project_id, DEFAULT_NAME)
+    assert found is not None
+    return found
+
+
+async def resolve(session: AsyncSession, project_id: uuid.UUID, names: list[str] | None) -> list[Network]:
+    """The networks a create names (by name or id; default: the project's default one)."""
+    if not names:
+        return [await default_for(session, project_id)]
+    out: list[Network] = []
+    for given in names:
+        try:
+            cond = _networks.c.id == uuid.UUID(given)
+        except ValueError:
+            cond = _networks.c.name == given
+        found = (await session.scalars(sa.select(Network).where(cond, _networks.c.project_id == project_id))).first()
+        if found is None:
+            if given == DEFAULT_NAME:
+                found = await default_for(session, project_id)
+            else:
+                raise BadRequest(f"network {given} does not exist", field="networks")
+        if found.id in {n.id for n in out}:
+            raise BadRequest(f"network {given} is named twice", field="networks")
+        out.append(found)
+    return out
+
+
+async def get(session: AsyncSession, *, actor: Actor, network_id: uuid.UUID) -> Network:
+    found = await session.get(Network, network_id)
+    if found is None or not actor.sees(found.project_id):
+        raise NotFound(f"network {network_id} not found", network_id=str(network_id))
+    return found
+
+
+async def listed(session: AsyncSession, *, actor: Actor, limit: int, cursor: str | None) -> Page[Network]:
+    stmt = sa.select(Network)
+    if not actor.is_admin:
+        stmt = stmt.where(_networks.c.project_id == actor.project_id)
+    return await paginate(session, stmt, _networks.c.id, limit=limit, cursor=cursor)
+
+
+async def delete(session: AsyncSession, *, actor: Actor, network_id: uuid.UUID) -> None:
+    found = await get(session, actor=actor, network_id=network_id)
+    await session.execute(sa.select(_networks.c.id).where(_networks.c.id == found.id).with_for_update())
+    held = (await session.execute(sa.select(sa.func.count()).where(_ports.c.network_id == found.id))).scalar_one()
+    if held:
+        raise InUse(f"network {found.name} still has {held} address(es) in use", network_id=str(found.id))
+    await session.delete(found)
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+class Allocator:
+    """Addresses of some networks for the VMs of one create: the networks are locked (by id)
+    and their used addresses read once, then each VM takes the lowest free ones."""
+
+    def __init__(self, networks: list[Network]) -> None:
+        self.networks = networks
+        self._used: dict[uuid.UUID, set[str]] = {}
+
+    async def lock(self, session: AsyncSession) -> None:
+        ids = sorted(n.id for n in self.networks)
+        await session.execute(
+            sa.select(_networks.c.id).where(_networks.c.id.in_(ids)).order_by(_networks.c.id).with_for_update()
+        )
+        for net in self.networks:
+            self._used[net.id] = set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id)))
+
+    def _free(self, net: Network) -> str:
+        used, gateway = self._used[net.id], net.gateway
+        for host in ipaddress.IPv4Network(net.cidr).hosts():
+            ip = str(host)
+            if ip != gateway and ip not in used:
+                used.add(ip)
+                return ip
+        raise NetworkFull(
+            f"network {net.name} ({net.cidr}) has no free address left",
+            network=net.name,
+            cidr=net.cidr,
+        )
+
+    def ports(self, server: Server) -> list[Port]:
+        """The server's NICs, one per network in order (added by the caller)."""
+        return [
+            Port(server_id=server.id, network_id=net.id, ip=self._free(net), mac=new_mac(), position=i)
+            for i, net in enumerate(self.networks)
+        ]
+
+
+def new_mac() -> str:
+    """A locally administered unicast MAC with 40 random bits (``52:`` first, as QEMU's are)."""
+    return "52:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+
+
+async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int:
+    """The addresses of destroyed VMs go back to their networks."""
+    ids = list(server_ids)
+    if not ids:
+        return 0
+    result = await session.execute(_ports.delete().where(_ports.c.server_id.in_(ids)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[Address]]:
+    """Each server's addresses, NIC order (one query, whatever the number of servers)."""
+    ids = list(server_ids)
+    out: dict[uuid.UUID, list[Address]] = {sid: [] for sid in ids}
+    if not ids:
+        return out
+    rows = await session.execute(
+        sa.select(_ports, _networks.c.name, _networks.c.ec2_id.label("subnet"))
+        .join(_networks, _networks.c.id == _ports.c.network_id)
+        .where(_ports.c.server_id.in_(ids))
+        .order_by(_ports.c.server_id, _ports.c.position)
+    )
+    for row in rows.mappings():
+        out[row["server_id"]].append(
+            Address(row["name"], row["network_id"], row["ip"], row["mac"], row["subnet"], row["ec2_id"])
+        )
+    return out
+
+
+def nic_params(network: Network, port: Port) -> dict[str, object]:
+    """What an agent needs for a NIC (carried in the create job)."""
+    return {
+        "network_id": str(network.id),
+        "network": network.name,
+        "bridge": bridge_of(network),
+        "cidr": network.cidr,
+        "gateway": network.gateway,
+        "ip": port.ip,
+        "mac": port.mac,
+    }
+
+
+async def nics_of(session: AsyncSession, server_id: uuid.UUID) -> list[dict[str, object]]:
+    """A server's NICs as a job carries them (a held VM released to a host)."""
+    rows = await session.execute(
+        sa.select(Network, Port)
+        .join(_ports, _ports.c.network_id == _networks.c.id)
+        .where(_ports.c.server_id == server_id)
+        .order_by(_ports.c.position)
+    )
+    return [nic_params(net, port) for net, port in rows.all()]
+
+
+async def held_by_destroyed(session: AsyncSession) -> list[tuple[uuid.UUID, str, str]]:
+    """Reconciliation: (server, network, ip) of addresses still held by DESTROYED servers."""
+    rows = await session.execute(
+        sa.select(_ports.c.server_id, _networks.c.name, _ports.c.ip)
+        .join(_servers, _servers.c.id == _ports.c.server_id)
+        .join(_networks, _networks.c.id == _ports.c.network_id)
+        .where(_servers.c.operstate == Operstate.DESTROYED.value)
+    )
+    return [(r[0], r[1], r[2]) for r in rows.all()]

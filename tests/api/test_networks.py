@@ -1,0 +1,134 @@
+"""Networks and addresses through the API, on both databases: a default network on first use,
+networks named by users, addresses in the server representation, no address given twice under
+50 concurrent creates, exhaustion a clear 409, every address back on destroy, and drift
+(an address held by a destroyed VM) found and repaired by reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.logic import reconcile
+from app.models import Port, table_of
+from tests.api.helpers import server_in
+from tests.conftest import Cloud
+
+_ports = table_of(Port)
+
+
+async def _network(cloud: Cloud, user: dict[str, str], expect: int = 201, **body: Any) -> Any:
+    r = await cloud.client.post("/api/v1/networks", headers=user, json=body)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+async def test_a_first_create_makes_the_default_network_and_shows_the_address(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    [address] = vm["addresses"]
+    nets = (await cloud.client.get("/api/v1/networks", headers=user)).json()["items"]
+    assert [(n["name"], n["is_default"]) for n in nets] == [("default", True)]
+    cidr = ipaddress.IPv4Network(nets[0]["cidr"])
+    assert address["network"] == "default" and address["public_ip"] is None
+    assert ipaddress.IPv4Address(address["ip"]) in cidr and address["ip"] != nets[0]["gateway"]
+    assert address["mac"].startswith("52:") and len(address["mac"]) == 17
+    # Another project's default network is another range.
+    other = await cloud.user()
+    theirs = (await server_in(cloud, other, "STARTED"))["addresses"][0]
+    assert ipaddress.IPv4Address(theirs["ip"]) not in cidr
+    # A listing shows the addresses too.
+    listed = (await cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
+    assert listed[0]["addresses"] == vm["addresses"]
+
+
+async def test_networks_named_by_users_and_their_refusals(cloud: Cloud) -> None:
+    user = await cloud.user()
+    back = await _network(cloud, user, name="back", cidr="10.20.0.0/28")
+    assert back["gateway"] == "10.20.0.1" and not back["is_default"]
+    pooled = await _network(cloud, user, name="front")
+    assert ipaddress.IPv4Network(pooled["cidr"]).prefixlen == 24
+    refused = {
+        "overlap": ({"name": "x", "cidr": "10.20.0.8/29"}, 409, "InUse"),
+        "taken name": ({"name": "back", "cidr": "10.30.0.0/24"}, 409, "AlreadyExists"),
+        "host bits": ({"name": "y", "cidr": "10.40.0.1/24"}, 400, "BadRequest"),
+        "public": ({"name": "z", "cidr": "8.8.8.0/24"}, 400, "BadRequest"),
+        "too big": ({"name": "w", "cidr": "10.0.0.0/8"}, 400, "BadRequest"),
+        "ipv6": ({"name": "v", "cidr": "fd00::/64"}, 400, "BadRequest"),
+    }
+    for what, (body, status, code) in refused.items():
+        r = await cloud.client.post("/api/v1/networks", headers=user, json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), what
+    # A VM on two networks has two NICs, in the order asked.
+    vm = await server_in(cloud, user, "STARTED", networks=["front", back["id"]])
+    assert [(a["network"], a["ip"]) for a in vm["addresses"]] == [
+        ("front", str(ipaddress.IPv4Network(pooled["cidr"]).network_address + 2)),
+        ("back", "10.20.0.2"),
+    ]
+    unknown = await cloud.client.post(
+        "/api/v1/servers",
+        headers=user,
+        json={"name": "v", "flavor": "tiny", "image": "debian-12", "networks": ["nope"]},
+    )
+    assert unknown.status_code == 400 and "nope" in unknown.json()["error"]["message"]
+    # Another project sees none of it.
+    stranger = await cloud.user()
+    assert (await cloud.client.get(f"/api/v1/networks/{back['id']}", headers=stranger)).status_code == 404
+    # In use: 409; once the VM is destroyed its addresses are back and the network can go.
+    assert (await cloud.client.delete(f"/api/v1/networks/{back['id']}", headers=user)).status_code == 409
+    job = (await cloud.act(user, vm["id"], "destroy"))["job_id"]
+    assert await cloud.finish(job) == "applied"
+    assert (await cloud.server(user, vm["id"]))["addresses"] == []
+    assert (await cloud.client.delete(f"/api/v1/networks/{back['id']}", headers=user)).status_code == 204
+
+
+async def test_fifty_concurrent_creates_in_a_small_network(cloud: Cloud) -> None:
+    """A /27 has 29 addresses for VMs (the gateway takes one): 29 creates win, 21 get 409
+    NetworkFull, no address is given twice, and every one comes back on destroy."""
+    user = await cloud.user(vm=100, cpu=400, ram=10**7, disk=10**5)
+    await _network(cloud, user, name="small", cidr="10.50.0.0/27")
+    body = {"name": "n", "flavor": "tiny", "image": "debian-12", "networks": ["small"]}
+    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=user, json=body) for _ in range(50)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [202] * 29 + [409] * 21, codes
+    assert {r.json()["error"]["code"] for r in replies if r.status_code == 409} == {"NetworkFull"}
+    created = [r.json() for r in replies if r.status_code == 202]
+    ips = [s["addresses"][0]["ip"] for c in created for s in c["servers"]]
+    macs = [s["addresses"][0]["mac"] for c in created for s in c["servers"]]
+    assert len(set(ips)) == 29 and len(set(macs)) == 29
+    assert set(ips) == {str(h) for h in ipaddress.IPv4Network("10.50.0.0/27").hosts()} - {"10.50.0.1"}
+    for c in created:
+        assert await cloud.finish(c["job_ids"][0]) == "applied"
+    jobs = [(await cloud.act(user, s["id"], "destroy"))["job_id"] for c in created for s in c["servers"]]
+    await asyncio.gather(*(cloud.finish(j) for j in jobs))
+    async with cloud.sessions() as s:
+        assert (await s.execute(sa.select(sa.func.count()).select_from(_ports))).scalar_one() == 0
+    again = await cloud.client.post("/api/v1/servers", headers=user, json=body)
+    assert again.status_code == 202 and again.json()["servers"][0]["addresses"][0]["ip"] == "10.50.0.2"
+
+
+async def test_an_address_held_by_a_destroyed_vm_is_drift_and_reconcile_gives_it_back(cloud: Cloud) -> None:
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "DESTROYED")
+    alive = await server_in(cloud, user, "STARTED")
+    network_id = (await cloud.client.get("/api/v1/networks", headers=user)).json()["items"][0]["id"]
+    async with cloud.sessions() as s:  # a bug, or a hand-edited database: the address stayed
+        s.add(
+            Port(
+                server_id=uuid.UUID(vm["id"]), network_id=uuid.UUID(network_id), ip="10.99.0.9", mac="52:aa:aa:aa:aa:aa"
+            )
+        )
+        await s.commit()
+    async with cloud.sessions() as s:
+        report = await reconcile.compare(s)
+    assert report.stale_addresses == [{"server_id": vm["id"], "network": "default", "ip": "10.99.0.9"}]
+    async with cloud.sessions() as s:
+        done = await reconcile.fix_entry(s, "stale_addresses", report.stale_addresses[0])
+        await s.commit()
+    assert done and "10.99.0.9" in done[0]
+    async with cloud.sessions() as s:
+        assert (await reconcile.compare(s)).stale_addresses == []
+    assert (await cloud.server(user, alive["id"]))["addresses"] == alive["addresses"]
