@@ -7,7 +7,7 @@ RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-runtime run test test-fast lint services clean bench faults
+.PHONY: install install-runtime run test test-fast lint services hypervisor clean bench faults
 
 # What running needs (make run): the package and its dependencies, nothing for tests.
 $(RUNTIME): pyproject.toml
@@ -34,12 +34,17 @@ run: install-runtime
 services:
 	@.ci/services.sh
 
+## make hypervisor: libvirtd + QEMU (Debian's packages, started by hand when absent) and the test
+## guest built from Debian's kernel and busybox into var/guest -- the real-hypervisor tier's host
+hypervisor:
+	@.ci/hypervisor.sh var/guest
+
 ## make test: lint, then the whole suite against PostgreSQL and SQLite (the invariant suite at 100
-## examples; make faults runs it at 500)
-test: install services lint
+## examples; make faults runs it at 500) and the real-hypervisor tier on libvirtd + QEMU
+test: install services hypervisor lint
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
 	NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-100} \
-	$(BIN)/pytest -n 2 --dist loadfile --durations=10 $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile --max-worker-restart=0 --durations=10 $(PYTEST_ARGS)
 
 ## make test-fast: the edit-test loop -- SQLite and the in-memory bus only, no fuzzing, fault
 ## suite or browser, 20 invariant examples; needs no PostgreSQL or RabbitMQ

@@ -91,6 +91,7 @@ class Plane:
             image_dir=s.image_dir,
             instance_dir=s.instance_dir,
             stop_timeout=s.stop_timeout,
+            domain_type=s.domain_type,
         )
         agent = Agent(
             host=host,

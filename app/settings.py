@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     image_dir: Path = Path("/var/lib/nephos/images")
     instance_dir: Path = Path("/var/lib/nephos/instances")
     stop_timeout: float = Field(default=60.0, gt=0)
+    # Agents: libvirt's domain type on real hypervisors. "qemu" (software emulation) where
+    # /dev/kvm exists but does not run guests, as in nested or container set-ups.
+    domain_type: Literal["kvm", "qemu"] = "kvm"
     # Address a domain's VNC server listens on (agents). Loopback by default: reaching a
     # console from elsewhere is an operator's choice (a proxy, or an address on a private net).
     vnc_listen: str = Field(default="127.0.0.1", min_length=1)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import faulthandler
 import functools
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -268,11 +270,34 @@ def amqp_prefix() -> str:
 # -- make test-fast: the edit-test loop ----------------------------------------------------------
 
 FAST = os.environ.get("NEPHOS_FAST", "").lower() in ("1", "true", "yes")
-_SERVICE_FIXTURES = {"pg_url", "pg_cloud", "pg_template", "prod_cluster"}
+_SERVICE_FIXTURES = {"pg_url", "pg_cloud", "pg_template", "prod_cluster", "qemu_cloud"}
+
+
+#: Each worker's trail (var/test-trace/<worker>.log): the test it starts, and Python's fault
+#: handler's stacks should the process die in C. A worker that vanishes mid-test leaves its last
+#: test here; .ci/run prints the trails when the suite fails.
+TRACE_DIR = Path(os.environ.get("NEPHOS_TEST_TRACE", Path(__file__).resolve().parents[1] / "var" / "test-trace"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long runs (fuzzing, the fault suite, browsers); not in make test-fast")
+    TRACE_DIR.mkdir(parents=True, exist_ok=True)
+    trail = (TRACE_DIR / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.log").open("a", buffering=1)
+    faulthandler.enable(file=trail, all_threads=True)
+    _TRAIL[:] = [trail]
+
+
+_TRAIL: list[Any] = []
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    for trail in _TRAIL:
+        trail.write(f"{time.strftime('%H:%M:%S')} start {nodeid}\n")
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    for trail in _TRAIL:
+        trail.write(f"{time.strftime('%H:%M:%S')} end   {nodeid}\n")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

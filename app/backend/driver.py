@@ -110,6 +110,42 @@ def network_xml(nic: dict[str, Any]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def config_drive_files(server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, str]:
+    """What a VM's config drive holds (cloud-init NoCloud): its identity and keys, its user data,
+    and its addresses as network-config version 2 (the first NIC carries the default route)."""
+    keys = [str(p["ssh_key"]).strip()] if p.get("ssh_key") else []
+    meta = [
+        f"instance-id: {p.get('ec2_id') or server_id}",
+        f"local-hostname: {_hostname(str(p.get('name') or server_id))}",
+        f"nephos-server-id: {server_id}",
+    ]
+    if keys:
+        meta.append("public-keys:")
+        meta += [f'  - "{k}"' for k in keys]
+    net = ["version: 2", "ethernets:"]
+    for i, nic in enumerate(p.get("nics") or []):
+        prefix = ipaddress.IPv4Network(str(nic["cidr"])).prefixlen
+        net += [
+            f"  nic{i}:",
+            "    match:",
+            f'      macaddress: "{nic["mac"]}"',
+            "    addresses:",
+            f"      - {nic['ip']}/{prefix}",
+        ]
+        if i == 0:
+            net.append(f"    gateway4: {nic['gateway']}")
+    return {
+        "meta-data": "\n".join(meta) + "\n",
+        "user-data": str(p.get("user_data") or ""),
+        "network-config": "\n".join(net) + "\n",
+    }
+
+
+def _hostname(name: str) -> str:
+    cleaned = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+    return cleaned[:63] or "vm"
+
+
 class Driver:
     def __init__(
         self,
@@ -119,8 +155,11 @@ class Driver:
         image_dir: Path | None = None,
         instance_dir: Path | None = None,
         stop_timeout: float = 60.0,
+        domain_type: str = "kvm",
     ) -> None:
         self.uri = uri
+        # "kvm", or "qemu" (software emulation) where /dev/kvm exists but does not run guests.
+        self.domain_type = domain_type
         self.vnc_listen = vnc_listen
         self.image_dir = image_dir or Path("/var/lib/nephos/images")
         self.instance_dir = instance_dir or Path("/var/lib/nephos/instances")
@@ -244,7 +283,7 @@ class Driver:
 
     # -- building --------------------------------------------------------------------------
     def domain_xml(self, server_id: uuid.UUID, p: dict[str, Any], *, disk: str | None = None) -> str:
-        kind = "test" if self.simulated else "kvm"
+        kind = "test" if self.simulated else self.domain_type
         root = ET.Element("domain", type=kind)
         ET.SubElement(root, "name").text = f"nephos-{server_id}"
         ET.SubElement(root, "uuid").text = str(server_id)
@@ -253,7 +292,17 @@ class Driver:
         ET.SubElement(root, "vcpu").text = str(p["vcpus"])
         os_el = ET.SubElement(root, "os")
         ET.SubElement(os_el, "type", arch="x86_64" if not self.simulated else "i686").text = "hvm"
-        ET.SubElement(os_el, "boot", dev="hd")
+        kernel = self._kernel_of(p)
+        if kernel is not None:  # a direct-kernel image: <id>.kernel and <id>.initrd in the store
+            ET.SubElement(os_el, "kernel").text = str(kernel)
+            ET.SubElement(os_el, "initrd").text = str(kernel.with_suffix(".initrd"))
+            ET.SubElement(os_el, "cmdline").text = "console=ttyS0 quiet"
+        else:
+            ET.SubElement(os_el, "boot", dev="hd")
+        if not self.simulated:  # ACPI: a graceful stop is the power button
+            features = ET.SubElement(root, "features")
+            ET.SubElement(features, "acpi")
+            ET.SubElement(features, "apic")
         meta = ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NS}}}vm")
         ET.SubElement(meta, f"{{{NS}}}server").text = str(server_id)  # the mark: Nephos made it
         for key in ("ssh_key", "user_data"):
@@ -266,6 +315,18 @@ class Driver:
             ET.SubElement(d, "driver", name="qemu", type="qcow2")
             ET.SubElement(d, "source", file=disk)
             ET.SubElement(d, "target", dev="vda", bus="virtio")
+        if not self.simulated:
+            iso = self.instance_dir / f"{server_id}.cidata.iso"
+            cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
+            ET.SubElement(cd, "driver", name="qemu", type="raw")
+            ET.SubElement(cd, "source", file=str(iso))
+            ET.SubElement(cd, "target", dev="hdc", bus="ide")
+            ET.SubElement(cd, "readonly")
+            # The serial console, kept (append: a restart or restore does not empty it).
+            log = str(self.instance_dir / f"{server_id}.console.log")
+            for tag in ("serial", "console"):
+                el = ET.SubElement(devices, tag, type="file")
+                ET.SubElement(el, "source", path=log, append="on")
         for spec in p.get("nics") or [{"network_name": "default"}]:
             nic = ET.SubElement(devices, "interface", type="network")
             if spec.get("mac"):
@@ -285,31 +346,52 @@ class Driver:
         ET.register_namespace("nephos", NS)
         return ET.tostring(root, encoding="unicode")
 
+    def _kernel_of(self, p: dict[str, Any]) -> Path | None:
+        """The image's kernel when it is a direct-kernel image (real hypervisors only)."""
+        if self.simulated or not p.get("image", {}).get("id"):
+            return None
+        kernel = self.image_dir / f"{p['image']['id']}.kernel"
+        return kernel if kernel.exists() else None
+
     def _overlay(self, server_id: uuid.UUID, p: dict[str, Any]) -> str | None:
-        """A qcow2 overlay on the image (real hypervisors only); made once, kept on redelivery."""
+        """A qcow2 overlay on the image (real hypervisors only; a blank disk for a direct-kernel
+        image); made once, kept on redelivery."""
         if self.simulated:
             return None
         base = self.image_dir / f"{p['image']['id']}.qcow2"
         overlay = self.instance_dir / f"{server_id}.qcow2"
         if not overlay.exists():
             self.instance_dir.mkdir(parents=True, exist_ok=True)
+            backing = [] if self._kernel_of(p) is not None else ["-F", "qcow2", "-b", str(base)]
+            size = f"{int(p.get('disk_gb') or 1)}G"
             subprocess.run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    str(base),
-                    str(overlay),
-                    f"{int(p.get('disk_gb') or 1)}G",
-                ],
+                ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(overlay), size],
                 check=True,
                 capture_output=True,
             )
         return str(overlay)
+
+    def _config_drive(self, server_id: uuid.UUID, p: dict[str, Any]) -> None:
+        """The cloud-init NoCloud config drive (an ISO labelled ``cidata``: meta-data, user-data,
+        network-config v2), made anew from the job (real hypervisors only)."""
+        if self.simulated:
+            return
+        files = config_drive_files(server_id, p)
+        self.instance_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.instance_dir / f"{server_id}.cidata"
+        staging.mkdir(exist_ok=True)
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        iso = self.instance_dir / f"{server_id}.cidata.iso"
+        tmp = iso.with_suffix(".part")
+        subprocess.run(
+            ["genisoimage", "-quiet", "-o", str(tmp), "-volid", "cidata", "-joliet", "-rock"]
+            + [str(staging / name) for name in files],
+            check=True,
+            capture_output=True,
+        )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, iso)
 
     # -- networks ----------------------------------------------------------------------------
     def _ensure_network(self, nic: dict[str, Any]) -> libvirt.virNetwork:
@@ -369,6 +451,7 @@ class Driver:
             assert self.conn is not None
             for nic in p.get("nics") or []:
                 self._ensure_network(nic)
+            self._config_drive(server_id, p)
             dom = self._lookup(server_id)
             if dom is None:
                 dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
@@ -510,8 +593,9 @@ class Driver:
 
         await self._call(run)
         if not self.simulated:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.instance_dir / f"{server_id}.qcow2")
+            for leftover in (f"{server_id}.qcow2", f"{server_id}.cidata.iso"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.instance_dir / leftover)
         return {}
 
     async def mark(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:

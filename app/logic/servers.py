@@ -103,6 +103,7 @@ def create_params(
         "user_data": server.user_data,
         "metadata": server.meta,
         "vnc_port": server.vnc_port,
+        "ec2_id": server.ec2_id,
         "nics": nics,
     }
 

@@ -60,8 +60,16 @@ class Cloud:
 
 
 @contextlib.asynccontextmanager
-async def inprocess_cloud(request: pytest.FixtureRequest, tmp_path: Path, **extra: Any) -> AsyncIterator[Cloud]:
-    """``request.param`` picks the transports ("embedded" or "production"); ``extra`` settings."""
+async def inprocess_cloud(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    *,
+    mode: str | None = None,
+    agents: dict[str, str] | None = None,
+    **extra: Any,
+) -> AsyncIterator[Cloud]:
+    """``request.param`` picks the transports ("embedded" or "production"); ``agents`` the hosts
+    (name: libvirt URI; default two simulated ones); ``extra`` settings."""
     settings_kw: dict[str, Any] = {
         "state_dir": tmp_path,
         "secret_key_file": tmp_path / "secret.key",
@@ -72,7 +80,7 @@ async def inprocess_cloud(request: pytest.FixtureRequest, tmp_path: Path, **extr
         "inventory_interval": 1,
         **extra,
     }
-    if request.param == "embedded":
+    if (mode or request.param) == "embedded":
         url, bus, databases = f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", MemoryBus(), None
         from app.db import upgrade
 
@@ -88,10 +96,11 @@ async def inprocess_cloud(request: pytest.FixtureRequest, tmp_path: Path, **extr
             await bootstrap.seed(session, admin_token=ADMIN_TOKEN)
             await session.commit()
         await p.start_dispatcher()
-        for host in ("host-1", "host-2"):
-            from app.backend.driver import write_test_node
+        from app.backend.driver import write_test_node
 
-            await p.start_agent(host=host, uri=write_test_node(tmp_path, host, 16, 32768))
+        hosts = agents or {h: write_test_node(tmp_path, h, 16, 32768) for h in ("host-1", "host-2")}
+        for host, uri in hosts.items():
+            await p.start_agent(host=host, uri=uri)
         state = AppState(
             settings=settings,
             sessions=p.sessions,
@@ -104,13 +113,13 @@ async def inprocess_cloud(request: pytest.FixtureRequest, tmp_path: Path, **extr
         async with LifespanManager(app) as manager:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
                 cloud = Cloud(p, c)
-                await cloud.until("hosts up", lambda: _hosts_up(c))
+                await cloud.until("hosts up", lambda: _hosts_up(c, len(hosts)))
                 yield cloud
         if isinstance(bus, AmqpBus):
-            await bus.purge_and_delete(["host-1", "host-2"])
+            await bus.purge_and_delete(list(hosts))
     if databases is not None:
         await databases.aclose()
 
 
-async def _hosts_up(c: httpx.AsyncClient) -> bool:
-    return bool((await c.get("/healthz")).json()["hosts_up"] == 2)
+async def _hosts_up(c: httpx.AsyncClient, n: int) -> bool:
+    return bool((await c.get("/healthz")).json()["hosts_up"] == n)

@@ -1,0 +1,205 @@
+"""The real-hypervisor tier: an agent on ``qemu:///system`` (libvirtd + QEMU, software
+emulation) boots the test guest built by ``.ci/guest/build.sh`` from Debian's packages. The VM
+is created through the API, reads its config drive (user data, SSH key, addresses), serves HTTP
+on its private address, and every lifecycle action drives the real domain while the database
+follows -- a guest that powers itself off included.
+
+``make test`` starts libvirtd (``.ci/hypervisor.sh``); in CI a daemon that does not answer is a
+failure here, never a skip. At most one guest runs at a time in this file; every address the
+test sends traffic to is the guest it booted, on an isolated network it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import libvirt
+import pytest
+
+from tests.api.helpers import expected_usage
+from tests.e2e.inprocess import ADMIN, Cloud, inprocess_cloud
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST = ROOT / "var" / "guest"
+URI = "qemu:///system"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx1Y2t5LW5lcGhvcy10ZXN0LWtleS0wMDAwMDAwMDAw tester@nephos"
+
+
+def _hypervisor() -> libvirt.virConnect:
+    """libvirtd on this machine; in CI its absence fails the test (``make test`` starts it)."""
+    try:
+        return libvirt.open(URI)
+    except libvirt.libvirtError as exc:
+        message = f"libvirtd is not answering on {URI} ({exc}); run .ci/hypervisor.sh (make test does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _free_cidr(conn: libvirt.virConnect) -> str:
+    """A /24 no network on this host (ours from earlier runs included) overlaps."""
+    from xml.etree import ElementTree as ET
+
+    taken = []
+    for net in conn.listAllNetworks():
+        for ip in ET.fromstring(net.XMLDesc(0)).findall("ip"):
+            if ip.get("address") and ip.get("netmask"):
+                taken.append(ipaddress.IPv4Network(f"{ip.get('address')}/{ip.get('netmask')}", strict=False))
+    for third in range(0, 256):
+        candidate = ipaddress.IPv4Network(f"10.231.{third}.0/24")
+        if not any(candidate.overlaps(t) for t in taken):
+            return str(candidate)
+    raise AssertionError("no free /24 in 10.231.0.0/16 on this host")
+
+
+@pytest.fixture
+async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Cloud, Path]]:
+    conn = _hypervisor()
+    if not (GUEST / "vmlinuz").exists():
+        pytest.fail(f"the test guest is not built: run .ci/guest/build.sh {GUEST}")
+    # QEMU runs as libvirt-qemu: its files live where it can reach them (pytest's tmp is 0700).
+    store = Path("/var/lib/nephos-test") / uuid.uuid4().hex[:12]
+    for sub in ("images", "instances"):
+        (store / sub).mkdir(parents=True)
+    for d in (store.parent, store, store / "images", store / "instances"):
+        d.chmod(0o755)
+    try:
+        async with inprocess_cloud(
+            request,
+            tmp_path,
+            mode="production",  # PostgreSQL + RabbitMQ, as production runs
+            agents={"qemu-1": URI},
+            domain_type="qemu",
+            image_dir=store / "images",
+            instance_dir=store / "instances",
+            stop_timeout=30.0,
+            job_deadline_seconds=120,
+        ) as cloud:
+            yield cloud, store
+    finally:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith("nephos-") and (store / "instances" / f"{dom.UUIDString()}.qcow2").exists():
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+        conn.close()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+async def _api(cloud: Cloud, method: str, path: str, expect: int, headers: dict[str, str] = ADMIN, **kw: Any) -> Any:
+    r = await cloud.client.request(method, path, headers=headers, **kw)
+    assert r.status_code == expect, r.text
+    return r.json() if r.content else None
+
+
+async def _settled(cloud: Cloud, sid: str, operstate: str, timeout: float = 120) -> dict[str, Any]:
+    async def there() -> dict[str, Any] | None:
+        s = await cloud.server(sid)
+        return s if s["operstate"] == operstate and s["task"] is None else None
+
+    return await cloud.until(f"{sid} {operstate}", there, timeout)  # type: ignore[no-any-return]
+
+
+async def _console(store: Path, sid: str, line: str, count: int = 1, timeout: float = 120) -> str:
+    log = store / "instances" / f"{sid}.console.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count(line) >= count:
+            return text
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"the console never said {line!r} ({count}x):\n{text[-3000:]}")
+
+
+async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follows_every_action(
+    qemu_cloud: tuple[Cloud, Path],
+) -> None:
+    cloud, store = qemu_cloud
+    image = await _api(cloud, "POST", "/api/v1/admin/images", 201, json={"name": "nephos-guest", "disk_format": "raw"})
+    for src, suffix in (("vmlinuz", "kernel"), ("initrd.gz", "initrd")):
+        target = store / "images" / f"{image['id']}.{suffix}"
+        shutil.copyfile(GUEST / src, target)
+        target.chmod(0o644)
+    project = await _api(cloud, "POST", "/api/v1/admin/projects", 201, json={"name": "qemu"})
+    made = await _api(cloud, "POST", "/api/v1/admin/users", 201, json={"name": "q", "project_id": project["id"]})
+    user = {"Authorization": f"Bearer {made['token']}"}
+    await _api(cloud, "POST", "/api/v1/keypairs", 201, user, json={"name": "k", "public_key": KEY})
+    conn = libvirt.open(URI)
+    cidr = _free_cidr(conn)
+    await _api(cloud, "POST", "/api/v1/networks", 201, user, json={"name": "lab", "cidr": cidr})
+    body = {
+        "name": "guest",
+        "flavor": "tiny",
+        "image": "nephos-guest",
+        "key_name": "k",
+        "networks": ["lab"],
+        "user_data": "#!/bin/sh\necho user-data-ran-in-the-guest\n",
+    }
+    created = await _api(cloud, "POST", "/api/v1/servers", 202, user, json=body)
+    vm = created["servers"][0]
+    sid, ip, mac = vm["id"], vm["addresses"][0]["ip"], vm["addresses"][0]["mac"]
+    await _settled(cloud, sid, "STARTED")
+
+    # The guest read its config drive and took its address from it.
+    log = await _console(store, sid, "nephos-guest: ready")
+    assert f"instance-id: {vm['ec2_id']}" in log
+    assert KEY in log
+    assert "echo user-data-ran-in-the-guest" in log
+    assert f"nephos-guest: address eth0 {ip}/24 {mac}" in log
+    await _console(store, sid, "user-data-ran-in-the-guest\n", count=2)  # printed, then run
+
+    # The host reaches its HTTP port on the private address.
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _ in range(20):
+            try:
+                page = await http.get(f"http://{ip}/")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.5)
+        assert page.status_code == 200 and page.text.strip() == f"nephos-guest {vm['ec2_id']}"
+
+    # Every action drives the real domain, and the database follows.
+    dom = conn.lookupByUUIDString(sid)
+
+    async def act(action: str, operstate: str) -> dict[str, Any]:
+        reply = await _api(cloud, "POST", f"/api/v1/servers/{sid}/actions", 202, user, json={"action": action})
+        await _settled(cloud, sid, operstate)
+        return await _api(cloud, "GET", f"/api/v1/jobs/{reply['job_id']}", 200)  # type: ignore[no-any-return]
+
+    stop = await act("stop", "STOPPED")
+    assert not dom.isActive() and stop["status"] == "SUCCESS"
+    assert not (stop.get("details") or {}).get("forced"), stop  # the guest answered the power button
+    await act("start", "STARTED")
+    await _console(store, sid, "nephos-guest: ready", count=2)
+    await act("reboot", "STARTED")
+    await _console(store, sid, "nephos-guest: ready", count=3)
+    await act("suspend", "SUSPENDED")
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    await act("resume", "STARTED")
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+    # A guest that powers itself off (its power button pressed behind Nephos's back): STOPPED,
+    # with its quota moved.
+    dom.shutdown()
+    await _settled(cloud, sid, "STOPPED")
+    quotas = await _api(cloud, "GET", "/api/v1/quotas", 200, user)
+    assert {k: v["usage"] for k, v in quotas.items() if k in expected_usage("STOPPED")} == expected_usage(
+        "STOPPED", (1, 512, 1)
+    )
+
+    await act("destroy", "DESTROYED")
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByUUIDString(sid)
+    assert (await cloud.server(sid))["addresses"] == []
+    conn.close()
