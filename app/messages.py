@@ -35,6 +35,7 @@ class Action(StrEnum):
     LIVE_MIGRATE = "live_migrate"
     SAVE_IMAGE = "save_image"
     CONSOLE = "console"
+    FIREWALL = "firewall"
     DESTROY = "destroy"
 
 

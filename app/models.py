@@ -491,3 +491,19 @@ class Port(SQLModel, table=True):
     position: int = 0
     ec2_id: str = Field(default_factory=lambda: ec2_id("eni"), max_length=32, unique=True)
     created_at: datetime = _ts()
+
+
+class FirewallRule(SQLModel, table=True):
+    """A port a user opened on one VM (CRS4's open/close); a VM's security groups add theirs
+    (``logic.firewall``). Inbound is denied except what these allow; outbound is allowed."""
+
+    __tablename__ = "firewall_rules"
+    __table_args__ = (sa.UniqueConstraint("server_id", "protocol", "port_min", "port_max", "cidr"),)
+    id: uuid.UUID = _id()
+    server_id: uuid.UUID = Field(foreign_key="servers.id", index=True)
+    protocol: str = Field(max_length=8)
+    # -1 / -1: every port (and ICMP, which has none).
+    port_min: int = -1
+    port_max: int = -1
+    cidr: str = Field(max_length=43)
+    created_at: datetime = _ts()

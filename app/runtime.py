@@ -33,6 +33,7 @@ from app.bus.outbox import OutboxPublisher
 from app.db import make_engine, make_sessionmaker, transient
 from app.dispatcher.handlers import Dispatcher
 from app.dispatcher.notifier import Notifier
+from app.dispatcher.pace import Pace
 from app.dispatcher.sweepers import Sweepers
 from app.serverkey import load_cipher
 from app.settings import Settings
@@ -53,6 +54,8 @@ class Plane:
     agents: list[Agent] = field(default_factory=list)
     dispatcher: Dispatcher | None = None
     sweepers: Sweepers | None = None
+    # Set when the process stops: the dispatcher's loops end between passes (``Pace``).
+    pace: Pace = field(default_factory=Pace)
 
     @functools.cached_property
     def cipher(self) -> Fernet:
@@ -73,8 +76,9 @@ class Plane:
             reconcile_interval=s.reconcile_interval,
             lease_interval=s.lease_interval,
             retention_days=s.retention_days,
+            pace=self.pace,
         )
-        notifier = Notifier(self.sessions, s, lambda: self.cipher)
+        notifier = Notifier(self.sessions, s, lambda: self.cipher, self.pace)
         self.tasks.append(asyncio.create_task(self.sweepers.run()))
         self.tasks.append(asyncio.create_task(self.sweepers.reconcile_forever()))
         self.tasks.append(asyncio.create_task(self.sweepers.leases_forever()))
@@ -197,10 +201,16 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
     try:
         yield p
     finally:
-        for task in p.tasks:
-            task.cancel()
-        # Each step of the shutdown is bounded: a process asked to stop always stops.
-        await _bounded("background tasks", asyncio.gather(*p.tasks, return_exceptions=True))
+        # Loops end between passes (a task cancelled inside a database call can leave its
+        # connection half-closed); what still runs after the grace is cancelled. Each step of
+        # the shutdown is bounded: a process asked to stop always stops.
+        p.pace.stopping.set()
+        p.outbox.stop()
+        if p.tasks:
+            _, running = await asyncio.wait(p.tasks, timeout=5.0)
+            for task in running:
+                task.cancel()
+            await _bounded("background tasks", asyncio.gather(*running, return_exceptions=True))
         for agent in p.agents:
             await _bounded(f"agent {agent.host}", agent.stop())
         await _bounded("the bus", bus.close())

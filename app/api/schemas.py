@@ -820,3 +820,41 @@ class NetworkOut(BaseModel):
     project_id: uuid.UUID
     is_default: bool
     created_at: datetime
+
+
+class FirewallSpec(Strict):
+    protocol: Literal["tcp", "udp", "icmp", "all"]
+    port: (
+        Annotated[int, Field(ge=1, le=65535)]
+        | Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(min_length=2, max_length=2)]
+        | None
+    ) = Field(default=None, description="A port, or [first, last]; none for icmp and all")
+    cidr: str = Field(default="0.0.0.0/0", max_length=43, description="Where from (IPv4)")
+
+
+class FirewallChange(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"open": {"protocol": "tcp", "port": 22, "cidr": "0.0.0.0/0"}}]}
+    )
+
+    open: FirewallSpec | None = None
+    close: FirewallSpec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FirewallChange:
+        if (self.open is None) == (self.close is None):
+            raise ValueError("give exactly one of open and close")
+        return self
+
+
+class FirewallRuleOut(BaseModel):
+    id: str
+    protocol: str
+    port_min: int = Field(description="-1: every port")
+    port_max: int
+    cidr: str
+    source: Literal["port", "group"] = Field(description="An opened port, or a rule of one of the VM's groups")
+
+
+class FirewallOut(BaseModel):
+    rules: list[FirewallRuleOut]

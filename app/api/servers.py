@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
@@ -14,6 +15,9 @@ from app.api.schemas import (
     ActionBody,
     ConsoleOut,
     EventOut,
+    FirewallChange,
+    FirewallOut,
+    FirewallRuleOut,
     JobAccepted,
     LiveMigrateAction,
     MigrateAction,
@@ -26,7 +30,7 @@ from app.api.schemas import (
     ServerPatch,
     ServersCreated,
 )
-from app.logic import actions, catalogue, events, servers
+from app.logic import actions, catalogue, events, firewall, servers
 from app.logic.operstate import Action, Operstate
 from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Job
@@ -144,6 +148,41 @@ async def server_action(
         return JobAccepted(job_id=job.id if job is not None else None)
 
     return await idem.run(202, act)
+
+
+@router.get("/{server_id}/firewall", response_model=FirewallOut, responses=responses(404))
+async def get_firewall(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> FirewallOut:
+    """What the VM's firewall lets in (everything else inbound is dropped; outbound is open):
+    its opened ports, then its security groups' rules."""
+    await servers.get(tx.session, actor=actor, server_id=server_id)
+    rules = await firewall.effective(tx.session, server_id)
+    return FirewallOut(rules=[FirewallRuleOut.model_validate(asdict(r)) for r in rules])
+
+
+@router.post("/{server_id}/firewall", status_code=202, response_model=JobAccepted, responses=responses(400, 404, 409))
+async def change_firewall(
+    server_id: uuid.UUID, body: FirewallChange, tx: TxDep, actor: CurrentUser, idem: IdempotentDep
+) -> JSONResponse:
+    """Open or close a port (`{"open": {"protocol", "port", "cidr"}}` or `{"close": ...}`); the
+    VM's whole rule set then goes to its host in a `firewall` job (null for a VM not on a host
+    yet: its create job carries the rules). The task lock applies: 409 `TaskPending`."""
+    op, spec = ("open", body.open) if body.open is not None else ("close", body.close)
+    assert spec is not None
+
+    async def change() -> JobAccepted:
+        job = await firewall.change(
+            tx.session,
+            tx.outbox,
+            actor=actor,
+            server_id=server_id,
+            op=op,  # type: ignore[arg-type]
+            protocol=spec.protocol,
+            port=spec.port,
+            cidr=spec.cidr,
+        )
+        return JobAccepted(job_id=job.id if job is not None else None)
+
+    return await idem.run(202, change)
 
 
 @router.get("/{server_id}/events", response_model=Page[EventOut], responses=responses(400, 404))

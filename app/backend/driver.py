@@ -71,6 +71,7 @@ _NETWORK = re.compile(r"<network\b.*?</network>", re.S)
 #: Names of the libvirt networks Nephos makes: ``nephos-<network id>``.
 NETWORK_PREFIX = "nephos-"
 NET_NS = "https://nephos.dev/xmlns/network/1"
+FW_NS = "https://nephos.dev/xmlns/firewall/1"
 
 
 def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
@@ -139,6 +140,35 @@ def config_drive_files(server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, str
         "user-data": str(p.get("user_data") or ""),
         "network-config": "\n".join(net) + "\n",
     }
+
+
+def filter_name(server_id: uuid.UUID) -> str:
+    return f"nephos-{server_id}"
+
+
+def filter_xml(server_id: uuid.UUID, rules: list[dict[str, Any]]) -> str:
+    """A VM's nwfilter: outbound allowed (replies come back: libvirt's rules are stateful),
+    inbound allowed where a rule says, every other inbound packet dropped."""
+    root = ET.Element("filter", name=filter_name(server_id), chain="root")
+    ET.SubElement(root, "uuid").text = str(server_id)  # the same on every redefinition
+    ET.SubElement(ET.SubElement(root, "rule", action="accept", direction="out", priority="100"), "all")
+    for rule in rules:
+        net = ipaddress.IPv4Network(str(rule["cidr"]), strict=False)
+        attrs = {"srcipaddr": str(net.network_address), "srcipmask": str(net.prefixlen)}
+        if rule["protocol"] in ("tcp", "udp") and int(rule["port_min"]) > 0:
+            attrs.update(dstportstart=str(rule["port_min"]), dstportend=str(rule["port_max"]))
+        el = ET.SubElement(root, "rule", action="accept", direction="in", priority="200")
+        ET.SubElement(el, str(rule["protocol"]), attrs)
+    ET.SubElement(ET.SubElement(root, "rule", action="drop", direction="in", priority="900"), "all")
+    return ET.tostring(root, encoding="unicode")
+
+
+def firewall_metadata(rules: list[dict[str, Any]]) -> str:
+    """The rules as the domain records them (what ``GET .../firewall`` says is enforced)."""
+    root = ET.Element("firewall")
+    for rule in rules:
+        ET.SubElement(root, "rule", {k: str(rule[k]) for k in ("protocol", "port_min", "port_max", "cidr")})
+    return ET.tostring(root, encoding="unicode")
 
 
 def _hostname(name: str) -> str:
@@ -334,6 +364,8 @@ class Driver:
             ET.SubElement(nic, "source", network=spec.get("network_name") or network_name(spec))
             if not self.simulated:
                 ET.SubElement(nic, "model", type="virtio")
+                if "firewall" in p:
+                    ET.SubElement(nic, "filterref", filter=filter_name(server_id))
         # The console is never open: it listens where the operator says (loopback unless told
         # otherwise) and has a random password from the start, which nobody is shown; the
         # console action sets a fresh one and shows it once.
@@ -422,6 +454,46 @@ class Driver:
             )
         return net
 
+    def _record_firewall(self, dom: libvirt.virDomain, rules: list[dict[str, Any]]) -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, firewall_metadata(rules), "nephosfw", FW_NS, flags)
+
+    async def firewall(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """Enforce a VM's whole rule set: its nwfilter redefined (libvirt re-applies it to the
+        running NICs at once) and the rules recorded in the domain."""
+        rules = list(p.get("rules") or [])
+
+        def run() -> dict[str, Any]:
+            assert self.conn is not None
+            dom = self._need(server_id)
+            if not self.simulated:
+                self.conn.nwfilterDefineXML(filter_xml(server_id, rules))
+                root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                if root.find("./devices/interface/filterref") is None:  # made before firewalls
+                    for iface in root.findall("./devices/interface"):
+                        ET.SubElement(iface, "filterref", filter=filter_name(server_id))
+                    self.conn.defineXML(ET.tostring(root, encoding="unicode"))
+            self._record_firewall(dom, rules)
+            return {"rules": len(rules)}
+
+        return await self._call(run)  # type: ignore[no-any-return]
+
+    def rules_of(self, dom: libvirt.virDomain) -> list[dict[str, Any]] | None:
+        """The rules recorded in a domain (None: never set)."""
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, FW_NS, 0)
+        except libvirt.libvirtError:
+            return None
+        return [
+            {
+                "protocol": r.get("protocol"),
+                "port_min": int(r.get("port_min", -1)),
+                "port_max": int(r.get("port_max", -1)),
+                "cidr": r.get("cidr"),
+            }
+            for r in ET.fromstring(meta).findall("rule")
+        ]
+
     def _forget_reservations(self, dom: libvirt.virDomain) -> None:
         """A destroyed domain's DHCP reservations leave its networks (Nephos's networks only)."""
         assert self.conn is not None
@@ -452,9 +524,13 @@ class Driver:
             for nic in p.get("nics") or []:
                 self._ensure_network(nic)
             self._config_drive(server_id, p)
+            if "firewall" in p and not self.simulated:
+                self.conn.nwfilterDefineXML(filter_xml(server_id, p["firewall"]))
             dom = self._lookup(server_id)
             if dom is None:
                 dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
+                if "firewall" in p:
+                    self._record_firewall(dom, p["firewall"])
             if not dom.isActive():
                 dom.create()
             return {}
@@ -590,6 +666,9 @@ class Driver:
             self._forget_reservations(dom)
             flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             dom.undefineFlags(flags)
+            if not self.simulated and self.conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):  # none, if it predates firewalls
+                    self.conn.nwfilterLookupByName(filter_name(server_id)).undefine()
 
         await self._call(run)
         if not self.simulated:

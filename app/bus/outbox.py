@@ -54,17 +54,25 @@ class OutboxPublisher:
         self.sessions, self.bus, self._cipher, self.timeout = sessions, bus, cipher, timeout
         self._submitted: list[uuid.UUID] = []
         self._wake = asyncio.Event()
+        self._stopping = False
 
     async def submit(self, job_ids: Iterable[uuid.UUID]) -> None:
         """Queue committed jobs for the flusher (``run``); returns at once."""
         self._submitted.extend(job_ids)
         self._wake.set()
 
+    def stop(self) -> None:
+        """The flusher publishes what it has, then ends (``run`` returns)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """The flusher: publish what was submitted, a round at a time, until cancelled."""
+        """The flusher: publish what was submitted, a round at a time, until stopped."""
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._stopping and not self._submitted:
+                return
             batch, self._submitted = self._submitted, []
             try:
                 await self.publish(batch)

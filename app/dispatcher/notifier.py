@@ -20,6 +20,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import mail
+from app.dispatcher.pace import Pace
 from app.logic import notifications, webhooks
 from app.settings import Settings
 
@@ -28,9 +29,14 @@ log = logging.getLogger("nephos.notifier")
 
 class Notifier:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, cipher: Callable[[], Fernet]
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        cipher: Callable[[], Fernet],
+        pace: Pace | None = None,
     ) -> None:
         self.sessions, self.settings, self._cipher = sessions, settings, cipher
+        self.pace = pace or Pace()
 
     # -- mail ----------------------------------------------------------------------------------
 
@@ -128,11 +134,10 @@ class Notifier:
             self._forever(self.mail_once, "mail", interval), self._forever(self.hooks_once, "webhook", interval)
         )
 
-    @staticmethod
-    async def _forever(step: Callable[[], Awaitable[int]], what: str, interval: float) -> None:
-        while True:
+    async def _forever(self, step: Callable[[], Awaitable[int]], what: str, interval: float) -> None:
+        while not self.pace.stopping.is_set():
             try:
                 await step()
             except Exception:  # the database may be away; the next pass retries
                 log.warning("%s pass failed", what, exc_info=True)
-            await asyncio.sleep(interval)
+            await self.pace.wait(interval)

@@ -16,7 +16,6 @@ Any number of dispatchers may run these at once: every step is idempotent and ro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.bus import Bus
 from app.bus.outbox import OutboxPublisher
 from app.dispatcher import reconciler
+from app.dispatcher.pace import Pace
 from app.logic import deadlines, hosts, idempotency, notifications, retention, schedules
 from app.logic.jobs import Outbox
 from app.messages import InventoryRequest, encode
@@ -76,11 +76,13 @@ class Sweepers:
         reconcile_interval: float = 60.0,
         lease_interval: float = 30.0,
         retention_days: float = 30.0,
+        pace: Pace | None = None,
     ) -> None:
         self.sessions, self.bus, self.outbox = sessions, bus, outbox
         self.interval, self.host_timeout, self.resend_after = interval, host_timeout, resend_after
         self.reconcile_interval = reconcile_interval
         self.lease_interval, self.retention_days = lease_interval, retention_days
+        self.pace = pace or Pace()
         self._next_purge = 0.0
 
     async def purge(self) -> int:
@@ -92,8 +94,7 @@ class Sweepers:
 
     async def reconcile_forever(self) -> None:
         """The periodic reconciliation pass, whose report ``GET /api/v1/admin/drift`` shows."""
-        while True:
-            await asyncio.sleep(self.reconcile_interval)
+        while await self.pace.wait(self.reconcile_interval):
             try:
                 report = await reconciler.periodic_pass(
                     self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2)
@@ -104,12 +105,12 @@ class Sweepers:
                 log.warning("reconciliation pass failed", exc_info=True)
 
     async def run(self) -> None:
-        while True:
+        while not self.pace.stopping.is_set():
             try:
                 await self.once()
             except Exception:  # the database or the broker may be away; the next pass retries
                 log.warning("sweeper pass failed", exc_info=True)
-            await asyncio.sleep(self.interval)
+            await self.pace.wait(self.interval)
 
     async def once(self) -> dict[str, int]:
         sent = await self.outbox.sweep(older_than=timedelta(seconds=self.resend_after))
@@ -135,12 +136,12 @@ class Sweepers:
     async def leases_forever(self) -> None:
         """The lease pass every ``lease_interval`` seconds (mail and webhooks run beside it, in
         ``notifier``, so neither ever delays a lease's end)."""
-        while True:
+        while not self.pace.stopping.is_set():
             try:
                 await self.lease_pass()
             except Exception:
                 log.warning("lease pass failed", exc_info=True)
-            await asyncio.sleep(self.lease_interval)
+            await self.pace.wait(self.lease_interval)
 
     async def lease_pass(self) -> dict[str, int]:
         """Due scheduled actions (leases' ends among them), then the warnings whose time has

@@ -106,8 +106,11 @@ async def _begin(
             if server.key_name
             else None
         )
+        from app.logic import firewall  # firewall sends its jobs through this module
+
         nics = await networks.nics_of(session, server.id)
-        params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics)
+        rules = await firewall.params_for(session, server.id)
+        params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics, rules)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
@@ -328,6 +331,15 @@ async def console(
     server = await session.get(Server, server_id)
     assert server is not None and server.host is not None and server.vnc_port is not None
     return Console(job, server.host, server.vnc_port, password)
+
+
+async def firewall(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, rules: list[dict[str, Any]]
+) -> Job:
+    """Send a VM's whole rule set to its host (``logic.firewall`` decides the rules)."""
+    return await _begin(
+        session, outbox, actor=actor, server_id=server_id, action=Action.FIREWALL, params={"rules": rules}
+    )
 
 
 async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job | None:

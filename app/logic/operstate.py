@@ -60,6 +60,7 @@ class Task(StrEnum):
     LIVE_MIGRATE = "LIVE_MIGRATE"
     SAVE_IMAGE = "SAVE_IMAGE"
     CONSOLE = "CONSOLE"
+    FIREWALL = "FIREWALL"
     DESTROY = "DESTROY"
 
 
@@ -95,6 +96,7 @@ TABLE: dict[Action, Rule] = {
     Action.LIVE_MIGRATE: Rule(T.LIVE_MIGRATE, frozenset({S.STARTED}), None, None, None, admin_only=True),
     Action.SAVE_IMAGE: Rule(T.SAVE_IMAGE, frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED, None),
     Action.CONSOLE: Rule(T.CONSOLE, frozenset({S.STARTED}), None, None, None),
+    Action.FIREWALL: Rule(T.FIREWALL, frozenset({S.STARTED, S.STOPPED, S.SUSPENDED}), None, None, None),
     Action.DESTROY: Rule(T.DESTROY, ALL_LIVE, None, S.DESTROYED, None),
 }
 

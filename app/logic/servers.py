@@ -85,7 +85,12 @@ async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> 
 
 
 def create_params(
-    server: Server, flavor: Flavor, image: Image, ssh_key: str | None, nics: list[dict[str, Any]]
+    server: Server,
+    flavor: Flavor,
+    image: Image,
+    ssh_key: str | None,
+    nics: list[dict[str, Any]],
+    firewall: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What an agent needs to build the VM, carried in the job itself."""
     return {
@@ -105,6 +110,8 @@ def create_params(
         "vnc_port": server.vnc_port,
         "ec2_id": server.ec2_id,
         "nics": nics,
+        # Inbound denied but for these (``logic.firewall``); a new VM has opened nothing yet.
+        "firewall": firewall or [],
     }
 
 

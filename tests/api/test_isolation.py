@@ -16,6 +16,7 @@ BODIES = {
     "/api/v1/servers/{server_id}": {"name": "stolen"},
     "/api/v1/servers/{server_id}/lease": {},
     "/api/v1/servers/{server_id}/schedule": {"action": "destroy", "at": "2030-01-01T00:00:00Z"},
+    "/api/v1/servers/{server_id}/firewall": {"open": {"protocol": "tcp", "port": 22}},
 }
 
 

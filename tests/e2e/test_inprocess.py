@@ -268,3 +268,27 @@ async def test_the_sweeper_ends_a_lease_on_time(cloud: Cloud) -> None:
     events = (await cloud.client.get(f"/api/v1/servers/{vm['id']}/events", headers=ADMIN)).json()["items"]
     assert any(e["kind"] == "lease_action" and "the lease ended" in e["message"] for e in events)
     assert {k: v["usage"] for k, v in (await cloud.quotas()).items()} == expected_usage("STOPPED")
+
+
+async def test_a_firewall_change_reaches_the_host(cloud: Cloud) -> None:
+    """The agent records the VM's rule set in its domain (the test driver has no nwfilter: the
+    embedded mode shows what a real host enforces)."""
+    vm = await cloud.started_vm()
+    agent = next(a for a in cloud.plane.agents if a.host == vm["host"])
+    assert agent.driver.conn is not None
+    dom = agent.driver.conn.lookupByUUIDString(vm["id"])
+    assert agent.driver.rules_of(dom) == []  # made with an empty set: inbound closed
+    r = await cloud.client.post(
+        f"/api/v1/servers/{vm['id']}/firewall",
+        headers=ADMIN,
+        json={"open": {"protocol": "tcp", "port": [80, 81], "cidr": "192.0.2.0/24"}},
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+
+    async def done() -> bool:
+        job = (await cloud.client.get(f"/api/v1/jobs/{job_id}", headers=ADMIN)).json()
+        return bool(job["status"] == "SUCCESS")
+
+    await cloud.until("the firewall job", done)
+    assert agent.driver.rules_of(dom) == [{"protocol": "tcp", "port_min": 80, "port_max": 81, "cidr": "192.0.2.0/24"}]

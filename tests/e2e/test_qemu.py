@@ -1,8 +1,9 @@
 """The real-hypervisor tier: an agent on ``qemu:///system`` (libvirtd + QEMU, software
 emulation) boots the test guest built by ``.ci/guest/build.sh`` from Debian's packages. The VM
 is created through the API, reads its config drive (user data, SSH key, addresses), serves HTTP
-on its private address, and every lifecycle action drives the real domain while the database
-follows -- a guest that powers itself off included.
+on its private address behind its firewall (libvirt nwfilter: closed until opened, closed
+again), and every lifecycle action drives the real domain while the database follows -- a
+guest that powers itself off included.
 
 ``make test`` starts libvirtd (``.ci/hypervisor.sh``); in CI a daemon that does not answer is a
 failure here, never a skip. At most one guest runs at a time in this file; every address the
@@ -122,6 +123,25 @@ async def _console(store: Path, sid: str, line: str, count: int = 1, timeout: fl
     raise AssertionError(f"the console never said {line!r} ({count}x):\n{text[-3000:]}")
 
 
+async def _final(cloud: Cloud, job_id: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = await _api(cloud, "GET", f"/api/v1/jobs/{job_id}", 200)
+    return job if job["status"] in ("SUCCESS", "ERROR") else None
+
+
+async def _answers(ip: str, port: int, want: str | None = None, tries: int = 6) -> bool:
+    """Does the guest's HTTP port answer (``want`` as its page)? A few tries, 1 s each: a
+    dropped port times out, bounded in count and time."""
+    async with httpx.AsyncClient(timeout=1.0) as http:
+        for _ in range(tries):
+            try:
+                page = await http.get(f"http://{ip}:{port}/")
+            except httpx.TransportError:
+                await asyncio.sleep(0.3)
+                continue
+            return want is None or page.text.strip() == want
+    return False
+
+
 async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follows_every_action(
     qemu_cloud: tuple[Cloud, Path],
 ) -> None:
@@ -159,15 +179,23 @@ async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follow
     assert f"nephos-guest: address eth0 {ip}/24 {mac}" in log
     await _console(store, sid, "user-data-ran-in-the-guest\n", count=2)  # printed, then run
 
-    # The host reaches its HTTP port on the private address.
-    async with httpx.AsyncClient(timeout=5) as http:
-        for _ in range(20):
-            try:
-                page = await http.get(f"http://{ip}/")
-                break
-            except httpx.TransportError:
-                await asyncio.sleep(0.5)
-        assert page.status_code == 200 and page.text.strip() == f"nephos-guest {vm['ec2_id']}"
+    # Inbound is closed until a port is opened; then the host reaches it on the private address,
+    # and a closed port is unreachable again while another opened one still answers.
+    async def firewall(op: str, port: int) -> None:
+        reply = await _api(
+            cloud, "POST", f"/api/v1/servers/{sid}/firewall", 202, user, json={op: {"protocol": "tcp", "port": port}}
+        )
+        job = await cloud.until("the firewall job", lambda: _final(cloud, reply["job_id"]), timeout=60)
+        assert job["status"] == "SUCCESS", job.get("error")
+
+    assert not await _answers(ip, 80)
+    await firewall("open", 80)
+    await firewall("open", 8080)
+    assert await _answers(ip, 80, want=f"nephos-guest {vm['ec2_id']}")
+    assert await _answers(ip, 8080, want=f"nephos-guest {vm['ec2_id']}")
+    await firewall("close", 80)
+    assert not await _answers(ip, 80)
+    assert await _answers(ip, 8080, want=f"nephos-guest {vm['ec2_id']}")
 
     # Every action drives the real domain, and the database follows.
     dom = conn.lookupByUUIDString(sid)

@@ -28,6 +28,7 @@ ALLOWED = {
     A.LIVE_MIGRATE: {S.STARTED},
     A.SAVE_IMAGE: {S.STARTED, S.STOPPED},
     A.CONSOLE: {S.STARTED},
+    A.FIREWALL: {S.STARTED, S.STOPPED, S.SUSPENDED},
     A.DESTROY: set(LIVE),
 }
 # (on success, on failure); None = unchanged
@@ -44,6 +45,7 @@ OUTCOME = {
     A.LIVE_MIGRATE: (None, None),
     A.SAVE_IMAGE: (S.STOPPED, None),
     A.CONSOLE: (None, None),
+    A.FIREWALL: (None, None),
     A.DESTROY: (S.DESTROYED, None),
 }
 TASKS = [None, "START", "DESTROY"]

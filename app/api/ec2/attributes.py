@@ -20,7 +20,7 @@ from app.api.ec2.keys import find_groups
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, ec2_error
 from app.ids import utcnow
-from app.logic import actions, ec2, instances, secgroups, servers
+from app.logic import actions, ec2, firewall, instances, secgroups, servers
 from app.logic import errors as e
 from app.logic import events as logged
 from app.models import Server
@@ -132,6 +132,7 @@ async def modify_instance_attribute(ctx: Ctx) -> dict[str, Any]:
         groups = await find_groups(ctx, value, [])
         await servers.lock(ctx.session, actor=ctx.actor, server_id=server.id)
         await secgroups.set_members(ctx.session, [server.id], groups)
+        await firewall.resync(ctx.session, ctx.outbox, server_ids=[server.id])
     elif name == "instanceInitiatedShutdownBehavior" and value == "stop":
         pass  # the only behaviour Nephos has: a guest that shuts down is stopped
     elif name in _FIXED or name in _MODIFIABLE.values():

@@ -14,7 +14,7 @@ from typing import Any
 
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action
-from app.logic import ec2, keypairs, secgroups
+from app.logic import ec2, firewall, keypairs, secgroups
 from app.logic import errors as e
 from app.models import KeyPair, SecurityGroup
 
@@ -232,6 +232,7 @@ async def authorize_ingress(ctx: Ctx) -> dict[str, Any]:
         raise Ec2Error("InvalidPermission.Duplicate", exc.message) from None
     except e.NotFound as exc:
         raise Ec2Error("InvalidGroup.NotFound", exc.message) from None
+    await firewall.group_changed(ctx.session, ctx.outbox, group_id=group.id)
     return {
         "return": True,
         "securityGroupRuleSet": [
@@ -260,6 +261,7 @@ async def revoke_ingress(ctx: Ctx) -> dict[str, Any]:
         await secgroups.revoke(ctx.session, group, _permissions(ctx))
     except e.NotFound as exc:
         raise Ec2Error("InvalidPermission.NotFound", exc.message) from None
+    await firewall.group_changed(ctx.session, ctx.outbox, group_id=group.id)
     return {"return": True}
 
 
