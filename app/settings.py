@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     # Webhooks: how long a receiver may take, and how many failures in a row disable one.
     webhook_timeout: float = Field(default=5.0, gt=0)
     webhook_max_failures: int = Field(default=8, gt=0)
+    # The metadata service answers host-side proxies that send this key (unset: it answers none).
+    metadata_proxy_key: SecretStr | None = None
     # Days a DESTROYED server's row, jobs and events are kept; 0 keeps them for ever.
     retention_days: float = Field(default=30, ge=0)
 

@@ -10,7 +10,21 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 
-from app.api import admin, catalogue, ec2, errors, health, jobs, keys, leases, metrics, networks, servers, webhooks
+from app.api import (
+    admin,
+    catalogue,
+    ec2,
+    errors,
+    health,
+    jobs,
+    keys,
+    leases,
+    metadata,
+    metrics,
+    networks,
+    servers,
+    webhooks,
+)
 from app.api.deps import AppState
 from app.api.retry import RetryTransactions
 from app.db import make_engine, make_sessionmaker
@@ -65,7 +79,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     errors.install(app)
     app.add_middleware(RetryTransactions)
     app.openapi = _derived(app.openapi)  # type: ignore[method-assign]
-    for module in (servers, networks, jobs, catalogue, keys, leases, webhooks, admin, health, metrics, ec2):
+    for module in (servers, networks, jobs, catalogue, keys, leases, webhooks, admin, health, metrics, metadata, ec2):
         app.include_router(module.router)
     return app
 
