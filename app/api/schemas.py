@@ -822,29 +822,34 @@ class NetworkOut(BaseModel):
     created_at: datetime
 
 
+#: A port number (JSON's 22.0 is the integer 22, as JSON Schema says).
+PortNumber = Annotated[int, Field(strict=False, ge=1, le=65535), BeforeValidator(_a_number)]
+
+
 class FirewallSpec(Strict):
     protocol: Literal["tcp", "udp", "icmp", "all"]
-    port: (
-        Annotated[int, Field(ge=1, le=65535)]
-        | Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(min_length=2, max_length=2)]
-        | None
-    ) = Field(default=None, description="A port, or [first, last]; none for icmp and all")
+    port: PortNumber | Annotated[list[PortNumber], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="A port, or [first, last]; none for icmp and all"
+    )
     cidr: str = Field(default="0.0.0.0/0", max_length=43, description="Where from (IPv4)")
 
 
-class FirewallChange(Strict):
+class FirewallOpen(Strict):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"open": {"protocol": "tcp", "port": 22, "cidr": "0.0.0.0/0"}}]}
     )
 
-    open: FirewallSpec | None = None
-    close: FirewallSpec | None = None
+    open: FirewallSpec
 
-    @model_validator(mode="after")
-    def _one(self) -> FirewallChange:
-        if (self.open is None) == (self.close is None):
-            raise ValueError("give exactly one of open and close")
-        return self
+
+class FirewallClose(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"close": {"protocol": "tcp", "port": 22}}]})
+
+    close: FirewallSpec
+
+
+#: Exactly one of the two, as the schema says (each object admits no other key).
+FirewallChange = FirewallOpen | FirewallClose
 
 
 class FirewallRuleOut(BaseModel):

@@ -16,6 +16,7 @@ from app.api.schemas import (
     ConsoleOut,
     EventOut,
     FirewallChange,
+    FirewallOpen,
     FirewallOut,
     FirewallRuleOut,
     JobAccepted,
@@ -161,13 +162,16 @@ async def get_firewall(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> F
 
 @router.post("/{server_id}/firewall", status_code=202, response_model=JobAccepted, responses=responses(400, 404, 409))
 async def change_firewall(
-    server_id: uuid.UUID, body: FirewallChange, tx: TxDep, actor: CurrentUser, idem: IdempotentDep
+    server_id: uuid.UUID,
+    body: Annotated[FirewallChange, Body()],
+    tx: TxDep,
+    actor: CurrentUser,
+    idem: IdempotentDep,
 ) -> JSONResponse:
     """Open or close a port (`{"open": {"protocol", "port", "cidr"}}` or `{"close": ...}`); the
     VM's whole rule set then goes to its host in a `firewall` job (null for a VM not on a host
     yet: its create job carries the rules). The task lock applies: 409 `TaskPending`."""
-    op, spec = ("open", body.open) if body.open is not None else ("close", body.close)
-    assert spec is not None
+    op, spec = ("open", body.open) if isinstance(body, FirewallOpen) else ("close", body.close)
 
     async def change() -> JobAccepted:
         job = await firewall.change(
