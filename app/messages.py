@@ -36,6 +36,7 @@ class Action(StrEnum):
     SAVE_IMAGE = "save_image"
     CONSOLE = "console"
     FIREWALL = "firewall"
+    PUBLIC_IP = "public_ip"
     DESTROY = "destroy"
 
 

@@ -240,6 +240,7 @@ class Commission(SQLModel, table=True):
     disk: int = Field(default=0, sa_type=sa.BigInteger)
     active_cpu: int = Field(default=0, sa_type=sa.BigInteger)
     active_ram: int = Field(default=0, sa_type=sa.BigInteger)
+    public_ip: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = _ts()
     resolved_at: datetime | None = _ts(nullable=True, default=False)
 
@@ -506,4 +507,29 @@ class FirewallRule(SQLModel, table=True):
     port_min: int = -1
     port_max: int = -1
     cidr: str = Field(max_length=43)
+    created_at: datetime = _ts()
+
+
+class PublicIpPool(SQLModel, table=True):
+    """Public addresses an admin hands to Nephos (``logic.public_ips``)."""
+
+    __tablename__ = "public_ip_pools"
+    id: uuid.UUID = _id()
+    name: str = Field(max_length=64, unique=True)
+    cidr: str = Field(max_length=43, unique=True)
+    created_at: datetime = _ts()
+
+
+class PublicIp(SQLModel, table=True):
+    """A public address allocated to a project (a ``public_ip`` quota unit), associated with
+    at most one VM at a time (its first NIC's address)."""
+
+    __tablename__ = "public_ips"
+    id: uuid.UUID = _id()
+    pool_id: uuid.UUID = Field(foreign_key="public_ip_pools.id", index=True)
+    address: str = Field(max_length=45, unique=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", index=True)
+    server_id: uuid.UUID | None = Field(default=None, foreign_key="servers.id", index=True)
+    ec2_id: str = Field(default_factory=lambda: ec2_id("eipalloc"), max_length=32, unique=True)
+    association_id: str | None = Field(default=None, max_length=32, unique=True)
     created_at: datetime = _ts()

@@ -22,6 +22,7 @@ from app.api import (
     metadata,
     metrics,
     networks,
+    public_ips,
     servers,
     webhooks,
 )
@@ -79,7 +80,21 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     errors.install(app)
     app.add_middleware(RetryTransactions)
     app.openapi = _derived(app.openapi)  # type: ignore[method-assign]
-    for module in (servers, networks, jobs, catalogue, keys, leases, webhooks, admin, health, metrics, metadata, ec2):
+    for module in (
+        servers,
+        networks,
+        public_ips,
+        jobs,
+        catalogue,
+        keys,
+        leases,
+        webhooks,
+        admin,
+        health,
+        metrics,
+        metadata,
+        ec2,
+    ):
         app.include_router(module.router)
     return app
 

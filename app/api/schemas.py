@@ -440,6 +440,7 @@ class QuotasOut(BaseModel):
     disk: QuotaItem = Field(description="GiB")
     active_cpu: QuotaItem
     active_ram: QuotaItem = Field(description="MiB")
+    public_ip: QuotaItem = Field(description="Public addresses allocated to the project")
 
 
 # -- key pairs and credentials ------------------------------------------------------------
@@ -488,6 +489,7 @@ class Quotas(Strict):
     disk: QuotaLimit = Field(default=None, description="GiB")
     active_cpu: QuotaLimit = None
     active_ram: QuotaLimit = Field(default=None, description="MiB")
+    public_ip: QuotaLimit = Field(default=None, description="Public addresses")
 
     def limits(self) -> dict[str, int]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -863,3 +865,43 @@ class FirewallRuleOut(BaseModel):
 
 class FirewallOut(BaseModel):
     rules: list[FirewallRuleOut]
+
+
+class PublicIpIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"pool": None}]})
+
+    pool: str | None = Field(default=None, max_length=64, description="A pool's name (default: any with room)")
+
+
+class PublicIpOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    address: str
+    project_id: uuid.UUID
+    server_id: uuid.UUID | None = Field(description="The VM it is associated with (its first private address)")
+    ec2_id: str = Field(description="EC2's allocation id (eipalloc-...)")
+    association_id: str | None = Field(description="EC2's association id (eipassoc-...), while associated")
+    created_at: datetime
+
+
+class PublicIpAssociate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"server_id": "01a2474c-1863-7000-999d-af7eee05ca5a"}]})
+
+    server_id: Id
+
+
+class PoolIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "internet", "cidr": "203.0.113.0/24"}]})
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    cidr: str = Field(max_length=43, description="IPv4, /16 to /32, overlapping no other pool")
+
+
+class PoolOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    cidr: str
+    created_at: datetime

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import subprocess
 import time
 import uuid
@@ -72,6 +73,10 @@ _NETWORK = re.compile(r"<network\b.*?</network>", re.S)
 NETWORK_PREFIX = "nephos-"
 NET_NS = "https://nephos.dev/xmlns/network/1"
 FW_NS = "https://nephos.dev/xmlns/firewall/1"
+NAT_NS = "https://nephos.dev/xmlns/nat/1"
+#: The host's NAT chains for public IPs (nat table), jumped to from PREROUTING and OUTPUT
+#: (DNAT) and POSTROUTING (SNAT); every rule carries the comment ``nephos:<server id>``.
+DNAT_CHAIN, SNAT_CHAIN = "NEPHOS-DNAT", "NEPHOS-SNAT"
 
 
 def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
@@ -169,6 +174,30 @@ def firewall_metadata(rules: list[dict[str, Any]]) -> str:
     for rule in rules:
         ET.SubElement(root, "rule", {k: str(rule[k]) for k in ("protocol", "port_min", "port_max", "cidr")})
     return ET.tostring(root, encoding="unicode")
+
+
+def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True, text=True)
+
+
+def nat_apply(server_id: uuid.UUID, mappings: list[dict[str, Any]]) -> None:
+    """The VM's NAT rules become exactly ``mappings`` (DNAT public -> private, SNAT back), in
+    Nephos's own chains; rules of other VMs and anything not Nephos's are never touched."""
+    mark = f"nephos:{server_id}"
+    for chain, hooks in ((DNAT_CHAIN, ("PREROUTING", "OUTPUT")), (SNAT_CHAIN, ("POSTROUTING",))):
+        if _iptables("-n", "-L", chain, check=False).returncode != 0:
+            _iptables("-N", chain)
+        for hook in hooks:
+            if _iptables("-C", hook, "-j", chain, check=False).returncode != 0:
+                _iptables("-A", hook, "-j", chain)
+        for line in _iptables("-S", chain).stdout.splitlines():
+            if f'"{mark}"' in line or f" {mark} " in f"{line} ":
+                _iptables(*shlex.split(line.replace("-A ", "-D ", 1)))
+    for m in mappings:
+        public, private = str(m["public"]), str(m["private"])
+        comment = ["-m", "comment", "--comment", mark]
+        _iptables("-A", DNAT_CHAIN, "-d", f"{public}/32", *comment, "-j", "DNAT", "--to-destination", private)
+        _iptables("-A", SNAT_CHAIN, "-s", f"{private}/32", *comment, "-j", "SNAT", "--to-source", public)
 
 
 def _hostname(name: str) -> str:
@@ -478,6 +507,34 @@ class Driver:
 
         return await self._call(run)  # type: ignore[no-any-return]
 
+    async def public_ip(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
+        """Make a VM's public-to-private mappings exactly ``mappings``: NAT rules on a real host
+        (idempotent: the VM's rules are replaced), recorded in the domain everywhere."""
+        mappings = list(p.get("mappings") or [])
+
+        def run() -> dict[str, Any]:
+            dom = self._need(server_id)
+            if not self.simulated:
+                nat_apply(server_id, mappings)
+            root = ET.Element("nat")
+            for m in mappings:
+                ET.SubElement(root, "map", public=str(m["public"]), private=str(m["private"]))
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(root, encoding="unicode"), "nephosnat", NAT_NS, flags
+            )
+            return {"mappings": len(mappings)}
+
+        return await self._call(run)  # type: ignore[no-any-return]
+
+    def mappings_of(self, dom: libvirt.virDomain) -> list[dict[str, str]]:
+        """The public-to-private mappings recorded in a domain."""
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAT_NS, 0)
+        except libvirt.libvirtError:
+            return []
+        return [{"public": m.get("public", ""), "private": m.get("private", "")} for m in ET.fromstring(meta)]
+
     def rules_of(self, dom: libvirt.virDomain) -> list[dict[str, Any]] | None:
         """The rules recorded in a domain (None: never set)."""
         try:
@@ -531,6 +588,8 @@ class Driver:
                 dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
                 if "firewall" in p:
                     self._record_firewall(dom, p["firewall"])
+            if p.get("public_ips") and not self.simulated:
+                nat_apply(server_id, p["public_ips"])
             if not dom.isActive():
                 dom.create()
             return {}
@@ -669,6 +728,7 @@ class Driver:
             if not self.simulated and self.conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):  # none, if it predates firewalls
                     self.conn.nwfilterLookupByName(filter_name(server_id)).undefine()
+                nat_apply(server_id, [])
 
         await self._call(run)
         if not self.simulated:

@@ -106,11 +106,12 @@ async def _begin(
             if server.key_name
             else None
         )
-        from app.logic import firewall  # firewall sends its jobs through this module
+        from app.logic import firewall, public_ips  # both send their jobs through this module
 
         nics = await networks.nics_of(session, server.id)
         rules = await firewall.params_for(session, server.id)
         params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics, rules)
+        params["public_ips"] = await public_ips.mappings(session, server.id)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
@@ -339,6 +340,15 @@ async def firewall(
     """Send a VM's whole rule set to its host (``logic.firewall`` decides the rules)."""
     return await _begin(
         session, outbox, actor=actor, server_id=server_id, action=Action.FIREWALL, params={"rules": rules}
+    )
+
+
+async def public_ips(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, mappings: list[dict[str, Any]]
+) -> Job:
+    """Send a VM's whole set of public-to-private mappings to its host (``logic.public_ips``)."""
+    return await _begin(
+        session, outbox, actor=actor, server_id=server_id, action=Action.PUBLIC_IP, params={"mappings": mappings}
     )
 
 

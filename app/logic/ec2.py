@@ -174,6 +174,13 @@ async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[
     return {s.ec2_id: s for s in rows}
 
 
+async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, Server]:
+    """Servers by their ids (to name them as EC2 instances)."""
+    if not server_ids:
+        return {}
+    return {s.id: s for s in await session.scalars(sa.select(Server).where(_servers.c.id.in_(server_ids)))}
+
+
 async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The AWS state name of each of these servers, in one query."""
     rows = await session.execute(sa.select(_servers.c.id, STATE).where(_servers.c.id.in_(server_ids)))

@@ -29,9 +29,10 @@ from app.logic.actor import Actor
 from app.logic.errors import AlreadyExists, BadRequest, InUse, NetworkFull, NotFound
 from app.logic.operstate import Operstate
 from app.logic.pagination import Page, paginate
-from app.models import Network, Port, Server, table_of
+from app.models import Network, Port, PublicIp, Server, table_of
 
 _networks, _ports, _servers = table_of(Network), table_of(Port), table_of(Server)
+_public = table_of(PublicIp)
 
 #: Where networks made without a CIDR come from, a /24 each.
 POOL = ipaddress.IPv4Network("10.128.0.0/9")
@@ -243,6 +244,10 @@ async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int
     ids = list(server_ids)
     if not ids:
         return 0
+    # Public addresses mapped to them stay allocated to their project, unmapped (as on EC2).
+    await session.execute(
+        _public.update().where(_public.c.server_id.in_(ids)).values(server_id=None, association_id=None)
+    )
     result = await session.execute(_ports.delete().where(_ports.c.server_id.in_(ids)))
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -259,9 +264,28 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
         .where(_ports.c.server_id.in_(ids))
         .order_by(_ports.c.server_id, _ports.c.position)
     )
+    public: dict[uuid.UUID, str] = {}
+    for sid, address in (
+        await session.execute(
+            sa.select(_public.c.server_id, _public.c.address)
+            .where(_public.c.server_id.in_(ids))
+            .order_by(_public.c.address)
+        )
+    ).all():
+        public.setdefault(sid, address)
     for row in rows.mappings():
-        out[row["server_id"]].append(
-            Address(row["name"], row["network_id"], row["ip"], row["mac"], row["subnet"], row["ec2_id"])
+        sid = row["server_id"]
+        first = not out[sid]  # a VM's public address maps to its first NIC
+        out[sid].append(
+            Address(
+                row["name"],
+                row["network_id"],
+                row["ip"],
+                row["mac"],
+                row["subnet"],
+                row["ec2_id"],
+                public.get(sid) if first else None,
+            )
         )
     return out
 

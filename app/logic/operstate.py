@@ -61,6 +61,7 @@ class Task(StrEnum):
     SAVE_IMAGE = "SAVE_IMAGE"
     CONSOLE = "CONSOLE"
     FIREWALL = "FIREWALL"
+    PUBLIC_IP = "PUBLIC_IP"
     DESTROY = "DESTROY"
 
 
@@ -97,6 +98,7 @@ TABLE: dict[Action, Rule] = {
     Action.SAVE_IMAGE: Rule(T.SAVE_IMAGE, frozenset({S.STARTED, S.STOPPED}), None, S.STOPPED, None),
     Action.CONSOLE: Rule(T.CONSOLE, frozenset({S.STARTED}), None, None, None),
     Action.FIREWALL: Rule(T.FIREWALL, frozenset({S.STARTED, S.STOPPED, S.SUSPENDED}), None, None, None),
+    Action.PUBLIC_IP: Rule(T.PUBLIC_IP, frozenset({S.STARTED, S.STOPPED, S.SUSPENDED}), None, None, None),
     Action.DESTROY: Rule(T.DESTROY, ALL_LIVE, None, S.DESTROYED, None),
 }
 
@@ -111,6 +113,7 @@ class Deltas:
     disk: int = 0
     active_cpu: int = 0
     active_ram: int = 0
+    public_ip: int = 0  # held by the project whether or not a VM uses it (``logic.public_ips``)
 
     def __add__(self, other: Deltas) -> Deltas:
         return Deltas(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))

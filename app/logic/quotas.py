@@ -43,6 +43,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     "disk": 1000,
     "active_cpu": 40,
     "active_ram": 81920,
+    "public_ip": 5,
 }
 
 _commissions = table_of(Commission)

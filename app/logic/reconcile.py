@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import snapshot
 from app.ids import utcnow
-from app.logic import catalogue, deadlines, events, networks, placement, quotas, results, servers
+from app.logic import catalogue, deadlines, events, networks, placement, public_ips, quotas, results, servers
 from app.logic.hoststate import HostState
 from app.logic.jobs import FINAL
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
@@ -98,6 +98,8 @@ async def recomputed_usage(session: AsyncSession) -> dict[uuid.UUID, Deltas]:
     out: dict[uuid.UUID, Deltas] = defaultdict(Deltas)
     for project_id, state, vcpus, ram, disk, n in rows:
         out[project_id] = out[project_id] + footprint(Operstate(state), vcpus, ram, disk) * int(n)
+    for project_id, n in await public_ips.held(session):
+        out[project_id] = out[project_id] + Deltas(public_ip=int(n))
     return out
 
 

@@ -39,7 +39,7 @@ MEDIUM = (2, 4096, 40)
 def expected_usage(state: str, flavor: tuple[int, int, int] = SMALL) -> dict[str, int]:
     """A project with one VM in ``state`` (DESIGN.md: active = BUILD, STARTED, SUSPENDED, ERROR)."""
     if state == "DESTROYED":
-        return dict.fromkeys(("vm", "cpu", "ram", "disk", "active_cpu", "active_ram"), 0)
+        return dict.fromkeys(("vm", "cpu", "ram", "disk", "active_cpu", "active_ram", "public_ip"), 0)
     cpu, ram, disk = flavor
     active = state in ("BUILD", "STARTED", "SUSPENDED", "ERROR")
     return {
@@ -49,4 +49,5 @@ def expected_usage(state: str, flavor: tuple[int, int, int] = SMALL) -> dict[str
         "disk": disk,
         "active_cpu": cpu if active else 0,
         "active_ram": ram if active else 0,
+        "public_ip": 0,
     }

@@ -191,7 +191,7 @@ async def test_flavor_capacity_counts_what_still_fits(cloud: Cloud) -> None:
 async def test_quotas_and_zones(cloud: Cloud) -> None:
     user = await cloud.user(vm=3)
     q = await cloud.quotas(user)
-    assert set(q) == {"vm", "cpu", "ram", "disk", "active_cpu", "active_ram"}
+    assert set(q) == {"vm", "cpu", "ram", "disk", "active_cpu", "active_ram", "public_ip"}
     assert q["vm"] == {"limit": 3, "usage": 0, "pending": 0}
     zones = (await cloud.client.get("/api/v1/zones", headers=user)).json()["items"]
     assert zones == [{"id": zones[0]["id"], "name": "default", "hosts": 2, "hosts_up": 2}]

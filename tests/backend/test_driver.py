@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -135,3 +136,42 @@ async def test_a_nic_gets_its_network_and_reservation_and_a_destroy_gives_it_bac
     hosts = ET.fromstring(net.XMLDesc(0)).findall("./ip/dhcp/host")
     assert [(h.get("mac"), h.get("ip")) for h in hosts] == [("52:00:00:00:00:0b", "10.128.0.3")]
     await again.close()
+
+
+def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path) -> None:
+    """A real host's NAT for public IPs (iptables, nat table, Nephos's own chains): applying a
+    VM's mappings twice leaves one copy, a new set replaces the old, another VM's rules stay,
+    and an empty set removes the VM's. Addresses are TEST-NET ones; nothing is sent."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from app.backend.driver import DNAT_CHAIN, SNAT_CHAIN, nat_apply
+
+    if shutil.which("iptables") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("iptables (root) is needed: the hypervisor tier's hosts have it")
+        pytest.skip("iptables as root is needed")
+
+    def rules(server_id: uuid.UUID) -> list[str]:
+        out = []
+        for chain in (DNAT_CHAIN, SNAT_CHAIN):
+            listed = subprocess.run(["iptables", "-w", "-t", "nat", "-S", chain], capture_output=True, text=True)
+            out += [line for line in listed.stdout.splitlines() if f"nephos:{server_id}" in line]
+        return out
+
+    one, two = uuid.uuid4(), uuid.uuid4()
+    try:
+        nat_apply(one, [{"public": "192.0.2.10", "private": "10.231.9.2"}])
+        nat_apply(one, [{"public": "192.0.2.10", "private": "10.231.9.2"}])
+        nat_apply(two, [{"public": "192.0.2.11", "private": "10.231.9.3"}])
+        assert len(rules(one)) == 2 and any("--to-destination 10.231.9.2" in r for r in rules(one))
+        nat_apply(one, [{"public": "192.0.2.12", "private": "10.231.9.2"}])
+        assert len(rules(one)) == 2 and any("192.0.2.12" in r for r in rules(one))
+        assert not any("192.0.2.10" in r for r in rules(one))
+        assert len(rules(two)) == 2
+    finally:
+        nat_apply(one, [])
+        nat_apply(two, [])
+    assert rules(one) == [] and rules(two) == []

@@ -679,3 +679,60 @@ async def test_instances_show_their_private_address_and_network_interface(cluste
         Filters=[{"Name": "private-ip-address", "Values": [launched[first]["PrivateIpAddress"]]}],
     )
     assert [i["InstanceId"] for r in out["Reservations"] for i in r["Instances"]] == [first]
+
+
+async def test_elastic_ips_through_boto3(cluster: Cluster) -> None:
+    r = await cluster.client.post(
+        "/api/v1/admin/public-ip-pools",
+        headers=ADMIN,
+        json={"name": f"p{uuid.uuid4().hex[:6]}", "cidr": "192.0.2.0/29"},
+    )
+    assert r.status_code == 201, r.text
+    ec2, headers = await ec2_client(cluster, public_ip=2)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    run = await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=1, MaxCount=1)
+    iid = run["Instances"][0]["InstanceId"]
+    await in_thread(fast("instance_running", ec2).wait, InstanceIds=[iid])
+    first = await in_thread(ec2.allocate_address, Domain="vpc")
+    second = await in_thread(ec2.allocate_address, Domain="vpc")
+    assert first["AllocationId"].startswith("eipalloc-") and first["PublicIp"].startswith("192.0.2.")
+    with pytest.raises(ClientError) as over:
+        await in_thread(ec2.allocate_address, Domain="vpc")
+    assert code_of(over) == "AddressLimitExceeded"
+    assoc = await in_thread(ec2.associate_address, AllocationId=first["AllocationId"], InstanceId=iid)
+    assert assoc["AssociationId"].startswith("eipassoc-")
+    described = (await in_thread(ec2.describe_addresses, AllocationIds=[first["AllocationId"]]))["Addresses"]
+    assert described == [
+        {
+            "PublicIp": first["PublicIp"],
+            "AllocationId": first["AllocationId"],
+            "Domain": "vpc",
+            "InstanceId": iid,
+            "AssociationId": assoc["AssociationId"],
+        }
+    ]
+
+    async def shown() -> bool:
+        out = await in_thread(ec2.describe_instances, InstanceIds=[iid])
+        return bool(out["Reservations"][0]["Instances"][0].get("PublicIpAddress") == first["PublicIp"])
+
+    await cluster.wait_for("the public address on the instance", shown)
+    with pytest.raises(ClientError) as busy:
+        await in_thread(ec2.release_address, AllocationId=first["AllocationId"])
+    assert code_of(busy) == "InvalidIPAddress.InUse"
+
+    async def idle() -> bool:
+        return await _idle(
+            cluster,
+            next(s["id"] for s in (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]),
+        )
+
+    await cluster.wait_for("the association's job", idle)
+    await in_thread(ec2.disassociate_address, AssociationId=assoc["AssociationId"])
+    await cluster.wait_for("the disassociation's job", idle)
+    await in_thread(ec2.release_address, AllocationId=first["AllocationId"])
+    left = (await in_thread(ec2.describe_addresses))["Addresses"]
+    assert [a["AllocationId"] for a in left] == [second["AllocationId"]]
+    with pytest.raises(ClientError) as gone:
+        await in_thread(ec2.release_address, AllocationId=first["AllocationId"])
+    assert code_of(gone) == "InvalidAllocationID.NotFound"

@@ -29,6 +29,7 @@ ALLOWED = {
     A.SAVE_IMAGE: {S.STARTED, S.STOPPED},
     A.CONSOLE: {S.STARTED},
     A.FIREWALL: {S.STARTED, S.STOPPED, S.SUSPENDED},
+    A.PUBLIC_IP: {S.STARTED, S.STOPPED, S.SUSPENDED},
     A.DESTROY: set(LIVE),
 }
 # (on success, on failure); None = unchanged
@@ -46,6 +47,7 @@ OUTCOME = {
     A.SAVE_IMAGE: (S.STOPPED, None),
     A.CONSOLE: (None, None),
     A.FIREWALL: (None, None),
+    A.PUBLIC_IP: (None, None),
     A.DESTROY: (S.DESTROYED, None),
 }
 TASKS = [None, "START", "DESTROY"]

@@ -96,6 +96,7 @@ def _nics(addresses: list[networks.Address], groups: list[tuple[str, str]], sinc
     first = addresses[0]
     return {
         "privateIpAddress": first.ip,
+        "ipAddress": first.public_ip,
         "subnetId": first.subnet,
         "networkInterfaceSet": [
             {
@@ -115,6 +116,7 @@ def _nics(addresses: list[networks.Address], groups: list[tuple[str, str]], sinc
                     "deleteOnTermination": True,
                 },
                 "privateIpAddressesSet": [{"privateIpAddress": a.ip, "primary": True}],
+                "association": {"publicIp": a.public_ip, "ipOwnerId": "amazon"} if a.public_ip else None,
             }
             for index, a in enumerate(addresses)
         ],

@@ -1,5 +1,5 @@
 """Each action's parameters, as EC2 names them on the wire (the first segment of a flattened
-name: ``Filter`` for ``Filter.1.Value.2``), from botocore 1.44.5's EC2 model.
+name: ``Filter`` for ``Filter.1.Value.2``), from botocore 1.44.18's EC2 model.
 
 A parameter of the action that Nephos has no use for (``SubnetId``, ``Monitoring``...) is
 accepted and ignored, as ec2-api does; a name that is no parameter of the action at all is
@@ -9,6 +9,29 @@ accepted and ignored, as ec2-api does; a name that is no parameter of the action
 """
 
 PARAMETERS: dict[str, frozenset[str]] = {
+    "AllocateAddress": frozenset(
+        {
+            "Address",
+            "CustomerOwnedIpv4Pool",
+            "Domain",
+            "DryRun",
+            "IpamPoolId",
+            "NetworkBorderGroup",
+            "PublicIpv4Pool",
+            "TagSpecification",
+        }
+    ),
+    "AssociateAddress": frozenset(
+        {
+            "AllocationId",
+            "AllowReassociation",
+            "DryRun",
+            "InstanceId",
+            "NetworkInterfaceId",
+            "PrivateIpAddress",
+            "PublicIp",
+        }
+    ),
     "AuthorizeSecurityGroupIngress": frozenset(
         {
             "CidrIp",
@@ -30,6 +53,7 @@ PARAMETERS: dict[str, frozenset[str]] = {
     "DeleteKeyPair": frozenset({"DryRun", "KeyName", "KeyPairId"}),
     "DeleteSecurityGroup": frozenset({"DryRun", "GroupId", "GroupName"}),
     "DeleteTags": frozenset({"DryRun", "ResourceId", "Tag"}),
+    "DescribeAddresses": frozenset({"AllocationId", "DryRun", "Filter", "PublicIp"}),
     "DescribeAvailabilityZones": frozenset({"AllAvailabilityZones", "DryRun", "Filter", "ZoneId", "ZoneName"}),
     "DescribeImages": frozenset(
         {
@@ -58,6 +82,7 @@ PARAMETERS: dict[str, frozenset[str]] = {
     "DescribeRegions": frozenset({"AllRegions", "DryRun", "Filter", "RegionName"}),
     "DescribeSecurityGroups": frozenset({"DryRun", "Filter", "GroupId", "GroupName", "MaxResults", "NextToken"}),
     "DescribeTags": frozenset({"DryRun", "Filter", "MaxResults", "NextToken"}),
+    "DisassociateAddress": frozenset({"AssociationId", "DryRun", "PublicIp"}),
     "GetConsoleOutput": frozenset({"DryRun", "InstanceId", "Latest"}),
     "ImportKeyPair": frozenset({"DryRun", "KeyName", "PublicKeyMaterial", "TagSpecification"}),
     "ModifyInstanceAttribute": frozenset(
@@ -83,6 +108,7 @@ PARAMETERS: dict[str, frozenset[str]] = {
         }
     ),
     "RebootInstances": frozenset({"DryRun", "InstanceId"}),
+    "ReleaseAddress": frozenset({"AllocationId", "DryRun", "NetworkBorderGroup", "PublicIp"}),
     "RevokeSecurityGroupIngress": frozenset(
         {
             "CidrIp",

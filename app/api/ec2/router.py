@@ -89,6 +89,7 @@ CODES: dict[type[e.NephosError], tuple[str, int]] = {
     e.IdempotencyConflict: ("IdempotentParameterMismatch", 400),
     e.OverLimit: ("InstanceLimitExceeded", 400),
     e.NoCapacity: ("InsufficientInstanceCapacity", 500),
+    e.NetworkFull: ("InsufficientFreeAddressesInSubnet", 400),
     e.Unavailable: ("Unavailable", 503),
 }
 
@@ -127,6 +128,8 @@ def ec2_error(exc: e.NephosError) -> Ec2Error:
     code, status = CODES.get(type(exc), ("InvalidParameterValue", 400))
     if isinstance(exc, e.OverLimit) and exc.details.get("resource") in ("cpu", "active_cpu"):
         code = "VcpuLimitExceeded"
+    if isinstance(exc, e.OverLimit) and exc.details.get("resource") == "public_ip":
+        code = "AddressLimitExceeded"
     return Ec2Error(code, exc.message, status)
 
 
