@@ -31,7 +31,7 @@ from app.api.schemas import (
     ServerPatch,
     ServersCreated,
 )
-from app.logic import actions, catalogue, events, firewall, servers
+from app.logic import actions, catalogue, events, firewall, firewall_rules, servers
 from app.logic.operstate import Action, Operstate
 from app.logic.pagination import DEFAULT_LIMIT
 from app.models import Job
@@ -156,7 +156,7 @@ async def get_firewall(server_id: uuid.UUID, tx: TxDep, actor: CurrentUser) -> F
     """What the VM's firewall lets in (everything else inbound is dropped; outbound is open):
     its opened ports, then its security groups' rules."""
     await servers.get(tx.session, actor=actor, server_id=server_id)
-    rules = await firewall.effective(tx.session, server_id)
+    rules = await firewall_rules.effective(tx.session, server_id)
     return FirewallOut(rules=[FirewallRuleOut.model_validate(asdict(r)) for r in rules])
 
 

@@ -121,7 +121,13 @@ class Notifier:
                     retry=self.settings.notify_retry,
                     max_failures=self.settings.webhook_max_failures,
                 )
-                if disabled:
+                if disabled is not None:
+                    await notifications.tell_project(
+                        session,
+                        project_id,
+                        notifications.Kind.WEBHOOK_DISABLED,
+                        {"message": disabled},
+                    )
                     log.warning("webhook of project %s disabled: %s", project_id, failure[1])
                 else:
                     log.info("webhook of project %s failed, will retry: %s", project_id, failure[1])

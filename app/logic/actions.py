@@ -22,7 +22,19 @@ from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import catalogue, events, hosts, jobs, keypairs, networks, placement, quotas, results, servers
+from app.logic import (
+    catalogue,
+    events,
+    firewall_rules,
+    hosts,
+    jobs,
+    keypairs,
+    networks,
+    placement,
+    quotas,
+    results,
+    servers,
+)
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import BadRequest, Forbidden, HostDown, Protected
@@ -106,12 +118,10 @@ async def _begin(
             if server.key_name
             else None
         )
-        from app.logic import firewall, public_ips  # both send their jobs through this module
-
         nics = await networks.nics_of(session, server.id)
-        rules = await firewall.params_for(session, server.id)
+        rules = await firewall_rules.params_for(session, server.id)
         params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics, rules)
-        params["public_ips"] = await public_ips.mappings(session, server.id)
+        params["public_ips"] = await networks.public_mappings(session, server.id)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import catalogue, ec2, firewall, keypairs, secgroups, servers
+from app.logic import catalogue, ec2, firewall_rules, keypairs, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import (
@@ -261,7 +261,7 @@ async def launch(
     await secgroups.set_members(session, [c.server.id for c in created], groups)
     for c in created:  # the groups' rules go with the create job
         if c.job is not None and groups:
-            c.job.params = {**c.job.params, "firewall": await firewall.params_for(session, c.server.id)}
+            c.job.params = {**c.job.params, "firewall": await firewall_rules.params_for(session, c.server.id)}
     for c in created:
         c.server.disable_api_termination = spec.protect
     reservation_id = created[0].server.reservation_id

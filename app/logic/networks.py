@@ -314,6 +314,18 @@ async def nics_of(session: AsyncSession, server_id: uuid.UUID) -> list[dict[str,
     return [nic_params(net, port) for net, port in rows.all()]
 
 
+async def public_mappings(session: AsyncSession, server_id: uuid.UUID) -> list[dict[str, object]]:
+    """A VM's public-to-private mappings (``public_ips``), as a job carries them to its host:
+    each public address associated with it maps to its first NIC's address."""
+    first = (
+        sa.select(_ports.c.ip).where(_ports.c.server_id == server_id).order_by(_ports.c.position).limit(1)
+    ).scalar_subquery()
+    rows = await session.execute(
+        sa.select(_public.c.address, first).where(_public.c.server_id == server_id).order_by(_public.c.address)
+    )
+    return [{"public": public, "private": private} for public, private in rows.all() if private]
+
+
 async def held_by_destroyed(session: AsyncSession) -> list[tuple[uuid.UUID, str, str]]:
     """Reconciliation: (server, network, ip) of addresses still held by DESTROYED servers."""
     rows = await session.execute(

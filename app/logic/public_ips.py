@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id
-from app.logic import actions, quotas, servers
+from app.logic import actions, networks, quotas, servers
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import AlreadyExists, BadRequest, InUse, NetworkFull, NotFound
 from app.logic.jobs import Outbox
@@ -112,22 +111,11 @@ async def listed(session: AsyncSession, *, actor: Actor, limit: int, cursor: str
     return await paginate(session, stmt, _ips.c.id, limit=limit, cursor=cursor)
 
 
-async def mappings(session: AsyncSession, server_id: uuid.UUID) -> list[dict[str, Any]]:
-    """A VM's public-to-private mappings, as a job carries them to its host."""
-    first = (
-        sa.select(_ports.c.ip).where(_ports.c.server_id == server_id).order_by(_ports.c.position).limit(1)
-    ).scalar_subquery()
-    rows = await session.execute(
-        sa.select(_ips.c.address, first).where(_ips.c.server_id == server_id).order_by(_ips.c.address)
-    )
-    return [{"public": public, "private": private} for public, private in rows.all() if private]
-
-
 async def _send(session: AsyncSession, outbox: Outbox, actor: Actor, server: Server) -> Job | None:
     if server.host is None:
         return None
     return await actions.public_ips(
-        session, outbox, actor=actor, server_id=server.id, mappings=await mappings(session, server.id)
+        session, outbox, actor=actor, server_id=server.id, mappings=await networks.public_mappings(session, server.id)
     )
 
 

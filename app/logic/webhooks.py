@@ -257,14 +257,13 @@ async def failed(
     error: str,
     retry: float,
     max_failures: int,
-) -> bool:
+) -> str | None:
     """A delivery failed: back off, or disable the webhook after ``max_failures`` in a row
-    (pending deliveries dropped, the project's users told). True when it was disabled."""
-    from app.logic import notifications
-
+    (pending deliveries dropped). Returns why it was disabled (None: it was not); the caller
+    tells the project's users (``notifications.tell_project``)."""
     hook = await session.get(Webhook, project_id)
     if hook is None:
-        return False
+        return None
     await session.execute(
         _deliveries.update()
         .where(_deliveries.c.id == delivery_id)
@@ -287,11 +286,5 @@ async def failed(
             .where(_deliveries.c.project_id == project_id, _deliveries.c.state == State.PENDING)
             .values(state=State.DROPPED)
         )
-        await notifications.tell_project(
-            session,
-            project_id,
-            notifications.Kind.WEBHOOK_DISABLED,
-            {"message": f"the project's webhook {hook.url} was {reason}", "url": hook.url},
-        )
     await session.execute(_hooks.update().where(_hooks.c.project_id == project_id).values(**values))
-    return disabled
+    return f"the project's webhook {hook.url} was {values['disabled_reason']}" if disabled else None
