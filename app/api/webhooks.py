@@ -30,7 +30,7 @@ async def _out(tx: TxDep, hook: Webhook) -> WebhookOut:
     )
 
 
-@router.put("/webhook", response_model=WebhookOut, responses=responses(400, 403))
+@router.put("/webhook", response_model=WebhookOut, responses=responses(400, 403, 404))
 async def put_webhook(
     body: WebhookIn, state: StateDep, tx: TxDep, actor: CurrentUser, project_id: ProjectQuery = None
 ) -> WebhookOut:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from app.ids import utcnow
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound
-from app.models import Server, ServerEvent, Webhook, WebhookDelivery, table_of
+from app.models import Project, Server, ServerEvent, Webhook, WebhookDelivery, table_of
 
 _hooks, _deliveries = table_of(Webhook), table_of(WebhookDelivery)
 
@@ -153,6 +153,8 @@ async def put(
 ) -> Webhook:
     """Set (or replace) the project's webhook; it starts enabled with no failures."""
     target = _target(actor, project_id)
+    if await session.get(Project, target) is None:
+        raise NotFound(f"project {target} not found", project_id=str(target))
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("url must be an http:// or https:// URL with a host", field="url")

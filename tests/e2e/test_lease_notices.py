@@ -278,6 +278,13 @@ async def test_webhook_and_notify_test_refusals(mail_cloud: Cloud, inbox: Inbox)
         json={"url": "http://x/y", "secret": SECRET},
     )
     assert other.status_code == 403
+    nowhere = await cloud.client.put(
+        "/api/v1/webhook",
+        headers=ADMIN,
+        params={"project_id": "00000000-0000-0000-0000-000000000001"},
+        json={"url": "http://x/y", "secret": SECRET},
+    )
+    assert nowhere.status_code == 404
     # notify-test: the admin has no address, so one is named; the mail arrives.
     assert (await cloud.client.post("/api/v1/admin/notify-test", headers=ADMIN, json={})).status_code == 400
     r = await cloud.client.post("/api/v1/admin/notify-test", headers=ADMIN, json={"to": "ops@example.org"})
