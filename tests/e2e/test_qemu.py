@@ -13,6 +13,7 @@ test sends traffic to is the guest it booted, on an isolated network it made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -65,12 +66,13 @@ def _free_cidr(conn: libvirt.virConnect) -> str:
 
 
 @pytest.fixture
-async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Cloud, Path]]:
+async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Cloud, Path, list[str]]]:
     conn = _hypervisor()
     if not (GUEST / "vmlinuz").exists():
         pytest.fail(f"the test guest is not built: run .ci/guest/build.sh {GUEST}")
     # QEMU runs as libvirt-qemu: its files live where it can reach them (pytest's tmp is 0700).
     store = Path("/var/lib/nephos-test") / uuid.uuid4().hex[:12]
+    networks: list[str] = []
     for sub in ("images", "instances"):
         (store / sub).mkdir(parents=True)
     for d in (store.parent, store, store / "images", store / "instances"):
@@ -87,8 +89,14 @@ async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             stop_timeout=30.0,
             job_deadline_seconds=120,
         ) as cloud:
-            yield cloud, store
+            yield cloud, store, networks
     finally:
+        for name in networks:  # the libvirt networks this test's VMs made on the host
+            with contextlib.suppress(libvirt.libvirtError):
+                net = conn.networkLookupByName(name)
+                if net.isActive():
+                    net.destroy()
+                net.undefine()
         for dom in conn.listAllDomains():
             if dom.name().startswith("nephos-") and (store / "instances" / f"{dom.UUIDString()}.qcow2").exists():
                 if dom.isActive():
@@ -143,9 +151,9 @@ async def _answers(ip: str, port: int, want: str | None = None, tries: int = 6) 
 
 
 async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follows_every_action(
-    qemu_cloud: tuple[Cloud, Path],
+    qemu_cloud: tuple[Cloud, Path, list[str]],
 ) -> None:
-    cloud, store = qemu_cloud
+    cloud, store, host_networks = qemu_cloud
     image = await _api(cloud, "POST", "/api/v1/admin/images", 201, json={"name": "nephos-guest", "disk_format": "raw"})
     for src, suffix in (("vmlinuz", "kernel"), ("initrd.gz", "initrd")):
         target = store / "images" / f"{image['id']}.{suffix}"
@@ -157,7 +165,8 @@ async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follow
     await _api(cloud, "POST", "/api/v1/keypairs", 201, user, json={"name": "k", "public_key": KEY})
     conn = libvirt.open(URI)
     cidr = _free_cidr(conn)
-    await _api(cloud, "POST", "/api/v1/networks", 201, user, json={"name": "lab", "cidr": cidr})
+    lab = await _api(cloud, "POST", "/api/v1/networks", 201, user, json={"name": "lab", "cidr": cidr})
+    host_networks.append(f"nephos-{lab['id']}")
     body = {
         "name": "guest",
         "flavor": "tiny",
