@@ -20,6 +20,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.logic import networks
 from app.logic.errors import BadRequest
 from app.models import FirewallRule, Port, SecurityGroup, SecurityGroupRule, ServerSecurityGroup, table_of
 
@@ -47,12 +48,7 @@ def parse(protocol: str, port: int | list[int] | None, cidr: str) -> tuple[str, 
     """A rule as a client gives it, checked: (protocol, port_min, port_max, cidr)."""
     if protocol not in PROTOCOLS:
         raise BadRequest(f"protocol is one of {', '.join(PROTOCOLS)}", field="protocol")
-    try:
-        net = ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        raise BadRequest(f"cidr {cidr!r} is not a network", field="cidr") from None
-    if not isinstance(net, ipaddress.IPv4Network):
-        raise BadRequest("only IPv4 sources are enforced", field="cidr")
+    net = networks.ipv4_network(cidr, strict=False)  # a source with host bits is its network
     if protocol in ("icmp", "all"):
         if port is not None:
             raise BadRequest(f"{protocol} rules take no port", field="port")

@@ -60,13 +60,20 @@ def bridge_of(network: Network) -> str:
     return f"nph{network.id.hex[:12]}"
 
 
-def _parse(cidr: str) -> ipaddress.IPv4Network:
+def ipv4_network(cidr: str, *, strict: bool = True) -> ipaddress.IPv4Network:
+    """A client's CIDR as an IPv4 network, else ``BadRequest`` on ``cidr`` (``strict``: no host
+    bits set). Networks, firewall sources and public IP pools all read CIDRs through this."""
     try:
-        net = ipaddress.ip_network(cidr, strict=True)
+        net = ipaddress.ip_network(cidr, strict=strict)
     except ValueError as exc:
         raise BadRequest(f"cidr {cidr!r} is not a network address with a prefix: {exc}", field="cidr") from None
     if not isinstance(net, ipaddress.IPv4Network):
         raise BadRequest("only IPv4 networks are supported", field="cidr")
+    return net
+
+
+def _parse(cidr: str) -> ipaddress.IPv4Network:
+    net = ipv4_network(cidr)
     if not MIN_PREFIX <= net.prefixlen <= MAX_PREFIX:
         raise BadRequest(f"the prefix must be between /{MIN_PREFIX} and /{MAX_PREFIX}", field="cidr")
     if not net.is_private:

@@ -38,11 +38,8 @@ ONE = Deltas(public_ip=1)
 
 async def create_pool(session: AsyncSession, *, actor: Actor, name: str, cidr: str) -> PublicIpPool:
     require_admin(actor)
-    try:
-        net = ipaddress.ip_network(cidr, strict=True)
-    except ValueError as exc:
-        raise BadRequest(f"cidr {cidr!r} is not a network address with a prefix: {exc}", field="cidr") from None
-    if not isinstance(net, ipaddress.IPv4Network) or not 16 <= net.prefixlen <= 32:
+    net = networks.ipv4_network(cidr)
+    if not 16 <= net.prefixlen <= 32:
         raise BadRequest("a pool is an IPv4 network, /16 to /32", field="cidr")
     for other in await session.scalars(sa.select(PublicIpPool)):
         if other.name == name:
