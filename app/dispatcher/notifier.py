@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import httpx
 from cryptography.fernet import Fernet
@@ -135,15 +135,7 @@ class Notifier:
         return len(done)
 
     async def run(self, interval: float) -> None:
-        """Mail and webhooks, side by side, until cancelled."""
+        """Mail and webhooks, side by side, until the process stops."""
         await asyncio.gather(
-            self._forever(self.mail_once, "mail", interval), self._forever(self.hooks_once, "webhook", interval)
+            self.pace.every(interval, self.mail_once, "mail"), self.pace.every(interval, self.hooks_once, "webhook")
         )
-
-    async def _forever(self, step: Callable[[], Awaitable[int]], what: str, interval: float) -> None:
-        while not self.pace.stopping.is_set():
-            try:
-                await step()
-            except Exception:  # the database may be away; the next pass retries
-                log.warning("%s pass failed", what, exc_info=True)
-            await self.pace.wait(interval)

@@ -9,6 +9,11 @@ running after a grace period is cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("nephos.dispatcher")
 
 
 class Pace:
@@ -25,3 +30,17 @@ class Pace:
         except TimeoutError:
             return True
         return False
+
+    async def every(
+        self, interval: float, step: Callable[[], Awaitable[Any]], what: str, *, wait_first: bool = False
+    ) -> None:
+        """Run ``step`` every ``interval`` seconds until the process stops, a failed pass logged
+        (the database or the broker may be away; the next pass retries)."""
+        if wait_first and not await self.wait(interval):
+            return
+        while not self.stopping.is_set():
+            try:
+                await step()
+            except Exception:
+                log.warning("%s pass failed", what, exc_info=True)
+            await self.wait(interval)

@@ -94,23 +94,15 @@ class Sweepers:
 
     async def reconcile_forever(self) -> None:
         """The periodic reconciliation pass, whose report ``GET /api/v1/admin/drift`` shows."""
-        while await self.pace.wait(self.reconcile_interval):
-            try:
-                report = await reconciler.periodic_pass(
-                    self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2)
-                )
-                if not report.empty():
-                    log.warning("reconciliation found drift %s and fixed it: %s", report.counts(), report.actions)
-            except Exception:
-                log.warning("reconciliation pass failed", exc_info=True)
+        await self.pace.every(self.reconcile_interval, self._reconcile, "reconciliation", wait_first=True)
+
+    async def _reconcile(self) -> None:
+        report = await reconciler.periodic_pass(self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2))
+        if not report.empty():
+            log.warning("reconciliation found drift %s and fixed it: %s", report.counts(), report.actions)
 
     async def run(self) -> None:
-        while not self.pace.stopping.is_set():
-            try:
-                await self.once()
-            except Exception:  # the database or the broker may be away; the next pass retries
-                log.warning("sweeper pass failed", exc_info=True)
-            await self.pace.wait(self.interval)
+        await self.pace.every(self.interval, self.once, "sweeper")
 
     async def once(self) -> dict[str, int]:
         sent = await self.outbox.sweep(older_than=timedelta(seconds=self.resend_after))
@@ -136,12 +128,7 @@ class Sweepers:
     async def leases_forever(self) -> None:
         """The lease pass every ``lease_interval`` seconds (mail and webhooks run beside it, in
         ``notifier``, so neither ever delays a lease's end)."""
-        while not self.pace.stopping.is_set():
-            try:
-                await self.lease_pass()
-            except Exception:
-                log.warning("lease pass failed", exc_info=True)
-            await self.pace.wait(self.lease_interval)
+        await self.pace.every(self.lease_interval, self.lease_pass, "lease")
 
     async def lease_pass(self) -> dict[str, int]:
         """Due scheduled actions (leases' ends among them), then the warnings whose time has
