@@ -293,18 +293,31 @@ class Driver:
             raise
 
     @staticmethod
-    def _marked(dom: libvirt.virDomain, server_id: uuid.UUID) -> bool:
-        """Does the domain carry Nephos's mark for ``server_id`` (its own UUID)?"""
+    def _read_metadata(dom: libvirt.virDomain, ns: str) -> ET.Element | None:
+        """The domain's metadata element in namespace ``ns`` (None: there is none, or it is not
+        XML). Nephos keeps its mark, a VM's firewall rules and its NAT mappings there."""
         try:
-            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, 0)
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ns, 0)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return False
+                return None
             raise
         try:
-            marked = ET.fromstring(meta).findtext("server")
+            return ET.fromstring(meta)
         except ET.ParseError:
-            return False
+            return None
+
+    @staticmethod
+    def _set_metadata(dom: libvirt.virDomain, xml: str, prefix: str, ns: str) -> None:
+        """Write the domain's metadata element in ``ns``: in its definition, and live if it runs."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, ns, flags)
+
+    @classmethod
+    def _marked(cls, dom: libvirt.virDomain, server_id: uuid.UUID) -> bool:
+        """Does the domain carry Nephos's mark for ``server_id`` (its own UUID)?"""
+        meta = cls._read_metadata(dom, NS)
+        marked = meta.findtext("server") if meta is not None else None
         return marked is not None and marked.strip() == str(server_id)
 
     @staticmethod
@@ -484,8 +497,7 @@ class Driver:
         return net
 
     def _record_firewall(self, dom: libvirt.virDomain, rules: list[dict[str, Any]]) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, firewall_metadata(rules), "nephosfw", FW_NS, flags)
+        self._set_metadata(dom, firewall_metadata(rules), "nephosfw", FW_NS)
 
     async def firewall(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
         """Enforce a VM's whole rule set: its nwfilter redefined (libvirt re-applies it to the
@@ -519,27 +531,20 @@ class Driver:
             root = ET.Element("nat")
             for m in mappings:
                 ET.SubElement(root, "map", public=str(m["public"]), private=str(m["private"]))
-            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-            dom.setMetadata(
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(root, encoding="unicode"), "nephosnat", NAT_NS, flags
-            )
+            self._set_metadata(dom, ET.tostring(root, encoding="unicode"), "nephosnat", NAT_NS)
             return {"mappings": len(mappings)}
 
         return await self._call(run)  # type: ignore[no-any-return]
 
     def mappings_of(self, dom: libvirt.virDomain) -> list[dict[str, str]]:
         """The public-to-private mappings recorded in a domain."""
-        try:
-            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAT_NS, 0)
-        except libvirt.libvirtError:
-            return []
-        return [{"public": m.get("public", ""), "private": m.get("private", "")} for m in ET.fromstring(meta)]
+        meta = self._read_metadata(dom, NAT_NS)
+        return [{"public": m.get("public", ""), "private": m.get("private", "")} for m in meta or []]
 
     def rules_of(self, dom: libvirt.virDomain) -> list[dict[str, Any]] | None:
         """The rules recorded in a domain (None: never set)."""
-        try:
-            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, FW_NS, 0)
-        except libvirt.libvirtError:
+        meta = self._read_metadata(dom, FW_NS)
+        if meta is None:
             return None
         return [
             {
@@ -548,7 +553,7 @@ class Driver:
                 "port_max": int(r.get("port_max", -1)),
                 "cidr": r.get("cidr"),
             }
-            for r in ET.fromstring(meta).findall("rule")
+            for r in meta.findall("rule")
         ]
 
     def _forget_reservations(self, dom: libvirt.virDomain) -> None:
@@ -741,11 +746,7 @@ class Driver:
         """An admin adopted this domain into a project: it carries Nephos's mark from now on."""
 
         def run() -> None:
-            dom = self._need(server_id)
-            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-            dom.setMetadata(
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<vm><server>{server_id}</server></vm>", "nephos", NS, flags
-            )
+            self._set_metadata(self._need(server_id), f"<vm><server>{server_id}</server></vm>", "nephos", NS)
 
         await self._call(run)
         return {}

@@ -292,3 +292,33 @@ async def test_a_firewall_change_reaches_the_host(cloud: Cloud) -> None:
 
     await cloud.until("the firewall job", done)
     assert agent.driver.rules_of(dom) == [{"protocol": "tcp", "port_min": 80, "port_max": 81, "cidr": "192.0.2.0/24"}]
+
+
+async def test_a_public_ip_association_reaches_the_host(cloud: Cloud) -> None:
+    """The agent records the VM's public-to-private mappings in its domain (on a real host it
+    installs them as NAT rules too), and a disassociation empties them."""
+    r = await cloud.client.post(
+        "/api/v1/admin/public-ip-pools", headers=ADMIN, json={"name": "edge", "cidr": "198.51.100.0/30"}
+    )
+    assert r.status_code == 201, r.text
+    vm = await cloud.started_vm()
+    ip = (await cloud.client.post("/api/v1/public-ips", headers=ADMIN, json={})).json()
+    agent = next(a for a in cloud.plane.agents if a.host == vm["host"])
+    assert agent.driver.conn is not None
+    dom = agent.driver.conn.lookupByUUIDString(vm["id"])
+
+    async def run(path: str, **body: str) -> None:
+        reply = await cloud.client.post(f"/api/v1/public-ips/{ip['id']}/{path}", headers=ADMIN, json=body or None)
+        assert reply.status_code == 202, reply.text
+        job_id = reply.json()["job_id"]
+
+        async def done() -> bool:
+            job = (await cloud.client.get(f"/api/v1/jobs/{job_id}", headers=ADMIN)).json()
+            return bool(job["status"] == "SUCCESS")
+
+        await cloud.until(f"the {path} job", done)
+
+    await run("associate", server_id=vm["id"])
+    assert agent.driver.mappings_of(dom) == [{"public": ip["address"], "private": vm["addresses"][0]["ip"]}]
+    await run("disassociate")
+    assert agent.driver.mappings_of(dom) == []
