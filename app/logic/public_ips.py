@@ -12,7 +12,7 @@
   create job. A destroyed VM's addresses are disassociated and stay allocated, as on EC2
   (``networks.release``).
 
-Lock order: server, pools (by id), project, quota rows.
+Lock order: server, the address, pools (by id), project, quota rows.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ async def associate(
 ) -> Job | None:
     """Map ``ip`` to the VM's first private address (409 ``InUse`` if mapped elsewhere)."""
     server = await servers.lock(session, actor=actor, server_id=server_id)
+    await session.refresh(ip, with_for_update=True)  # then the address (lock order): read afresh
     if server.project_id != ip.project_id:
         raise NotFound(f"server {server_id} not found", server_id=str(server_id))
     if ip.server_id is not None and ip.server_id != server.id:
@@ -140,6 +141,9 @@ async def disassociate(session: AsyncSession, outbox: Outbox, *, actor: Actor, i
     if ip.server_id is None:
         raise BadRequest(f"{ip.address} is not associated", field="id")
     server = await servers.lock(session, actor=actor, server_id=ip.server_id)
+    await session.refresh(ip, with_for_update=True)  # then the address (lock order): read afresh
+    if ip.server_id != server.id:  # moved or unmapped by a concurrent request meanwhile
+        raise InUse(f"{ip.address} changed meanwhile; retry", server_id=str(ip.server_id))
     ip.server_id, ip.association_id = None, None
     await session.flush()
     return await _send(session, outbox, actor, server)
