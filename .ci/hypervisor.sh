@@ -4,8 +4,8 @@
 # A daemon that does not come up is a clear failure, never a skip.
 set -euo pipefail
 need=()
-for pkg in libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils \
-    dnsmasq-base iproute2 libxml2-utils genisoimage; do
+for pkg in libvirt-daemon-system libvirt-daemon-config-nwfilter libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils \
+    dnsmasq-base iproute2 iptables libxml2-utils genisoimage; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.backend.agent import Agent
 from app.backend.driver import Driver, write_test_node
+from app.backend.metaproxy import MetadataProxy
 from app.bus import Bus, make_bus
 from app.bus.outbox import OutboxPublisher
 from app.db import make_engine, make_sessionmaker, transient
@@ -89,6 +90,8 @@ class Plane:
         self, *, host: str, uri: str, zone: str = "default", migration_uri: str | None = None
     ) -> Agent:
         s = self.settings
+        # The metadata proxy runs beside an agent of a real hypervisor, when proxies have a key.
+        proxied = not uri.startswith("test:") and s.metadata_proxy_key is not None and s.metadata_proxy_port > 0
         driver = Driver(
             uri,
             vnc_listen=s.vnc_listen,
@@ -96,7 +99,18 @@ class Plane:
             instance_dir=s.instance_dir,
             stop_timeout=s.stop_timeout,
             domain_type=s.domain_type,
+            metadata_port=s.metadata_proxy_port if proxied else None,
         )
+        proxy = None
+        if proxied:
+            assert s.metadata_proxy_key is not None
+            proxy = MetadataProxy(
+                gateways=driver.gateways,
+                upstream=s.public_api_url,
+                key=s.metadata_proxy_key.get_secret_value(),
+                listen=s.metadata_proxy_listen,
+                port=s.metadata_proxy_port,
+            )
         agent = Agent(
             host=host,
             zone=zone,
@@ -105,11 +119,14 @@ class Plane:
             heartbeat_interval=s.heartbeat_interval,
             inventory_interval=s.inventory_interval,
             migration_uri=migration_uri,
+            metadata_proxy=proxy,
         )
         try:
             await agent.start()
         except libvirt.libvirtError as exc:
             raise StartupError(f"libvirt at {uri} cannot be opened: {exc}") from None
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
         self.agents.append(agent)
         return agent
 

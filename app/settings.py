@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     webhook_max_failures: int = Field(default=8, gt=0)
     # The metadata service answers host-side proxies that send this key (unset: it answers none).
     metadata_proxy_key: SecretStr | None = None
+    # Each agent on a real hypervisor runs the host-side proxy (when the key is set): it listens
+    # here, and its guests' requests to 169.254.169.254:80 are redirected to it (0: no proxy).
+    metadata_proxy_listen: str = "0.0.0.0"
+    metadata_proxy_port: int = Field(default=8775, ge=0, le=65535)
     # Days a DESTROYED server's row, jobs and events are kept; 0 keeps them for ever.
     retention_days: float = Field(default=30, ge=0)
 

@@ -29,6 +29,7 @@ import libvirt
 from pydantic import ValidationError
 
 from app.backend.driver import Driver
+from app.backend.metaproxy import MetadataProxy
 from app.bus import Bus, Poison
 from app.messages import (
     TO_AGENT,
@@ -83,6 +84,7 @@ class Agent:
         migration_uri: str | None = None,
         peer_timeout: float = 60.0,
         running_after: float = 0.5,
+        metadata_proxy: MetadataProxy | None = None,
     ) -> None:
         self.host, self.zone, self.driver, self.bus = host, zone, driver, bus
         self.heartbeat_interval, self.inventory_interval = heartbeat_interval, inventory_interval
@@ -94,6 +96,7 @@ class Agent:
         self._loops: list[asyncio.Task[None]] = []
         self._callback_id: int | None = None
         self.cpus, self.ram_mb = 0, 0
+        self.metadata_proxy = metadata_proxy
 
     def next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
@@ -108,6 +111,8 @@ class Agent:
         self._callback_id = self.driver.conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
         )
+        if self.metadata_proxy is not None:
+            await self.metadata_proxy.start()
         await self.heartbeat()
         await self.publish_inventory()
         await self.bus.consume_jobs(self.host, self.handle)
@@ -126,6 +131,8 @@ class Agent:
         if self._callback_id is not None and self.driver.conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 self.driver.conn.domainEventDeregisterAny(self._callback_id)
+        if self.metadata_proxy is not None:
+            await self.metadata_proxy.stop()
         await self.driver.close()
 
     async def _every(self, interval: float, fn: Any) -> None:

@@ -77,6 +77,11 @@ NAT_NS = "https://nephos.dev/xmlns/nat/1"
 #: The host's NAT chains for public IPs (nat table), jumped to from PREROUTING and OUTPUT
 #: (DNAT) and POSTROUTING (SNAT); every rule carries the comment ``nephos:<server id>``.
 DNAT_CHAIN, SNAT_CHAIN = "NEPHOS-DNAT", "NEPHOS-SNAT"
+#: Guests' metadata requests (``169.254.169.254:80`` arriving on a Nephos bridge) are sent to the
+#: host's metadata proxy on that network's gateway address, by DNAT rules in this chain (nat
+#: table, jumped to from PREROUTING), each with the comment ``nephos:net:<network id>``.
+META_CHAIN = "NEPHOS-META"
+METADATA_ADDRESS = "169.254.169.254"
 
 
 def write_test_node(directory: Path, name: str, cpus: int, ram_mb: int) -> str:
@@ -152,10 +157,13 @@ def filter_name(server_id: uuid.UUID) -> str:
 
 
 def filter_xml(server_id: uuid.UUID, rules: list[dict[str, Any]]) -> str:
-    """A VM's nwfilter: outbound allowed (replies come back: libvirt's rules are stateful),
-    inbound allowed where a rule says, every other inbound packet dropped."""
+    """A VM's nwfilter: no spoofing (libvirt's ``clean-traffic``: the NIC's own MAC and address
+    only, no forged ARP, no other layer-2 traffic), outbound allowed (replies come back:
+    libvirt's rules are stateful), inbound allowed where a rule says, every other inbound packet
+    dropped. Spoofing matters beyond the VM: the metadata proxy knows a VM by its address."""
     root = ET.Element("filter", name=filter_name(server_id), chain="root")
     ET.SubElement(root, "uuid").text = str(server_id)  # the same on every redefinition
+    ET.SubElement(root, "filterref", filter="clean-traffic")
     ET.SubElement(ET.SubElement(root, "rule", action="accept", direction="out", priority="100"), "all")
     for rule in rules:
         net = ipaddress.IPv4Network(str(rule["cidr"]), strict=False)
@@ -180,24 +188,48 @@ def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True, text=True)
 
 
+def _own_chain(chain: str, hooks: tuple[str, ...]) -> None:
+    """Nephos's chain ``chain`` in the nat table exists and each hook jumps to it. Idempotent."""
+    if _iptables("-n", "-L", chain, check=False).returncode != 0:
+        _iptables("-N", chain)
+    for hook in hooks:
+        if _iptables("-C", hook, "-j", chain, check=False).returncode != 0:
+            _iptables("-A", hook, "-j", chain)
+
+
+def _drop_marked(chain: str, mark: str) -> None:
+    """Delete the rules of ``chain`` that carry the comment ``mark`` (and nothing else)."""
+    for line in _iptables("-S", chain).stdout.splitlines():
+        if f'"{mark}"' in line or f" {mark} " in f"{line} ":
+            _iptables(*shlex.split(line.replace("-A ", "-D ", 1)))
+
+
 def nat_apply(server_id: uuid.UUID, mappings: list[dict[str, Any]]) -> None:
     """The VM's NAT rules become exactly ``mappings`` (DNAT public -> private, SNAT back), in
     Nephos's own chains; rules of other VMs and anything not Nephos's are never touched."""
     mark = f"nephos:{server_id}"
-    for chain, hooks in ((DNAT_CHAIN, ("PREROUTING", "OUTPUT")), (SNAT_CHAIN, ("POSTROUTING",))):
-        if _iptables("-n", "-L", chain, check=False).returncode != 0:
-            _iptables("-N", chain)
-        for hook in hooks:
-            if _iptables("-C", hook, "-j", chain, check=False).returncode != 0:
-                _iptables("-A", hook, "-j", chain)
-        for line in _iptables("-S", chain).stdout.splitlines():
-            if f'"{mark}"' in line or f" {mark} " in f"{line} ":
-                _iptables(*shlex.split(line.replace("-A ", "-D ", 1)))
+    _own_chain(DNAT_CHAIN, ("PREROUTING", "OUTPUT"))
+    _own_chain(SNAT_CHAIN, ("POSTROUTING",))
+    _drop_marked(DNAT_CHAIN, mark)
+    _drop_marked(SNAT_CHAIN, mark)
     for m in mappings:
         public, private = str(m["public"]), str(m["private"])
         comment = ["-m", "comment", "--comment", mark]
         _iptables("-A", DNAT_CHAIN, "-d", f"{public}/32", *comment, "-j", "DNAT", "--to-destination", private)
         _iptables("-A", SNAT_CHAIN, "-s", f"{private}/32", *comment, "-j", "SNAT", "--to-source", public)
+
+
+def metadata_redirect(nic: dict[str, Any], port: int) -> None:
+    """Guests on the NIC's network reach the metadata proxy at ``169.254.169.254:80``: a DNAT
+    rule from its bridge to ``gateway:port``. Idempotent; a stale rule of the network (another
+    port) is replaced."""
+    mark = f"nephos:net:{nic['network_id']}"
+    rule = ["-i", str(nic["bridge"]), "-d", f"{METADATA_ADDRESS}/32", "-p", "tcp", "--dport", "80"]
+    rule += ["-m", "comment", "--comment", mark, "-j", "DNAT", "--to-destination", f"{nic['gateway']}:{port}"]
+    _own_chain(META_CHAIN, ("PREROUTING",))
+    if _iptables("-C", META_CHAIN, *rule, check=False).returncode != 0:
+        _drop_marked(META_CHAIN, mark)
+        _iptables("-A", META_CHAIN, *rule)
 
 
 def _hostname(name: str) -> str:
@@ -215,8 +247,11 @@ class Driver:
         instance_dir: Path | None = None,
         stop_timeout: float = 60.0,
         domain_type: str = "kvm",
+        metadata_port: int | None = None,
     ) -> None:
         self.uri = uri
+        # Where this host's metadata proxy listens (None: no proxy, no redirect rules).
+        self.metadata_port = metadata_port
         # "kvm", or "qemu" (software emulation) where /dev/kvm exists but does not run guests.
         self.domain_type = domain_type
         self.vnc_listen = vnc_listen
@@ -407,7 +442,9 @@ class Driver:
             if not self.simulated:
                 ET.SubElement(nic, "model", type="virtio")
                 if "firewall" in p:
-                    ET.SubElement(nic, "filterref", filter=filter_name(server_id))
+                    ref = ET.SubElement(nic, "filterref", filter=filter_name(server_id))
+                    if spec.get("ip"):  # the one address clean-traffic lets this NIC use
+                        ET.SubElement(ref, "parameter", name="IP", value=str(spec["ip"]))
         # The console is never open: it listens where the operator says (loopback unless told
         # otherwise) and has a random password from the start, which nobody is shown; the
         # console action sets a fresh one and shows it once.
@@ -483,6 +520,8 @@ class Driver:
                 net.setAutostart(True)
         if not net.isActive():
             net.create()
+        if self.metadata_port and not self.simulated:
+            metadata_redirect(nic, self.metadata_port)
         host = f"<host mac='{nic['mac']}' ip='{nic['ip']}'/>"
         existing = ET.fromstring(net.XMLDesc(0)).find(f"./ip/dhcp/host[@mac='{nic['mac']}']")
         both = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
@@ -495,6 +534,26 @@ class Driver:
                 libvirt.VIR_NETWORK_UPDATE_COMMAND_MODIFY, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, host, both
             )
         return net
+
+    async def gateways(self) -> dict[str, uuid.UUID]:
+        """The gateway address of each Nephos network on this host, with the network's id (from
+        its mark): how the metadata proxy knows which network a request arrived on."""
+
+        def read() -> dict[str, uuid.UUID]:
+            assert self.conn is not None
+            found: dict[str, uuid.UUID] = {}
+            for net in self.conn.listAllNetworks():
+                if not net.name().startswith(NETWORK_PREFIX):
+                    continue
+                root = ET.fromstring(net.XMLDesc(0))
+                mark, ip = root.find(f"./metadata/{{{NET_NS}}}network/{{{NET_NS}}}id"), root.find("ip")
+                if mark is None or ip is None or not mark.text or not ip.get("address"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    found[str(ip.get("address"))] = uuid.UUID(mark.text)
+            return found
+
+        return await self._call(read)  # type: ignore[no-any-return]
 
     def _record_firewall(self, dom: libvirt.virDomain, rules: list[dict[str, Any]]) -> None:
         self._set_metadata(dom, firewall_metadata(rules), "nephosfw", FW_NS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from asgi_lifespan import LifespanManager
 
 from app.api.app import create_app
 from app.api.deps import AppState
+from app.backend.metaproxy import QuietServer
 from app.bus.amqp import AmqpBus
 from app.bus.memory import MemoryBus
 from app.logic import bootstrap
@@ -66,10 +69,18 @@ async def inprocess_cloud(
     *,
     mode: str | None = None,
     agents: dict[str, str] | None = None,
+    serve_http: bool = False,
     **extra: Any,
 ) -> AsyncIterator[Cloud]:
     """``request.param`` picks the transports ("embedded" or "production"); ``agents`` the hosts
-    (name: libvirt URI; default two simulated ones); ``extra`` settings."""
+    (name: libvirt URI; default two simulated ones); ``extra`` settings. ``serve_http`` also
+    serves the API on a real socket (``NEPHOS_API_URL``), for what calls it over HTTP (the
+    metadata proxy)."""
+    sock = None
+    if serve_http:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        extra["api_url"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings_kw: dict[str, Any] = {
         "state_dir": tmp_path,
         "secret_key_file": tmp_path / "secret.key",
@@ -110,7 +121,9 @@ async def inprocess_cloud(
             bus=p.bus,
         )
         app = create_app(settings, state)
-        async with LifespanManager(app) as manager:
+        async with LifespanManager(app) as manager, contextlib.AsyncExitStack() as served:
+            if sock is not None:
+                await served.enter_async_context(_served(manager.app, sock))
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
                 cloud = Cloud(p, c)
                 await cloud.until("hosts up", lambda: _hosts_up(c, len(hosts)))
@@ -119,6 +132,19 @@ async def inprocess_cloud(
             await bus.purge_and_delete(list(hosts))
     if databases is not None:
         await databases.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _served(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+    server = QuietServer(uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
 
 
 async def _hosts_up(c: httpx.AsyncClient, n: int) -> bool:

@@ -1,6 +1,7 @@
 """The real-hypervisor tier: an agent on ``qemu:///system`` (libvirtd + QEMU, software
 emulation) boots the test guest built by ``.ci/guest/build.sh`` from Debian's packages. The VM
-is created through the API, reads its config drive (user data, SSH key, addresses), serves HTTP
+is created through the API, reads its config drive (user data, SSH key, addresses) and the metadata
+service through its host's proxy, cannot forge its address, serves HTTP
 on its private address behind its firewall (libvirt nwfilter: closed until opened, closed
 again), and every lifecycle action drives the real domain while the database follows -- a
 guest that powers itself off included.
@@ -16,7 +17,10 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import shlex
 import shutil
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,6 +69,14 @@ def _free_cidr(conn: libvirt.virConnect) -> str:
     raise AssertionError("no free /24 in 10.231.0.0/16 on this host")
 
 
+def _drop_nat_rules(mark: str) -> None:
+    """The host's nat rules carrying ``mark`` (a network's metadata redirect) go with it."""
+    listed = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        if line.startswith("-A ") and (f'"{mark}"' in line or f" {mark} " in line):
+            subprocess.run(["iptables", "-w", "-t", "nat", *shlex.split(line.replace("-A ", "-D ", 1))], check=False)
+
+
 @pytest.fixture
 async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Cloud, Path, list[str]]]:
     conn = _hypervisor()
@@ -73,6 +85,9 @@ async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     # QEMU runs as libvirt-qemu: its files live where it can reach them (pytest's tmp is 0700).
     store = Path("/var/lib/nephos-test") / uuid.uuid4().hex[:12]
     networks: list[str] = []
+    with socket.socket() as probe:  # a free port for this test's metadata proxy
+        probe.bind(("127.0.0.1", 0))
+        proxy_port = probe.getsockname()[1]
     for sub in ("images", "instances"):
         (store / sub).mkdir(parents=True)
     for d in (store.parent, store, store / "images", store / "instances"):
@@ -88,6 +103,9 @@ async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             instance_dir=store / "instances",
             stop_timeout=30.0,
             job_deadline_seconds=120,
+            serve_http=True,  # the metadata proxy calls the API over HTTP
+            metadata_proxy_key="qemu-tier-proxy-key",
+            metadata_proxy_port=proxy_port,
         ) as cloud:
             yield cloud, store, networks
     finally:
@@ -97,11 +115,14 @@ async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
                 if net.isActive():
                     net.destroy()
                 net.undefine()
+            _drop_nat_rules(f"nephos:net:{name.removeprefix('nephos-')}")
         for dom in conn.listAllDomains():
             if dom.name().startswith("nephos-") and (store / "instances" / f"{dom.UUIDString()}.qcow2").exists():
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()
+                with contextlib.suppress(libvirt.libvirtError):  # its firewall, if destroy did not run
+                    conn.nwfilterLookupByUUIDString(dom.UUIDString()).undefine()
         conn.close()
         shutil.rmtree(store, ignore_errors=True)
 
@@ -187,6 +208,25 @@ async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follow
     assert "echo user-data-ran-in-the-guest" in log
     assert f"nephos-guest: address eth0 {ip}/24 {mac}" in log
     await _console(store, sid, "user-data-ran-in-the-guest\n", count=2)  # printed, then run
+
+    # It cannot pose as another address (the metadata proxy knows VMs by their addresses).
+    assert "nephos-guest: ping from its own address: ok" in log
+    assert "nephos-guest: ping from a forged address: no answer" in log
+    # It read the metadata service at 169.254.169.254 through its host's proxy (IMDSv2: a token
+    # first; without one the answer is 401), and the proxy vouched for it by its address.
+    assert f"nephos-guest: metadata instance-id {vm['ec2_id']}" in log
+    assert f"nephos-guest: metadata local-ipv4 {ip}" in log
+    assert f"nephos-guest: metadata mac {mac}" in log
+    assert "nephos-guest: metadata without a token: wget: server returned error: HTTP/1.1 401" in log
+    # A request the proxy cannot attribute to a VM gets nothing: the host itself, on the
+    # network's gateway, and anything not arriving on a Nephos network.
+    port = cloud.plane.settings.metadata_proxy_port
+    async with httpx.AsyncClient(timeout=5) as http:
+        for where in (lab["gateway"], "127.0.0.1"):
+            r = await http.put(
+                f"http://{where}:{port}/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+            )
+            assert (r.status_code, r.text) == (403, ""), where
 
     # Inbound is closed until a port is opened; then the host reaches it on the private address,
     # and a closed port is unreachable again while another opened one still answers.
