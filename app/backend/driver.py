@@ -77,6 +77,8 @@ NAT_NS = "https://nephos.dev/xmlns/nat/1"
 #: The host's NAT chains for public IPs (nat table), jumped to from PREROUTING and OUTPUT
 #: (DNAT) and POSTROUTING (SNAT); every rule carries the comment ``nephos:<server id>``.
 DNAT_CHAIN, SNAT_CHAIN = "NEPHOS-DNAT", "NEPHOS-SNAT"
+#: The filter table's chain, first in FORWARD, that lets mapped connections be routed in.
+FWD_CHAIN = "NEPHOS-FWD"
 #: Guests' metadata requests (``169.254.169.254:80`` arriving on a Nephos bridge) are sent to the
 #: host's metadata proxy on that network's gateway address, by DNAT rules in this chain (nat
 #: table, jumped to from PREROUTING), each with the comment ``nephos:net:<network id>``.
@@ -184,39 +186,61 @@ def firewall_metadata(rules: list[dict[str, Any]]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True, text=True)
+def _iptables(*args: str, table: str = "nat", check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["iptables", "-w", "-t", table, *args], check=check, capture_output=True, text=True)
 
 
-def _own_chain(chain: str, hooks: tuple[str, ...]) -> None:
-    """Nephos's chain ``chain`` in the nat table exists and each hook jumps to it. Idempotent."""
-    if _iptables("-n", "-L", chain, check=False).returncode != 0:
-        _iptables("-N", chain)
+def _own_chain(chain: str, hooks: tuple[str, ...], *, table: str = "nat", first: bool = False) -> None:
+    """Nephos's chain ``chain`` exists in ``table`` and each hook jumps to it (``first``: as the
+    hook's first rule, moved back there if something was put before it). Idempotent."""
+    if _iptables("-n", "-L", chain, table=table, check=False).returncode != 0:
+        _iptables("-N", chain, table=table)
     for hook in hooks:
-        if _iptables("-C", hook, "-j", chain, check=False).returncode != 0:
-            _iptables("-A", hook, "-j", chain)
+        if first:
+            rules = _iptables("-S", hook, table=table).stdout.splitlines()
+            if len(rules) > 1 and rules[1] == f"-A {hook} -j {chain}":
+                continue
+            while _iptables("-D", hook, "-j", chain, table=table, check=False).returncode == 0:
+                pass
+            _iptables("-I", hook, "1", "-j", chain, table=table)
+        elif _iptables("-C", hook, "-j", chain, table=table, check=False).returncode != 0:
+            _iptables("-A", hook, "-j", chain, table=table)
 
 
-def _drop_marked(chain: str, mark: str) -> None:
+def _drop_marked(chain: str, mark: str, *, table: str = "nat") -> None:
     """Delete the rules of ``chain`` that carry the comment ``mark`` (and nothing else)."""
-    for line in _iptables("-S", chain).stdout.splitlines():
+    for line in _iptables("-S", chain, table=table).stdout.splitlines():
         if f'"{mark}"' in line or f" {mark} " in f"{line} ":
-            _iptables(*shlex.split(line.replace("-A ", "-D ", 1)))
+            _iptables(*shlex.split(line.replace("-A ", "-D ", 1)), table=table)
 
 
 def nat_apply(server_id: uuid.UUID, mappings: list[dict[str, Any]]) -> None:
-    """The VM's NAT rules become exactly ``mappings`` (DNAT public -> private, SNAT back), in
-    Nephos's own chains; rules of other VMs and anything not Nephos's are never touched."""
+    """The VM's NAT rules become exactly ``mappings``, in Nephos's own chains; rules of other VMs
+    and anything not Nephos's are never touched:
+
+    - DNAT public -> private (PREROUTING and OUTPUT);
+    - SNAT private -> public for what the VM starts towards the outside (POSTROUTING; never for
+      traffic bridged within its network, which keeps its private address);
+    - in the filter table's FORWARD, an accept for connections DNATed to the VM while they are
+      routed into its network: libvirt rejects routing into an isolated network, and this lets
+      through only what a mapping brought. Only the routed pass: the bridged pass to the VM's
+      NIC still meets the VM's firewall (its nwfilter).
+    """
     mark = f"nephos:{server_id}"
     _own_chain(DNAT_CHAIN, ("PREROUTING", "OUTPUT"))
     _own_chain(SNAT_CHAIN, ("POSTROUTING",))
+    _own_chain(FWD_CHAIN, ("FORWARD",), table="filter", first=True)
     _drop_marked(DNAT_CHAIN, mark)
     _drop_marked(SNAT_CHAIN, mark)
+    _drop_marked(FWD_CHAIN, mark, table="filter")
+    routed = ["-m", "physdev", "!", "--physdev-is-bridged"]
     for m in mappings:
         public, private = str(m["public"]), str(m["private"])
         comment = ["-m", "comment", "--comment", mark]
         _iptables("-A", DNAT_CHAIN, "-d", f"{public}/32", *comment, "-j", "DNAT", "--to-destination", private)
-        _iptables("-A", SNAT_CHAIN, "-s", f"{private}/32", *comment, "-j", "SNAT", "--to-source", public)
+        _iptables("-A", SNAT_CHAIN, "-s", f"{private}/32", *routed, *comment, "-j", "SNAT", "--to-source", public)
+        accept = ["-d", f"{private}/32", *routed, "-m", "conntrack", "--ctstate", "DNAT", *comment, "-j", "ACCEPT"]
+        _iptables("-A", FWD_CHAIN, *accept, table="filter")
 
 
 def metadata_redirect(nic: dict[str, Any], port: int) -> None:

@@ -139,15 +139,17 @@ async def test_a_nic_gets_its_network_and_reservation_and_a_destroy_gives_it_bac
 
 
 def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path) -> None:
-    """A real host's NAT for public IPs (iptables, nat table, Nephos's own chains): applying a
-    VM's mappings twice leaves one copy, a new set replaces the old, another VM's rules stay,
-    and an empty set removes the VM's. Addresses are TEST-NET ones; nothing is sent."""
+    """A real host's NAT for public IPs (iptables, Nephos's own chains: DNAT, SNAT and the
+    FORWARD accept): applying a VM's mappings twice leaves one copy, a new set replaces the old,
+    another VM's rules stay, an empty set removes the VM's, and the FORWARD chain is put back
+    first when something was inserted before it (which stays). Addresses are TEST-NET ones;
+    nothing is sent."""
     import shutil
     import subprocess
 
     import pytest
 
-    from app.backend.driver import DNAT_CHAIN, SNAT_CHAIN, nat_apply
+    from app.backend.driver import DNAT_CHAIN, FWD_CHAIN, SNAT_CHAIN, nat_apply
 
     if shutil.which("iptables") is None or os.geteuid() != 0:
         if os.environ.get("CI"):
@@ -156,22 +158,34 @@ def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path)
 
     def rules(server_id: uuid.UUID) -> list[str]:
         out = []
-        for chain in (DNAT_CHAIN, SNAT_CHAIN):
-            listed = subprocess.run(["iptables", "-w", "-t", "nat", "-S", chain], capture_output=True, text=True)
+        for table, chain in (("nat", DNAT_CHAIN), ("nat", SNAT_CHAIN), ("filter", FWD_CHAIN)):
+            listed = subprocess.run(["iptables", "-w", "-t", table, "-S", chain], capture_output=True, text=True)
             out += [line for line in listed.stdout.splitlines() if f"nephos:{server_id}" in line]
         return out
 
+    def forward() -> list[str]:
+        return subprocess.run(["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True).stdout.splitlines()
+
+    foreign = ["FORWARD", "-s", "192.0.2.99/32", "-m", "comment", "--comment", f"not-nephos-{uuid.uuid4()}", "-j", "RETURN"]
     one, two = uuid.uuid4(), uuid.uuid4()
     try:
         nat_apply(one, [{"public": "192.0.2.10", "private": "10.231.9.2"}])
         nat_apply(one, [{"public": "192.0.2.10", "private": "10.231.9.2"}])
         nat_apply(two, [{"public": "192.0.2.11", "private": "10.231.9.3"}])
-        assert len(rules(one)) == 2 and any("--to-destination 10.231.9.2" in r for r in rules(one))
+        assert len(rules(one)) == 3 and any("--to-destination 10.231.9.2" in r for r in rules(one))
+        assert any("-d 10.231.9.2/32" in r and "DNAT" in r and "ACCEPT" in r for r in rules(one))
         nat_apply(one, [{"public": "192.0.2.12", "private": "10.231.9.2"}])
-        assert len(rules(one)) == 2 and any("192.0.2.12" in r for r in rules(one))
+        assert len(rules(one)) == 3 and any("192.0.2.12" in r for r in rules(one))
         assert not any("192.0.2.10" in r for r in rules(one))
-        assert len(rules(two)) == 2
+        assert len(rules(two)) == 3
+        assert forward()[1] == f"-A FORWARD -j {FWD_CHAIN}"
+        subprocess.run(["iptables", "-w", "-I", *foreign[:1], "1", *foreign[1:]], check=True)
+        nat_apply(two, [{"public": "192.0.2.11", "private": "10.231.9.3"}])
+        assert forward()[1] == f"-A FORWARD -j {FWD_CHAIN}"
+        assert sum(line == f"-A FORWARD -j {FWD_CHAIN}" for line in forward()) == 1
+        assert any(foreign[6] in line for line in forward())
     finally:
+        subprocess.run(["iptables", "-w", "-D", *foreign], check=False)
         nat_apply(one, [])
         nat_apply(two, [])
     assert rules(one) == [] and rules(two) == []

@@ -21,9 +21,10 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,63 @@ async def _answers(ip: str, port: int, want: str | None = None, tries: int = 6) 
     return False
 
 
+class Outside:
+    """A network namespace standing for the world outside the host: a veth pair on TEST-NET-2
+    (198.51.100.0/24) with a route to the public pool (TEST-NET-3) through the host."""
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+
+    async def answers(self, ip: str, port: int, want: str | None = None, tries: int = 4) -> bool:
+        """Does ``ip:port`` answer from outside (``want`` as its page)? Bounded: a few tries, 2 s each."""
+        fetch = (
+            "import sys, urllib.request\n"
+            "try:\n"
+            f"    print(urllib.request.urlopen('http://{ip}:{port}/', timeout=2).read().decode().strip())\n"
+            "except Exception as exc:\n"
+            "    sys.exit(f'no answer: {exc}')\n"
+        )
+        for _ in range(tries):
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", self.ns, sys.executable, "-c", fetch,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            if proc.returncode == 0:
+                return want is None or out.decode().strip() == want
+            await asyncio.sleep(0.3)
+        return False
+
+
+@contextlib.contextmanager
+def _outside() -> Iterator[Outside]:
+    tag = uuid.uuid4().hex[:6]
+    ns, host_end, ns_end = f"nphns-{tag}", f"nphvh{tag}", f"nphvn{tag}"
+    forward = Path("/proc/sys/net/ipv4/ip_forward")
+    was = forward.read_text().strip()
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    try:
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        run("ip", "link", "set", ns_end, "netns", ns)
+        run("ip", "addr", "add", "198.51.100.1/24", "dev", host_end)
+        run("ip", "link", "set", host_end, "up")
+        inside = ("ip", "netns", "exec", ns)
+        run(*inside, "ip", "addr", "add", "198.51.100.2/24", "dev", ns_end)
+        run(*inside, "ip", "link", "set", ns_end, "up")
+        run(*inside, "ip", "link", "set", "lo", "up")
+        run(*inside, "ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1")
+        forward.write_text("1")  # the host routes (an operator's public addresses need it)
+        yield Outside(ns)
+    finally:
+        forward.write_text(was)
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follows_every_action(
     qemu_cloud: tuple[Cloud, Path, list[str]],
 ) -> None:
@@ -245,6 +303,25 @@ async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follow
     await firewall("close", 80)
     assert not await _answers(ip, 80)
     assert await _answers(ip, 8080, want=f"nephos-guest {vm['ec2_id']}")
+
+    # A public IP: a machine outside the VM's network (a network namespace this test made,
+    # routed through the host) reaches the open port at the public address; once the address
+    # is disassociated, it does not.
+    await _api(cloud, "POST", "/api/v1/admin/public-ip-pools", 201, json={"name": "lab", "cidr": "203.0.113.0/28"})
+    eip = await _api(cloud, "POST", "/api/v1/public-ips", 201, user, json={})
+    reply = await _api(cloud, "POST", f"/api/v1/public-ips/{eip['id']}/associate", 202, user, json={"server_id": sid})
+    assert (await cloud.until("the association", lambda: _final(cloud, reply["job_id"]), timeout=60))[
+        "status"
+    ] == "SUCCESS"
+    with _outside() as outside:
+        assert await outside.answers(eip["address"], 8080, want=f"nephos-guest {vm['ec2_id']}")
+        assert not await outside.answers(eip["address"], 80)  # its firewall still holds
+        reply = await _api(cloud, "POST", f"/api/v1/public-ips/{eip['id']}/disassociate", 202, user)
+        assert (await cloud.until("unmapped", lambda: _final(cloud, reply["job_id"]), timeout=60))[
+            "status"
+        ] == "SUCCESS"
+        assert not await outside.answers(eip["address"], 8080)
+    await _api(cloud, "DELETE", f"/api/v1/public-ips/{eip['id']}", 204, user)
 
     # Every action drives the real domain, and the database follows.
     dom = conn.lookupByUUIDString(sid)
