@@ -166,7 +166,8 @@ def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path)
     def forward() -> list[str]:
         return subprocess.run(["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True).stdout.splitlines()
 
-    foreign = ["FORWARD", "-s", "192.0.2.99/32", "-m", "comment", "--comment", f"not-nephos-{uuid.uuid4()}", "-j", "RETURN"]
+    tag = f"not-nephos-{uuid.uuid4()}"
+    foreign = ["FORWARD", "-s", "192.0.2.99/32", "-m", "comment", "--comment", tag, "-j", "RETURN"]
     one, two = uuid.uuid4(), uuid.uuid4()
     try:
         nat_apply(one, [{"public": "192.0.2.10", "private": "10.231.9.2"}])
@@ -183,7 +184,7 @@ def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path)
         nat_apply(two, [{"public": "192.0.2.11", "private": "10.231.9.3"}])
         assert forward()[1] == f"-A FORWARD -j {FWD_CHAIN}"
         assert sum(line == f"-A FORWARD -j {FWD_CHAIN}" for line in forward()) == 1
-        assert any(foreign[6] in line for line in forward())
+        assert any(tag in line for line in forward())
     finally:
         subprocess.run(["iptables", "-w", "-D", *foreign], check=False)
         nat_apply(one, [])
