@@ -101,6 +101,8 @@ class DomainInfo(BaseModel):
     ram_mb: int
     name: str = ""
     owned: bool = False
+    # The firewall generation the host enforces on it (None: it records none).
+    firewall_gen: int | None = None
 
 
 class Inventory(_Message):

@@ -184,6 +184,9 @@ class Server(SQLModel, table=True):
     # Highest per-VM event sequence applied (agents stamp every event).
     last_seq: int = Field(default=0, sa_type=sa.BigInteger)
     lease_expires_at: datetime | None = _ts(nullable=True, default=False)
+    # Counts changes of the VM's intended firewall (its ports, its groups, their rules). Every
+    # firewall job carries it and the host records it with the rules: reconciliation compares.
+    firewall_gen: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = _ts()
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     destroyed_at: datetime | None = _ts(nullable=True, default=False)

@@ -181,9 +181,9 @@ async def reconcile(body: ReconcileRequest, state: StateDep, tx: TxDep, _: Admin
     # write lock throughout.
     await tx.session.rollback()
     if state.bus is not None:
-        report = await reconciler.fresh(state.sessions, state.bus, fix=body.fix, wait=body.wait)
+        report = await reconciler.fresh(state.sessions, state.bus, fix=body.fix, wait=body.wait, publish=state.publish)
     else:  # no bus (tests of the API alone): the inventories the hosts last sent
-        report = await reconciler.run(state.sessions, fix=body.fix)
+        report = await reconciler.run(state.sessions, fix=body.fix, publish=state.publish)
     return ReconcileReport.model_validate(report, from_attributes=True)
 
 

@@ -668,6 +668,11 @@ class ReconcileReport(BaseModel):
     stale_addresses: list[dict[str, Any]] = Field(
         default_factory=list, description="Addresses still held by DESTROYED servers (server_id, network, ip)"
     )
+    unsynced_firewall: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="VMs whose host enforces an older firewall generation (expected, observed) than the "
+        "VM's: a group changed while the VM was busy, or the host lost its rules. The fix sends the rules",
+    )
     unreachable_hosts: list[str] = Field(description="Hosts with no fresh inventory: not judged")
     fixed: bool
     actions: list[str] = Field(description="What the fix did")

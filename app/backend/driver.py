@@ -178,9 +178,10 @@ def filter_xml(server_id: uuid.UUID, rules: list[dict[str, Any]]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def firewall_metadata(rules: list[dict[str, Any]]) -> str:
-    """The rules as the domain records them (what ``GET .../firewall`` says is enforced)."""
-    root = ET.Element("firewall")
+def firewall_metadata(rules: list[dict[str, Any]], generation: int | None) -> str:
+    """The rules as the domain records them, with their generation (the inventory reports it,
+    and reconciliation compares it with the VM's)."""
+    root = ET.Element("firewall", {"generation": str(generation or 0)})
     for rule in rules:
         ET.SubElement(root, "rule", {k: str(rule[k]) for k in ("protocol", "port_min", "port_max", "cidr")})
     return ET.tostring(root, encoding="unicode")
@@ -406,6 +407,7 @@ class Driver:
                             ram_mb=int(info[1]) // 1024,
                             name=dom.name(),
                             owned=self._marked(dom, sid),
+                            firewall_gen=self.firewall_gen(dom),
                         )
                     )
             return out
@@ -579,8 +581,21 @@ class Driver:
 
         return await self._call(read)  # type: ignore[no-any-return]
 
-    def _record_firewall(self, dom: libvirt.virDomain, rules: list[dict[str, Any]]) -> None:
-        self._set_metadata(dom, firewall_metadata(rules), "nephosfw", FW_NS)
+    def _record_firewall(self, dom: libvirt.virDomain, rules: list[dict[str, Any]], generation: int | None) -> None:
+        self._set_metadata(dom, firewall_metadata(rules, generation), "nephosfw", FW_NS)
+
+    def firewall_gen(self, dom: libvirt.virDomain) -> int | None:
+        """The firewall generation a domain records (None: none recorded, or unreadable)."""
+        try:
+            meta = self._read_metadata(dom, FW_NS)
+        except libvirt.libvirtError:
+            return None
+        if meta is None:
+            return None
+        try:
+            return int(meta.get("generation", "0"))
+        except ValueError:
+            return None
 
     async def firewall(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:
         """Enforce a VM's whole rule set: its nwfilter redefined (libvirt re-applies it to the
@@ -597,8 +612,8 @@ class Driver:
                     for iface in root.findall("./devices/interface"):
                         ET.SubElement(iface, "filterref", filter=filter_name(server_id))
                     self.conn.defineXML(ET.tostring(root, encoding="unicode"))
-            self._record_firewall(dom, rules)
-            return {"rules": len(rules)}
+            self._record_firewall(dom, rules, p.get("generation"))
+            return {"rules": len(rules), "generation": p.get("generation")}
 
         return await self._call(run)  # type: ignore[no-any-return]
 
@@ -675,7 +690,7 @@ class Driver:
             if dom is None:
                 dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
                 if "firewall" in p:
-                    self._record_firewall(dom, p["firewall"])
+                    self._record_firewall(dom, p["firewall"], p.get("firewall_gen"))
             if p.get("public_ips") and not self.simulated:
                 nat_apply(server_id, p["public_ips"])
             if not dom.isActive():

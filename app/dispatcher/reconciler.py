@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -23,6 +23,7 @@ from app.db import sqlstate
 from app.ids import utcnow
 from app.logic import reconcile
 from app.logic.hoststate import HostState
+from app.logic.jobs import Outbox
 from app.messages import Action, InventoryRequest, JobMessage, encode
 from app.models import Host, table_of
 
@@ -37,8 +38,22 @@ def _quiet(_phase: str, _done: int, _total: int) -> None:
     return None
 
 
+#: Publishes jobs a repair wrote, after its commit (the outbox's sweeper would, later).
+Publish = Callable[[list[uuid.UUID]], Awaitable[object]]
+
+
+async def _later(_job_ids: list[uuid.UUID]) -> None:
+    return None
+
+
 async def fresh(
-    sessions: async_sessionmaker[AsyncSession], bus: Bus, *, fix: bool, wait: float = 10.0, progress: Progress = _quiet
+    sessions: async_sessionmaker[AsyncSession],
+    bus: Bus,
+    *,
+    fix: bool,
+    wait: float = 10.0,
+    progress: Progress = _quiet,
+    publish: Publish = _later,
 ) -> reconcile.Report:
     """Ask every host that is up for its inventory, wait for the answers (up to ``wait``
     seconds), then reconcile against them; a host that did not answer is reported."""
@@ -70,7 +85,7 @@ async def fresh(
         if not behind:
             break
         await asyncio.sleep(0.1)
-    report = await run(sessions, fix=fix, fresh_since=started, progress=progress)
+    report = await run(sessions, fix=fix, fresh_since=started, progress=progress, publish=publish)
     if fix:
         for orphan in report.orphans:
             where = f"domain {orphan['domain_name'] or '?'} ({orphan['domain_uuid']}) on {orphan['host']}"
@@ -100,6 +115,7 @@ async def run(
     fix: bool,
     fresh_since: datetime | None = None,
     progress: Progress = _quiet,
+    publish: Publish = _later,
 ) -> reconcile.Report:
     async with sessions() as session:
         report = await reconcile.compare(session, fresh_since=fresh_since)
@@ -108,9 +124,12 @@ async def run(
     total, done = sum(len(getattr(report, kind)) for kind in reconcile.FIXABLE), 0
     for kind in reconcile.FIXABLE:
         for entry in getattr(report, kind):
+            jobs = Outbox()
             async with sessions() as session:
-                report.actions += await reconcile.fix_entry(session, kind, entry)
+                report.actions += await reconcile.fix_entry(session, kind, entry, jobs)
                 await session.commit()
+            if jobs.job_ids:
+                await publish(jobs.job_ids)
             done += 1
             progress("repairs", done, total)
     try:
@@ -126,10 +145,12 @@ async def run(
     return report
 
 
-async def periodic_pass(sessions: async_sessionmaker[AsyncSession], bus: Bus, *, wait: float) -> reconcile.Report:
+async def periodic_pass(
+    sessions: async_sessionmaker[AsyncSession], bus: Bus, *, wait: float, publish: Publish = _later
+) -> reconcile.Report:
     """The dispatcher's pass: reconcile with fixes, and store the report (``GET /admin/drift``)."""
     started, t0 = utcnow(), time.monotonic()
-    report = await fresh(sessions, bus, fix=True, wait=wait)
+    report = await fresh(sessions, bus, fix=True, wait=wait, publish=publish)
     async with sessions() as session:
         await reconcile.record(session, report, started_at=started, duration_s=time.monotonic() - t0)
         await session.commit()

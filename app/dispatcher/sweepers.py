@@ -97,7 +97,9 @@ class Sweepers:
         await self.pace.every(self.reconcile_interval, self._reconcile, "reconciliation", wait_first=True)
 
     async def _reconcile(self) -> None:
-        report = await reconciler.periodic_pass(self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2))
+        report = await reconciler.periodic_pass(
+            self.sessions, self.bus, wait=min(10.0, self.reconcile_interval / 2), publish=self.outbox.publish
+        )
         if not report.empty():
             log.warning("reconciliation found drift %s and fixed it: %s", report.counts(), report.actions)
 

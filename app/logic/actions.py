@@ -345,12 +345,18 @@ async def console(
 
 
 async def firewall(
-    session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, rules: list[dict[str, Any]]
+    session: AsyncSession,
+    outbox: Outbox,
+    *,
+    actor: Actor,
+    server_id: uuid.UUID,
+    rules: list[dict[str, Any]],
+    generation: int,
 ) -> Job:
-    """Send a VM's whole rule set to its host (``logic.firewall`` decides the rules)."""
-    return await _begin(
-        session, outbox, actor=actor, server_id=server_id, action=Action.FIREWALL, params={"rules": rules}
-    )
+    """Send a VM's whole rule set, and its generation, to its host (``logic.firewall`` decides
+    the rules)."""
+    params = {"rules": rules, "generation": generation}
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.FIREWALL, params=params)
 
 
 async def public_ips(

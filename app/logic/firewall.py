@@ -52,27 +52,47 @@ async def change(
         if found is None:
             raise NotFound("no such opened port on this server (a group's rule is closed in its group)")
         await session.execute(_rules.delete().where(same))
+    server.firewall_gen = (server.firewall_gen or 0) + 1
     if server.host is None:  # not on a host yet: its create job will carry the rules
         return None
     return await actions.firewall(
-        session, outbox, actor=actor, server_id=server.id, rules=await params_for(session, server.id)
+        session,
+        outbox,
+        actor=actor,
+        server_id=server.id,
+        rules=await params_for(session, server.id),
+        generation=server.firewall_gen,
     )
 
 
-async def resync(session: AsyncSession, outbox: Outbox, *, server_ids: list[uuid.UUID]) -> list[Job]:
-    """Send each of these VMs its rule set again (a group's rules or a VM's groups changed), in
-    id order (the lock order of several servers). A VM with no host yet gets its rules when it
-    is built; one busy with another task, or in a state with no domain to filter, keeps its
-    rules until its next firewall change (reported in the job list it is missing from)."""
+async def resync(
+    session: AsyncSession, outbox: Outbox, *, server_ids: list[uuid.UUID], changed: bool = True
+) -> list[Job]:
+    """Send each of these VMs its rule set again, in id order (the lock order of several
+    servers). ``changed``: their intended rules changed (a group's rules, or a VM's groups), so
+    their generation moves on; reconciliation resends without a change.
+
+    A VM with no host yet gets its rules when it is built. One busy with another task, or in a
+    state with no domain to filter, is skipped: its host still records the older generation,
+    so reconciliation reports it (``unsynced_firewall``) once it is idle, and sends it then."""
     sent = []
     for server_id in sorted(set(server_ids)):
         server = await servers.locked(session, server_id)
-        if server is None or server.host is None:
+        if server is None:
+            continue
+        if changed:
+            server.firewall_gen = (server.firewall_gen or 0) + 1
+        if server.host is None:
             continue
         try:
             sent.append(
                 await actions.firewall(
-                    session, outbox, actor=SYSTEM, server_id=server_id, rules=await params_for(session, server_id)
+                    session,
+                    outbox,
+                    actor=SYSTEM,
+                    server_id=server_id,
+                    rules=await params_for(session, server_id),
+                    generation=server.firewall_gen,
                 )
             )
         except (TaskPending, InvalidState):

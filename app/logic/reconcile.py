@@ -11,7 +11,10 @@ as empty) and the quota tables, and reports, per kind:
 * ``stuck_tasks``: jobs past their deadline;
 * ``quota_drift``: recorded usage differs from usage recomputed from the VMs (only counted for
   projects with no task pending, when the invariant must hold exactly);
-* ``pending_without_job``: pending commissions whose job is final or gone.
+* ``pending_without_job``: pending commissions whose job is final or gone;
+* ``stale_addresses``: addresses still held by DESTROYED VMs;
+* ``unsynced_firewall``: the host enforces an older firewall generation than the VM's (a
+  group changed while the VM was busy, or the host lost its rules); the fix sends the rules.
 
 A VM with a task pending is never judged: its job is in flight and will say where it ends.
 ``fix_entry`` repairs one finding through the paths live events use: out-of-band transitions
@@ -33,9 +36,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import snapshot
 from app.ids import utcnow
-from app.logic import catalogue, deadlines, events, networks, placement, public_ips, quotas, results, servers
+from app.logic import (
+    catalogue,
+    deadlines,
+    events,
+    firewall,
+    networks,
+    placement,
+    public_ips,
+    quotas,
+    results,
+    servers,
+)
 from app.logic.hoststate import HostState
-from app.logic.jobs import FINAL
+from app.logic.jobs import FINAL, Outbox
 from app.logic.operstate import RESOURCES, Deltas, Operstate, footprint
 from app.models import Commission, DriftReport, Flavor, Host, Job, Quota, Server, table_of
 
@@ -54,6 +68,7 @@ class Report:
     quota_drift: list[dict[str, Any]] = field(default_factory=list)
     pending_without_job: list[dict[str, Any]] = field(default_factory=list)
     stale_addresses: list[dict[str, Any]] = field(default_factory=list)
+    unsynced_firewall: list[dict[str, Any]] = field(default_factory=list)
     unreachable_hosts: list[str] = field(default_factory=list)
     fixed: bool = False
     actions: list[str] = field(default_factory=list)
@@ -67,6 +82,7 @@ class Report:
         "quota_drift",
         "pending_without_job",
         "stale_addresses",
+        "unsynced_firewall",
     )
 
     def counts(self) -> dict[str, int]:
@@ -194,6 +210,9 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
                     "observed": {"vcpus": seen["vcpus"], "ram_mb": seen["ram_mb"]},
                 }
             )
+        enforced = seen.get("firewall_gen")
+        if seen.get("owned") and (enforced or 0) != (server.firewall_gen or 0):
+            report.unsynced_firewall.append({**entry, "expected": server.firewall_gen, "observed": enforced})
     in_flight = set(await session.scalars(sa.select(_jobs.c.server_id).where(_jobs.c.status.notin_(list(FINAL)))))
     changed = {
         sid: at
@@ -263,12 +282,22 @@ def reapable(orphan: dict[str, Any]) -> bool:
     return bool(orphan.get("owned")) and orphan.get("operstate") == Operstate.DESTROYED.value
 
 
-FIXABLE = ("unsynced_operstate", "unsynced_flavor", "stale", "stuck_tasks", "pending_without_job", "stale_addresses")
+FIXABLE = (
+    "unsynced_operstate",
+    "unsynced_flavor",
+    "stale",
+    "stuck_tasks",
+    "pending_without_job",
+    "stale_addresses",
+    "unsynced_firewall",
+)
 
 
-async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> list[str]:
+async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any], outbox: Outbox | None = None) -> list[str]:
     """Repair one finding, in the caller's transaction (one per finding: each touches one VM's
-    rows in the usual lock order). Returns what was done, for the report."""
+    rows in the usual lock order). Returns what was done, for the report. A repair that sends
+    a job (``unsynced_firewall``) writes it to ``outbox``, for the caller to publish after the
+    commit."""
     if kind == "unsynced_operstate":
         outcome = await results.apply_state_change(
             session,
@@ -300,6 +329,11 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any]) -> 
         if await networks.release(session, [uuid.UUID(entry["server_id"])]):
             return [f"server {entry['server_id']}: address {entry['ip']} on {entry['network']} given back"]
         return []
+    if kind == "unsynced_firewall":
+        server_id = uuid.UUID(entry["server_id"])
+        if outbox is not None and await firewall.resync(session, outbox, server_ids=[server_id], changed=False):
+            return [f"server {entry['server_id']}: its firewall (generation {entry['expected']}) sent again"]
+        return [f"server {entry['server_id']}: firewall behind, but it is busy; the next pass sends it"]
     raise ValueError(f"{kind} is not fixed here")
 
 

@@ -112,6 +112,7 @@ def create_params(
         "nics": nics,
         # Inbound denied but for these (``logic.firewall``); a new VM has opened nothing yet.
         "firewall": firewall or [],
+        "firewall_gen": server.firewall_gen or 0,
     }
 
 
