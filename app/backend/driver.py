@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import time
 import uuid
@@ -135,6 +138,8 @@ def config_drive_files(server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, str
     if keys:
         meta.append("public-keys:")
         meta += [f'  - "{k}"' for k in keys]
+    if p.get("public_ips"):  # the first NIC's public address (EC2's public-ipv4)
+        meta.append(f"public-ipv4: {p['public_ips'][0]['public']}")
     net = ["version: 2", "ethernets:"]
     for i, nic in enumerate(p.get("nics") or []):
         prefix = ipaddress.IPv4Network(str(nic["cidr"])).prefixlen
@@ -415,7 +420,9 @@ class Driver:
         return await self._call(read)  # type: ignore[no-any-return]
 
     # -- building --------------------------------------------------------------------------
-    def domain_xml(self, server_id: uuid.UUID, p: dict[str, Any], *, disk: str | None = None) -> str:
+    def domain_xml(
+        self, server_id: uuid.UUID, p: dict[str, Any], *, disk: str | None = None, drive: Path | None = None
+    ) -> str:
         kind = "test" if self.simulated else self.domain_type
         root = ET.Element("domain", type=kind)
         ET.SubElement(root, "name").text = f"nephos-{server_id}"
@@ -449,7 +456,7 @@ class Driver:
             ET.SubElement(d, "source", file=disk)
             ET.SubElement(d, "target", dev="vda", bus="virtio")
         if not self.simulated:
-            iso = self.instance_dir / f"{server_id}.cidata.iso"
+            iso = drive or self.instance_dir / f"{server_id}.cidata.iso"
             cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
             ET.SubElement(cd, "driver", name="qemu", type="raw")
             ET.SubElement(cd, "source", file=str(iso))
@@ -508,18 +515,23 @@ class Driver:
             )
         return str(overlay)
 
-    def _config_drive(self, server_id: uuid.UUID, p: dict[str, Any]) -> None:
+    def _config_drive(self, server_id: uuid.UUID, p: dict[str, Any]) -> Path | None:
         """The cloud-init NoCloud config drive (an ISO labelled ``cidata``: meta-data, user-data,
-        network-config v2), made anew from the job (real hypervisors only)."""
+        network-config v2), made from the job (real hypervisors only). Its file is named by its
+        content: the same content is the same file (a redelivered job makes nothing new), and a
+        changed drive is a new file, which a running guest gets as new media."""
         if self.simulated:
-            return
+            return None
         files = config_drive_files(server_id, p)
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+        iso = self.instance_dir / f"{server_id}.cidata-{digest}.iso"
+        if iso.exists():
+            return iso
         self.instance_dir.mkdir(parents=True, exist_ok=True)
         staging = self.instance_dir / f"{server_id}.cidata"
         staging.mkdir(exist_ok=True)
         for name, text in files.items():
             (staging / name).write_text(text)
-        iso = self.instance_dir / f"{server_id}.cidata.iso"
         tmp = iso.with_suffix(".part")
         subprocess.run(
             ["genisoimage", "-quiet", "-o", str(tmp), "-volid", "cidata", "-joliet", "-rock"]
@@ -529,6 +541,36 @@ class Driver:
         )
         os.chmod(tmp, 0o644)
         os.replace(tmp, iso)
+        return iso
+
+    def _remake_config_drive(self, dom: libvirt.virDomain, server_id: uuid.UUID, guest: dict[str, Any]) -> bool:
+        """Make the VM's config drive anew from ``guest`` and put it in the VM's cdrom drive
+        (live too: a media change), the old file removed. The key the VM was made with stays
+        when the job carries none (its key pair deleted since). True if the drive changed."""
+        if self.simulated:
+            return False
+        if not guest.get("ssh_key"):
+            made = self._read_metadata(dom, NS)
+            guest = {**guest, "ssh_key": made.findtext("ssh_key") if made is not None else None}
+        iso = self._config_drive(server_id, guest)
+        assert iso is not None
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        for disk in root.findall("./devices/disk[@device='cdrom']"):
+            source = disk.find("source")
+            current = source.get("file", "") if source is not None else ""
+            if source is None or not Path(current).name.startswith(f"{server_id}.cidata"):
+                continue  # not its config drive
+            if current == str(iso):
+                return False
+            source.set("file", str(iso))
+            # A running guest that keeps the drive mounted has locked its tray: the media change
+            # is forced rather than waiting on the guest.
+            live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE if dom.isActive() else 0
+            dom.updateDeviceFlags(ET.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG | live)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(current)
+            return True
+        return False
 
     # -- networks ----------------------------------------------------------------------------
     def _ensure_network(self, nic: dict[str, Any]) -> libvirt.virNetwork:
@@ -630,7 +672,8 @@ class Driver:
             for m in mappings:
                 ET.SubElement(root, "map", public=str(m["public"]), private=str(m["private"]))
             self._set_metadata(dom, ET.tostring(root, encoding="unicode"), "nephosnat", NAT_NS)
-            return {"mappings": len(mappings)}
+            remade = "guest" in p and self._remake_config_drive(dom, server_id, {**p["guest"], "public_ips": mappings})
+            return {"mappings": len(mappings), "config_drive": "remade" if remade else "unchanged"}
 
         return await self._call(run)  # type: ignore[no-any-return]
 
@@ -683,12 +726,12 @@ class Driver:
             assert self.conn is not None
             for nic in p.get("nics") or []:
                 self._ensure_network(nic)
-            self._config_drive(server_id, p)
+            drive = self._config_drive(server_id, p)
             if "firewall" in p and not self.simulated:
                 self.conn.nwfilterDefineXML(filter_xml(server_id, p["firewall"]))
             dom = self._lookup(server_id)
             if dom is None:
-                dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p)))
+                dom = self.conn.defineXML(self.domain_xml(server_id, p, disk=self._overlay(server_id, p), drive=drive))
                 if "firewall" in p:
                     self._record_firewall(dom, p["firewall"], p.get("firewall_gen"))
             if p.get("public_ips") and not self.simulated:
@@ -835,9 +878,10 @@ class Driver:
 
         await self._call(run)
         if not self.simulated:
-            for leftover in (f"{server_id}.qcow2", f"{server_id}.cidata.iso"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.instance_dir / leftover)
+            for leftover in (self.instance_dir / f"{server_id}.qcow2", *self.instance_dir.glob(f"{server_id}.cidata*")):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(leftover)
+            shutil.rmtree(self.instance_dir / f"{server_id}.cidata", ignore_errors=True)
         return {}
 
     async def mark(self, server_id: uuid.UUID, p: dict[str, Any]) -> dict[str, Any]:

@@ -362,10 +362,29 @@ async def firewall(
 async def public_ips(
     session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID, mappings: list[dict[str, Any]]
 ) -> Job:
-    """Send a VM's whole set of public-to-private mappings to its host (``logic.public_ips``)."""
-    return await _begin(
-        session, outbox, actor=actor, server_id=server_id, action=Action.PUBLIC_IP, params={"mappings": mappings}
+    """Send a VM's whole set of public-to-private mappings to its host (``logic.public_ips``),
+    with what its config drive is made of: the drive says the public address, so the host
+    makes it anew."""
+    server = await session.get(Server, server_id)
+    guest = await guest_params(session, server) if server is not None else {}
+    params = {"mappings": mappings, "guest": guest}
+    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.PUBLIC_IP, params=params)
+
+
+async def guest_params(session: AsyncSession, server: Server) -> dict[str, Any]:
+    """What a VM's config drive is made of besides its public addresses (a job that changes the
+    drive carries it). A key pair deleted since the VM was made leaves the key out: the host
+    keeps the key the VM was made with."""
+    keypair = (
+        await keypairs.find(session, project_id=server.project_id, name=server.key_name) if server.key_name else None
     )
+    return {
+        "name": server.name,
+        "ec2_id": server.ec2_id,
+        "ssh_key": keypair.public_key if keypair else None,
+        "user_data": server.user_data,
+        "nics": await networks.nics_of(session, server.id),
+    }
 
 
 async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job | None:

@@ -141,6 +141,8 @@ async def document(session: AsyncSession, server: Server) -> Document:
     }
     if addresses:
         leaves.update({"local-ipv4": addresses[0].ip, "mac": addresses[0].mac})
+        if addresses[0].public_ip:
+            leaves["public-ipv4"] = addresses[0].public_ip
         for a in addresses:
             base = f"network/interfaces/macs/{a.mac}/"
             leaves.update({base + "local-ipv4s": a.ip, base + "subnet-id": a.subnet, base + "interface-id": a.port})

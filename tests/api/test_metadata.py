@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
 
 from app.logic import metadata
+from app.models import Job
 from tests.api.helpers import server_in
 from tests.conftest import Cloud
 
@@ -68,6 +69,26 @@ async def test_a_vouched_vm_reads_its_own_metadata_with_a_session(cloud: Cloud) 
     status, root = await read("meta-data/")
     assert status == 200 and {"instance-id", "local-ipv4", "placement/", "public-keys/"} <= set(root.split("\n"))
     assert (await read("meta-data/nothing-here"))[0] == 404
+    # A public address associated shows as public-ipv4, and the job that maps it on the host
+    # carries what the VM's config drive is made of (the drive is made anew with the address).
+    assert (await read("meta-data/public-ipv4"))[0] == 404
+    r = await cloud.client.post(
+        "/api/v1/admin/public-ip-pools", headers=cloud.admin, json={"name": "p", "cidr": "198.51.100.0/30"}
+    )
+    assert r.status_code == 201, r.text
+    eip = (await cloud.client.post("/api/v1/public-ips", headers=user, json={})).json()
+    r = await cloud.client.post(f"/api/v1/public-ips/{eip['id']}/associate", headers=user, json={"server_id": vm["id"]})
+    assert r.status_code == 202, r.text
+    assert await read("meta-data/public-ipv4") == (200, eip["address"])
+    async with cloud.sessions() as s:
+        job = await s.get(Job, uuid.UUID(r.json()["job_id"]))
+        assert job is not None and job.params["mappings"] == [
+            {"public": eip["address"], "private": vm["addresses"][0]["ip"]}
+        ]
+        guest = job.params["guest"]
+        assert (guest["ec2_id"], guest["ssh_key"], guest["user_data"]) == (vm["ec2_id"], SSH, "#!/bin/sh\necho hi\n")
+        assert [n["ip"] for n in guest["nics"]] == [vm["addresses"][0]["ip"]]
+    await cloud.finish(r.json()["job_id"])
     # IMDSv2 is required: no token, another VM's token, an expired one.
     assert (await read("meta-data/instance-id", asking))[0] == 401
     theirs = await _token(cloud, _proxy(other, network))

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -32,6 +33,7 @@ import httpx
 import libvirt
 import pytest
 
+from app.backend.driver import nat_apply
 from tests.api.helpers import expected_usage
 from tests.e2e.inprocess import ADMIN, Cloud, inprocess_cloud
 
@@ -124,6 +126,7 @@ async def qemu_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
                 dom.undefine()
                 with contextlib.suppress(libvirt.libvirtError):  # its firewall, if destroy did not run
                     conn.nwfilterLookupByUUIDString(dom.UUIDString()).undefine()
+                nat_apply(uuid.UUID(dom.UUIDString()), [])  # its public addresses' rules, likewise
         conn.close()
         shutil.rmtree(store, ignore_errors=True)
 
@@ -170,6 +173,17 @@ async def _answers(ip: str, port: int, want: str | None = None, tries: int = 6) 
                 continue
             return want is None or page.text.strip() == want
     return False
+
+
+def _free_public_pool() -> str:
+    """A /28 of TEST-NET-3 that no NAT rule on this host uses (a run killed before its cleanup
+    may have left one behind)."""
+    rules = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+    used = set(re.split(r"[\s/:]", rules))
+    for pool in ipaddress.IPv4Network("203.0.113.0/24").subnets(new_prefix=28):
+        if not any(str(host) in used for host in pool):
+            return str(pool)
+    raise AssertionError("every /28 of 203.0.113.0/24 has NAT rules on this host")
 
 
 class Outside:
@@ -304,40 +318,46 @@ async def test_a_real_guest_boots_reads_its_config_drive_is_reachable_and_follow
     assert not await _answers(ip, 80)
     assert await _answers(ip, 8080, want=f"nephos-guest {vm['ec2_id']}")
 
+    async def act(action: str, operstate: str) -> dict[str, Any]:
+        reply = await _api(cloud, "POST", f"/api/v1/servers/{sid}/actions", 202, user, json={"action": action})
+        await _settled(cloud, sid, operstate)
+        return await _api(cloud, "GET", f"/api/v1/jobs/{reply['job_id']}", 200)  # type: ignore[no-any-return]
+
     # A public IP: a machine outside the VM's network (a network namespace this test made,
     # routed through the host) reaches the open port at the public address; once the address
     # is disassociated, it does not.
-    await _api(cloud, "POST", "/api/v1/admin/public-ip-pools", 201, json={"name": "lab", "cidr": "203.0.113.0/28"})
+    pool = _free_public_pool()
+    await _api(cloud, "POST", "/api/v1/admin/public-ip-pools", 201, json={"name": "lab", "cidr": pool})
     eip = await _api(cloud, "POST", "/api/v1/public-ips", 201, user, json={})
     reply = await _api(cloud, "POST", f"/api/v1/public-ips/{eip['id']}/associate", 202, user, json={"server_id": sid})
-    assert (await cloud.until("the association", lambda: _final(cloud, reply["job_id"]), timeout=60))[
-        "status"
-    ] == "SUCCESS"
+    job = await cloud.until("the association", lambda: _final(cloud, reply["job_id"]), timeout=60)
+    assert job["status"] == "SUCCESS", job.get("error")
     with _outside() as outside:
         assert await outside.answers(eip["address"], 8080, want=f"nephos-guest {vm['ec2_id']}")
         assert not await outside.answers(eip["address"], 80)  # its firewall still holds
+        # Its config drive was made anew with the public address: the guest reads it at its next
+        # boot (the new drive went into its cdrom drive while it ran).
+        await act("reboot", "STARTED")
+        boot = (await _console(store, sid, "nephos-guest: ready", count=2)).rsplit("nephos-guest: booting", 1)[1]
+        assert f"public-ipv4: {eip['address']}" in boot
+        assert await outside.answers(eip["address"], 8080, want=f"nephos-guest {vm['ec2_id']}")
         reply = await _api(cloud, "POST", f"/api/v1/public-ips/{eip['id']}/disassociate", 202, user)
-        assert (await cloud.until("unmapped", lambda: _final(cloud, reply["job_id"]), timeout=60))[
-            "status"
-        ] == "SUCCESS"
+        job = await cloud.until("unmapped", lambda: _final(cloud, reply["job_id"]), timeout=60)
+        assert job["status"] == "SUCCESS", job.get("error")
         assert not await outside.answers(eip["address"], 8080)
     await _api(cloud, "DELETE", f"/api/v1/public-ips/{eip['id']}", 204, user)
 
     # Every action drives the real domain, and the database follows.
     dom = conn.lookupByUUIDString(sid)
 
-    async def act(action: str, operstate: str) -> dict[str, Any]:
-        reply = await _api(cloud, "POST", f"/api/v1/servers/{sid}/actions", 202, user, json={"action": action})
-        await _settled(cloud, sid, operstate)
-        return await _api(cloud, "GET", f"/api/v1/jobs/{reply['job_id']}", 200)  # type: ignore[no-any-return]
-
     stop = await act("stop", "STOPPED")
     assert not dom.isActive() and stop["status"] == "SUCCESS"
     assert not (stop.get("details") or {}).get("forced"), stop  # the guest answered the power button
     await act("start", "STARTED")
-    await _console(store, sid, "nephos-guest: ready", count=2)
+    boot = (await _console(store, sid, "nephos-guest: ready", count=3)).rsplit("nephos-guest: booting", 1)[1]
+    assert "public-ipv4" not in boot and "instance-id" in boot  # disassociated: the drive says so
     await act("reboot", "STARTED")
-    await _console(store, sid, "nephos-guest: ready", count=3)
+    await _console(store, sid, "nephos-guest: ready", count=4)
     await act("suspend", "SUSPENDED")
     assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
     await act("resume", "STARTED")
