@@ -482,6 +482,17 @@ class Network(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class NetworkPool(SQLModel, table=True):
+    """Where networks made without a CIDR come from (an admin's; one row, ``id`` 1; without it,
+    ``logic.networks.POOL``): a private range, cut into networks of ``prefix``."""
+
+    __tablename__ = "network_pool"
+    id: int = Field(default=1, primary_key=True)
+    cidr: str = Field(max_length=43)
+    prefix: int
+    updated_at: datetime = _ts()
+
+
 class Port(SQLModel, table=True):
     """A VM's NIC on a network: its fixed address and MAC, unique by constraint."""
 

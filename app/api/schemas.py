@@ -118,6 +118,17 @@ class ServerCreate(Strict):
         max_length=8,
         description="Networks (names or ids) to give the VM a NIC on, in order; default: the project's default network",
     )
+    fixed_ip: str | None = Field(
+        default=None,
+        max_length=15,
+        description="The first NIC's address, asked for (one VM only): 400 outside the network, 409 InUse if taken",
+    )
+    public_ip: bool | Id | None = Field(
+        default=None,
+        description="true: a new public address for each VM, from any pool (a unit of the public_ip quota "
+        "each; it stays the project's when the VM is destroyed); or the id of an address the project holds, "
+        "unassociated (one VM only)",
+    )
     description: str = Field(default="", max_length=4096)
 
     @model_validator(mode="after")
@@ -901,6 +912,18 @@ class PoolIn(Strict):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     cidr: str = Field(max_length=43, description="IPv4, /16 to /32, overlapping no other pool")
+
+
+class NetworkPoolBody(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"cidr": "10.128.0.0/9", "prefix": 24}]})
+
+    cidr: str = Field(max_length=43, description="A private IPv4 range")
+    prefix: Int = Field(ge=16, le=29, description="The size of each network cut from it (/16 to /29)")
+
+
+class NetworkPoolOut(BaseModel):
+    cidr: str
+    prefix: int
 
 
 class PoolOut(BaseModel):

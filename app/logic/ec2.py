@@ -8,6 +8,7 @@ reply can never show a name a waiter does not know.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import uuid
 from collections.abc import Callable
@@ -20,11 +21,12 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from app.ids import utcnow
+from app.logic import networks
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus, visible_images
 from app.logic.errors import BadRequest, InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
-from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Server, Zone, table_of
+from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Network, Server, Zone, table_of
 
 _servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
 _flavors, _zones = table_of(Flavor), table_of(Zone)
@@ -33,7 +35,7 @@ _flavors, _zones = table_of(Flavor), table_of(Zone)
 TERMINATED_VISIBLE = timedelta(hours=1)
 CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 STATE_OF_CODE = {str(code): name for name, code in CODES.items()}
-ID = re.compile(r"^(i|r|ami|sg|sgr|key)-([0-9a-f]{8}|[0-9a-f]{17})$")
+ID = re.compile(r"^(i|r|ami|sg|sgr|key|subnet)-([0-9a-f]{8}|[0-9a-f]{17})$")
 
 _S = Operstate
 #: operstate + task -> AWS state name (EC2.md: a terminate never shows stopping, a stop never
@@ -403,3 +405,58 @@ async def describe_tags(
         rows = rows[:size]
         return rows, (rows[-1][0], rows[-1][1])
     return rows, None
+
+
+# -- subnets -------------------------------------------------------------------------------------
+
+_networks = table_of(Network)
+
+
+def vpc_of(project_id: uuid.UUID) -> str:
+    """The one VPC a project's networks are in, as EC2 names it (Nephos has no VPCs: a project's
+    networks never overlap anyone's)."""
+    return f"vpc-{project_id.hex[-17:]}"
+
+
+def _flag(column: Any) -> Callable[[list[str]], sa.ColumnElement[bool]]:
+    def clause(values: list[str]) -> sa.ColumnElement[bool]:
+        wanted = {v.lower() for v in values}
+        return sa.or_(
+            *([column.is_(True)] if "true" in wanted else []), *([column.is_(False)] if "false" in wanted else [])
+        )
+
+    return clause
+
+
+def _constant(value: str) -> Callable[[list[str]], sa.ColumnElement[bool]]:
+    """A filter on something every row has alike (a subnet's state, its VPC)."""
+
+    def clause(values: list[str]) -> sa.ColumnElement[bool]:
+        return sa.true() if any(fnmatch.fnmatchcase(value, v) for v in values) else sa.false()
+
+    return clause
+
+
+async def subnets(
+    session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str], given: Given
+) -> list[tuple[Network, int]]:
+    """DescribeSubnets: the project's networks (those named, each of which must exist:
+    ``UnknownSubnet``), filtered in SQL, each with its free address count."""
+    if ec2_ids:
+        await networks.by_subnet(session, project_id, ec2_ids)
+    known: dict[str, Filter] = {
+        "subnet-id": _networks.c.ec2_id,
+        "cidr-block": _networks.c.cidr,
+        "cidr": _networks.c.cidr,
+        "cidrBlock": _networks.c.cidr,
+        "default-for-az": _flag(_networks.c.is_default),
+        "defaultForAz": _flag(_networks.c.is_default),
+        "state": _constant("available"),
+        "vpc-id": _constant(vpc_of(project_id)),
+    }
+    stmt = sa.select(Network).where(_networks.c.project_id == project_id).order_by(_networks.c.ec2_id)
+    if ec2_ids:
+        stmt = stmt.where(_networks.c.ec2_id.in_(ec2_ids))
+    found = list(await session.scalars(where(stmt, known, given)))
+    free = await networks.free_counts(session, found)
+    return [(n, free[n.id]) for n in found]

@@ -74,6 +74,14 @@ class InUse(NephosError):
     code = "InUse"
 
 
+class AddressInUse(InUse):
+    """The fixed address asked for is another VM's."""
+
+
+class UnknownSubnet(NotFound):
+    """A network named by its EC2 subnet id that the project does not have."""
+
+
 class Protected(NephosError):
     """The VM's termination or stop protection is on."""
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import catalogue, ec2, firewall_rules, keypairs, secgroups, servers
+from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import (
@@ -195,6 +195,8 @@ class Launch:
     group_names: list[str] = field(default_factory=list)
     protect: bool = False
     client_token: str | None = None
+    subnet_id: str | None = None  # the network to launch in (its EC2 id)
+    private_ip: str | None = None  # the instance's address in it
     request_hash: str = ""  # the parameters' digest: a token reused with others is a conflict
 
 
@@ -234,6 +236,9 @@ async def launch(
     if spec.zone:
         await catalogue.check_zone(session, spec.zone)
     groups = await secgroups.find(session, project_id, ec2_ids=spec.group_ids, names=spec.group_names)
+    nets = None
+    if spec.subnet_id:
+        nets = [str(n.id) for n in await networks.by_subnet(session, project_id, [spec.subnet_id])]
 
     created: list[servers.Created] = []
     name = dict(spec.tags).get("Name", "") or "ec2"
@@ -248,6 +253,8 @@ async def launch(
             user_data=spec.user_data,
             zone=spec.zone or None,
             client_token=spec.client_token,
+            networks=nets,
+            fixed_ip=spec.private_ip,
         )
         try:
             async with session.begin_nested():

@@ -1,16 +1,17 @@
 """Private networks and addresses (IPAM).
 
-* A **network** belongs to a project: a name, an IPv4 CIDR (the user's, or the next free /24 of
-  ``POOL``), its gateway (the first address). No two networks overlap, in any project: on a
-  host each is a libvirt network with its own bridge, and libvirt refuses overlapping ones. A
-  project without one gets ``default`` at its first create.
+* A **network** belongs to a project: a name, an IPv4 CIDR (the user's, or the next free range of
+  the pool: the admin's, else ``POOL``), its gateway (the first address). No two networks
+  overlap, in any project: on a host each is a libvirt network with its own bridge, and
+  libvirt refuses overlapping ones. A project without one gets ``default`` at its first create.
 * A **port** is a VM's NIC on a network: a fixed address and a MAC, allocated in the
   transaction that accepts the create. Uniqueness is the database's: ``(network_id, ip)`` and
   ``mac`` are unique constraints, and allocation runs under the network's row lock, so no
   address is ever given twice, whatever runs concurrently. A VM's ports are released when it is
   DESTROYED (``release``); reconciliation reports a port still held by a destroyed VM as drift.
 
-Lock order (every writer): server, networks (by id), hosts, project, quota rows.
+Lock order (every writer): server, networks (by id), a public address, public IP pools (by id),
+hosts, project, quota rows.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.ids import ec2_id, utcnow, uuid7
 from app.logic import rows
-from app.logic.actor import Actor
-from app.logic.errors import AlreadyExists, BadRequest, InUse, NetworkFull, NotFound
+from app.logic.actor import Actor, require_admin
+from app.logic.errors import AddressInUse, AlreadyExists, BadRequest, InUse, NetworkFull, NotFound, UnknownSubnet
 from app.logic.operstate import Operstate
 from app.logic.pagination import Page, paginate
-from app.models import Network, Port, PublicIp, Server, table_of
+from app.models import Network, NetworkPool, Port, PublicIp, PublicIpPool, Server, table_of
 
 _networks, _ports, _servers = table_of(Network), table_of(Port), table_of(Server)
-_public = table_of(PublicIp)
+_public, _pools, _pool = table_of(PublicIp), table_of(PublicIpPool), table_of(NetworkPool)
 
-#: Where networks made without a CIDR come from, a /24 each.
+#: Where networks made without a CIDR come from, a /24 each, until an admin sets a pool.
 POOL = ipaddress.IPv4Network("10.128.0.0/9")
 DEFAULT_PREFIX = 24
 #: Smallest and largest networks a user may ask for.
@@ -72,11 +74,20 @@ def ipv4_network(cidr: str, *, strict: bool = True) -> ipaddress.IPv4Network:
     return net
 
 
+#: The private ranges of RFC 1918: the only ones networks are made of (Python's ``is_private``
+#: also admits documentation and reserved ranges).
+PRIVATE = tuple(ipaddress.IPv4Network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+
+def _private(net: ipaddress.IPv4Network) -> bool:
+    return any(net.subnet_of(r) for r in PRIVATE)
+
+
 def _parse(cidr: str) -> ipaddress.IPv4Network:
     net = ipv4_network(cidr)
     if not MIN_PREFIX <= net.prefixlen <= MAX_PREFIX:
         raise BadRequest(f"the prefix must be between /{MIN_PREFIX} and /{MAX_PREFIX}", field="cidr")
-    if not net.is_private:
+    if not _private(net):
         raise BadRequest("a private network needs a private (RFC 1918) range", field="cidr")
     return net
 
@@ -85,16 +96,50 @@ async def _taken(session: AsyncSession) -> list[ipaddress.IPv4Network]:
     return [ipaddress.IPv4Network(c) for c in await session.scalars(sa.select(_networks.c.cidr))]
 
 
-def _next_free(taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
-    for candidate in POOL.subnets(new_prefix=DEFAULT_PREFIX):
+@dataclass(frozen=True)
+class Pool:
+    """Where networks made without a CIDR come from: ``cidr`` cut into networks of ``prefix``."""
+
+    cidr: ipaddress.IPv4Network
+    prefix: int
+
+
+async def pool(session: AsyncSession) -> Pool:
+    """The admin's pool, or ``POOL`` in /``DEFAULT_PREFIX`` networks."""
+    row = await session.get(NetworkPool, 1)
+    if row is None:
+        return Pool(POOL, DEFAULT_PREFIX)
+    return Pool(ipaddress.IPv4Network(row.cidr), row.prefix)
+
+
+async def set_pool(session: AsyncSession, *, actor: Actor, cidr: str, prefix: int) -> Pool:
+    """An admin sets the pool: a private IPv4 range, and the size of the networks cut from it
+    (/16 to /29, no bigger than the range). Networks already made keep their ranges."""
+    require_admin(actor)
+    net = ipv4_network(cidr)
+    if not _private(net):
+        raise BadRequest("the pool must be a private (RFC 1918) range", field="cidr")
+    if not max(MIN_PREFIX, net.prefixlen) <= prefix <= MAX_PREFIX:
+        raise BadRequest(
+            f"prefix must be between /{max(MIN_PREFIX, net.prefixlen)} and /{MAX_PREFIX} for {net}", field="prefix"
+        )
+    row = await session.get(NetworkPool, 1, with_for_update=True)
+    if row is None:
+        await rows.insert_or_skip(session, _pool, {"id": 1, "cidr": str(net), "prefix": prefix, "updated_at": utcnow()})
+    await session.execute(
+        _pool.update().where(_pool.c.id == 1).values(cidr=str(net), prefix=prefix, updated_at=utcnow())
+    )
+    return Pool(net, prefix)
+
+
+def _next_free(taken: list[ipaddress.IPv4Network], within: Pool) -> ipaddress.IPv4Network:
+    for candidate in within.cidr.subnets(new_prefix=within.prefix):
         if not any(candidate.overlaps(t) for t in taken):
             return candidate
-    raise NetworkFull(f"the network pool {POOL} has no free /{DEFAULT_PREFIX} left", pool=str(POOL))
+    raise NetworkFull(f"the network pool {within.cidr} has no free /{within.prefix} left", pool=str(within.cidr))
 
 
 def _row(project_id: uuid.UUID, name: str, net: ipaddress.IPv4Network, *, default: bool) -> dict[str, object]:
-    from app.ids import ec2_id, utcnow, uuid7
-
     return {
         "id": uuid7(),
         "project_id": project_id,
@@ -114,7 +159,7 @@ async def _named(session: AsyncSession, project_id: uuid.UUID, name: str) -> Net
 
 async def create(session: AsyncSession, *, actor: Actor, name: str, cidr: str | None) -> Network:
     """A network of the caller's project: ``cidr`` if given (409 ``InUse`` if it overlaps
-    another network), else the pool's next free /24."""
+    another network), else the pool's next free range."""
     if actor.project_id is None:
         raise BadRequest("the caller has no project")
     if await _named(session, actor.project_id, name) is not None:
@@ -136,9 +181,11 @@ async def create(session: AsyncSession, *, actor: Actor, name: str, cidr: str | 
 
 
 async def _made_from_pool(session: AsyncSession, project_id: uuid.UUID, name: str) -> None:
-    for _ in range(20):  # another project may take the same /24 at the same moment: next one
+    within = await pool(session)
+    for _ in range(20):  # another project may take the same range at the same moment: next one
+        candidate = _next_free(await _taken(session), within)
         if await rows.insert_or_skip(
-            session, _networks, _row(project_id, name, _next_free(await _taken(session)), default=name == DEFAULT_NAME)
+            session, _networks, _row(project_id, name, candidate, default=name == DEFAULT_NAME)
         ):
             return
         if await _named(session, project_id, name) is not None:
@@ -176,6 +223,36 @@ async def resolve(session: AsyncSession, project_id: uuid.UUID, names: list[str]
             raise BadRequest(f"network {given} is named twice", field="networks")
         out.append(found)
     return out
+
+
+async def by_subnet(session: AsyncSession, project_id: uuid.UUID, subnet_ids: list[str]) -> list[Network]:
+    """The project's networks by their EC2 subnet ids, in the order named (``UnknownSubnet``
+    naming those it does not have)."""
+    found = {
+        n.ec2_id: n
+        for n in await session.scalars(
+            sa.select(Network).where(_networks.c.project_id == project_id, _networks.c.ec2_id.in_(subnet_ids))
+        )
+    }
+    missing = [i for i in subnet_ids if i not in found]
+    if missing:
+        raise UnknownSubnet(f"subnet {', '.join(missing)} does not exist", ids=missing)
+    return [found[i] for i in subnet_ids]
+
+
+async def free_counts(session: AsyncSession, nets: list[Network]) -> dict[uuid.UUID, int]:
+    """How many addresses each network still has for VMs (one query)."""
+    used: dict[uuid.UUID, int] = dict(
+        (
+            await session.execute(
+                sa.select(_ports.c.network_id, sa.func.count())
+                .where(_ports.c.network_id.in_([n.id for n in nets]))
+                .group_by(_ports.c.network_id)
+            )
+        ).all()
+    )
+    size = {n.id: ipaddress.IPv4Network(n.cidr).num_addresses - 3 for n in nets}  # network, gateway, broadcast
+    return {n.id: max(size[n.id] - int(used.get(n.id, 0)), 0) for n in nets}
 
 
 async def get(session: AsyncSession, *, actor: Actor, network_id: uuid.UUID) -> Network:
@@ -220,6 +297,23 @@ class Allocator:
         for net in self.networks:
             self._used[net.id] = set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id)))
 
+    def _fixed(self, net: Network, ip: str) -> str:
+        """``ip`` on ``net`` for one VM: in its range, not its gateway, and free."""
+        try:
+            address = ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise BadRequest(f"{ip!r} is not an IPv4 address", field="fixed_ip") from None
+        cidr = ipaddress.IPv4Network(net.cidr)
+        if not cidr.network_address < address < cidr.broadcast_address or ip == net.gateway:
+            raise BadRequest(
+                f"{ip} is not an address a VM may have on network {net.name} ({net.cidr}, gateway {net.gateway})",
+                field="fixed_ip",
+            )
+        if ip in self._used[net.id]:
+            raise AddressInUse(f"{ip} is in use on network {net.name}", network=net.name, ip=ip)
+        self._used[net.id].add(ip)
+        return ip
+
     def _free(self, net: Network) -> str:
         used, gateway = self._used[net.id], net.gateway
         for host in ipaddress.IPv4Network(net.cidr).hosts():
@@ -233,10 +327,17 @@ class Allocator:
             cidr=net.cidr,
         )
 
-    def ports(self, server: Server) -> list[Port]:
-        """The server's NICs, one per network in order (added by the caller)."""
+    def ports(self, server: Server, fixed_ip: str | None = None) -> list[Port]:
+        """The server's NICs, one per network in order (added by the caller); ``fixed_ip``: the
+        first NIC's address, asked for."""
         return [
-            Port(server_id=server.id, network_id=net.id, ip=self._free(net), mac=new_mac(), position=i)
+            Port(
+                server_id=server.id,
+                network_id=net.id,
+                ip=self._fixed(net, fixed_ip) if i == 0 and fixed_ip else self._free(net),
+                mac=new_mac(),
+                position=i,
+            )
             for i, net in enumerate(self.networks)
         ]
 
@@ -295,6 +396,38 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
             )
         )
     return out
+
+
+def _usable(net: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
+    return list(net) if net.prefixlen >= 31 else list(net.hosts())
+
+
+async def free_public(session: AsyncSession, *, pool: str | None, count: int) -> list[tuple[PublicIpPool, str]]:
+    """``count`` free public addresses, lowest first, from the named pool (or from any), under
+    the pools' row locks (by id): ``NetworkFull`` if fewer are free, ``BadRequest`` if there is
+    no such pool. The caller makes the rows in the same transaction."""
+    stmt = sa.select(PublicIpPool).order_by(_pools.c.id).with_for_update()
+    if pool is not None:
+        stmt = stmt.where(_pools.c.name == pool)
+    pools = list(await session.scalars(stmt))
+    if not pools:
+        raise BadRequest(f"no public IP pool {pool}" if pool else "no public IP pool is defined", field="pool")
+    taken = set(await session.scalars(sa.select(_public.c.address).where(_public.c.pool_id.in_([p.id for p in pools]))))
+    out: list[tuple[PublicIpPool, str]] = []
+    for candidate in pools:
+        for address in _usable(ipaddress.IPv4Network(candidate.cidr)):
+            if len(out) == count:
+                return out
+            if str(address) not in taken:
+                out.append((candidate, str(address)))
+    if len(out) == count:
+        return out
+    raise NetworkFull(
+        ("no public IP is free" if count == 1 else f"fewer than {count} public IPs are free")
+        + (f" in pool {pool}" if pool else ""),
+        pool=pool,
+        wanted=count,
+    )
 
 
 def nic_params(network: Network, port: Port) -> dict[str, object]:

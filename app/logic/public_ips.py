@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import ec2_id
 from app.logic import actions, networks, quotas, servers
 from app.logic.actor import Actor, require_admin
-from app.logic.errors import AlreadyExists, BadRequest, InUse, NetworkFull, NotFound
+from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound
 from app.logic.jobs import Outbox
 from app.logic.operstate import Deltas
 from app.logic.pagination import Page, paginate
@@ -57,31 +57,15 @@ async def pools(session: AsyncSession, *, actor: Actor, limit: int, cursor: str 
     return await paginate(session, sa.select(PublicIpPool), _pools.c.id, limit=limit, cursor=cursor)
 
 
-def _usable(net: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
-    return list(net) if net.prefixlen >= 31 else list(net.hosts())
-
-
 async def allocate(session: AsyncSession, *, actor: Actor, pool: str | None = None) -> PublicIp:
     """The lowest free address of the named pool (or of any), for the caller's project."""
     if actor.project_id is None:
         raise BadRequest("the caller has no project")
     await quotas.check(session, actor.project_id, ONE)  # over quota is the answer before a pool is touched
-    stmt = sa.select(PublicIpPool).order_by(_pools.c.id).with_for_update()
-    if pool is not None:
-        stmt = stmt.where(_pools.c.name == pool)
-    pools = list(await session.scalars(stmt))
-    if not pools:
-        raise BadRequest(f"no public IP pool {pool}" if pool else "no public IP pool is defined", field="pool")
-    taken = set(await session.scalars(sa.select(_ips.c.address).where(_ips.c.pool_id.in_([p.id for p in pools]))))
-    for candidate in pools:
-        free = next((a for a in _usable(ipaddress.IPv4Network(candidate.cidr)) if str(a) not in taken), None)
-        if free is not None:
-            break
-    else:
-        raise NetworkFull("no public IP is free" + (f" in pool {pool}" if pool else ""), pool=pool)
+    [(found, address)] = await networks.free_public(session, pool=pool, count=1)
     await quotas.lock_project(session, actor.project_id)
     await quotas.check(session, actor.project_id, ONE)
-    ip = PublicIp(pool_id=candidate.id, address=str(free), project_id=actor.project_id)
+    ip = PublicIp(pool_id=found.id, address=address, project_id=actor.project_id)
     session.add(ip)
     await session.flush()
     await quotas.issue(session, project_id=actor.project_id, server_id=None, deltas=ONE, accept=True)

@@ -17,13 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import ec2_id, utcnow
 from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas
 from app.logic.actor import Actor
-from app.logic.errors import BadRequest, Forbidden, InvalidState, NotFound
+from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
-from app.logic.operstate import Action, Operstate, Task, footprint
+from app.logic.operstate import Action, Deltas, Operstate, Task, footprint
 from app.logic.pagination import Page, paginate
-from app.models import Flavor, Image, Job, Server, table_of
+from app.models import Flavor, Image, Job, PublicIp, Server, table_of
 
-_servers = table_of(Server)
+_servers, _public = table_of(Server), table_of(PublicIp)
 MAX_COUNT = 100
 
 
@@ -43,6 +43,10 @@ class CreateSpec:
     description: str = ""
     client_token: str | None = None  # the EC2 facade's ClientToken
     networks: list[str] | None = None  # names or ids; default: the project's default network
+    fixed_ip: str | None = None  # the first NIC's address, asked for (one VM only)
+    # A public address for each VM: True, a new one each (a unit of the public_ip quota); or the
+    # id of one the project holds, unassociated (one VM only).
+    public_ip: bool | uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,12 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     if spec.zone is not None:
         await catalogue.check_zone(session, spec.zone)
 
+    if spec.count > 1 and spec.fixed_ip:
+        raise BadRequest("a fixed address goes to one VM: count must be 1", field="fixed_ip")
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+    if spec.public_ip is True:
+        per_vm = per_vm + Deltas(public_ip=1)
     # Over quota is the caller's answer before anything is placed (413 OverLimit, not 503
     # NoCapacity when both hold). This read takes no lock: the binding check is the one under the
     # project's lock below, taken last by the lock order (hosts before the project).
@@ -144,6 +152,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     nets = await networks.resolve(session, actor.project_id, spec.networks)
     addresses = networks.Allocator(nets)
     await addresses.lock(session)  # the lock order: networks before hosts and the project
+    public = await _public_addresses(session, actor.project_id, spec)  # then the address, pools
     created = []
     for i in range(spec.count):
         now = utcnow()
@@ -169,9 +178,15 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         # does not order inserts by foreign key.
         await session.flush()
         await leases.give(session, server, lease)
-        ports = addresses.ports(server)
+        ports = addresses.ports(server, spec.fixed_ip)
         session.add_all(ports)
         nics = [networks.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
+        mappings = []
+        if public:
+            ip = public[i]
+            ip.server_id, ip.association_id = server.id, ec2_id("eipassoc")
+            session.add(ip)
+            mappings = [{"public": ip.address, "private": ports[0].ip}]
         job = None
         if not spec.hold:
             placed = await placement.reserve(
@@ -183,7 +198,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 outbox,
                 server,
                 action=Action.CREATE.value,
-                params=create_params(server, flavor, image, ssh_key, nics),
+                params=create_params(server, flavor, image, ssh_key, nics) | {"public_ips": mappings},
                 actor=actor,
                 commission_id=None,
                 host=placed.host,
@@ -215,6 +230,25 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     await quotas.move_usage(session, actor.project_id, per_vm * spec.count)
     await session.flush()
     return created
+
+
+async def _public_addresses(session: AsyncSession, project_id: uuid.UUID, spec: CreateSpec) -> list[PublicIp]:
+    """The public address of each VM of a create (none unless ``spec.public_ip``): new ones from
+    the pools, or the one the project holds that is named (locked, and unassociated)."""
+    if spec.public_ip is None or spec.public_ip is False:
+        return []
+    if spec.public_ip is True:
+        free = await networks.free_public(session, pool=None, count=spec.count)
+        return [PublicIp(pool_id=pool.id, address=address, project_id=project_id) for pool, address in free]
+    if spec.count != 1:
+        raise BadRequest("a public IP held by the project goes to one VM: count must be 1", field="public_ip")
+    stmt = sa.select(PublicIp).where(_public.c.id == spec.public_ip, _public.c.project_id == project_id)
+    held = (await session.scalars(stmt.with_for_update())).first()
+    if held is None:
+        raise BadRequest(f"public IP {spec.public_ip} is not this project's", field="public_ip")
+    if held.server_id is not None:
+        raise InUse(f"{held.address} is associated with another server", server_id=str(held.server_id))
+    return [held]
 
 
 async def how_many(session: AsyncSession, *, actor: Actor, flavor: Flavor, low: int, high: int) -> int:

@@ -132,3 +132,41 @@ async def test_an_address_held_by_a_destroyed_vm_is_drift_and_reconcile_gives_it
     async with cloud.sessions() as s:
         assert (await reconcile.compare(s)).stale_addresses == []
     assert (await cloud.server(user, alive["id"]))["addresses"] == alive["addresses"]
+
+
+async def test_an_admin_sets_the_pool_networks_come_from(cloud: Cloud) -> None:
+    pool = await cloud.client.get("/api/v1/admin/network-pool", headers=cloud.admin)
+    assert pool.json() == {"cidr": "10.128.0.0/9", "prefix": 24}
+    r = await cloud.client.put(
+        "/api/v1/admin/network-pool", headers=cloud.admin, json={"cidr": "10.61.0.0/27", "prefix": 28}
+    )
+    assert r.status_code == 200 and r.json() == {"cidr": "10.61.0.0/27", "prefix": 28}
+    made = []
+    for _ in range(2):
+        user = await cloud.user()
+        vm = (
+            await cloud.client.post(
+                "/api/v1/servers", headers=user, json={"name": "a", "flavor": "small", "image": "debian-12"}
+            )
+        ).json()
+        made.append(vm["servers"][0]["addresses"][0]["ip"])
+    assert made == ["10.61.0.2", "10.61.0.18"]  # a /28 each, the gateway first
+    late = await cloud.user()
+    full = await cloud.client.post(
+        "/api/v1/servers", headers=late, json={"name": "a", "flavor": "small", "image": "debian-12"}
+    )
+    assert full.status_code == 409 and full.json()["error"]["code"] == "NetworkFull"
+    own = await cloud.client.post("/api/v1/networks", headers=late, json={"name": "mine", "cidr": "10.62.0.0/24"})
+    assert own.status_code == 201  # a CIDR of one's own does not come from the pool
+    refused = {
+        "public": ({"cidr": "203.0.113.0/24", "prefix": 28}, 400),
+        "wider than the range": ({"cidr": "10.61.0.0/27", "prefix": 26}, 400),
+        "too small": ({"cidr": "10.61.0.0/24", "prefix": 30}, 422),
+        "not a cidr": ({"cidr": "10.61.0.300/24", "prefix": 28}, 400),
+    }
+    for what, (body, status) in refused.items():
+        r = await cloud.client.put("/api/v1/admin/network-pool", headers=cloud.admin, json=body)
+        assert r.status_code == status, (what, r.text)
+    r = await cloud.client.put("/api/v1/admin/network-pool", headers=late, json={"cidr": "10.70.0.0/16", "prefix": 24})
+    assert r.status_code == 403
+    assert (await cloud.client.get("/api/v1/admin/network-pool", headers=cloud.admin)).json()["cidr"] == "10.61.0.0/27"

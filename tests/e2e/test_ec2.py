@@ -681,6 +681,73 @@ async def test_instances_show_their_private_address_and_network_interface(cluste
     assert [i["InstanceId"] for r in out["Reservations"] for i in r["Instances"]] == [first]
 
 
+async def test_subnets_and_launching_into_one_at_a_chosen_address(cluster: Cluster) -> None:
+    ec2, headers = await ec2_client(cluster)
+    r = await cluster.client.post("/api/v1/networks", headers=headers, json={"name": "back", "cidr": "10.77.0.0/28"})
+    assert r.status_code == 201, r.text
+    back = r.json()
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    # The default network is made at the first launch; then both are subnets of one VPC.
+    await in_thread(ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=1, MaxCount=1)
+    subnets = {s["CidrBlock"]: s for s in (await in_thread(ec2.describe_subnets))["Subnets"]}
+    assert set(subnets) == {"10.77.0.0/28", next(c for c in subnets if c != "10.77.0.0/28")}
+    lab = subnets["10.77.0.0/28"]
+    assert lab["SubnetId"].startswith("subnet-") and lab["State"] == "available" and not lab["DefaultForAz"]
+    assert lab["AvailableIpAddressCount"] == 13  # 16, less network, gateway, broadcast
+    assert {s["VpcId"] for s in subnets.values()} == {lab["VpcId"]} and lab["VpcId"].startswith("vpc-")
+    [default] = [s for s in subnets.values() if s["DefaultForAz"]]
+    only = await in_thread(ec2.describe_subnets, Filters=[{"Name": "cidr-block", "Values": ["10.77.*"]}])
+    assert [s["SubnetId"] for s in only["Subnets"]] == [lab["SubnetId"]]
+    flagged = await in_thread(ec2.describe_subnets, Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+    assert [s["SubnetId"] for s in flagged["Subnets"]] == [default["SubnetId"]]
+
+    run = await in_thread(
+        ec2.run_instances,
+        ImageId=ami["ImageId"],
+        InstanceType="tiny",
+        MinCount=1,
+        MaxCount=1,
+        SubnetId=lab["SubnetId"],
+        PrivateIpAddress="10.77.0.9",
+    )
+    [instance] = run["Instances"]
+    assert (instance["SubnetId"], instance["PrivateIpAddress"]) == (lab["SubnetId"], "10.77.0.9")
+    rest = (await cluster.client.get("/api/v1/servers", headers=headers)).json()["items"]
+    launched = next(s for s in rest if s["ec2_id"] == instance["InstanceId"])
+    assert launched["addresses"][0]["network"] == back["name"]
+    again = (await in_thread(ec2.describe_subnets, SubnetIds=[lab["SubnetId"]]))["Subnets"][0]
+    assert again["AvailableIpAddressCount"] == 12
+
+    refusals = [
+        ({"SubnetId": lab["SubnetId"], "PrivateIpAddress": "10.77.0.9"}, "InvalidIPAddress.InUse"),
+        ({"SubnetId": lab["SubnetId"], "PrivateIpAddress": "10.77.1.9"}, "InvalidParameterValue"),
+        ({"SubnetId": "subnet-0123456789abcdef0"}, "InvalidSubnetID.NotFound"),
+        ({"SubnetId": "subnet-nope"}, "InvalidSubnetID.Malformed"),
+    ]
+    for extra, code in refusals:
+        with pytest.raises(ClientError) as exc:
+            await in_thread(
+                ec2.run_instances, ImageId=ami["ImageId"], InstanceType="tiny", MinCount=1, MaxCount=1, **extra
+            )
+        assert code_of(exc) == code, extra
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.describe_subnets, SubnetIds=["subnet-0123456789abcdef0"])
+    assert code_of(exc) == "InvalidSubnetID.NotFound"
+    # Another project sees neither its subnets nor can launch into them.
+    stranger, _ = await ec2_client(cluster)
+    assert lab["SubnetId"] not in {s["SubnetId"] for s in (await in_thread(stranger.describe_subnets))["Subnets"]}
+    with pytest.raises(ClientError) as exc:
+        await in_thread(
+            stranger.run_instances,
+            ImageId=ami["ImageId"],
+            InstanceType="tiny",
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=lab["SubnetId"],
+        )
+    assert code_of(exc) == "InvalidSubnetID.NotFound"
+
+
 async def test_elastic_ips_through_boto3(cluster: Cluster) -> None:
     r = await cluster.client.post(
         "/api/v1/admin/public-ip-pools",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.api.ec2.protocol import Ec2Error, invalid
-from app.api.ec2.router import Ctx, action
+from app.api.ec2.protocol import invalid
+from app.api.ec2.router import Ctx, action, well_formed_ids
 from app.logic import ec2
 from app.logic.catalogue import ImageStatus
 
@@ -14,10 +14,7 @@ from app.logic.catalogue import ImageStatus
 
 @action("DescribeImages")
 async def describe_images(ctx: Ctx) -> dict[str, Any]:
-    ids = ctx.params.many("ImageId")
-    for i in ids:
-        if not ec2.well_formed(i, "ami"):
-            raise Ec2Error("InvalidAMIID.Malformed", f'Invalid id: "{i}"')
+    ids = well_formed_ids(ctx.params.many("ImageId"), "ami", "InvalidAMIID.Malformed")
     images = await ec2.images(
         ctx.session,
         ctx.actor,

@@ -18,7 +18,7 @@ from typing import Any
 
 from app.api.ec2.keys import group_ids
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
-from app.api.ec2.router import Ctx, action
+from app.api.ec2.router import Ctx, action, well_formed_ids
 from app.logic import actions, ec2, instances, networks, secgroups, servers
 from app.logic import errors as e
 from app.logic.operstate import Operstate
@@ -29,10 +29,7 @@ def instance_ids(ctx: Ctx, *, required: bool = True) -> list[str]:
     ids = ctx.params.many("InstanceId")
     if required and not ids:
         raise missing("InstanceId.1")
-    for i in ids:
-        if not ec2.well_formed(i, "i"):
-            raise Ec2Error("InvalidInstanceID.Malformed", f'Invalid id: "{i}"')
-    return ids
+    return well_formed_ids(ids, "i", "InvalidInstanceID.Malformed")
 
 
 async def find(ctx: Ctx, ids: list[str]) -> list[Server]:
@@ -166,6 +163,9 @@ def _launch(p: Params) -> instances.Launch:
     token = p.get("ClientToken")
     if token is not None and not 0 < len(token) <= 64:
         raise invalid("ClientToken", token, "A client token has 1 to 64 characters.")
+    subnet = p.get("SubnetId")
+    if subnet is not None:
+        well_formed_ids([subnet], "subnet", "InvalidSubnetID.Malformed")
     launch = instances.Launch(
         image=image,
         flavor=p.get("InstanceType") or "small",
@@ -179,6 +179,8 @@ def _launch(p: Params) -> instances.Launch:
         group_names=p.many("SecurityGroup"),
         protect=p.flag("DisableApiTermination"),
         client_token=token,
+        subnet_id=subnet,
+        private_ip=p.get("PrivateIpAddress"),
     )
     # A token reused with other parameters is a conflict: the parameters' digest is its proof.
     digest = dataclasses.asdict(launch) | {"client_token": None}

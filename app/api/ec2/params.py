@@ -81,6 +81,7 @@ PARAMETERS: dict[str, frozenset[str]] = {
     "DescribeKeyPairs": frozenset({"DryRun", "Filter", "IncludePublicKey", "KeyName", "KeyPairId"}),
     "DescribeRegions": frozenset({"AllRegions", "DryRun", "Filter", "RegionName"}),
     "DescribeSecurityGroups": frozenset({"DryRun", "Filter", "GroupId", "GroupName", "MaxResults", "NextToken"}),
+    "DescribeSubnets": frozenset({"DryRun", "Filter", "MaxResults", "NextToken", "SubnetId"}),
     "DescribeTags": frozenset({"DryRun", "Filter", "MaxResults", "NextToken"}),
     "DisassociateAddress": frozenset({"AssociationId", "DryRun", "PublicIp"}),
     "GetConsoleOutput": frozenset({"DryRun", "InstanceId", "Latest"}),

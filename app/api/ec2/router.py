@@ -26,7 +26,7 @@ from app.api.ec2.params import PARAMETERS
 from app.api.ec2.protocol import Ec2Error, Params, invalid, render, render_error, version_of
 from app.api.retry import RETRY_HEADER
 from app.db import database_unavailable, retriable
-from app.logic import accounts
+from app.logic import accounts, ec2
 from app.logic import errors as e
 from app.logic.actor import Actor
 from app.logic.jobs import Outbox
@@ -86,6 +86,7 @@ CODES: dict[type[e.NephosError], tuple[str, int]] = {
     e.HostDown: ("IncorrectInstanceState", 400),
     e.Protected: ("OperationNotPermitted", 400),
     e.InUse: ("DependencyViolation", 400),
+    e.AddressInUse: ("InvalidIPAddress.InUse", 400),
     e.IdempotencyConflict: ("IdempotentParameterMismatch", 400),
     e.OverLimit: ("InstanceLimitExceeded", 400),
     e.NoCapacity: ("InsufficientInstanceCapacity", 500),
@@ -116,7 +117,16 @@ WORDED: dict[type[e.NephosError], Callable[[dict[str, Any]], Ec2Error]] = {
     e.UnknownKeyPair: lambda d: Ec2Error("InvalidKeyPair.NotFound", f"The key pair '{d['name']}' does not exist"),
     e.UnknownZone: lambda d: invalid("Placement.AvailabilityZone", d["name"], "No such availability zone."),
     e.UnknownFilter: lambda d: invalid("Filter.Name", d["name"], "Unsupported filter name."),
+    e.UnknownSubnet: lambda d: Ec2Error("InvalidSubnetID.NotFound", f"The subnet ID '{d['ids'][0]}' does not exist"),
 }
+
+
+def well_formed_ids(ids: list[str], prefix: str, code: str) -> list[str]:
+    """``ids`` as given, each of the ``prefix-`` form (else ``code``, a ``*.Malformed``)."""
+    for i in ids:
+        if not ec2.well_formed(i, prefix):
+            raise Ec2Error(code, f'Invalid id: "{i}"')
+    return ids
 
 
 def ec2_error(exc: e.NephosError) -> Ec2Error:
