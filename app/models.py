@@ -262,6 +262,29 @@ class ServerEvent(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class StreamEvent(SQLModel, table=True):
+    """One event of the live stream (``logic.stream``), written in the transaction that made it.
+    Its position is (``xid``, ``id``): the writing transaction's id on PostgreSQL (0 on SQLite)
+    and a serial."""
+
+    __tablename__ = "stream_events"
+    __table_args__ = (
+        sa.Index("ix_stream_events_position", "xid", "id"),
+        sa.Index("ix_stream_events_project_position", "project_id", "xid", "id"),
+        {"sqlite_autoincrement": True},
+    )
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    xid: int = Field(default=0, sa_type=sa.BigInteger)
+    project_id: uuid.UUID
+    server_id: uuid.UUID | None = None
+    kind: str = Field(max_length=32)
+    body: dict[str, Any] = _json()
+    created_at: datetime = _ts()
+
+
 class IdempotencyRecord(SQLModel, table=True):
     __tablename__ = "idempotency_records"
     user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)

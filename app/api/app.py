@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +17,7 @@ from app.api import (
     catalogue,
     ec2,
     errors,
+    events,
     health,
     jobs,
     keys,
@@ -56,16 +59,26 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state is not None:
-            app.state.nephos = state
-            yield
-            return
-        engine = make_engine(settings.database_url)
-        app.state.nephos = AppState(settings=settings, sessions=make_sessionmaker(engine), cipher=load_cipher(settings))
+        # PostgreSQL: this process listens for committed stream events (``events.listen``).
+        listening = None if settings.is_sqlite else asyncio.create_task(events.listen(settings.database_url))
         try:
-            yield
+            if state is not None:
+                app.state.nephos = state
+                yield
+                return
+            engine = make_engine(settings.database_url)
+            app.state.nephos = AppState(
+                settings=settings, sessions=make_sessionmaker(engine), cipher=load_cipher(settings)
+            )
+            try:
+                yield
+            finally:
+                await engine.dispose()
         finally:
-            await engine.dispose()
+            if listening is not None:
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listening
 
     # Swagger UI and ReDoc from assets this process serves (fastapi-offline ships them): the
     # pages work on a machine with no internet, as a cloud's control network often is.
@@ -82,6 +95,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app.openapi = _derived(app.openapi)  # type: ignore[method-assign]
     for module in (
         servers,
+        events,
         networks,
         public_ips,
         jobs,

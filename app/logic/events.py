@@ -1,6 +1,6 @@
-"""A VM's history: every action asked, every job outcome, every out-of-band change. The ones a
-webhook carries (state changes, lease warnings and actions) also become deliveries when their
-transaction commits (``webhooks``)."""
+"""A VM's history: every action asked, every job outcome, every out-of-band change. Each also
+goes to the live stream (``stream``), and the ones a webhook carries (state changes, lease
+warnings and actions) become deliveries (``webhooks``), when their transaction commits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import webhooks
+from app.logic import stream, webhooks
 from app.logic.pagination import Page, paginate
 from app.models import Server, ServerEvent, table_of
 
@@ -38,6 +38,7 @@ def record(
     )
     session.add(event)
     webhooks.note(session, server, event)
+    stream.note(session, server, event)
     return event
 
 

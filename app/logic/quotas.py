@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
+from app.logic import stream
 from app.logic.errors import BadRequest, OverLimit
 from app.logic.operstate import RESOURCES, Deltas
 from app.models import Commission, Project, Quota, table_of
@@ -142,6 +143,7 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
     changes = {r: v for r, v in deltas.as_dict().items() if v}
     if not changes:
         return
+    stream.quota_changed(session, project_id, sorted(changes))
     # The rows are locked first, in resource order: an UPDATE alone locks them in whatever
     # order its plan visits them (a bitmap scan by position, an index scan by key), and two
     # transactions whose plans differ took the same rows in opposite orders and deadlocked.
@@ -176,6 +178,8 @@ async def issue(
         commission.resolved_at = utcnow()
         if move:
             await move_usage(session, project_id, deltas)
+    else:  # pending amounts move
+        stream.quota_changed(session, project_id, [r for r, v in deltas.as_dict().items() if v])
     session.add(commission)
     return commission
 
@@ -198,6 +202,7 @@ async def reject(session: AsyncSession, commission: Commission, reason: str) -> 
     commission.state = CommissionState.REJECTED
     commission.reason = reason
     commission.resolved_at = utcnow()
+    stream.quota_changed(session, commission.project_id, [r for r, v in deltas_of(commission).as_dict().items() if v])
 
 
 async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:

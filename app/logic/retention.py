@@ -1,5 +1,6 @@
 """Retention: servers DESTROYED long ago leave the database (OpenNebula's finalize, lease-it's
-clean-up), with their jobs, events, commissions, schedules, notifications and tags; each
+clean-up), with their jobs, events, commissions, schedules, notifications and tags (and the
+live stream's events of that age); each
 project keeps a count of what was purged (``projects.purged_servers``). A server with a task
 or a pending commission is never purged, whatever its age. ``NEPHOS_RETENTION_DAYS`` sets the
 age (0 keeps everything)."""
@@ -25,6 +26,7 @@ from app.models import (
     Server,
     ServerEvent,
     ServerSecurityGroup,
+    StreamEvent,
     WebhookDelivery,
     table_of,
 )
@@ -33,7 +35,11 @@ _servers, _commissions, _projects = table_of(Server), table_of(Commission), tabl
 
 
 async def purge(session: AsyncSession, *, older_than: timedelta, limit: int = 500) -> int:
-    """Purge up to ``limit`` servers DESTROYED more than ``older_than`` ago; returns how many."""
+    """Purge up to ``limit`` servers DESTROYED more than ``older_than`` ago; returns how many.
+    Live-stream events that old go too (a stream resumes within the retention period)."""
+    stream = table_of(StreamEvent)
+    old = sa.select(stream.c.id).where(stream.c.created_at < utcnow() - older_than).limit(limit * 10)
+    await session.execute(stream.delete().where(stream.c.id.in_(old.scalar_subquery())))
     pending = sa.select(_commissions.c.id).where(
         _commissions.c.server_id == _servers.c.id, _commissions.c.state == CommissionState.PENDING.value
     )

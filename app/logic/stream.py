@@ -1,0 +1,209 @@
+"""The live event stream: what ``GET /api/v1/events/stream`` sends (server-sent events).
+
+* **What**: every server event (``events.record``) becomes one or two stream events --
+  ``server.state`` when the operstate changed, and ``server.task`` (an action accepted, a job
+  started, a task resumed), ``job.finished`` (a job's result), ``lease.warning``,
+  ``lease.action`` or ``server.event`` (anything else) -- and a transaction that moved a
+  project's quota usage or pending amounts adds one ``quota.changed`` for that project.
+* **Only committed events**: they are noted on the session and written by a ``before_commit``
+  hook *in the transaction that made them*, in one multi-row INSERT: a rolled-back change
+  never reaches the stream. On PostgreSQL the same hook calls ``pg_notify`` (delivered at
+  commit) to wake the API processes that stream.
+* **Order without loss** (``Cursor``): a row's position is (the writing transaction's id, its
+  serial). PostgreSQL hands out neither in commit order, so a reader only reads rows whose
+  transaction is older than every transaction still running (``pg_snapshot_xmin``): no row can
+  appear later behind the cursor, and resuming after any id misses nothing and repeats nothing.
+  SQLite has one writer at a time, so the serial alone is in commit order (``xid`` is 0).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from app.ids import utcnow
+from app.models import Server, ServerEvent, StreamEvent, table_of
+
+_stream = table_of(StreamEvent)
+_PENDING, _QUOTAS = "nephos.stream_events", "nephos.stream_quotas"
+#: Set on a session whose transaction wrote stream events (read by the process's waker).
+WRITTEN = "nephos.stream_written"
+#: The PostgreSQL channel that wakes streaming API processes when a transaction added events.
+CHANNEL = "nephos_stream"
+KINDS = (
+    "server.state",
+    "server.task",
+    "job.finished",
+    "lease.warning",
+    "lease.action",
+    "server.event",
+    "quota.changed",
+)
+_TASK_EVENTS = {"action", "job_started", "task_resumed"}
+_JOB_EVENTS = {"job_succeeded", "job_failed"}
+
+
+def kinds_of(event: ServerEvent) -> list[str]:
+    """The stream kinds of a server event (the state change first, if any)."""
+    out = ["server.state"] if event.operstate_to is not None and event.operstate_to != event.operstate_from else []
+    if event.kind in _TASK_EVENTS:
+        out.append("server.task")
+    elif event.kind in _JOB_EVENTS:
+        out.append("job.finished")
+    elif event.kind == "lease_warning":
+        out.append("lease.warning")
+    elif event.kind in ("lease_action", "user_action"):
+        out.append("lease.action")
+    elif not out:
+        out.append("server.event")
+    return out
+
+
+def note(session: AsyncSession | Session, server: Server, event: ServerEvent) -> None:
+    """Called by ``events.record``: the event goes to the stream when the transaction commits."""
+    pending = session.info.setdefault(_PENDING, [])
+    for kind in kinds_of(event):
+        pending.append((server, event, kind))
+
+
+def _data(server: Server, event: ServerEvent) -> dict[str, Any]:
+    """An event as the stream carries it, with the VM's operstate and task as the transaction
+    leaves them."""
+    return {
+        "server_id": str(server.id),
+        "project_id": str(server.project_id),
+        "event": event.kind,
+        "action": event.action,
+        "from": event.operstate_from,
+        "to": event.operstate_to,
+        "operstate": server.operstate,
+        "task": server.task,
+        "job_id": str(event.job_id) if event.job_id else None,
+        "message": event.message,
+        "at": event.created_at.isoformat(),
+    }
+
+
+def quota_changed(session: AsyncSession | Session, project_id: uuid.UUID, resources: list[str]) -> None:
+    """The project's usage or pending amounts of ``resources`` move in this transaction."""
+    session.info.setdefault(_QUOTAS, {}).setdefault(project_id, set()).update(resources)
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _write(session: Session) -> None:
+    pending: list[tuple[Server, ServerEvent, str]] = session.info.pop(_PENDING, [])
+    quotas: dict[uuid.UUID, set[str]] = session.info.pop(_QUOTAS, {})
+    if not pending and not quotas:
+        return
+    now = utcnow()
+    rows = [
+        {"project_id": s.project_id, "server_id": s.id, "kind": kind, "body": _data(s, e), "created_at": now}
+        for s, e, kind in pending
+    ] + [
+        {
+            "project_id": project_id,
+            "server_id": None,
+            "kind": "quota.changed",
+            "body": {"project_id": str(project_id), "resources": sorted(resources), "at": now.isoformat()},
+            "created_at": now,
+        }
+        for project_id, resources in sorted(quotas.items())
+    ]
+    postgres = session.get_bind().dialect.name == "postgresql"
+    xid: Any = sa.text("pg_current_xact_id()::text::bigint") if postgres else 0
+    session.execute(_stream.insert().values(xid=xid), rows)
+    if postgres:
+        session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
+    else:
+        session.info[WRITTEN] = True
+
+
+@sa_event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+    session.info.pop(_QUOTAS, None)
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A position in the stream: (transaction id, serial). Its text form is the SSE event id."""
+
+    xid: int = 0
+    serial: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.xid}-{self.serial}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor | None:
+        """A client's ``Last-Event-ID`` (None: not one of ours, or none)."""
+        if not text:
+            return None
+        try:
+            xid, serial = text.strip().split("-", 1)
+            return cls(int(xid), int(serial))
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Event:
+    cursor: Cursor
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose events a reader may see: some projects (None: every project, an admin's), one
+    server, some kinds."""
+
+    projects: list[uuid.UUID] | None
+    server_id: uuid.UUID | None = None
+    kinds: list[str] | None = None
+
+
+async def head(session: AsyncSession) -> Cursor:
+    """Where a new reader starts: after everything already readable."""
+    horizon = await _horizon(session)
+    stmt = sa.select(_stream.c.xid, _stream.c.id).order_by(_stream.c.xid.desc(), _stream.c.id.desc()).limit(1)
+    if horizon is not None:
+        stmt = stmt.where(_stream.c.xid < horizon)
+    row = (await session.execute(stmt)).first()
+    return Cursor(int(row[0]), int(row[1])) if row else Cursor()
+
+
+async def _horizon(session: AsyncSession) -> int | None:
+    """PostgreSQL: the oldest transaction still running (rows of older ones are final)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    return int(
+        (await session.execute(sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))).scalar_one()
+    )
+
+
+async def after(session: AsyncSession, cursor: Cursor, scope: Scope, *, limit: int = 500) -> list[Event]:
+    """The events after ``cursor`` a reader of ``scope`` may see, in stream order."""
+    horizon = await _horizon(session)
+    stmt = (
+        sa.select(_stream.c.xid, _stream.c.id, _stream.c.kind, _stream.c.body)
+        .where(sa.tuple_(_stream.c.xid, _stream.c.id) > sa.tuple_(sa.literal(cursor.xid), sa.literal(cursor.serial)))
+        .order_by(_stream.c.xid, _stream.c.id)
+        .limit(limit)
+    )
+    if horizon is not None:
+        stmt = stmt.where(_stream.c.xid < horizon)
+    if scope.projects is not None:
+        stmt = stmt.where(_stream.c.project_id.in_(scope.projects))
+    if scope.server_id is not None:
+        stmt = stmt.where(_stream.c.server_id == scope.server_id)
+    if scope.kinds:
+        stmt = stmt.where(_stream.c.kind.in_(scope.kinds))
+    rows = (await session.execute(stmt)).all()
+    return [Event(Cursor(int(xid), int(serial)), kind, {**body, "kind": kind}) for xid, serial, kind, body in rows]
