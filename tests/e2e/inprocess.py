@@ -58,6 +58,29 @@ class Cloud:
 
         return await self.until("STARTED", started)  # type: ignore[no-any-return]
 
+    async def user(self, name: str) -> dict[str, str]:
+        """The headers of a new user in a new project."""
+        project = (await self.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": name})).json()
+        made = await self.client.post(
+            "/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": project["id"]}
+        )
+        return {"Authorization": f"Bearer {made.json()['token']}"}
+
+    async def ec2(self, user: dict[str, str]) -> Any:
+        """A boto3 EC2 client acting as ``user`` (a cloud made with ``serve_http``)."""
+        import boto3
+        from botocore.config import Config
+
+        keys = (await self.client.post("/api/v1/credentials/ec2", headers=user)).json()
+        return boto3.client(
+            "ec2",
+            endpoint_url=f"{self.plane.settings.public_api_url}/ec2",
+            region_name="us-east-1",
+            aws_access_key_id=keys["access_key"],
+            aws_secret_access_key=keys["secret_key"],
+            config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+        )
+
     async def quotas(self) -> dict[str, Any]:
         return (await self.client.get("/api/v1/quotas", headers=ADMIN)).json()  # type: ignore[no-any-return]
 

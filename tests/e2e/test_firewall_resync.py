@@ -12,9 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from app.backend.agent import Agent
 from app.logic import reconcile
@@ -26,24 +24,6 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     # The periodic pass would repair the drift by itself: here the test runs reconciliation.
     async with inprocess_cloud(request, tmp_path, serve_http=True, reconcile_interval=3600) as c:
         yield c
-
-
-async def _ec2(cloud: Cloud) -> tuple[Any, dict[str, str]]:
-    project = (await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": "fw"})).json()
-    made = (
-        await cloud.client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": project["id"]})
-    ).json()
-    user = {"Authorization": f"Bearer {made['token']}"}
-    keys = (await cloud.client.post("/api/v1/credentials/ec2", headers=user)).json()
-    ec2 = boto3.client(
-        "ec2",
-        endpoint_url=f"{cloud.plane.settings.public_api_url}/ec2",
-        region_name="us-east-1",
-        aws_access_key_id=keys["access_key"],
-        aws_secret_access_key=keys["secret_key"],
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
-    )
-    return ec2, user
 
 
 def _agent(cloud: Cloud, host: str) -> Agent:
@@ -66,7 +46,8 @@ async def _reconcile(cloud: Cloud, fix: bool) -> dict[str, Any]:
 
 
 async def test_a_member_busy_when_its_group_changed_is_repaired_by_reconciliation(cloud: Cloud) -> None:
-    ec2, user = await _ec2(cloud)
+    user = await cloud.user("fw")
+    ec2 = await cloud.ec2(user)
     web = (await asyncio.to_thread(ec2.create_security_group, GroupName="web", Description="web"))["GroupId"]
     ami = (await asyncio.to_thread(ec2.describe_images))["Images"][0]["ImageId"]
     run = await asyncio.to_thread(

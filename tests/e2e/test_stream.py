@@ -10,10 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from app.logic.stream import Cursor
@@ -27,14 +25,6 @@ from tests.e2e.sse import Sent, events
 async def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cloud]:
     async with inprocess_cloud(request, tmp_path, serve_http=True) as c:
         yield c
-
-
-async def _user(cloud: Cloud, name: str) -> dict[str, str]:
-    project = (await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": name})).json()
-    made = await cloud.client.post(
-        "/api/v1/admin/users", headers=ADMIN, json={"name": "u", "project_id": project["id"]}
-    )
-    return {"Authorization": f"Bearer {made.json()['token']}"}
 
 
 async def _create(cloud: Cloud, user: dict[str, str]) -> str:
@@ -59,7 +49,7 @@ def _of(seen: list[Sent], sid: str) -> list[tuple[str, str | None]]:
 
 async def test_a_create_streams_in_order_and_resumes_without_loss_or_repetition(cloud: Cloud) -> None:
     base = cloud.plane.settings.public_api_url
-    alice, bob = await _user(cloud, "alice"), await _user(cloud, "bob")
+    alice, bob = await cloud.user("alice"), await cloud.user("bob")
     async with events(base, alice) as mine, events(base, bob) as theirs:
         sid = await _create(cloud, alice)
         seen = await mine.until(_started(sid))
@@ -94,16 +84,8 @@ async def test_a_create_streams_in_order_and_resumes_without_loss_or_repetition(
 
 async def test_a_rolled_back_request_streams_nothing_and_filters_narrow(cloud: Cloud) -> None:
     base = cloud.plane.settings.public_api_url
-    alice = await _user(cloud, "alice")
-    keys = (await cloud.client.post("/api/v1/credentials/ec2", headers=alice)).json()
-    ec2 = boto3.client(
-        "ec2",
-        endpoint_url=f"{base}/ec2",
-        region_name="us-east-1",
-        aws_access_key_id=keys["access_key"],
-        aws_secret_access_key=keys["secret_key"],
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
-    )
+    alice = await cloud.user("alice")
+    ec2 = await cloud.ec2(alice)
     ami = (await asyncio.to_thread(ec2.describe_images))["Images"][0]["ImageId"]
     first = await _create(cloud, alice)
 
