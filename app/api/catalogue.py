@@ -6,8 +6,17 @@ from fastapi import APIRouter
 
 from app.api.deps import CommittingRoute, CurrentUser, Cursor, PageLimit, TxDep
 from app.api.errors import responses
-from app.api.schemas import FlavorOut, ImageOut, Page, QuotasOut, ZoneOut
-from app.logic import catalogue, quotas
+from app.api.schemas import (
+    FlavorOut,
+    ImageOut,
+    Page,
+    PlacementVerdict,
+    QuotaCheckIn,
+    QuotaCheckOut,
+    QuotasOut,
+    ZoneOut,
+)
+from app.logic import catalogue, quotas, whatif
 from app.logic.pagination import DEFAULT_LIMIT
 
 router = APIRouter(prefix="/api/v1", tags=["catalogue"], route_class=CommittingRoute)
@@ -50,3 +59,20 @@ async def get_quotas(tx: TxDep, actor: CurrentUser) -> QuotasOut:
     """The caller's project's limits, accepted usage and pending reservations."""
     assert actor.project_id is not None
     return QuotasOut.model_validate(await quotas.report(tx.session, actor.project_id))
+
+
+@router.post("/quotas/check", response_model=QuotaCheckOut, tags=["quotas"], responses=responses(400))
+async def check_plan(body: QuotaCheckIn, tx: TxDep, actor: CurrentUser) -> QuotaCheckOut:
+    """Would this plan pass now? Each step runs through the code its real request runs (quotas,
+    placement, the operstate table, the task lock), each seeing the steps before it; then
+    everything is rolled back: nothing is made, sent or streamed. Per step: would it pass, and
+    with which code if not; per resource: the headroom before and after the plan; and the room
+    on the hosts."""
+    plan = [whatif.Step(**step.model_dump()) for step in body.plan]
+    answer = await whatif.check(tx.session, actor=actor, plan=plan)
+    return QuotaCheckOut(
+        ok=answer.ok,
+        steps=[{"ok": o.ok, "code": o.code, "message": o.message, "details": o.details} for o in answer.steps],
+        quotas=answer.quotas,
+        placement=PlacementVerdict(ok=answer.placement_ok, zones=answer.zones, hosts=answer.hosts),
+    )

@@ -491,6 +491,59 @@ class Ec2CredentialOut(BaseModel):
 QuotaLimit = Annotated[int, Field(strict=False, ge=0, le=2**53), BeforeValidator(_a_number)] | None
 
 
+class PlanStep(Strict):
+    action: Literal["create", "resize", "start", "stop", "reboot", "suspend", "resume", "destroy", "release"]
+    server_id: Id | None = Field(default=None, description="The VM (every action but create)")
+    flavor: str | None = Field(default=None, max_length=64, description="create, resize: the flavor's name")
+    count: Int = Field(default=1, ge=1, le=100, description="create: how many VMs")
+    zone: str | None = Field(default=None, max_length=64, description="create: the zone")
+    image: str | None = Field(default=None, max_length=255, description="create: an image name (default: any)")
+
+
+class QuotaCheckIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"plan": [{"action": "create", "flavor": "small", "count": 3}]}]}
+    )
+
+    plan: list[PlanStep] = Field(min_length=1, max_length=50, description="The actions, in order")
+
+
+class StepVerdict(BaseModel):
+    ok: bool
+    code: str | None = Field(description="The error code the real call would give (null: it would pass)")
+    message: str
+    details: dict[str, Any] = {}
+
+
+class HeadroomItem(BaseModel):
+    limit: int
+    usage: int
+    pending: int
+    after: int = Field(description="usage + pending once the whole plan has been accepted")
+    headroom_before: int = Field(description="limit - usage - pending now")
+    headroom_after: int = Field(description="limit - usage - pending after the plan")
+
+
+class RoomItem(BaseModel):
+    vcpus_free: int
+    ram_mb_free: int
+    vcpus_free_after: int
+    ram_mb_free_after: int
+
+
+class PlacementVerdict(BaseModel):
+    ok: bool = Field(description="No step was refused for want of room on the hosts")
+    zones: dict[str, RoomItem] = Field(description="Free room per zone, now and after the plan")
+    hosts: dict[str, RoomItem] = Field(description="The same per host (admins only; empty for users)")
+
+
+class QuotaCheckOut(BaseModel):
+    ok: bool = Field(description="Every step would pass")
+    steps: list[StepVerdict]
+    quotas: dict[str, HeadroomItem]
+    placement: PlacementVerdict
+
+
 class Quotas(Strict):
     """Limits by resource; a resource not given keeps its limit (its default, for a new project)."""
 

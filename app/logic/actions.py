@@ -398,7 +398,7 @@ async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server
 
 #: The actions that take nothing but the server, by the table's name: what facades and sweepers
 #: run when they have an ``Action`` in hand (``run``).
-_SIMPLE: dict[Action, Callable[..., Awaitable[Job | None]]] = {
+SIMPLE: dict[Action, Callable[..., Awaitable[Job | None]]] = {
     Action.RELEASE: release,
     Action.START: start,
     Action.STOP: stop,
@@ -413,7 +413,7 @@ async def run(
     action: Action, session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID
 ) -> Job | None:
     """Run one of the actions that need no more than the server (a soft reboot for ``reboot``)."""
-    fn = _SIMPLE.get(action)
+    fn = SIMPLE.get(action)
     if fn is None:
         raise BadRequest(f"{action.value} needs more than a server", action=action.value)
     return await fn(session, outbox, actor=actor, server_id=server_id)
