@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from app import console
 from app.db import make_engine, make_sessionmaker, upgrade
 from app.logic import bootstrap
 from app.settings import Settings
@@ -17,6 +18,12 @@ db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 admin_cli = typer.Typer(help="Operator commands.", no_args_is_help=True)
 cli.add_typer(admin_cli, name="admin")
+# The console in a terminal: a user's commands against a running API (``app.console``).
+cli.add_typer(console.server_cli, name="server")
+cli.add_typer(console.flavor_cli, name="flavor")
+cli.add_typer(console.quota_cli, name="quota")
+cli.add_typer(console.lease_cli, name="lease")
+cli.add_typer(console.events_cli, name="events")
 log = logging.getLogger("nephos")
 
 
