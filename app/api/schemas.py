@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from app.logic.catalogue import Labels
 from app.logic.hoststate import HostState
 from app.logic.jobs import JobStatus
-from app.logic.operstate import RESOURCES, Operstate
+from app.logic.operstate import RESOURCES, Operstate, offered
 
 T = TypeVar("T")
 Id = Annotated[uuid.UUID, Field(strict=False)]
@@ -170,13 +170,18 @@ class ServerOut(BaseModel):
     flavor: str = Field(description="The flavor's name")
     image: str = Field(description="The image's name")
     addresses: list[AddressOut] = Field(default_factory=list, description="One per NIC, in order")
+    actions: list[str] = Field(
+        default_factory=list,
+        description="The actions the operstate table accepts now (what a console offers; admins may also migrate)",
+    )
 
     @classmethod
     def of(cls, s: Any, labels: Labels) -> ServerOut:
-        shown = ("metadata", "flavor", "image", "addresses")
+        shown = ("metadata", "flavor", "image", "addresses", "actions")
         data = {name: getattr(s, name) for name in cls.model_fields if name not in shown}
         return cls(
             metadata=s.meta,
+            actions=[a.value for a in offered(Operstate(s.operstate), s.task)],
             flavor=labels.flavors.get(s.flavor_id, ""),
             image=labels.images.get(s.image_id, ""),
             addresses=[

@@ -194,3 +194,33 @@ def target_state(action: Action, before: Operstate, success: bool) -> Operstate:
     rule = TABLE[action]
     after = rule.on_success if success else rule.on_failure
     return before if after is None else after
+
+
+#: What a VM's owner may ask of it by name: firewall and public-IP jobs come from their own calls,
+#: migrations are an admin's.
+OFFERED = (
+    Action.RELEASE,
+    Action.START,
+    Action.STOP,
+    Action.REBOOT,
+    Action.SUSPEND,
+    Action.RESUME,
+    Action.RESIZE,
+    Action.SAVE_IMAGE,
+    Action.CONSOLE,
+    Action.DESTROY,
+)
+
+
+def offered(operstate: Operstate, task: str | None) -> list[Action]:
+    """The actions the table accepts now from a VM in ``operstate`` with ``task`` pending (what
+    a console offers; a destroy already pending is not offered again)."""
+    out = []
+    for action in OFFERED:
+        try:
+            decision = decide(action, operstate, task)
+        except (InvalidState, TaskPending):
+            continue
+        if not decision.repeat_of_pending:
+            out.append(action)
+    return out

@@ -195,3 +195,27 @@ async def test_quotas_and_zones(cloud: Cloud) -> None:
     assert q["vm"] == {"limit": 3, "usage": 0, "pending": 0}
     zones = (await cloud.client.get("/api/v1/zones", headers=user)).json()["items"]
     assert zones == [{"id": zones[0]["id"], "name": "default", "hosts": 2, "hosts_up": 2}]
+
+
+async def test_the_actions_a_server_offers_are_exactly_those_the_table_accepts(cloud: Cloud) -> None:
+    """What a console shows as buttons (``actions``) never offers a refused action and never
+    hides an accepted one: each action is tried on a fresh VM in each state, idle and busy."""
+    from app.logic.operstate import OFFERED
+
+    big = 10**6
+    user = await cloud.user(vm=100, cpu=400, ram=big, disk=big, active_cpu=400, active_ram=big)
+    for state in ("STARTED", "STOPPED", "SUSPENDED", "HOLD", "ERROR", "busy"):
+        for action in OFFERED:
+            if state == "busy":  # a stop pending
+                vm = await server_in(cloud, user, "STARTED", flavor="tiny")
+                await cloud.act(user, vm["id"], "stop")
+                vm = await cloud.server(user, vm["id"])
+            else:
+                vm = await server_in(cloud, user, state, flavor="tiny")
+            extra = {"flavor": "medium"} if action.value == "resize" else {}
+            extra |= {"image_name": f"img-{vm['id'][:8]}"} if action.value == "save_image" else {}
+            r = await cloud.client.post(
+                f"/api/v1/servers/{vm['id']}/actions", headers=user, json={"action": action.value, **extra}
+            )
+            accepted = r.status_code in (200, 202)
+            assert accepted == (action.value in vm["actions"]), (state, action.value, vm["actions"], r.text)
