@@ -8,7 +8,8 @@ command -v gcc >/dev/null || need+=(build-essential python3-dev)
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
 dpkg -s python3-dev >/dev/null 2>&1 || need+=(python3-dev)
 if [ "${1:-}" = "--test" ]; then
-    # Tests only: Debian's chromium renders the pages a person sees (tests/api/test_docs_page.py).
+    # Tests only: Debian's chromium renders the pages a person sees (tests/api/test_docs_page.py,
+    # and the dashboard, driven by Playwright: tests/e2e/test_dashboard.py).
     need=()
     command -v chromium >/dev/null || need+=(chromium)
 fi

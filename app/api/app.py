@@ -27,6 +27,7 @@ from app.api import (
     networks,
     public_ips,
     servers,
+    ui,
     webhooks,
 )
 from app.api.deps import AppState
@@ -108,8 +109,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         metrics,
         metadata,
         ec2,
+        ui,
     ):
         app.include_router(module.router)
+    app.mount("/ui", ui.assets, name="ui")
     return app
 
 

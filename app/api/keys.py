@@ -7,11 +7,17 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import CommittingRoute, CurrentUser, Cursor, IdempotentDep, PageLimit, StateDep, TxDep
 from app.api.errors import responses
-from app.api.schemas import Ec2CredentialOut, KeyPairCreate, KeyPairOut, Page
+from app.api.schemas import Ec2CredentialOut, KeyPairCreate, KeyPairOut, MeOut, Page
 from app.logic import accounts, keypairs
 from app.logic.pagination import DEFAULT_LIMIT
 
 router = APIRouter(prefix="/api/v1", tags=["keys"], route_class=CommittingRoute)
+
+
+@router.get("/me", response_model=MeOut, tags=["accounts"], responses=responses())
+async def me(actor: CurrentUser) -> MeOut:
+    """Who the token is: its user, project and role (what a console shows and offers)."""
+    return MeOut(user_id=actor.user_id, project_id=actor.project_id, is_admin=actor.is_admin)
 
 
 def _keypair(k: object, private_key: str | None = None) -> KeyPairOut:

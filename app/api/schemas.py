@@ -141,6 +141,12 @@ class ServerCreate(Strict):
         return self
 
 
+class MeOut(BaseModel):
+    user_id: uuid.UUID | None
+    project_id: uuid.UUID | None
+    is_admin: bool
+
+
 class AddressOut(BaseModel):
     network: str
     ip: str
