@@ -26,10 +26,18 @@ router = APIRouter(prefix="/api/v1", tags=["catalogue"], route_class=CommittingR
 async def list_flavors(
     tx: TxDep, _: CurrentUser, limit: PageLimit = DEFAULT_LIMIT, cursor: Cursor = None
 ) -> Page[FlavorOut]:
-    """Flavors, each with how many more VMs of it the hosts can take now."""
+    """Flavors, each with how many more VMs of it the hosts can take now, in all and per zone."""
     page, room = await catalogue.list_flavors(tx.session, limit=limit, cursor=cursor)
     items = [
-        FlavorOut(id=f.id, name=f.name, vcpus=f.vcpus, ram_mb=f.ram_mb, disk_gb=f.disk_gb, capacity=room[f.id])
+        FlavorOut(
+            id=f.id,
+            name=f.name,
+            vcpus=f.vcpus,
+            ram_mb=f.ram_mb,
+            disk_gb=f.disk_gb,
+            capacity=sum(room[f.id].values()),
+            zones=room[f.id],
+        )
         for f in page.items
     ]
     return Page(items=items, next_cursor=page.next_cursor)

@@ -397,6 +397,7 @@ class FlavorOut(BaseModel):
     ram_mb: int
     disk_gb: int
     capacity: int = Field(description="How many more VMs of this flavor the hosts can take now")
+    zones: dict[str, int] = Field(default_factory=dict, description="The same, per zone")
 
 
 class FlavorCreate(Strict):

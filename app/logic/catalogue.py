@@ -99,9 +99,13 @@ async def all_flavors(session: AsyncSession) -> list[Flavor]:
 
 async def list_flavors(
     session: AsyncSession, *, limit: int, cursor: str | None
-) -> tuple[Page[Flavor], dict[uuid.UUID, int]]:
+) -> tuple[Page[Flavor], dict[uuid.UUID, dict[str, int]]]:
+    """A page of flavors, and per flavor how many more VMs of it each zone's up hosts take now."""
     page = await paginate(session, sa.select(Flavor), _flavors.c.id, limit=limit, cursor=cursor)
-    return page, await placement.capacity(session, page.items)
+    room: dict[uuid.UUID, dict[str, int]] = {f.id: {} for f in page.items}
+    for fit in await placement.fits(session, page.items):
+        room[fit.flavor.id][fit.zone] = fit.now
+    return page, room
 
 
 async def create_flavor(

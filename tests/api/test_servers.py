@@ -186,6 +186,7 @@ async def test_flavor_capacity_counts_what_still_fits(cloud: Cloud) -> None:
     after = (await cloud.client.get("/api/v1/flavors", headers=user)).json()["items"]
     assert cap(after, "large") == 5
     assert cap(after, "small") == 32 - 12
+    assert all(f["zones"] == {"default": f["capacity"]} for f in after)  # per zone: one zone here
 
 
 async def test_quotas_and_zones(cloud: Cloud) -> None:

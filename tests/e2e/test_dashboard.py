@@ -136,6 +136,10 @@ async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_sub
         await page.get_by_role("link", name=name, exact=True).click()
         await page.get_by_role("heading", name=name, exact=True).wait_for()
         await _shot(page, name.lower().replace(" ", "-"))
+    await page.get_by_role("link", name="Flavors", exact=True).click()
+    await page.get_by_role("columnheader", name="Room in default").wait_for()  # room per zone
+    await page.get_by_role("link", name="Quotas", exact=True).click()
+    assert "3" in await page.locator("tr[data-resource=vm] .bar-label").inner_text()  # the vm quota's limit
     # An admin page asked for by its address shows the user's servers instead.
     await page.goto(base + "/#/drift")
     await page.get_by_role("heading", name="Servers").wait_for()

@@ -193,6 +193,10 @@ const views = {
         const pick = h("select", { id: "resize-flavor", "aria-label": "New flavor" }, state.flavors.filter((f) => f.name !== s.flavor).map((f) => h("option", { value: f.name }, f.name)));
         extra.push(h("span", {}, pick, h("button", { type: "button", class: "secondary", onclick: () => attempt(() => api("POST", `/api/v1/servers/${id}/actions`, { action: "resize", flavor: pick.value }), draw) }, "resize")));
       }
+      if (s.actions.includes("save_image")) {
+        const named = h("input", { id: "image-name", "aria-label": "New image's name", placeholder: "new image's name" });
+        extra.push(h("span", {}, named, h("button", { type: "button", class: "secondary", onclick: () => attempt(() => api("POST", `/api/v1/servers/${id}/actions`, { action: "save_image", image_name: named.value }), draw) }, "save image")));
+      }
       if (s.actions.includes("console")) {
         extra.push(h("button", { type: "button", class: "secondary", onclick: () => attempt(() => api("POST", `/api/v1/servers/${id}/actions`, { action: "console" }), (c) => alertBox(`VNC ${c.host}:${c.port}, password ${c.password} (shown once)`, "info")) }, "console"));
       }
@@ -274,11 +278,14 @@ const views = {
   async flavors() {
     const flavors = await all("/api/v1/flavors");
     state.flavors = flavors;
-    const most = Math.max(1, ...flavors.map((f) => f.capacity));
-    return { node: h("section", {}, h("h1", {}, "Flavors"), h("div", { class: "table-wrap" }, h("table", {},
-      h("thead", {}, h("tr", {}, h("th", {}, "Flavor"), h("th", {}, "vCPUs"), h("th", {}, "RAM (MiB)"), h("th", { class: "wide" }, "Disk (GB)"), h("th", {}, "More that fit now"))),
-      h("tbody", {}, flavors.map((f) => h("tr", {}, h("td", {}, f.name), h("td", {}, f.vcpus), h("td", {}, f.ram_mb), h("td", { class: "wide" }, f.disk_gb),
-        h("td", {}, h("div", { class: "bar", role: "img", "aria-label": `${f.capacity} more fit` }, h("span", { style: `width:${(100 * f.capacity) / most}%` })), h("div", { class: "bar-label" }, `${f.capacity} more`)))))))) };
+    const most = Math.max(1, ...flavors.flatMap((f) => Object.values(f.zones)));
+    const zones = [...new Set(flavors.flatMap((f) => Object.keys(f.zones)))].sort();
+    const room = (n, zone) => h("div", {}, h("div", { class: "bar", role: "img", "aria-label": `${n} more fit in ${zone}` }, h("span", { style: `width:${(100 * n) / most}%` })), h("div", { class: "bar-label" }, `${n} more`));
+    return { node: h("section", {}, h("h1", {}, "Flavors"), h("p", { class: "muted" }, "How many more VMs of each flavor the up hosts of each zone take now."),
+      h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Flavor"), h("th", {}, "vCPUs"), h("th", {}, "RAM (MiB)"), h("th", { class: "wide" }, "Disk (GB)"), zones.map((z) => h("th", {}, `Room in ${z}`)))),
+        h("tbody", {}, flavors.map((f) => h("tr", { "data-flavor": f.name }, h("td", {}, f.name), h("td", {}, f.vcpus), h("td", {}, f.ram_mb), h("td", { class: "wide" }, f.disk_gb),
+          zones.map((z) => h("td", {}, room(f.zones[z] || 0, z))))))))) };
   },
 
   async images() {
