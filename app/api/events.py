@@ -44,6 +44,7 @@ BATCH = 200
 SAFETY_POLL = 5.0
 KEEPALIVE = 15.0
 SEND_TIMEOUT = 10.0
+PING = 30.0
 
 
 class Waker:
@@ -89,17 +90,21 @@ async def listen(database_url: str) -> None:
     pause = 0.5
     while True:
         try:
-            conn = await asyncpg.connect(dsn)
+            conn = await asyncpg.connect(dsn, timeout=10)
             lost = asyncio.Event()
             try:
                 conn.add_termination_listener(lambda *_, lost=lost: lost.set())
                 await conn.add_listener(stream.CHANNEL, lambda *_: WAKER.poke())
                 pause = 0.5
                 WAKER.poke()  # whatever was committed while not listening
-                await lost.wait()
+                while not lost.is_set():
+                    # A connection can die without a word (a network cut): ping it now and then.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), PING)
+                    if not lost.is_set():
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
             finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                conn.terminate()  # at once: a polite close waits on a server that may be gone
         except asyncio.CancelledError:
             raise
         except Exception as exc:

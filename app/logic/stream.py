@@ -11,9 +11,11 @@
   commit) to wake the API processes that stream.
 * **Order without loss** (``Cursor``): a row's position is (the writing transaction's id, its
   serial). PostgreSQL hands out neither in commit order, so a reader only reads rows whose
-  transaction is older than every transaction still running (``pg_snapshot_xmin``): no row can
-  appear later behind the cursor, and resuming after any id misses nothing and repeats nothing.
-  SQLite has one writer at a time, so the serial alone is in commit order (``xid`` is 0).
+  transaction is older than every transaction still running in this database (``_horizon``):
+  no row can appear later behind the cursor, and resuming after any id misses nothing and
+  repeats nothing.
+  SQLite has one writer at a time, so the serial alone is in commit order (``xid`` is 0). A long
+  transaction delays the stream (never loses from it) while it runs.
 """
 
 from __future__ import annotations
@@ -179,13 +181,32 @@ async def head(session: AsyncSession) -> Cursor:
     return Cursor(int(row[0]), int(row[1])) if row else Cursor()
 
 
+#: The oldest transaction still running that may write to this database, from one consistent
+#: snapshot. Transaction ids are the whole PostgreSQL cluster's: a long transaction in another
+#: database must not hold this one's stream back, so the running transactions that
+#: ``pg_stat_activity`` places in another database are left out. One it cannot place (another
+#: role's session, a prepared transaction) counts: the horizon errs on the side of waiting.
+#: With none running, everything before the snapshot's ``xmax`` is final.
+_HORIZON = sa.text(
+    """
+    SELECT least(
+        pg_snapshot_xmax(s)::text::bigint,
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s) AS x
+          WHERE NOT EXISTS (
+            SELECT 1 FROM pg_stat_activity AS a
+             WHERE a.backend_xid IS NOT NULL
+               AND a.datname IS DISTINCT FROM current_database()
+               AND a.backend_xid::text::bigint = x::text::bigint % 4294967296)))
+      FROM pg_current_snapshot() AS s
+    """
+)
+
+
 async def _horizon(session: AsyncSession) -> int | None:
-    """PostgreSQL: the oldest transaction still running (rows of older ones are final)."""
+    """PostgreSQL: rows of transactions below this id are final (see ``_HORIZON``)."""
     if session.get_bind().dialect.name != "postgresql":
         return None
-    return int(
-        (await session.execute(sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))).scalar_one()
-    )
+    return int((await session.execute(_HORIZON)).scalar_one())
 
 
 async def after(session: AsyncSession, cursor: Cursor, scope: Scope, *, limit: int = 500) -> list[Event]:
