@@ -66,7 +66,7 @@ clean:
 ## then the EC2 workload against Nephos and moto's server (N=200; BENCH_EC2_ARGS="--n 500")
 bench: install services
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
-	$(BIN)/python bench/run.py $(BENCH_ARGS) && $(BIN)/python bench/ec2.py $(BENCH_EC2_ARGS)
+	$(BIN)/python bench/run.py --profile bench/profiles $(BENCH_ARGS) && $(BIN)/python bench/ec2.py $(BENCH_EC2_ARGS)
 
 ## make faults: the fault suite at full size, restarting the real RabbitMQ and PostgreSQL (run it
 ## alone), and the invariant suite with more examples; each prints its results

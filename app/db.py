@@ -10,12 +10,16 @@ embedded mode the same serialization the row locks give PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,7 +30,46 @@ from sqlalchemy.ext.asyncio import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class StatementCounts:
+    """What a process asked of its database: statements sent (round trips) and transactions
+    committed, counted when ``NEPHOS_STATEMENT_COUNTS`` names a directory (the benchmark's
+    instrumentation; off, it costs nothing). A daemon thread writes ``<dir>/<pid>.json`` every
+    0.2 s, so a reader can take deltas while the process runs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.statements = self.commits = 0
+        self.path = directory / f"{os.getpid()}.json"
+        directory.mkdir(parents=True, exist_ok=True)
+        event.listen(Engine, "before_cursor_execute", self._statement)
+        event.listen(Engine, "commit", self._commit)
+        threading.Thread(target=self._write_forever, name="statement-counts", daemon=True).start()
+
+    def _statement(self, *_: Any) -> None:
+        self.statements += 1
+
+    def _commit(self, *_: Any) -> None:
+        self.commits += 1
+
+    def _write_forever(self) -> None:
+        while True:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"statements": self.statements, "commits": self.commits}))
+            os.replace(tmp, self.path)
+            time.sleep(0.2)
+
+
+_COUNTS: StatementCounts | None = None
+
+
+def _counting() -> None:
+    global _COUNTS
+    directory = os.environ.get("NEPHOS_STATEMENT_COUNTS")
+    if directory and _COUNTS is None:
+        _COUNTS = StatementCounts(Path(directory))
+
+
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    _counting()
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_size", 10)

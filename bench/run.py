@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import json
 import signal
 import socket
 import subprocess
@@ -56,6 +57,52 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # fields from the state on (the name may hold spaces)
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """A process's user + system CPU (with ``children``: and its reaped children's, which is how
+    PostgreSQL's postmaster accounts for backends that have exited)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return ticks / _TICK
+
+
+def pids_named(name: str, *, top: bool) -> list[int]:
+    """Processes whose name is ``name``: with ``top``, those whose parent is not (a service's
+    main process); without, the others (its children)."""
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        if comm == name:
+            found[int(entry.name)] = int(text.rsplit(")", 1)[1].split()[1])
+    return [pid for pid, parent in found.items() if (parent not in found) == top]
+
+
+def spent(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], per: int) -> dict[str, float]:
+    """What each process spent between two ``usage`` readings, per action: CPU in ms, and
+    statements and commits."""
+    out = {f"{k} cpu ms": (after["cpu"][k] - before["cpu"].get(k, 0.0)) * 1000 / per for k in after["cpu"]}
+    out |= {k: (after["db"][k] - before["db"].get(k, 0.0)) / per for k in after["db"]}
+    return out
+
+
 class Cluster:
     def __init__(self, pg: str, amqp: str, workdir: Path) -> None:
         self.pg_admin, self.amqp, self.workdir = pg, amqp, workdir
@@ -64,6 +111,9 @@ class Cluster:
         self.port = free_port()
         self.prefix = f"nephos-bench-{uuid.uuid4().hex[:8]}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.roles: dict[str, list[int]] = {}
+        self.profiles: Path | None = None
+        self.counts = workdir / "counts"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")},
             "NEPHOS_DATABASE_URL": self.url,
@@ -74,6 +124,8 @@ class Cluster:
             "NEPHOS_LOG_LEVEL": "warning",
             "NEPHOS_STATE_DIR": str(workdir),
             "NEPHOS_SECRET_KEY_FILE": str(workdir / "secret.key"),
+            # Each process counts the statements it sends and the transactions it commits.
+            "NEPHOS_STATEMENT_COUNTS": str(workdir / "counts"),
         }
 
     async def start(self) -> None:
@@ -84,7 +136,7 @@ class Cluster:
         self._spawn("api", [nephos(), "api"])
         self._spawn("dispatcher", [nephos(), "dispatcher"])
         for host in ("bench-1", "bench-2"):
-            self._spawn(host, [nephos(), "agent", "--host", host, "--simulate", "160:400000"])
+            self._spawn(host, [nephos(), "agent", "--host", host, "--simulate", "160:400000"], role="agents")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
             for _ in range(600):
                 try:
@@ -96,9 +148,54 @@ class Cluster:
                 await asyncio.sleep(0.1)
         raise RuntimeError("the cluster did not come up")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], role: str | None = None) -> None:
         log = (self.workdir / f"{name}.log").open("wb")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.roles.setdefault(role or name, []).append(proc.pid)
+
+    def profile(self) -> list[subprocess.Popen[bytes]]:
+        """py-spy recording the API and the dispatcher (flame graphs into ``profiles``), if asked."""
+        if self.profiles is None:
+            return []
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+        self.profiles.mkdir(parents=True, exist_ok=True)
+        return [
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(self.roles[role][0]),
+                    "--rate",
+                    "100",
+                    "--nonblocking",
+                    "--output",
+                    str(self.profiles / f"{role}.svg"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for role in ("api", "dispatcher")
+        ]
+
+    def usage(self) -> dict[str, dict[str, float]]:
+        """Now: CPU seconds per process (API, dispatcher, agents, PostgreSQL, RabbitMQ, this
+        client), and statements sent and transactions committed by the API and the dispatcher."""
+        cpu = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in self.roles.items()}
+        cpu["postgresql"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("postgres", top=True))
+        cpu["postgresql"] += sum(cpu_seconds(pid) for pid in pids_named("postgres", top=False))
+        cpu["rabbitmq"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("beam.smp", top=True))
+        own = os.times()
+        cpu["client"] = own.user + own.system
+        counted: dict[str, float] = {}
+        for role in ("api", "dispatcher"):
+            for pid in self.roles[role]:
+                found = self.counts / f"{pid}.json"
+                data = json.loads(found.read_text()) if found.exists() else {}
+                counted[f"{role} statements"] = counted.get(f"{role} statements", 0) + data.get("statements", 0)
+                counted[f"{role} commits"] = counted.get(f"{role} commits", 0) + data.get("commits", 0)
+        return {"cpu": cpu, "db": counted}
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -205,9 +302,18 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
                 await timed("start", "POST", f"/api/v1/servers/{sid}/actions", {"action": "start"})
                 await timed("destroy", "DELETE", f"/api/v1/servers/{sid}")
 
+        await asyncio.sleep(0.5)  # the statement counts are written every 0.2 s
+        before = cluster.usage()
+        profilers = cluster.profile()
         t0 = time.perf_counter()
         await asyncio.gather(*(one_vm(i) for i in range(n)))
         wall = time.perf_counter() - t0
+        for profiler in profilers:  # py-spy writes its flame graph when interrupted
+            profiler.send_signal(signal.SIGINT)
+        for profiler in profilers:
+            profiler.wait(timeout=60)
+        await asyncio.sleep(0.5)
+        costs = spent(before, cluster.usage(), 4 * n)
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
@@ -219,7 +325,70 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
     applied: dict[str, list[float]] = {a: [] for a in ACTIONS}
     for row in rows:
         applied[row["action"]].append(float(row["s"]))
-    return {"wall": wall, "actions": 4 * n, "accept": accept, "applied": applied, "answers": answers}
+    return {
+        "wall": wall,
+        "actions": 4 * n,
+        "accept": accept,
+        "applied": applied,
+        "answers": answers,
+        "costs": costs,
+        "user": user,
+    }
+
+
+async def probe(cluster: Cluster, user: dict[str, str], k: int) -> dict[str, dict[str, Any]]:
+    """One action at a time (C = 1), ``k`` of each kind in turn: per kind, what each process
+    spent per action, and the 202 and 202 -> applied latencies when nothing else is queued."""
+    db = await asyncpg.connect(cluster.url.replace("postgresql+asyncpg://", "postgresql://"))
+    out: dict[str, dict[str, Any]] = {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cluster.port}", timeout=60) as client:
+
+        async def act(method: str, url: str, body: Any = None) -> tuple[dict[str, Any], float]:
+            t0 = time.perf_counter()
+            r = await client.request(method, url, headers=user, json=body)
+            took = time.perf_counter() - t0
+            if r.status_code != 202:
+                raise RuntimeError(f"{method} {url} answered {r.status_code}: {r.text}")
+            data = r.json()
+            job = data["job_ids"][0] if "job_ids" in data else data["job_id"]
+            while (await db.fetchval("SELECT status FROM jobs WHERE id = $1::uuid", uuid.UUID(job))) not in (
+                "SUCCESS",
+                "ERROR",
+            ):
+                await asyncio.sleep(0.002)
+            return data, took
+
+        vms: list[str] = []
+        steps = {
+            "create": lambda i: ("POST", "/api/v1/servers", {"name": f"p{i}", "flavor": "tiny", "image": "debian-12"}),
+            "stop": lambda i: ("POST", f"/api/v1/servers/{vms[i]}/actions", {"action": "stop"}),
+            "start": lambda i: ("POST", f"/api/v1/servers/{vms[i]}/actions", {"action": "start"}),
+            "destroy": lambda i: ("DELETE", f"/api/v1/servers/{vms[i]}", None),
+        }
+        for kind, step in steps.items():
+            await asyncio.sleep(0.5)
+            before, started, accepts = cluster.usage(), time.perf_counter(), []
+            for i in range(k):
+                data, took = await act(*step(i))
+                accepts.append(took)
+                if kind == "create":
+                    vms.append(data["servers"][0]["id"])
+            wall = time.perf_counter() - started
+            await asyncio.sleep(0.5)
+            rows = await db.fetch(
+                "SELECT EXTRACT(EPOCH FROM finished_at - created_at) AS s FROM jobs WHERE action = $1 "
+                "ORDER BY created_at DESC LIMIT $2",
+                kind,
+                k,
+            )
+            out[kind] = {
+                **spent(before, cluster.usage(), k),
+                "202 p50 ms": pct(accepts, 50) * 1000,
+                "202 to applied p50 ms": pct([float(r["s"]) for r in rows], 50) * 1000,
+                "wall per action ms": wall * 1000 / k,
+            }
+    await db.close()
+    return out
 
 
 async def floor_commits(pg: str, concurrency: int, seconds: float = 4.0) -> float:
@@ -323,6 +492,45 @@ def table(result: dict[str, Any], commits: float, messages: float, n: int, concu
     return "\n".join(lines)
 
 
+COST_COLUMNS = (
+    ("api statements", "API stmts"),
+    ("dispatcher statements", "disp. stmts"),
+    ("api commits", "API commits"),
+    ("dispatcher commits", "disp. commits"),
+    ("api cpu ms", "API ms"),
+    ("dispatcher cpu ms", "disp. ms"),
+    ("agents cpu ms", "agents ms"),
+    ("postgresql cpu ms", "PostgreSQL ms"),
+    ("rabbitmq cpu ms", "RabbitMQ ms"),
+    ("client cpu ms", "client ms"),
+)
+
+
+def costs_table(run: dict[str, float], probes: dict[str, dict[str, Any]], k: int, concurrency: int) -> str:
+    """Where an action's cost goes, per process: statements (round trips) and commits of the API
+    and the dispatcher, and CPU milliseconds of every process, per action."""
+    head = "| per action | " + " | ".join(label for _, label in COST_COLUMNS) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(COST_COLUMNS)]
+    for kind, costs in probes.items():
+        lines.append(
+            f"| {kind} (C = 1, {k} of them) | " + " | ".join(f"{costs[key]:.1f}" for key, _ in COST_COLUMNS) + " |"
+        )
+    lines.append(
+        f"| **all, the C = {concurrency} run** | " + " | ".join(f"{run[key]:.1f}" for key, _ in COST_COLUMNS) + " |"
+    )
+    lines += [
+        "",
+        "| C = 1 | 202 p50 (ms) | 202 → applied p50 (ms) | wall per action (ms) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for kind, costs in probes.items():
+        lines.append(
+            f"| {kind} | {costs['202 p50 ms']:.1f} | {costs['202 to applied p50 ms']:.1f} | "
+            f"{costs['wall per action ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
     """The options both benchmarks take: N, concurrency, and the services."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,6 +540,7 @@ def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
         "--pg", default=os.environ.get("NEPHOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
     )
     parser.add_argument("--amqp", default=os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy flame graphs of the API and dispatcher here")
     return parser.parse_args()
 
 
@@ -339,6 +548,7 @@ def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
 async def running(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Cluster]:
     """A Nephos cluster for the body; if the body fails, the processes' logs are printed."""
     cluster = Cluster(args.pg, args.amqp, workdir)
+    cluster.profiles = getattr(args, "profile", None)
     await cluster.start()
     try:
         yield cluster
@@ -350,14 +560,32 @@ async def running(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Clus
         await cluster.stop()
 
 
+PROBE = 30
+
+
 async def main() -> None:
     args = arguments(__doc__, n=1000, concurrency=50)
     with tempfile.TemporaryDirectory(prefix="nephos-bench-") as tmp:
         async with running(args, Path(tmp)) as cluster:
             result = await workload(cluster, args.n, args.concurrency)
+            probes = await probe(cluster, result["user"], PROBE)
     commits = await floor_commits(args.pg, args.concurrency)
     messages = await floor_messages(args.amqp, args.concurrency)
     print(table(result, commits, messages, args.n, args.concurrency))
+    print()
+    print(costs_table(result["costs"], probes, PROBE, args.concurrency))
+    record = {
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "actions_per_s": result["actions"] / result["wall"],
+        "floor_commits_per_s": commits,
+        "floor_messages_per_s": messages,
+        "floor_actions_per_s": 1 / (2 / commits + 2 / messages),
+        "answers_other_than_202": dict(result["answers"]),
+        "costs_per_action": result["costs"],
+        "probes": probes,
+    }
+    (ROOT / "bench" / "last-run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
