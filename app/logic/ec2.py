@@ -26,7 +26,7 @@ from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus, visible_images
 from app.logic.errors import BadRequest, InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
-from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Network, Server, Zone, table_of
+from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Network, PublicIp, Server, Zone, table_of
 
 _servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
 _flavors, _zones = table_of(Flavor), table_of(Zone)
@@ -460,3 +460,31 @@ async def subnets(
     found = list(await session.scalars(where(stmt, known, given)))
     free = await networks.free_counts(session, found)
     return [(n, free[n.id]) for n in found]
+
+
+# -- addresses ------------------------------------------------------------------------------------
+
+_ips = table_of(PublicIp)
+
+
+async def addresses(
+    session: AsyncSession, project_id: uuid.UUID, *, allocation_ids: list[str], public_ips: list[str], given: Given
+) -> list[tuple[PublicIp, str | None]]:
+    """DescribeAddresses: the project's public IPs (those named, if any), filtered in SQL, each
+    with the EC2 id of the instance it is associated with."""
+    stmt = (
+        sa.select(PublicIp, _servers.c.ec2_id)
+        .outerjoin(_servers, _servers.c.id == _ips.c.server_id)
+        .where(_ips.c.project_id == project_id)
+        .order_by(_ips.c.address)
+    )
+    if allocation_ids or public_ips:
+        stmt = stmt.where(sa.or_(_ips.c.ec2_id.in_(allocation_ids), _ips.c.address.in_(public_ips)))
+    known: dict[str, Filter] = {
+        "public-ip": _ips.c.address,
+        "allocation-id": _ips.c.ec2_id,
+        "instance-id": _servers.c.ec2_id,
+        "association-id": _ips.c.association_id,
+        "domain": _constant("vpc"),
+    }
+    return [(ip, instance) for ip, instance in (await session.execute(where(stmt, known, given))).all()]

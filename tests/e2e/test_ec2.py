@@ -779,6 +779,22 @@ async def test_elastic_ips_through_boto3(cluster: Cluster) -> None:
         }
     ]
 
+    async def allocation_ids(**kw: Any) -> list[str]:
+        return [a["AllocationId"] for a in (await in_thread(ec2.describe_addresses, **kw))["Addresses"]]
+
+    both = sorted([first["AllocationId"], second["AllocationId"]])
+    assert sorted(await allocation_ids(Filters=[{"Name": "domain", "Values": ["vpc"]}])) == both
+    assert sorted(await allocation_ids(Filters=[{"Name": "public-ip", "Values": ["192.0.2.*"]}])) == both
+    assert await allocation_ids(Filters=[{"Name": "instance-id", "Values": [iid]}]) == [first["AllocationId"]]
+    assert await allocation_ids(Filters=[{"Name": "association-id", "Values": [assoc["AssociationId"]]}]) == [
+        first["AllocationId"]
+    ]
+    assert await allocation_ids(PublicIps=[second["PublicIp"]]) == [second["AllocationId"]]
+    assert await allocation_ids(Filters=[{"Name": "domain", "Values": ["standard"]}]) == []
+    with pytest.raises(ClientError) as unknown:
+        await in_thread(ec2.describe_addresses, Filters=[{"Name": "network-border-group", "Values": ["x"]}])
+    assert code_of(unknown) == "InvalidParameterValue"
+
     async def shown() -> bool:
         out = await in_thread(ec2.describe_instances, InstanceIds=[iid])
         return bool(out["Reservations"][0]["Instances"][0].get("PublicIpAddress") == first["PublicIp"])

@@ -11,7 +11,7 @@ from app.api.ec2.protocol import Ec2Error, missing
 from app.api.ec2.router import Ctx, action
 from app.logic import ec2, public_ips
 from app.logic import errors as e
-from app.models import PublicIp, Server
+from app.models import PublicIp
 
 
 async def _address(ctx: Ctx, *, allocation: str | None = None, public: str | None = None) -> PublicIp:
@@ -87,40 +87,22 @@ async def release_address(ctx: Ctx) -> dict[str, Any]:
 @action("DescribeAddresses")
 async def describe_addresses(ctx: Ctx) -> dict[str, Any]:
     allocations, publics = ctx.params.many("AllocationId"), ctx.params.many("PublicIp")
-    wanted = [await _address(ctx, allocation=a) for a in allocations] + [await _address(ctx, public=p) for p in publics]
-    if not wanted and not allocations and not publics:
-        page = await public_ips.listed(ctx.session, actor=ctx.actor, limit=1000, cursor=None)
-        wanted = list(page.items)
-    servers = await ec2.instances_by_id(ctx.session, [ip.server_id for ip in wanted if ip.server_id])
-    filters = dict(ctx.params.filters())
-    out = []
-    for ip in wanted:
-        server: Server | None = servers.get(ip.server_id) if ip.server_id else None
-        item = {
-            "publicIp": ip.address,
-            "allocationId": ip.ec2_id,
-            "domain": "vpc",
-            "instanceId": server.ec2_id if server else None,
-            "associationId": ip.association_id,
-        }
-        if all(_matches(item, name, values) for name, values in filters.items()):
-            out.append(item)
-    return {"addressesSet": out}
-
-
-_FILTERS = {
-    "public-ip": "publicIp",
-    "allocation-id": "allocationId",
-    "instance-id": "instanceId",
-    "association-id": "associationId",
-    "domain": "domain",
-}
-
-
-def _matches(item: dict[str, Any], name: str, values: list[str]) -> bool:
-    key = _FILTERS.get(name)
-    if key is None:
-        raise Ec2Error(
-            "InvalidParameterValue", f"Value ({name}) for parameter Filter.Name is invalid. Unsupported filter name."
-        )
-    return item.get(key) in values
+    for a in allocations:  # each one named must exist (its own error code)
+        await _address(ctx, allocation=a)
+    for p in publics:
+        await _address(ctx, public=p)
+    found = await ec2.addresses(
+        ctx.session, ctx.project_id, allocation_ids=allocations, public_ips=publics, given=ctx.params.filters()
+    )
+    return {
+        "addressesSet": [
+            {
+                "publicIp": ip.address,
+                "allocationId": ip.ec2_id,
+                "domain": "vpc",
+                "instanceId": instance,
+                "associationId": ip.association_id,
+            }
+            for ip, instance in found
+        ]
+    }
