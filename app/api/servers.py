@@ -45,7 +45,11 @@ async def create_server(body: ServerCreate, tx: TxDep, actor: CurrentUser, idem:
 
     async def make() -> ServersCreated:
         created = await servers.create(tx.session, tx.outbox, actor=actor, spec=servers.CreateSpec(**body.model_dump()))
-        labels = await catalogue.labels(tx.session, [c.server for c in created])
+        labels = catalogue.Labels(  # known from the create: no reads
+            flavors={c.server.flavor_id: c.flavor for c in created},
+            images={c.server.image_id: c.image for c in created},
+            addresses={c.server.id: c.addresses for c in created},
+        )
         return ServersCreated(
             servers=[ServerOut.of(c.server, labels) for c in created],
             job_ids=[c.job.id for c in created if c.job is not None],

@@ -53,6 +53,10 @@ class CreateSpec:
 class Created:
     server: Server
     job: Job | None  # None for a server created on hold
+    # What its representation shows, known when it is made (no reads to answer the request).
+    flavor: str = ""
+    image: str = ""
+    addresses: list[networks.Address] = field(default_factory=list)
 
 
 def _not_found(server_id: uuid.UUID) -> NotFound:
@@ -214,7 +218,19 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             user_id=actor.user_id,
             message="created on hold" if spec.hold else f"placed on {server.host}",
         )
-        created.append(Created(server, job))
+        shown = [
+            networks.Address(
+                net.name,
+                net.id,
+                port.ip,
+                port.mac,
+                net.ec2_id,
+                port.ec2_id,
+                public[i].address if public and j == 0 else None,
+            )
+            for j, (net, port) in enumerate(zip(nets, ports, strict=True))
+        ]
+        created.append(Created(server, job, flavor.name, image.name, shown))
     await session.flush()
 
     # The quota check comes last, under the project's lock, right before the commit: the lock

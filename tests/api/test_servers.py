@@ -220,3 +220,15 @@ async def test_the_actions_a_server_offers_are_exactly_those_the_table_accepts(c
             )
             accepted = r.status_code in (200, 202)
             assert accepted == (action.value in vm["actions"]), (state, action.value, vm["actions"], r.text)
+
+
+async def test_a_creates_reply_shows_what_reading_the_server_shows(cloud: Cloud) -> None:
+    """The reply is built from what the create knows (no reads): it must say what a read says."""
+    await cloud.client.post(
+        "/api/v1/admin/public-ip-pools", headers=cloud.admin, json={"name": "reply", "cidr": "198.51.100.0/28"}
+    )
+    user = await cloud.user()
+    made = await cloud.create(user, count=2, public_ip=True)
+    for server in made["servers"]:
+        assert server["addresses"][0]["public_ip"] and server["flavor"] == "small" and server["image"] == "debian-12"
+        assert server == await cloud.server(user, server["id"])
