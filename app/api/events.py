@@ -34,8 +34,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.deps import CommittingRoute, CurrentUser, StateDep, TxDep
 from app.api.errors import responses
 from app.logic import stream
-from app.logic.actor import Actor
-from app.logic.errors import BadRequest, Forbidden
+from app.logic.errors import BadRequest
 
 log = logging.getLogger("nephos.api")
 router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=CommittingRoute)
@@ -128,6 +127,7 @@ class EventStream(Response):
     async def _events(self) -> AsyncGenerator[bytes, None]:
         assert self.cursor is not None
         yield b"retry: 2000\n\n"
+        loop, quiet = asyncio.get_running_loop(), 0.0  # seconds since anything was sent
         while True:
             async with self.state.sessions() as session:
                 batch = await stream.after(session, self.cursor, self.scope, limit=BATCH)
@@ -137,17 +137,15 @@ class EventStream(Response):
                 self.cursor = event.cursor
             if len(batch) == BATCH:
                 continue  # more are waiting: read on at once
-            waited = 0.0
-            while waited < KEEPALIVE:
-                step = min(SAFETY_POLL, KEEPALIVE - waited)
-                before = asyncio.get_running_loop().time()
-                await WAKER.wait(step)
-                waited += asyncio.get_running_loop().time() - before
-                async with self.state.sessions() as session:
-                    if await stream.after(session, self.cursor, self.scope, limit=1):
-                        break
-            else:
+            if batch:
+                quiet = 0.0
+            elif quiet >= KEEPALIVE:
                 yield b": keepalive\n\n"
+                quiet = 0.0
+            # Sleep until a commit may have added events (or the safety look, or the keepalive).
+            before = loop.time()
+            await WAKER.wait(min(SAFETY_POLL, KEEPALIVE - quiet))
+            quiet += loop.time() - before
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [
@@ -198,25 +196,6 @@ class EventStream(Response):
                 await events.aclose()
 
 
-def _scope(
-    actor: Actor, *, all_projects: bool, project_id: uuid.UUID | None, server_id: uuid.UUID | None, kinds: list[str]
-) -> stream.Scope:
-    unknown = [k for k in kinds if k not in stream.KINDS]
-    if unknown:
-        raise BadRequest(f"unknown event kinds {', '.join(unknown)}; known: {', '.join(stream.KINDS)}", field="kind")
-    if (all_projects or project_id is not None) and not actor.is_admin:
-        raise Forbidden("only an admin streams other projects' events")
-    if all_projects:
-        projects = None
-    elif project_id is not None:
-        projects = [project_id]
-    else:
-        if actor.project_id is None:
-            raise BadRequest("the caller has no project: an admin streams with all_projects=true")
-        projects = [actor.project_id]
-    return stream.Scope(projects=projects, server_id=server_id, kinds=kinds or None)
-
-
 @router.get(
     "/stream",
     responses={
@@ -243,7 +222,7 @@ async def event_stream(
     """The caller's project's events as they are committed: VM state and task changes, job
     results, lease warnings and actions, quota changes. ``Last-Event-ID`` resumes without loss or
     repetition; without it the stream starts now."""
-    scope = _scope(actor, all_projects=all_projects, project_id=project_id, server_id=server_id, kinds=kind)
+    scope = stream.scope_for(actor, all_projects=all_projects, project_id=project_id, server_id=server_id, kinds=kind)
     given = last_event_header or last_event_id
     cursor = stream.Cursor.parse(given)
     if given and cursor is None:

@@ -160,6 +160,20 @@ def matches(column: Any, values: list[str]) -> sa.ColumnElement[bool]:
     return sa.or_(*[column.like(like(v), escape="\\") for v in values])
 
 
+def _flag(column: Any) -> Callable[[list[str]], sa.ColumnElement[bool]]:
+    """A boolean column as EC2 filters it: the values ``true`` / ``false``."""
+
+    def clause(values: list[str]) -> sa.ColumnElement[bool]:
+        wanted = {v.lower() for v in values}
+        return sa.or_(
+            *([column.is_(True)] if "true" in wanted else []),
+            *([column.is_(False)] if "false" in wanted else []),
+            sa.false(),
+        )
+
+    return clause
+
+
 def visible(project_id: uuid.UUID) -> sa.ColumnElement[bool]:
     """A project's instances, terminated ones for an hour after."""
     return sa.and_(
@@ -325,16 +339,6 @@ def owned_by(project_id: uuid.UUID, owners: list[str]) -> sa.ColumnElement[bool]
     return sa.or_(*clauses)
 
 
-def _public(values: list[str]) -> sa.ColumnElement[bool]:
-    """``is-public``: EC2 sends ``true`` / ``false``."""
-    wanted = {v.lower() for v in values}
-    return sa.or_(
-        *([_images.c.is_public.is_(True)] if "true" in wanted else []),
-        *([_images.c.is_public.is_(False)] if "false" in wanted else []),
-        sa.false(),
-    )
-
-
 async def images(
     session: AsyncSession, actor: Actor, *, project_id: uuid.UUID, ids: list[str], owners: list[str], filters: Given
 ) -> list[Image]:
@@ -350,7 +354,7 @@ async def images(
         "name": _images.c.name,
         "owner-id": lambda values: owned_by(project_id, values),
         "state": IMAGE_STATE,
-        "is-public": _public,
+        "is-public": _flag(_images.c.is_public),
     }
     found = list(await session.scalars(where(stmt, known, filters).order_by(_images.c.name)))
     unknown = sorted(set(ids) - {i.ec2_id for i in found})
@@ -416,16 +420,6 @@ def vpc_of(project_id: uuid.UUID) -> str:
     """The one VPC a project's networks are in, as EC2 names it (Nephos has no VPCs: a project's
     networks never overlap anyone's)."""
     return f"vpc-{project_id.hex[-17:]}"
-
-
-def _flag(column: Any) -> Callable[[list[str]], sa.ColumnElement[bool]]:
-    def clause(values: list[str]) -> sa.ColumnElement[bool]:
-        wanted = {v.lower() for v in values}
-        return sa.or_(
-            *([column.is_(True)] if "true" in wanted else []), *([column.is_(False)] if "false" in wanted else [])
-        )
-
-    return clause
 
 
 def _constant(value: str) -> Callable[[list[str]], sa.ColumnElement[bool]]:

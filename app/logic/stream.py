@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.ids import utcnow
+from app.logic.actor import Actor
+from app.logic.errors import BadRequest, Forbidden
 from app.models import Server, ServerEvent, StreamEvent, table_of
 
 _stream = table_of(StreamEvent)
@@ -169,6 +171,27 @@ class Scope:
     projects: list[uuid.UUID] | None
     server_id: uuid.UUID | None = None
     kinds: list[str] | None = None
+
+
+def scope_for(
+    actor: Actor, *, all_projects: bool, project_id: uuid.UUID | None, server_id: uuid.UUID | None, kinds: list[str]
+) -> Scope:
+    """Whose events ``actor`` asks for: its own project's; an admin's, every project's or one
+    named. Unknown kinds are refused (400), another project's stream for a user too (403)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise BadRequest(f"unknown event kinds {', '.join(unknown)}; known: {', '.join(KINDS)}", field="kind")
+    if (all_projects or project_id is not None) and not actor.is_admin:
+        raise Forbidden("only an admin streams other projects' events")
+    if all_projects:
+        projects = None
+    elif project_id is not None:
+        projects = [project_id]
+    else:
+        if actor.project_id is None:
+            raise BadRequest("the caller has no project: an admin streams with all_projects=true")
+        projects = [actor.project_id]
+    return Scope(projects=projects, server_id=server_id, kinds=kinds or None)
 
 
 async def head(session: AsyncSession) -> Cursor:

@@ -348,8 +348,8 @@ const views = {
     const last = await api("GET", "/api/v1/admin/drift");
     show(last.started_at ? `Last periodic pass, ${when(last.started_at)}` : "No periodic pass yet", last.report, last.counts);
     const run = (fix) => attempt(() => api("POST", "/api/v1/admin/reconcile", { fix, wait: 5 }), (r) => {
-      const counts = Object.fromEntries(Object.entries(r).filter(([, v]) => Array.isArray(v) && !["unreachable_hosts", "actions"].includes(v)).map(([k, v]) => [k, v.length]));
-      delete counts.unreachable_hosts; delete counts.actions;
+      // The report's kinds are its lists of findings (the hosts not judged and the repairs are not kinds).
+      const counts = Object.fromEntries(Object.entries(r).filter(([k, v]) => Array.isArray(v) && !["unreachable_hosts", "actions"].includes(k)).map(([k, v]) => [k, v.length]));
       show(fix ? "Reconciled and repaired, just now" : "Reconciled (report only), just now", r, counts);
     });
     return { node: h("section", {}, h("h1", {}, "Drift"), h("p", {},
