@@ -17,7 +17,7 @@ from app.logic.actor import SYSTEM, Actor
 from app.logic.errors import InvalidState, NotFound, TaskPending
 from app.logic.firewall_rules import params_for, parse
 from app.logic.jobs import Outbox
-from app.models import FirewallRule, Job, SecurityGroup, SecurityGroupRule, ServerSecurityGroup, table_of
+from app.models import FirewallRule, Job, SecurityGroup, SecurityGroupRule, Server, ServerSecurityGroup, table_of
 
 _rules, _sg_rules, _members = table_of(FirewallRule), table_of(SecurityGroupRule), table_of(ServerSecurityGroup)
 
@@ -52,8 +52,15 @@ async def change(
         if found is None:
             raise NotFound("no such opened port on this server (a group's rule is closed in its group)")
         await session.execute(_rules.delete().where(same))
-    server.firewall_gen = (server.firewall_gen or 0) + 1
-    if server.host is None:  # not on a host yet: its create job will carry the rules
+    return await _send(session, outbox, actor, server, changed=True)
+
+
+async def _send(session: AsyncSession, outbox: Outbox, actor: Actor, server: Server, *, changed: bool) -> Job | None:
+    """Send a locked VM its whole rule set and its generation (moved on first when its intended
+    rules ``changed``); a VM not on a host yet gets them with its create job."""
+    if changed:
+        server.firewall_gen += 1
+    if server.host is None:
         return None
     return await actions.firewall(
         session,
@@ -80,23 +87,12 @@ async def resync(
         server = await servers.locked(session, server_id)
         if server is None:
             continue
-        if changed:
-            server.firewall_gen = (server.firewall_gen or 0) + 1
-        if server.host is None:
-            continue
         try:
-            sent.append(
-                await actions.firewall(
-                    session,
-                    outbox,
-                    actor=SYSTEM,
-                    server_id=server_id,
-                    rules=await params_for(session, server_id),
-                    generation=server.firewall_gen,
-                )
-            )
+            job = await _send(session, outbox, SYSTEM, server, changed=changed)
         except (TaskPending, InvalidState):
             continue
+        if job is not None:
+            sent.append(job)
     return sent
 
 

@@ -120,7 +120,7 @@ def create_params(
         "nics": nics,
         # Inbound denied but for these (``logic.firewall``); a new VM has opened nothing yet.
         "firewall": firewall or [],
-        "firewall_gen": server.firewall_gen or 0,
+        "firewall_gen": server.firewall_gen,
     }
 
 
@@ -185,12 +185,12 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
         ports = addresses.ports(server, spec.fixed_ip)
         session.add_all(ports)
         nics = [networks.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
-        mappings = []
+        mapped = None  # the VM's public address, mapped to its first NIC
         if public:
             ip = public[i]
             ip.server_id, ip.association_id = server.id, ec2_id("eipassoc")
             session.add(ip)
-            mappings = [{"public": ip.address, "private": ports[0].ip}]
+            mapped = ip.address
         job = None
         if not spec.hold:
             placed = await placement.reserve(
@@ -202,7 +202,8 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 outbox,
                 server,
                 action=Action.CREATE.value,
-                params=create_params(server, flavor, image, ssh_key, nics) | {"public_ips": mappings},
+                params=create_params(server, flavor, image, ssh_key, nics)
+                | {"public_ips": [{"public": mapped, "private": ports[0].ip}] if mapped else []},
                 actor=actor,
                 commission_id=None,
                 host=placed.host,
@@ -226,7 +227,7 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 port.mac,
                 net.ec2_id,
                 port.ec2_id,
-                public[i].address if public and j == 0 else None,
+                mapped if j == 0 else None,
             )
             for j, (net, port) in enumerate(zip(nets, ports, strict=True))
         ]
