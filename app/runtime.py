@@ -64,7 +64,9 @@ class Plane:
         return load_cipher(self.settings)
 
     async def start_dispatcher(self) -> Dispatcher:
-        self.dispatcher = Dispatcher(self.sessions)
+        self.dispatcher = Dispatcher(
+            self.sessions, batch=self.settings.result_batch, runners=self.settings.result_runners
+        )
         await self.bus.consume_results(self.dispatcher.handle)
         s = self.settings
         self.sweepers = Sweepers(
@@ -228,6 +230,8 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
             for task in running:
                 task.cancel()
             await _bounded("background tasks", asyncio.gather(*running, return_exceptions=True))
+        if p.dispatcher is not None:
+            await _bounded("the dispatcher", p.dispatcher.close())
         for agent in p.agents:
             await _bounded(f"agent {agent.host}", agent.stop())
         await _bounded("the bus", bus.close())

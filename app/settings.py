@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # Agents: how often they say they are alive and send their whole inventory.
     heartbeat_interval: float = Field(default=3.0, gt=0)
     inventory_interval: float = Field(default=30.0, gt=0)
+    # Dispatchers: results queued up are applied up to this many per transaction (1: one by one),
+    # by up to this many transactions at once per dispatcher process.
+    result_batch: int = Field(default=32, gt=0, le=1000)
+    result_runners: int = Field(default=4, gt=0, le=64)
     # Dispatchers: how often the sweepers run, when a silent host is down, when to re-send.
     sweep_interval: float = Field(default=1.0, gt=0)
     host_timeout: float = Field(default=15.0, gt=0)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
-import json
 import signal
 import socket
 import subprocess
@@ -104,8 +104,18 @@ def spent(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]
 
 
 class Cluster:
-    def __init__(self, pg: str, amqp: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        pg: str,
+        amqp: str,
+        workdir: Path,
+        *,
+        hosts: int = 2,
+        size: str = "160:400000",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.pg_admin, self.amqp, self.workdir = pg, amqp, workdir
+        self.hosts, self.size = [f"bench-{i + 1}" for i in range(hosts)], size
         self.database = f"nephos_bench_{uuid.uuid4().hex[:8]}"
         self.url = pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + "/" + self.database
         self.port = free_port()
@@ -126,6 +136,7 @@ class Cluster:
             "NEPHOS_SECRET_KEY_FILE": str(workdir / "secret.key"),
             # Each process counts the statements it sends and the transactions it commits.
             "NEPHOS_STATEMENT_COUNTS": str(workdir / "counts"),
+            **(env or {}),
         }
 
     async def start(self) -> None:
@@ -135,13 +146,13 @@ class Cluster:
         subprocess.run([nephos(), "seed"], env=self.env, check=True, capture_output=True)
         self._spawn("api", [nephos(), "api"])
         self._spawn("dispatcher", [nephos(), "dispatcher"])
-        for host in ("bench-1", "bench-2"):
-            self._spawn(host, [nephos(), "agent", "--host", host, "--simulate", "160:400000"], role="agents")
+        for host in self.hosts:
+            self._spawn(host, [nephos(), "agent", "--host", host, "--simulate", self.size], role="agents")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
             for _ in range(600):
                 try:
                     r = await client.get("/healthz")
-                    if r.status_code == 200 and r.json()["hosts_up"] == 2:
+                    if r.status_code == 200 and r.json()["hosts_up"] == len(self.hosts):
                         return
                 except httpx.TransportError:
                     pass
@@ -179,6 +190,13 @@ class Cluster:
             for role in ("api", "dispatcher")
         ]
 
+    def rss_mb(self, role: str) -> float:
+        """Resident memory of a role's first process, in MiB."""
+        for line in Path(f"/proc/{self.roles[role][0]}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def usage(self) -> dict[str, dict[str, float]]:
         """Now: CPU seconds per process (API, dispatcher, agents, PostgreSQL, RabbitMQ, this
         client), and statements sent and transactions committed by the API and the dispatcher."""
@@ -210,12 +228,7 @@ class Cluster:
         await conn.close()
         connection = await aio_pika.connect(self.amqp)
         channel = await connection.channel()
-        for q in (
-            f"{self.prefix}.results",
-            f"{self.prefix}.dead",
-            f"{self.prefix}.jobs.bench-1",
-            f"{self.prefix}.jobs.bench-2",
-        ):
+        for q in (f"{self.prefix}.results", f"{self.prefix}.dead", *(f"{self.prefix}.jobs.{h}" for h in self.hosts)):
             await channel.queue_delete(q)
         for x in (f"{self.prefix}.jobs", f"{self.prefix}.dlx"):
             await channel.exchange_delete(x)
@@ -452,7 +465,45 @@ async def floor_messages(amqp: str, concurrency: int, total: int = 5000) -> floa
     return rate
 
 
-def table(result: dict[str, Any], commits: float, messages: float, n: int, concurrency: int) -> str:
+async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -> float:
+    """Requests/s of ``bench/stack.py`` (uvicorn + FastAPI + one asyncpg commit + one confirmed
+    persistent publish, consumed and acked), driven like Nephos: the stack's own ceiling."""
+    port, tag = free_port(), uuid.uuid4().hex[:8]
+    env = {**os.environ, "STACK_PG": pg, "STACK_AMQP": amqp, "STACK_TABLE": f"bench_stack_{tag}"}
+    env["STACK_QUEUE"] = f"bench-stack-{tag}"
+    argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "stack:app", "--port", str(port)]
+    argv += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(argv, env=env)
+    base = f"http://127.0.0.1:{port}"
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    await client.get("/docs")
+                    break
+                await asyncio.sleep(0.1)
+            body = {"name": "b", "flavor": "tiny", "image": "debian-12"}
+            slots = asyncio.Semaphore(concurrency)
+
+            async def one() -> None:
+                async with slots:
+                    r = await client.post("/act", json=body)
+                    if r.status_code != 202:
+                        raise RuntimeError(f"the stack floor's endpoint answered {r.status_code}")
+
+            await asyncio.gather(*(one() for _ in range(200)))  # warm up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(total)))
+            return total / (time.perf_counter() - t0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def table(
+    result: dict[str, Any], commits: float, messages: float, n: int, concurrency: int, stack: float | None = None
+) -> str:
     ms = 1000.0
     rate = result["actions"] / result["wall"]
     floor = 1 / (2 / commits + 2 / messages)
@@ -483,6 +534,15 @@ def table(result: dict[str, Any], commits: float, messages: float, n: int, concu
         f"| floor: aio-pika persistent confirmed publish + consume ({concurrency} in flight) | {messages:.0f} |",
         f"| floor: one action = 2 commits + 2 messages → 1 / (2/commits + 2/messages) | {floor:.1f} |",
         f"| **Nephos / floor** | **{rate / floor:.2f}** |",
+        *(
+            [
+                f"| stack floor: uvicorn + FastAPI + 1 commit + 1 confirmed message per request ({concurrency} in "
+                f"flight) | {stack:.1f} |",
+                f"| Nephos / stack floor | {rate / stack:.2f} |",
+            ]
+            if stack
+            else []
+        ),
         "",
         "| answers other than 202 | count |",
         "| --- | ---: |",
@@ -545,9 +605,9 @@ def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
 
 
 @contextlib.asynccontextmanager
-async def running(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Cluster]:
+async def running(args: argparse.Namespace, workdir: Path, **options: Any) -> AsyncIterator[Cluster]:
     """A Nephos cluster for the body; if the body fails, the processes' logs are printed."""
-    cluster = Cluster(args.pg, args.amqp, workdir)
+    cluster = Cluster(args.pg, args.amqp, workdir, **options)
     cluster.profiles = getattr(args, "profile", None)
     await cluster.start()
     try:
@@ -571,7 +631,8 @@ async def main() -> None:
             probes = await probe(cluster, result["user"], PROBE)
     commits = await floor_commits(args.pg, args.concurrency)
     messages = await floor_messages(args.amqp, args.concurrency)
-    print(table(result, commits, messages, args.n, args.concurrency))
+    stack = await floor_stack(args.pg, args.amqp, args.concurrency)
+    print(table(result, commits, messages, args.n, args.concurrency, stack))
     print()
     print(costs_table(result["costs"], probes, PROBE, args.concurrency))
     record = {
@@ -581,6 +642,7 @@ async def main() -> None:
         "floor_commits_per_s": commits,
         "floor_messages_per_s": messages,
         "floor_actions_per_s": 1 / (2 / commits + 2 / messages),
+        "stack_floor_requests_per_s": stack,
         "answers_other_than_202": dict(result["answers"]),
         "costs_per_action": result["costs"],
         "probes": probes,

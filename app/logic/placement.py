@@ -136,9 +136,31 @@ async def release(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb
     await add(session, host=host, vcpus=-vcpus, ram_mb=-ram_mb)
 
 
+#: ``session.info`` key: host usage moves summed per host until ``add_deferred``.
+_DEFERRED = "nephos.deferred_hosts"
+
+
+def defer_moves(session: AsyncSession) -> None:
+    """From now on, this transaction's unchecked host moves (``add``, ``release``) are summed per
+    host and made by ``add_deferred``: a batch of results updates each host row once."""
+    session.info[_DEFERRED] = {}
+
+
+async def add_deferred(session: AsyncSession) -> None:
+    """Make the moves ``defer_moves`` summed, host by host in name order."""
+    summed: dict[str, tuple[int, int]] = session.info.pop(_DEFERRED, None) or {}
+    for host in sorted(summed):
+        await add(session, host=host, vcpus=summed[host][0], ram_mb=summed[host][1])
+
+
 async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: int) -> None:
     """Move a host's usage without a capacity check: the hypervisor already did it."""
     if host is None or (vcpus == 0 and ram_mb == 0):
+        return
+    summed: dict[str, tuple[int, int]] | None = session.info.get(_DEFERRED)
+    if summed is not None:
+        cpus, ram = summed.get(host, (0, 0))
+        summed[host] = (cpus + vcpus, ram + ram_mb)
         return
     await session.execute(
         _hosts.update()

@@ -137,6 +137,25 @@ async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas)
             )
 
 
+#: ``session.info`` key: usage moves summed per project until ``move_deferred`` (a batch of results).
+_DEFERRED = "nephos.deferred_usage"
+
+
+def defer_usage(session: AsyncSession) -> None:
+    """From now on, this transaction's usage moves are summed per project and made by
+    ``move_deferred``: one UPDATE per project at the end, so the quota rows are locked once,
+    last, and only until the commit, whatever the number of results in the transaction."""
+    session.info[_DEFERRED] = {}
+
+
+async def move_deferred(session: AsyncSession) -> None:
+    """Make the moves ``defer_usage`` summed, project by project in id order (the fixed order
+    of multi-row locks)."""
+    summed: dict[uuid.UUID, Deltas] = session.info.pop(_DEFERRED, None) or {}
+    for project_id in sorted(summed):
+        await _move(session, project_id, summed[project_id])
+
+
 async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
     """Add ``deltas`` to the project's usage in one statement. Quota rows are the last rows a
     transaction locks (after hosts): callers move usage at the end of their work."""
@@ -144,6 +163,17 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
     if not changes:
         return
     stream.quota_changed(session, project_id, sorted(changes))
+    summed: dict[uuid.UUID, Deltas] | None = session.info.get(_DEFERRED)
+    if summed is not None:
+        summed[project_id] = summed.get(project_id, Deltas()) + deltas
+        return
+    await _move(session, project_id, deltas)
+
+
+async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+    changes = {r: v for r, v in deltas.as_dict().items() if v}
+    if not changes:
+        return
     # The rows are locked first, in resource order: an UPDATE alone locks them in whatever
     # order its plan visits them (a bitmap scan by position, an index scan by key), and two
     # transactions whose plans differ took the same rows in opposite orders and deadlocked.

@@ -18,8 +18,9 @@ duplicate or stale event can never move usage twice.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,12 +33,59 @@ from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, targe
 from app.models import Flavor, Image, Job, Server, table_of
 
 _jobs = table_of(Job)
+T = TypeVar("T")
 
 
 class Outcome(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"  # the job was already final
     UNKNOWN = "unknown"  # no such job
+
+
+async def begin_batch(
+    session: AsyncSession, *, job_ids: set[uuid.UUID], server_ids: set[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Open a batch of results in one transaction: returns each known job's VM, having locked
+    every VM the batch touches in id order, so two batches never wait on each other in opposite
+    orders. Host and usage moves are then summed, and made last by ``end_batch``: one UPDATE per
+    host and per project for the whole batch, so a project's quota rows are locked once per
+    batch and only until its commit."""
+    owners: dict[uuid.UUID, uuid.UUID] = {}
+    if job_ids:
+        rows = await session.execute(sa.select(_jobs.c.id, _jobs.c.server_id).where(_jobs.c.id.in_(job_ids)))
+        owners = {row.id: row.server_id for row in rows}
+    await servers.lock_many(session, server_ids | set(owners.values()))
+    placement.defer_moves(session)
+    quotas.defer_usage(session)
+    return owners
+
+
+async def end_batch(session: AsyncSession) -> None:
+    """Make a batch's summed moves: hosts, then quota rows (the lock order everywhere)."""
+    await placement.add_deferred(session)
+    await quotas.move_deferred(session)
+    servers.release_many(session)
+
+
+def in_sequence(items: list[T], key: Callable[[T], tuple[uuid.UUID, int] | None]) -> list[T]:
+    """``items`` with each VM's events in the order of their ``seq``, as its host stamped them.
+
+    ``key`` gives an item's VM and sequence number (``None``: no VM). Items of one VM take the
+    places that VM's items had, sorted by sequence; every other item keeps its place. So a
+    batch that received a VM's events out of order applies them in order, and a true duplicate
+    or a stale event is still caught by ``last_seq`` as it would be one by one.
+    """
+    slots: dict[uuid.UUID, list[int]] = {}
+    for index, item in enumerate(items):
+        found = key(item)
+        if found is not None:
+            slots.setdefault(found[0], []).append(index)
+    ordered = list(items)
+    for indices in slots.values():
+        by_seq = sorted((items[i] for i in indices), key=lambda item: key(item)[1])  # type: ignore[index]
+        for index, item in zip(indices, by_seq, strict=True):
+            ordered[index] = item
+    return ordered
 
 
 async def apply_result(
