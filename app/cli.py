@@ -90,13 +90,26 @@ def up() -> None:
 
 
 @cli.command()
-def api() -> None:
+def api(
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            envvar="NEPHOS_API_WORKERS",
+            help="API processes sharing the port (each with its own database pool and bus connection)",
+        ),
+    ] = 1,
+) -> None:
     """The REST API (production: as many as you like behind a load balancer)."""
     settings = Settings()
     _logging(settings)
-    from app.runtime import run_api
+    from app.runtime import run_api, serve_workers
 
-    _run(run_api(settings))
+    if workers == 1:
+        _run(run_api(settings))
+    else:
+        raise typer.Exit(serve_workers(settings, workers, _run))
 
 
 @cli.command()

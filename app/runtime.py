@@ -14,8 +14,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,7 @@ class Plane:
             self.sessions, batch=self.settings.result_batch, runners=self.settings.result_runners
         )
         await self.bus.consume_results(self.dispatcher.handle)
+        await self.bus.consume_heartbeats(self.dispatcher.handle)
         s = self.settings
         self.sweepers = Sweepers(
             self.sessions,
@@ -281,8 +284,9 @@ def _give_up(grace: float) -> None:
     os._exit(1)
 
 
-async def serve_api(p: Plane) -> None:
-    """The REST API on this plane's database and bus, until SIGTERM/SIGINT."""
+async def serve_api(p: Plane, sock: socket.socket | None = None) -> None:
+    """The REST API on this plane's database and bus, until SIGTERM/SIGINT (on ``sock`` when
+    given: a socket bound by the parent of several workers)."""
     from app.api.app import create_app
     from app.api.deps import AppState
 
@@ -304,13 +308,92 @@ async def serve_api(p: Plane) -> None:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    await uvicorn.Server(config).serve()
+    await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)
     start_watchdog()  # uvicorn handled the signal; what follows is bounded too
 
 
-async def run_api(settings: Settings) -> None:
+async def run_api(settings: Settings, sock: socket.socket | None = None) -> None:
     async with plane(settings, wait_for_bus=False) as p:
-        await serve_api(p)
+        await serve_api(p, sock)
+
+
+#: A worker that exits within this many seconds of its start is not started again (it is
+#: misconfigured, not unlucky): the others are stopped and the command fails.
+RESPAWN_AFTER = 5.0
+
+
+def serve_workers(settings: Settings, workers: int, run: Callable[[Awaitable[None]], None]) -> int:
+    """``workers`` API processes on one listening socket, each a whole ``nephos api`` (its own
+    event loop, pool, bus connection and outbox); the kernel spreads connections among them.
+
+    The parent binds the port, reads (or makes) the server key once so every worker seals with
+    the same one, then forks. It forwards SIGTERM/SIGINT to the workers, starts again one that
+    dies (SIGKILL, out of memory), and returns once all have stopped. Each worker is the leader of
+    its own process group, so a terminal's ^C reaches the parent alone, which passes it on once.
+    """
+    if settings.secret_key is None:
+        load_cipher(settings)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    children: dict[int, float] = {}
+    stopping = False
+
+    def start() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.setpgid(0, 0)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 0
+            try:
+                run(run_api(settings, sock))
+            except BaseException:
+                log.exception("API worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(workers):
+        start()
+    log.info("%d API workers serving on %s:%d", workers, settings.host, settings.port)
+    failed = False
+    while children:
+        pid, status = os.wait()
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        log.warning("API worker %d ended (%s)", pid, _ended(status))
+        if time.monotonic() - started < RESPAWN_AFTER:
+            failed = True
+            stop(signal.SIGTERM, None)
+        else:
+            start()
+    sock.close()
+    return 1 if failed else 0
+
+
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.WEXITSTATUS(status)}"
 
 
 async def run_dispatcher(settings: Settings) -> None:

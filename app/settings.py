@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # broker never see each other's messages.
     amqp_prefix: str = "nephos"
     amqp_prefetch: int = Field(default=64, gt=0, le=65535)
+    # Durable queues as quorum queues (replicated across a RabbitMQ cluster) instead of classic
+    # ones. Chosen before a prefix's first start: the broker will not convert existing queues.
+    amqp_quorum: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None

@@ -228,7 +228,8 @@ class Cluster:
         await conn.close()
         connection = await aio_pika.connect(self.amqp)
         channel = await connection.channel()
-        for q in (f"{self.prefix}.results", f"{self.prefix}.dead", *(f"{self.prefix}.jobs.{h}" for h in self.hosts)):
+        queues = ("results", "heartbeats", "dead", *(f"jobs.{h}" for h in self.hosts))
+        for q in (f"{self.prefix}.{name}" for name in queues):
             await channel.queue_delete(q)
         for x in (f"{self.prefix}.jobs", f"{self.prefix}.dlx"):
             await channel.exchange_delete(x)

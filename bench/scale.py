@@ -44,6 +44,7 @@ async def fill(client: httpx.AsyncClient, db: asyncpg.Connection, user: dict[str
     async def create(i: int) -> None:
         async with slots:
             body = {"name": f"s{i}", "flavor": "tiny", "image": "debian-12", "count": min(PER_REQUEST, n - i)}
+            body["networks"] = ["scale"]
             r = await client.post("/api/v1/servers", headers=user, json=body)
             if r.status_code != 202:
                 raise RuntimeError(f"create answered {r.status_code}: {r.text}")
@@ -100,6 +101,10 @@ async def scale(args: Any, workdir: Path) -> dict[str, Any]:
             project = r.json()["id"]
             r = await client.post("/api/v1/admin/users", headers=ADMIN, json={"name": "s", "project_id": project})
             user = {"Authorization": f"Bearer {r.json()['token']}"}
+            # Room for every VM's address: a /16 of the project's own.
+            r = await client.post("/api/v1/networks", headers=user, json={"name": "scale", "cidr": "10.200.0.0/16"})
+            if r.status_code != 201:
+                raise RuntimeError(f"network answered {r.status_code}: {r.text}")
             filled = await fill(client, db, user, n)
             rss_before = cluster.rss_mb("api")
 

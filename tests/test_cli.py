@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -145,3 +146,82 @@ def test_admin_reconcile_works_against_the_embedded_cloud(tmp_path: Path) -> Non
             assert done.returncode == 0, done.stdout + done.stderr
             assert "reconciliation" in done.stdout and "not judged" not in done.stdout, done.stdout
         assert "(fixed)" in done.stdout
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def test_api_workers_share_the_port_and_are_replaced(pg_url: str, tmp_path: Path) -> None:
+    """``nephos api --workers 2``: two processes answer on one port; a worker killed is started
+    again, and SIGTERM stops them all."""
+    from tests.procs import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEPHOS_")}
+    env.update(
+        NEPHOS_DATABASE_URL=pg_url,
+        NEPHOS_PORT=str(port),
+        NEPHOS_ADMIN_TOKEN="nph_workers_admin_token",
+        NEPHOS_SECRET_KEY_FILE=str(tmp_path / "secret.key"),
+    )
+    assert (
+        subprocess.run([nephos_bin(), "seed"], cwd=tmp_path, env=env, capture_output=True, timeout=60).returncode == 0
+    )
+    log = (tmp_path / "api.log").open("w+")
+    proc = subprocess.Popen([nephos_bin(), "api", "--workers", "2"], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    admin = {"Authorization": "Bearer nph_workers_admin_token"}
+    base = f"http://127.0.0.1:{port}"
+
+    def all_answer() -> None:
+        # Fresh connections, so the kernel hands them to either worker.
+        for i in range(20):
+            r = httpx.post(f"{base}/api/v1/admin/projects", headers=admin, json={"name": f"w-{port}-{i}-{time.time()}"})
+            assert r.status_code == 201, r.text
+
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code in (200, 503):
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        all_answer()
+        # The secret key was made once, by the parent: both workers seal with it.
+        assert (tmp_path / "secret.key").exists()
+        time.sleep(5.5)  # a worker that dies at once is misconfigured: only a settled one is replaced
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(200):
+            now = _children(proc.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.1)
+        assert len(now) == 2 and victim not in now, now
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code in (200, 503):
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        all_answer()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        log.seek(0)
+        out = log.read()
+    assert code == 0, out
+    assert not _children(proc.pid)
+    assert "API worker" in out and "ended (signal SIGKILL)" in out, out

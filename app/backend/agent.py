@@ -144,7 +144,7 @@ class Agent:
                 log.warning("periodic %s failed", getattr(fn, "__name__", fn), exc_info=True)
 
     async def heartbeat(self) -> None:
-        await self.bus.publish_result(
+        await self.bus.publish_heartbeat(
             encode(
                 Heartbeat(
                     host=self.host,
@@ -248,7 +248,7 @@ class Agent:
                     log.exception("job %s (%s) failed", job.job_id, job.action)
                     details, error = {}, f"{type(exc).__name__}: {exc}"
                 running.cancel()
-                await self._persist()
+                await self._persist(job.server_id)
                 state = await self.driver.state(job.server_id)
                 # Publishing may fail (broker away): then the job is redelivered, runs again
                 # (idempotent), and its result is published then.
@@ -261,9 +261,9 @@ class Agent:
                 running.cancel()
                 self._busy.discard(job.server_id)
 
-    async def _persist(self) -> None:
+    async def _persist(self, changed: uuid.UUID | None = None) -> None:
         try:
-            await self.driver.persist()
+            await self.driver.persist(changed)
         except Exception:  # a simulated host's file only: never fail a job over it
             log.warning("could not save the simulated host's domains", exc_info=True)
 
@@ -330,7 +330,7 @@ class Agent:
             self._busy.add(transfer.server_id)
             try:
                 await self.driver.adopt(transfer.domain_xml, transfer.start)
-                await self._persist()
+                await self._persist(transfer.server_id)
                 ack = PeerAck(job_id=transfer.job_id, ok=True)
             except libvirt.libvirtError as exc:
                 ack = PeerAck(job_id=transfer.job_id, ok=False, error=str(exc))

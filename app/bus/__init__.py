@@ -25,7 +25,9 @@ def make_bus(settings: Settings) -> Bus:
         return MemoryBus()
     from app.bus.amqp import AmqpBus
 
-    return AmqpBus(settings.amqp_url, prefix=settings.amqp_prefix, prefetch=settings.amqp_prefetch)
+    return AmqpBus(
+        settings.amqp_url, prefix=settings.amqp_prefix, prefetch=settings.amqp_prefetch, quorum=settings.amqp_quorum
+    )
 
 
 __all__ = ["Bus", "Handler", "Poison", "make_bus"]

@@ -28,9 +28,9 @@ log = logging.getLogger("nephos.bus")
 
 
 class AmqpBus(Bus):
-    def __init__(self, url: str, *, prefix: str = "nephos", prefetch: int = 64) -> None:
+    def __init__(self, url: str, *, prefix: str = "nephos", prefetch: int = 64, quorum: bool = False) -> None:
         super().__init__()
-        self.url, self.prefix, self.prefetch = url, prefix, prefetch
+        self.url, self.prefix, self.prefetch, self.quorum = url, prefix, prefetch, quorum
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._jobs: aio_pika.abc.AbstractExchange | None = None
@@ -47,12 +47,27 @@ class AmqpBus(Bus):
         return f"{self.prefix}.results"
 
     @property
+    def heartbeats_queue(self) -> str:
+        return f"{self.prefix}.heartbeats"
+
+    @property
     def dead_queue(self) -> str:
         return f"{self.prefix}.dead"
 
     @property
     def _queue_args(self) -> dict[str, Any]:
-        return {"x-dead-letter-exchange": f"{self.prefix}.dlx"}
+        return {"x-dead-letter-exchange": f"{self.prefix}.dlx", **self._kind}
+
+    @property
+    def _kind(self) -> dict[str, Any]:
+        """Quorum queues (replicated by Raft across a RabbitMQ cluster) when asked for; the
+        broker refuses to redeclare an existing classic queue as one, so it is chosen before a
+        prefix's first start."""
+        return {"x-queue-type": "quorum"} if self.quorum else {}
+
+    def _args_of(self, queue: str) -> dict[str, Any]:
+        # Heartbeats are transient: a classic queue always (quorum queues hold every message on disk).
+        return {"x-dead-letter-exchange": f"{self.prefix}.dlx"} if queue == self.heartbeats_queue else self._queue_args
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -61,10 +76,11 @@ class AmqpBus(Bus):
         assert isinstance(channel, AbstractRobustChannel)
         self._publish_channel = channel
         dlx = await channel.declare_exchange(f"{self.prefix}.dlx", aio_pika.ExchangeType.FANOUT, durable=True)
-        dead = await channel.declare_queue(self.dead_queue, durable=True)
+        dead = await channel.declare_queue(self.dead_queue, durable=True, arguments=self._kind)
         await dead.bind(dlx)
         self._jobs = await channel.declare_exchange(f"{self.prefix}.jobs", aio_pika.ExchangeType.DIRECT, durable=True)
         await channel.declare_queue(self.results_queue, durable=True, arguments=self._queue_args)
+        await channel.declare_queue(self.heartbeats_queue, durable=True, arguments=self._args_of(self.heartbeats_queue))
 
     async def close(self) -> None:
         await self.drain_tasks()
@@ -116,12 +132,19 @@ class AmqpBus(Bus):
             self._message(body, message_id), routing_key=self.results_queue, mandatory=True
         )
 
+    async def publish_heartbeat(self, body: bytes) -> None:
+        self._require()
+        assert self._publish_channel is not None
+        # Not persistent: a heartbeat is worth nothing after a broker restart.
+        message = aio_pika.Message(body, message_id=uuid.uuid4().hex, content_type="application/json")
+        await self._publish_channel.default_exchange.publish(message, routing_key=self.heartbeats_queue, mandatory=True)
+
     # -- consuming -----------------------------------------------------------------------
     async def _consume(self, queue_name: str, handler: Handler, bind_host: str | None = None) -> None:
         assert self._connection is not None
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=self._queue_args)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=self._args_of(queue_name))
         if bind_host is not None:
             jobs = await channel.declare_exchange(f"{self.prefix}.jobs", aio_pika.ExchangeType.DIRECT, durable=True)
             await queue.bind(jobs, routing_key=bind_host)
@@ -156,6 +179,9 @@ class AmqpBus(Bus):
     async def consume_results(self, handler: Handler) -> None:
         await self._consume(self.results_queue, handler)
 
+    async def consume_heartbeats(self, handler: Handler) -> None:
+        await self._consume(self.heartbeats_queue, handler)
+
     async def dead_count(self) -> int:
         assert self._publish_channel is not None
         # Ask the broker itself: aio-pika's robust channel answers a re-declaration from cache.
@@ -167,7 +193,7 @@ class AmqpBus(Bus):
         """Remove this prefix's queues and exchanges (tests clean up after themselves)."""
         assert self._connection is not None
         channel = await self._connection.channel()
-        for name in [self.results_queue, self.dead_queue, *(self.job_queue(h) for h in hosts)]:
+        for name in [self.results_queue, self.heartbeats_queue, self.dead_queue, *(self.job_queue(h) for h in hosts)]:
             await channel.queue_delete(name, if_unused=False, if_empty=False)
         for name in (f"{self.prefix}.jobs", f"{self.prefix}.dlx"):
             await channel.exchange_delete(name)

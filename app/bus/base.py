@@ -46,7 +46,15 @@ class Bus(abc.ABC):
     async def publish_result(self, body: bytes, message_id: str | None = None) -> None: ...
 
     @abc.abstractmethod
+    async def publish_heartbeat(self, body: bytes) -> None:
+        """An agent's "alive", on a queue of its own: liveness never waits behind a backlog of
+        results (a dispatcher catching up must not judge the hosts that sent them silent)."""
+
+    @abc.abstractmethod
     async def consume_jobs(self, host: str, handler: Handler) -> None: ...
+
+    @abc.abstractmethod
+    async def consume_heartbeats(self, handler: Handler) -> None: ...
 
     @abc.abstractmethod
     async def consume_results(self, handler: Handler) -> None: ...

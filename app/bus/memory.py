@@ -50,6 +50,12 @@ class MemoryBus(Bus):
     async def publish_result(self, body: bytes, message_id: str | None = None) -> None:
         self._queue("results").put_nowait(_Delivery(message_id or uuid.uuid4().hex, body))
 
+    async def publish_heartbeat(self, body: bytes) -> None:
+        self._queue("heartbeats").put_nowait(_Delivery(uuid.uuid4().hex, body))
+
+    async def consume_heartbeats(self, handler: Handler) -> None:
+        self.spawn(self._consume("heartbeats", handler))
+
     async def consume_jobs(self, host: str, handler: Handler) -> None:
         self.spawn(self._consume(f"jobs.{host}", handler))
 

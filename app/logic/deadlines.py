@@ -53,7 +53,7 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     job = await session.get(Job, job_id)
     if job is None or job.status in FINAL:
         return
-    host = await hosts.get(session, job.host)
+    host = await hosts.get(session, job.host, inventory=True)
     if host is None or host.state == HostState.DOWN:
         await results.apply_result(
             session, job_id=job.id, success=False, error=f"no result before the deadline, and host {job.host} is down"

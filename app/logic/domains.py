@@ -33,7 +33,7 @@ async def _unowned(session: AsyncSession, *, actor: Actor, host: str, domain_uui
     """The domain as its host last reported it, if no VM row claims it."""
     if not actor.is_admin:
         raise Forbidden("acting on a host's domains needs the admin role")
-    row = await hosts.get(session, host)
+    row = await hosts.get(session, host, inventory=True)
     if row is None:
         raise NotFound(f"host {host} not found", host=host)
     seen = next((d for d in (row.inventory or {}).get("domains", []) if d.get("server_id") == str(domain_uuid)), None)

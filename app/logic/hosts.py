@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import utcnow
 from app.logic import catalogue
 from app.logic.errors import BadRequest
-from app.logic.hoststate import HostState
+from app.logic.hoststate import WITHOUT_INVENTORY, HostState
 from app.models import Host, table_of
 
 _hosts = table_of(Host)
@@ -34,7 +34,11 @@ async def heartbeat(
     A host an admin disabled stays disabled: a heartbeat says the agent lives, not that the
     operator wants VMs placed there.
     """
-    host = (await session.scalars(sa.select(Host).where(_hosts.c.name == name).with_for_update(key_share=True))).first()
+    host = (
+        await session.scalars(
+            sa.select(Host).options(WITHOUT_INVENTORY).where(_hosts.c.name == name).with_for_update(key_share=True)
+        )
+    ).first()
     if host is None:
         await catalogue.ensure_zone(session, zone)
         host = Host(name=name, zone=zone, cpus=cpus, ram_mb=ram_mb, state=HostState.UP)
@@ -76,10 +80,12 @@ async def mark_silent_down(session: AsyncSession, *, silent_for: timedelta) -> l
     return [r[0] for r in rows]
 
 
-async def get(session: AsyncSession, name: str | None) -> Host | None:
+async def get(session: AsyncSession, name: str | None, *, inventory: bool = False) -> Host | None:
+    """The host named ``name``; its last inventory (every domain it runs) only if asked for."""
     if name is None:
         return None
-    return (await session.scalars(sa.select(Host).where(_hosts.c.name == name))).first()
+    stmt = sa.select(Host).where(_hosts.c.name == name)
+    return (await session.scalars(stmt if inventory else stmt.options(WITHOUT_INVENTORY))).first()
 
 
 #: The libvirt driver of simulated hosts: migration there is a peer transfer between agents.

@@ -288,6 +288,7 @@ class Allocator:
     def __init__(self, networks: list[Network]) -> None:
         self.networks = networks
         self._used: dict[uuid.UUID, set[str]] = {}
+        self._next: dict[uuid.UUID, int] = {}  # per network: where the search for a free address resumes
 
     async def lock(self, session: AsyncSession) -> None:
         ids = sorted(n.id for n in self.networks)
@@ -315,11 +316,17 @@ class Allocator:
         return ip
 
     def _free(self, net: Network) -> str:
+        """The lowest free address. Addresses are only ever taken while this allocator lives, so
+        the next VM's search resumes where the last one's ended: a create of 100 VMs scans the
+        network once, not 100 times."""
         used, gateway = self._used[net.id], net.gateway
-        for host in ipaddress.IPv4Network(net.cidr).hosts():
-            ip = str(host)
+        cidr = ipaddress.IPv4Network(net.cidr)
+        first = self._next.get(net.id, int(cidr.network_address) + 1)
+        for value in range(first, int(cidr.broadcast_address)):
+            ip = str(ipaddress.IPv4Address(value))
             if ip != gateway and ip not in used:
                 used.add(ip)
+                self._next[net.id] = value + 1
                 return ip
         raise NetworkFull(
             f"network {net.name} ({net.cidr}) has no free address left",

@@ -29,6 +29,7 @@ refusals, the dispatcher's transitions and the docs all read ``TABLE``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -215,6 +216,13 @@ OFFERED = (
 def offered(operstate: Operstate, task: str | None) -> list[Action]:
     """The actions the table accepts now from a VM in ``operstate`` with ``task`` pending (what
     a console offers; a destroy already pending is not offered again)."""
+    return list(_offered(operstate, task))
+
+
+@functools.cache
+def _offered(operstate: Operstate, task: str | None) -> tuple[Action, ...]:
+    # The table is fixed: each (state, task) pair is decided once per process, not once per VM
+    # of every listed page.
     out = []
     for action in OFFERED:
         try:
@@ -223,4 +231,4 @@ def offered(operstate: Operstate, task: str | None) -> list[Action]:
             continue
         if not decision.repeat_of_pending:
             out.append(action)
-    return out
+    return tuple(out)

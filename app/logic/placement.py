@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic.errors import NoCapacity
-from app.logic.hoststate import HostState
+from app.logic.hoststate import WITHOUT_INVENTORY, HostState
 from app.models import Flavor, Host, table_of
 
 _hosts = table_of(Host)
@@ -47,7 +47,12 @@ def free_of(host: Host) -> tuple[int, int]:
 
 async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = False) -> list[Host]:
     """Up hosts (of ``zone``), read afresh; with ``lock``, locked in id order."""
-    stmt = sa.select(Host).where(_hosts.c.state == HostState.UP).execution_options(populate_existing=True)
+    stmt = (
+        sa.select(Host)
+        .options(WITHOUT_INVENTORY)
+        .where(_hosts.c.state == HostState.UP)
+        .execution_options(populate_existing=True)
+    )
     if zone is not None:
         stmt = stmt.where(_hosts.c.zone == zone)
     if lock:
@@ -186,7 +191,9 @@ def _fits(cpu: int, ram: int, flavor: Flavor) -> int:
 
 async def fits(session: AsyncSession, flavors: list[Flavor]) -> list[Fit]:
     """Per flavor and zone (of the up hosts): room now, and room were the hosts empty."""
-    hosts = list(await session.scalars(sa.select(Host).where(_hosts.c.state == HostState.UP)))
+    hosts = list(
+        await session.scalars(sa.select(Host).options(WITHOUT_INVENTORY).where(_hosts.c.state == HostState.UP))
+    )
     zones: dict[str, list[Host]] = {}
     for h in hosts:
         zones.setdefault(h.zone, []).append(h)

@@ -24,7 +24,7 @@ from app.logic import actions, catalogue, quotas, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import BadRequest, NephosError, NoCapacity
-from app.logic.hoststate import HostState
+from app.logic.hoststate import WITHOUT_INVENTORY, HostState
 from app.logic.jobs import Outbox
 from app.logic.operstate import RESOURCES, Action
 from app.logic.placement import free_of
@@ -66,7 +66,12 @@ class Answer:
 
 async def _room(session: AsyncSession) -> dict[str, tuple[str, int, int]]:
     """Each up host's zone and free vCPUs and MiB, read afresh."""
-    stmt = sa.select(Host).where(_hosts.c.state == HostState.UP).execution_options(populate_existing=True)
+    stmt = (
+        sa.select(Host)
+        .options(WITHOUT_INVENTORY)
+        .where(_hosts.c.state == HostState.UP)
+        .execution_options(populate_existing=True)
+    )
     return {h.name: (h.zone, *free_of(h)) for h in await session.scalars(stmt)}
 
 

@@ -17,13 +17,16 @@ HOSTS = ["h1", "h2"]
 
 
 def _make(kind: str, prefix: str) -> Bus:
-    return MemoryBus() if kind == "memory" else AmqpBus(AMQP_URL, prefix=prefix, prefetch=8)
+    if kind == "memory":
+        return MemoryBus()
+    return AmqpBus(AMQP_URL, prefix=prefix, prefetch=8, quorum=kind == "amqp-quorum")
 
 
-@pytest.fixture(params=["memory", "amqp"])
+@pytest.fixture(params=["memory", "amqp", "amqp-quorum"])
 async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Bus]]:
-    """A factory: every bus it makes shares one broker namespace (a unique prefix)."""
-    if request.param == "amqp":
+    """A factory: every bus it makes shares one broker namespace (a unique prefix). The same
+    behaviour holds with classic and with quorum queues (``NEPHOS_AMQP_QUORUM``)."""
+    if request.param != "memory":
         need_amqp()
     prefix, made = amqp_prefix(), []
     shared = MemoryBus() if request.param == "memory" else None
@@ -36,8 +39,8 @@ async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[],
     yield factory
     for bus in made:
         await bus.close()
-    if request.param == "amqp":
-        cleaner = AmqpBus(AMQP_URL, prefix=prefix)
+    if request.param != "memory":
+        cleaner = AmqpBus(AMQP_URL, prefix=prefix, quorum=request.param == "amqp-quorum")
         await cleaner.start()
         await cleaner.purge_and_delete(HOSTS)
         await cleaner.close()
@@ -188,3 +191,24 @@ async def test_competing_consumers_share_the_results_queue(make_bus: Callable[[]
     await asyncio.gather(*(a.publish_result(b"%d" % i) for i in range(100)))
     await _until(lambda: len(got) == 100)
     assert sorted(got) == sorted(b"%d" % i for i in range(100))  # each exactly once
+
+
+async def test_heartbeats_never_wait_behind_results(make_bus: Callable[[], Bus]) -> None:
+    """A dispatcher with a backlog of results still hears every host: heartbeats have their own queue."""
+    bus = make_bus()
+    await bus.start()
+    release = asyncio.Event()
+    beats: list[bytes] = []
+
+    async def slow(body: bytes) -> None:
+        await release.wait()
+
+    async def alive(body: bytes) -> None:
+        beats.append(body)
+
+    await bus.consume_results(slow)
+    await bus.consume_heartbeats(alive)
+    await asyncio.gather(*(bus.publish_result(b"%d" % i) for i in range(100)))
+    await bus.publish_heartbeat(b"alive")
+    await _until(lambda: beats == [b"alive"])
+    release.set()
