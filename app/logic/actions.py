@@ -72,7 +72,7 @@ async def _begin(
     new_flavor: Flavor | None = None,
     target_host: str | None = None,
 ) -> Job:
-    server = await servers.lock(session, actor=actor, server_id=server_id)
+    server, host_state = await servers.lock_for_action(session, actor=actor, server_id=server_id)
     rule = TABLE[action]
     if rule.admin_only and not actor.is_admin:
         raise Forbidden(f"{action.value} needs the admin role")
@@ -93,8 +93,8 @@ async def _begin(
         assert job is not None
         return job
 
-    host_down = await _host_down(session, server, action)
-    flavor = await session.get(Flavor, server.flavor_id)
+    host_down = _host_down(server, host_state, action)
+    flavor = await session.get(Flavor, server.flavor_id)  # read with the lock: no statement
     assert flavor is not None
     params = dict(params or {})
     after = rule.on_accept or rule.on_success or before
@@ -206,13 +206,10 @@ async def _begin(
     return job
 
 
-async def _host_down(session: AsyncSession, server: Server, action: Action) -> bool:
+def _host_down(server: Server, host_state: str | None, action: Action) -> bool:
     """Is the VM's host down? Then only destroy is accepted: a job there would only wait for
     its deadline."""
-    if server.host is None or action is Action.RELEASE:
-        return False
-    host = await hosts.get(session, server.host)
-    if host is None or host.state != HostState.DOWN:
+    if server.host is None or action is Action.RELEASE or host_state != HostState.DOWN:
         return False
     if action is not Action.DESTROY:
         raise HostDown(f"host {server.host} is down: only destroy is accepted until it is back", host=server.host)

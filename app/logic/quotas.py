@@ -236,9 +236,35 @@ async def reject(session: AsyncSession, commission: Commission, reason: str) -> 
 
 
 async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:
+    """The commission, locked (read from the session if ``lock_commissions`` holds it already)."""
     if commission_id is None:
         return None
+    if commission_id in session.info.get(_HELD, ()):
+        return await session.get(Commission, commission_id)
     return await session.get(Commission, commission_id, with_for_update={"key_share": True})
+
+
+#: ``session.info`` key: the commissions this transaction locked with ``lock_commissions``.
+_HELD = "nephos.held_commissions"
+
+
+async def lock_commissions(session: AsyncSession, commission_ids: set[uuid.UUID]) -> None:
+    """Lock several commissions in one statement, in id order; ``get_commission`` then finds
+    them in the session. ``release_commissions`` forgets them when the transaction ends."""
+    if not commission_ids:
+        return
+    rows = await session.scalars(
+        sa.select(Commission)
+        .where(_commissions.c.id.in_(sorted(commission_ids)))
+        .order_by(_commissions.c.id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    session.info[_HELD] = {c.id for c in rows}
+
+
+def release_commissions(session: AsyncSession) -> None:
+    session.info.pop(_HELD, None)
 
 
 def as_limits(raw: dict[str, Any] | None) -> dict[str, int]:

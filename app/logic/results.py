@@ -33,6 +33,8 @@ from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, targe
 from app.models import Flavor, Image, Job, Server, table_of
 
 _jobs = table_of(Job)
+#: ``session.info`` key: the jobs a batch locked (``begin_batch``).
+_HELD_JOBS = "nephos.held_jobs"
 T = TypeVar("T")
 
 
@@ -55,6 +57,20 @@ async def begin_batch(
         rows = await session.execute(sa.select(_jobs.c.id, _jobs.c.server_id).where(_jobs.c.id.in_(job_ids)))
         owners = {row.id: row.server_id for row in rows}
     await servers.lock_many(session, server_ids | set(owners.values()))
+    if owners:
+        # Then their jobs and the jobs' commissions, each in one statement (the lock order of
+        # ``apply_result``: server, job, commission): applying them reads them from the session.
+        held = list(
+            await session.scalars(
+                sa.select(Job)
+                .where(_jobs.c.id.in_(sorted(owners)))
+                .order_by(_jobs.c.id)
+                .with_for_update(key_share=True)
+                .execution_options(populate_existing=True)
+            )
+        )
+        session.info[_HELD_JOBS] = {job.id for job in held}
+        await quotas.lock_commissions(session, {job.commission_id for job in held if job.commission_id is not None})
     placement.defer_moves(session)
     quotas.defer_usage(session)
     return owners
@@ -65,6 +81,8 @@ async def end_batch(session: AsyncSession) -> None:
     await placement.add_deferred(session)
     await quotas.move_deferred(session)
     servers.release_many(session)
+    quotas.release_commissions(session)
+    session.info.pop(_HELD_JOBS, None)
 
 
 def in_sequence(items: list[T], key: Callable[[T], tuple[uuid.UUID, int] | None]) -> list[T]:
@@ -111,14 +129,17 @@ async def apply_result(
     # Lock order: server first, as every other writer does.
     server = await servers.locked(session, found.server_id)
     assert server is not None  # jobs reference their server
-    job = (
-        await session.scalars(
-            sa.select(Job)
-            .where(_jobs.c.id == job_id)
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
-    ).one()
+    if job_id in session.info.get(_HELD_JOBS, ()):
+        job = found  # locked and read afresh by ``begin_batch``
+    else:
+        job = (
+            await session.scalars(
+                sa.select(Job)
+                .where(_jobs.c.id == job_id)
+                .with_for_update(key_share=True)
+                .execution_options(populate_existing=True)
+            )
+        ).one()
     if job.status in FINAL:
         return Outcome.DUPLICATE
 

@@ -21,9 +21,10 @@ from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NotFoun
 from app.logic.jobs import Outbox, new_job
 from app.logic.operstate import Action, Deltas, Operstate, Task, footprint
 from app.logic.pagination import Page, paginate
-from app.models import Flavor, Image, Job, PublicIp, Server, table_of
+from app.models import Flavor, Host, Image, Job, PublicIp, Server, table_of
 
 _servers, _public = table_of(Server), table_of(PublicIp)
+_flavors, _hosts = table_of(Flavor), table_of(Host)
 MAX_COUNT = 100
 
 
@@ -109,6 +110,23 @@ async def lock_many(session: AsyncSession, server_ids: set[uuid.UUID]) -> None:
 def release_many(session: AsyncSession) -> None:
     """Forget what ``lock_many`` held (its transaction is over)."""
     session.info.pop(_HELD, None)
+
+
+async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> tuple[Server, str | None]:
+    """``lock``, for an action: with the VM's flavor (read into the session, so ``session.get``
+    finds it there) and its host's state (``None``: no host), in the same one statement."""
+    stmt = (
+        sa.select(Server, Flavor, _hosts.c.state)
+        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+        .outerjoin(_hosts, _hosts.c.name == _servers.c.host)
+        .where(_servers.c.id == server_id)
+        .with_for_update(of=_servers, key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    row = (await session.execute(stmt)).first()
+    if row is None or not actor.sees(row[0].project_id):
+        raise _not_found(server_id)
+    return row[0], row[2]
 
 
 async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:

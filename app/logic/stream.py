@@ -7,8 +7,8 @@
   project's quota usage or pending amounts adds one ``quota.changed`` for that project.
 * **Only committed events**: they are noted on the session and written by a ``before_commit``
   hook *in the transaction that made them*, in one multi-row INSERT: a rolled-back change
-  never reaches the stream. On PostgreSQL the same hook calls ``pg_notify`` (delivered at
-  commit) to wake the API processes that stream.
+  never reaches the stream. On PostgreSQL a statement trigger on the table (migration 0014)
+  calls ``pg_notify`` (delivered at commit) to wake the API processes that stream.
 * **Order without loss** (``Cursor``): a row's position is (the writing transaction's id, its
   serial). PostgreSQL hands out neither in commit order, so a reader only reads rows whose
   transaction is older than every transaction still running in this database (``_horizon``):
@@ -121,10 +121,10 @@ def _write(session: Session) -> None:
     ]
     postgres = session.get_bind().dialect.name == "postgresql"
     xid: Any = sa.text("pg_current_xact_id()::text::bigint") if postgres else 0
+    # On PostgreSQL a statement trigger on the table (migration 0014) notifies CHANNEL: the
+    # listeners wake at this transaction's commit, with no statement of its own.
     session.execute(_stream.insert().values(xid=xid), rows)
-    if postgres:
-        session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
-    else:
+    if not postgres:
         session.info[WRITTEN] = True
 
 
