@@ -86,8 +86,8 @@ class Tx:
 
     async def commit(self) -> None:
         await self.session.commit()
-        if self.outbox.job_ids:
-            jobs = list(self.outbox.job_ids)
+        if self.outbox.jobs:
+            jobs = list(self.outbox.jobs)  # the committed rows: published without reading them back
             self.outbox.clear()
             await self._publish(jobs)
         steps, self._later = self._later, []

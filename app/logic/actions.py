@@ -202,7 +202,7 @@ async def _begin(
         await session.flush()
         job.status = JobStatus.SENT.value
         await results.apply_result(session, job_id=job.id, success=True)
-        outbox.job_ids.remove(job.id)
+        outbox.discard(job.id)
     return job
 
 

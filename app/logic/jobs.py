@@ -43,13 +43,23 @@ class Outbox:
 
     def __init__(self, deadline_seconds: int = 600) -> None:
         self.deadline = timedelta(seconds=deadline_seconds)
-        self.job_ids: list[uuid.UUID] = []
+        # The rows themselves: once committed, the publisher builds their messages from them
+        # instead of reading them back.
+        self.jobs: list[Job] = []
+
+    @property
+    def job_ids(self) -> list[uuid.UUID]:
+        return [job.id for job in self.jobs]
 
     def add(self, job: Job) -> None:
-        self.job_ids.append(job.id)
+        self.jobs.append(job)
+
+    def discard(self, job_id: uuid.UUID) -> None:
+        """Not to be published after all (the transaction finished it itself)."""
+        self.jobs = [job for job in self.jobs if job.id != job_id]
 
     def clear(self) -> None:
-        self.job_ids.clear()
+        self.jobs.clear()
 
 
 #: The job parameter that lists which others are sealed with the server key (a console password):
