@@ -15,6 +15,7 @@ for an EC2 front end in Python, not a peer.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import httpx
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ADMIN, arguments, free_port, pct, running
+from run import ADMIN, ROOT, arguments, free_port, pct, running
 
 REGION = "us-east-1"
 
@@ -158,6 +159,27 @@ async def main() -> None:
             proc.terminate()
             proc.wait(timeout=20)
     print(table(nephos, moto, args.n, args.concurrency))
+    record = {
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "phases": {
+            phase: {
+                "nephos_wall_s": nephos[phase][0],
+                "moto_wall_s": moto[phase][0],
+                **(
+                    {
+                        "nephos_calls_per_s": nephos[phase][2] / nephos[phase][0],
+                        "moto_calls_per_s": moto[phase][2] / moto[phase][0],
+                        "ratio": (nephos[phase][2] / nephos[phase][0]) / (moto[phase][2] / moto[phase][0]),
+                    }
+                    if nephos[phase][2]
+                    else {}
+                ),
+            }
+            for phase in nephos
+        },
+    }
+    (ROOT / "bench" / "last-ec2.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -190,17 +190,29 @@ class Cluster:
             for role in ("api", "dispatcher")
         ]
 
+    def pids(self, role: str) -> list[int]:
+        """A role's processes, with their children (``nephos api --workers N`` forks its workers)."""
+        found = list(self.roles[role])
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                fields = _stat(int(entry.name))
+                if fields is not None and int(fields[1]) in self.roles[role]:
+                    found.append(int(entry.name))
+        return found
+
     def rss_mb(self, role: str) -> float:
-        """Resident memory of a role's first process, in MiB."""
-        for line in Path(f"/proc/{self.roles[role][0]}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of a role's processes (a parent of workers and its workers), in MiB."""
+        total = 0
+        for pid in self.pids(role):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
 
     def usage(self) -> dict[str, dict[str, float]]:
         """Now: CPU seconds per process (API, dispatcher, agents, PostgreSQL, RabbitMQ, this
         client), and statements sent and transactions committed by the API and the dispatcher."""
-        cpu = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in self.roles.items()}
+        cpu = {role: sum(cpu_seconds(pid) for pid in self.pids(role)) for role in self.roles}
         cpu["postgresql"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("postgres", top=True))
         cpu["postgresql"] += sum(cpu_seconds(pid) for pid in pids_named("postgres", top=False))
         cpu["rabbitmq"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("beam.smp", top=True))
@@ -208,7 +220,7 @@ class Cluster:
         cpu["client"] = own.user + own.system
         counted: dict[str, float] = {}
         for role in ("api", "dispatcher"):
-            for pid in self.roles[role]:
+            for pid in self.pids(role):
                 found = self.counts / f"{pid}.json"
                 data = json.loads(found.read_text()) if found.exists() else {}
                 counted[f"{role} statements"] = counted.get(f"{role} statements", 0) + data.get("statements", 0)
@@ -494,9 +506,12 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
                         raise RuntimeError(f"the stack floor's endpoint answered {r.status_code}")
 
             await asyncio.gather(*(one() for _ in range(200)))  # warm up
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(total)))
-            return total / (time.perf_counter() - t0)
+            rates = []
+            for _ in range(2):  # the better of two rounds: the machine is shared with nothing else now
+                t0 = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(total)))
+                rates.append(total / (time.perf_counter() - t0))
+            return max(rates)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
@@ -602,13 +617,17 @@ def arguments(doc: str | None, n: int, concurrency: int) -> argparse.Namespace:
     )
     parser.add_argument("--amqp", default=os.environ.get("NEPHOS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--profile", type=Path, default=None, help="py-spy flame graphs of the API and dispatcher here")
+    parser.add_argument("--quorum", action="store_true", help="quorum queues (NEPHOS_AMQP_QUORUM) instead of classic")
+    parser.add_argument("--api-workers", type=int, default=1, help="nephos api --workers N")
     return parser.parse_args()
 
 
 @contextlib.asynccontextmanager
 async def running(args: argparse.Namespace, workdir: Path, **options: Any) -> AsyncIterator[Cluster]:
     """A Nephos cluster for the body; if the body fails, the processes' logs are printed."""
-    cluster = Cluster(args.pg, args.amqp, workdir, **options)
+    env = {"NEPHOS_AMQP_QUORUM": "true" if getattr(args, "quorum", False) else "false"}
+    env["NEPHOS_API_WORKERS"] = str(getattr(args, "api_workers", 1))
+    cluster = Cluster(args.pg, args.amqp, workdir, env=env, **options)
     cluster.profiles = getattr(args, "profile", None)
     await cluster.start()
     try:
@@ -639,6 +658,8 @@ async def main() -> None:
     record = {
         "n": args.n,
         "concurrency": args.concurrency,
+        "quorum_queues": args.quorum,
+        "api_workers": args.api_workers,
         "actions_per_s": result["actions"] / result["wall"],
         "floor_commits_per_s": commits,
         "floor_messages_per_s": messages,
@@ -648,7 +669,25 @@ async def main() -> None:
         "costs_per_action": result["costs"],
         "probes": probes,
     }
-    (ROOT / "bench" / "last-run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record["latency_ms"] = {
+        step: {
+            "202_p50": pct(result["accept"][step], 50) * 1000,
+            "202_p99": pct(result["accept"][step], 99) * 1000,
+            "applied_p50": pct(result["applied"][step], 50) * 1000,
+            "applied_p99": pct(result["applied"][step], 99) * 1000,
+        }
+        for step in ACTIONS
+    }
+    every_accept = [x for a in ACTIONS for x in result["accept"][a]]
+    every_applied = [x for a in ACTIONS for x in result["applied"][a]]
+    record["latency_ms"]["all"] = {
+        "202_p50": pct(every_accept, 50) * 1000,
+        "202_p99": pct(every_accept, 99) * 1000,
+        "applied_p50": pct(every_applied, 50) * 1000,
+        "applied_p99": pct(every_applied, 99) * 1000,
+    }
+    name = "last-run-quorum.json" if args.quorum else "last-run.json"
+    (ROOT / "bench" / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
