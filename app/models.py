@@ -163,7 +163,11 @@ class Host(SQLModel, table=True):
 
 class Server(SQLModel, table=True):
     __tablename__ = "servers"
-    __table_args__ = (sa.Index("ix_servers_project_id_operstate", "project_id", "operstate"),)
+    __table_args__ = (
+        sa.Index("ix_servers_project_id_operstate", "project_id", "operstate"),
+        # A project's list pages (REST and EC2 alike, keyset by id): an index range per page.
+        sa.Index("ix_servers_project_id_id", "project_id", "id"),
+    )
     id: uuid.UUID = _id()
     name: str = Field(max_length=255)
     description: str = Field(default="", sa_type=sa.Text)
