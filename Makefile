@@ -71,7 +71,7 @@ bench: install services
 	$(BIN)/python bench/run.py --profile bench/profiles $(BENCH_ARGS) && \
 	$(BIN)/python bench/run.py --quorum $(BENCH_ARGS) && \
 	$(BIN)/python bench/ec2.py $(BENCH_EC2_ARGS) && \
-	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS) && \
+	$(BIN)/python bench/scale.py --profile bench/profiles $(BENCH_SCALE_ARGS) && \
 	$(BIN)/python bench/summary.py
 
 ## make faults: the fault suite at full size, restarting the real RabbitMQ and PostgreSQL (run it
