@@ -63,13 +63,14 @@ clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
 ## make bench: the end-to-end benchmark on PostgreSQL + RabbitMQ (N=1000 VMs; BENCH_ARGS="--n 200"),
-## again with quorum queues, the EC2 workload against Nephos and moto's server (N=200;
+## again with quorum queues, a short run under py-spy for the flame graphs, the EC2 workload against Nephos and moto's server (N=200;
 ## BENCH_EC2_ARGS="--n 500"), the scale figures over 10,000 VMs on 10 hosts (BENCH_SCALE_ARGS="--n
 ## 2000"), then one table of every figure (bench/summary.py)
 bench: install services
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
-	$(BIN)/python bench/run.py --profile bench/profiles $(BENCH_ARGS) && \
+	$(BIN)/python bench/run.py $(BENCH_ARGS) && \
 	$(BIN)/python bench/run.py --quorum $(BENCH_ARGS) && \
+	$(BIN)/python bench/run.py --profile bench/profiles --n 300 && \
 	$(BIN)/python bench/ec2.py $(BENCH_EC2_ARGS) && \
 	$(BIN)/python bench/scale.py --profile bench/profiles $(BENCH_SCALE_ARGS) && \
 	$(BIN)/python bench/summary.py

@@ -686,7 +686,9 @@ async def main() -> None:
         "applied_p50": pct(every_applied, 50) * 1000,
         "applied_p99": pct(every_applied, 99) * 1000,
     }
-    name = "last-run-quorum.json" if args.quorum else "last-run.json"
+    # A profiled run is slowed by its profiler (py-spy samples two processes 100 times a second):
+    # its figures are kept apart, and the measured runs are not profiled.
+    name = "last-run-profiled.json" if args.profile else "last-run-quorum.json" if args.quorum else "last-run.json"
     (ROOT / "bench" / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

@@ -111,16 +111,6 @@ async def scale(args: Any, workdir: Path) -> dict[str, Any]:
             filled = await fill(client, db, user, n)
             rss_before = cluster.rss_mb("api")
 
-            spy = None
-            if args.profile is not None:  # the API's flame graph during the list passes
-                args.profile.mkdir(parents=True, exist_ok=True)
-                spy = subprocess.Popen(
-                    [shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy", "record", "--pid",
-                     str(cluster.roles["api"][0]), "--rate", "200", "--nonblocking", "--output",
-                     str(args.profile / "api-list.svg")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                await asyncio.sleep(1.0)
             listed, seen = await list_pages(client, user)
             more, _ = await list_pages(client, user)  # a second pass: twice the samples for the p99
             listed += more
@@ -132,7 +122,18 @@ async def scale(args: Any, workdir: Path) -> dict[str, Any]:
             described, seen = await asyncio.to_thread(describe_pages, ec2)
             if seen != n:
                 raise RuntimeError(f"DescribeInstances showed {seen} of {n} instances")
-            if spy is not None:
+            rss_after = cluster.rss_mb("api")
+            if args.profile is not None:  # the API's flame graph: one more pass of each, not measured
+                args.profile.mkdir(parents=True, exist_ok=True)
+                spy = subprocess.Popen(
+                    [shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy", "record", "--pid",
+                     str(cluster.roles["api"][0]), "--rate", "200", "--nonblocking", "--output",
+                     str(args.profile / "api-list.svg")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(1.0)
+                await list_pages(client, user)
+                await asyncio.to_thread(describe_pages, ec2)
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
 
@@ -147,7 +148,6 @@ async def scale(args: Any, workdir: Path) -> dict[str, Any]:
                 drift = {k: len(v) for k, v in report.items() if isinstance(v, list) and v and k != "actions"}
                 if drift:
                     raise RuntimeError(f"reconcile found drift in a quiet cloud: {drift}")
-            rss_after = cluster.rss_mb("api")
         await db.close()
     return {
         "n": n,
