@@ -46,25 +46,22 @@ class Labels:
 
 
 async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
-    """The names of the flavors and images of ``servers`` and their addresses (three queries,
+    """The names of the flavors and images of ``servers`` and their addresses (two queries,
     whatever their number)."""
     rows = list(servers)
-    flavor_ids = {s.flavor_id for s in rows}
-    image_ids = {s.image_id for s in rows}
-    flavors = (
-        dict(
-            (
-                await session.execute(sa.select(_flavors.c.id, _flavors.c.name).where(_flavors.c.id.in_(flavor_ids)))
-            ).all()
+    flavors: dict[uuid.UUID, str] = {}
+    images: dict[uuid.UUID, str] = {}
+    if rows:
+        names = sa.union_all(
+            sa.select(_flavors.c.id, _flavors.c.name, sa.literal(True).label("flavor")).where(
+                _flavors.c.id.in_({s.flavor_id for s in rows})
+            ),
+            sa.select(_images.c.id, _images.c.name, sa.literal(False).label("flavor")).where(
+                _images.c.id.in_({s.image_id for s in rows})
+            ),
         )
-        if flavor_ids
-        else {}
-    )
-    images = (
-        dict((await session.execute(sa.select(_images.c.id, _images.c.name).where(_images.c.id.in_(image_ids)))).all())
-        if image_ids
-        else {}
-    )
+        for found, name, is_flavor in (await session.execute(names)).all():
+            (flavors if is_flavor else images)[found] = name
     return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in rows]))
 
 

@@ -373,21 +373,19 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
     out: dict[uuid.UUID, list[Address]] = {sid: [] for sid in ids}
     if not ids:
         return out
+    # A VM's public address (the lowest, should it hold several) comes with its NICs' rows.
+    public = (
+        sa.select(sa.func.min(_public.c.address))
+        .where(_public.c.server_id == _ports.c.server_id)
+        .scalar_subquery()
+        .label("public_ip")
+    )
     rows = await session.execute(
-        sa.select(_ports, _networks.c.name, _networks.c.ec2_id.label("subnet"))
+        sa.select(_ports, _networks.c.name, _networks.c.ec2_id.label("subnet"), public)
         .join(_networks, _networks.c.id == _ports.c.network_id)
         .where(_ports.c.server_id.in_(ids))
         .order_by(_ports.c.server_id, _ports.c.position)
     )
-    public: dict[uuid.UUID, str] = {}
-    for sid, address in (
-        await session.execute(
-            sa.select(_public.c.server_id, _public.c.address)
-            .where(_public.c.server_id.in_(ids))
-            .order_by(_public.c.address)
-        )
-    ).all():
-        public.setdefault(sid, address)
     for row in rows.mappings():
         sid = row["server_id"]
         first = not out[sid]  # a VM's public address maps to its first NIC
@@ -399,7 +397,7 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
                 row["mac"],
                 row["subnet"],
                 row["ec2_id"],
-                public.get(sid) if first else None,
+                row["public_ip"] if first else None,
             )
         )
     return out
