@@ -309,6 +309,20 @@ async def test_every_fault_heals_with_nothing_lost(pg_template: str, tmp_path: P
             silent.append(busiest[0]["host"])
             silenced_at.append((await f.fetch("SELECT now()"))[0][0])
             c.procs[silent[0]].send_signal(signal.SIGSTOP)
+            # At least one task is pending there: an action on an idle VM of the silent host, sent
+            # before the host is found silent (the load's own may all land on busy VMs).
+            idle = await f.fetch(
+                "SELECT id, operstate FROM servers WHERE host = $1 AND task IS NULL"
+                " AND operstate IN ('STARTED', 'STOPPED', 'SUSPENDED') ORDER BY created_at DESC LIMIT 5",
+                silent[0],
+            )
+            wanted = {"STARTED": "reboot", "STOPPED": "start", "SUSPENDED": "resume"}
+            for vm in idle:
+                r = await c.client.post(
+                    f"/api/v1/servers/{vm['id']}/actions", headers=ADMIN, json={"action": wanted[vm["operstate"]]}
+                )
+                if r.status_code == 202:
+                    break
 
         async def host_down(load: Load) -> None:
             (quiet,) = silent
