@@ -183,6 +183,14 @@ def test_api_workers_share_the_port_and_are_replaced(pg_url: str, tmp_path: Path
     admin = {"Authorization": "Bearer nph_workers_admin_token"}
     base = f"http://127.0.0.1:{port}"
 
+    def serving() -> None:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code in (200, 503):
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
     def all_answer() -> None:
         # Fresh connections, so the kernel hands them to either worker.
         for i in range(20):
@@ -190,12 +198,7 @@ def test_api_workers_share_the_port_and_are_replaced(pg_url: str, tmp_path: Path
             assert r.status_code == 201, r.text
 
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code in (200, 503):
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        serving()
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         all_answer()
@@ -210,12 +213,7 @@ def test_api_workers_share_the_port_and_are_replaced(pg_url: str, tmp_path: Path
                 break
             time.sleep(0.1)
         assert len(now) == 2 and victim not in now, now
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code in (200, 503):
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        serving()
         all_answer()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import stream
+from app.logic import rows, stream
 from app.logic.errors import BadRequest, OverLimit
 from app.logic.operstate import RESOURCES, Deltas
 from app.models import Commission, Project, Quota, table_of
@@ -98,7 +98,7 @@ async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict
         .where(_commissions.c.project_id == project_id, _commissions.c.state == CommissionState.PENDING)
         .subquery()
     )
-    rows = (
+    found = (
         await session.execute(
             sa.select(_quotas.c.resource, _quotas.c.hard_limit, _quotas.c.usage, *pending.c)
             .select_from(_quotas.join(pending, sa.true()))  # the sums are one row
@@ -106,11 +106,11 @@ async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict
         )
     ).all()
     out = {r: {"limit": 0, "usage": 0, "pending": 0} for r in RESOURCES}
-    for row in rows:
+    for row in found:
         out[row.resource].update(limit=int(row.hard_limit), usage=int(row.usage))
-    if rows:
+    if found:
         for r in RESOURCES:
-            out[r]["pending"] = int(getattr(rows[0], r))
+            out[r]["pending"] = int(getattr(found[0], r))
     return out
 
 
@@ -236,35 +236,12 @@ async def reject(session: AsyncSession, commission: Commission, reason: str) -> 
 
 
 async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:
-    """The commission, locked (read from the session if ``lock_commissions`` holds it already)."""
+    """The commission, locked (read from the session if ``rows.lock_all`` holds it already)."""
     if commission_id is None:
         return None
-    if commission_id in session.info.get(_HELD, ()):
+    if rows.held(session, Commission, commission_id):
         return await session.get(Commission, commission_id)
     return await session.get(Commission, commission_id, with_for_update={"key_share": True})
-
-
-#: ``session.info`` key: the commissions this transaction locked with ``lock_commissions``.
-_HELD = "nephos.held_commissions"
-
-
-async def lock_commissions(session: AsyncSession, commission_ids: set[uuid.UUID]) -> None:
-    """Lock several commissions in one statement, in id order; ``get_commission`` then finds
-    them in the session. ``release_commissions`` forgets them when the transaction ends."""
-    if not commission_ids:
-        return
-    rows = await session.scalars(
-        sa.select(Commission)
-        .where(_commissions.c.id.in_(sorted(commission_ids)))
-        .order_by(_commissions.c.id)
-        .with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )
-    session.info[_HELD] = {c.id for c in rows}
-
-
-def release_commissions(session: AsyncSession) -> None:
-    session.info.pop(_HELD, None)
 
 
 def as_limits(raw: dict[str, Any] | None) -> dict[str, int]:

@@ -26,15 +26,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import events, networks, placement, quotas, servers
+from app.logic import events, networks, placement, quotas, rows, servers
 from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
-from app.models import Flavor, Image, Job, Server, table_of
+from app.models import Commission, Flavor, Image, Job, Server, table_of
 
 _jobs = table_of(Job)
-#: ``session.info`` key: the jobs a batch locked (``begin_batch``).
-_HELD_JOBS = "nephos.held_jobs"
 T = TypeVar("T")
 
 
@@ -54,23 +52,13 @@ async def begin_batch(
     batch and only until its commit."""
     owners: dict[uuid.UUID, uuid.UUID] = {}
     if job_ids:
-        rows = await session.execute(sa.select(_jobs.c.id, _jobs.c.server_id).where(_jobs.c.id.in_(job_ids)))
-        owners = {row.id: row.server_id for row in rows}
-    await servers.lock_many(session, server_ids | set(owners.values()))
-    if owners:
-        # Then their jobs and the jobs' commissions, each in one statement (the lock order of
-        # ``apply_result``: server, job, commission): applying them reads them from the session.
-        held = list(
-            await session.scalars(
-                sa.select(Job)
-                .where(_jobs.c.id.in_(sorted(owners)))
-                .order_by(_jobs.c.id)
-                .with_for_update(key_share=True)
-                .execution_options(populate_existing=True)
-            )
-        )
-        session.info[_HELD_JOBS] = {job.id for job in held}
-        await quotas.lock_commissions(session, {job.commission_id for job in held if job.commission_id is not None})
+        found = await session.execute(sa.select(_jobs.c.id, _jobs.c.server_id).where(_jobs.c.id.in_(job_ids)))
+        owners = {row.id: row.server_id for row in found}
+    await rows.lock_all(session, Server, server_ids | set(owners.values()))
+    # Then their jobs and the jobs' commissions, each in one statement (the lock order of
+    # ``apply_result``: server, job, commission): applying them reads them from the session.
+    held = await rows.lock_all(session, Job, owners)
+    await rows.lock_all(session, Commission, [job.commission_id for job in held if job.commission_id is not None])
     placement.defer_moves(session)
     quotas.defer_usage(session)
     return owners
@@ -80,9 +68,7 @@ async def end_batch(session: AsyncSession) -> None:
     """Make a batch's summed moves: hosts, then quota rows (the lock order everywhere)."""
     await placement.add_deferred(session)
     await quotas.move_deferred(session)
-    servers.release_many(session)
-    quotas.release_commissions(session)
-    session.info.pop(_HELD_JOBS, None)
+    rows.release_all(session)
 
 
 def in_sequence(items: list[T], key: Callable[[T], tuple[uuid.UUID, int] | None]) -> list[T]:
@@ -129,7 +115,7 @@ async def apply_result(
     # Lock order: server first, as every other writer does.
     server = await servers.locked(session, found.server_id)
     assert server is not None  # jobs reference their server
-    if job_id in session.info.get(_HELD_JOBS, ()):
+    if rows.held(session, Job, job_id):
         job = found  # locked and read afresh by ``begin_batch``
     else:
         job = (

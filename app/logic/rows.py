@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import SQLModel
 
 from app.logic.errors import AlreadyExists
+from app.models import table_of
+
+#: ``session.info`` key: per model, the ids of the rows ``lock_all`` locked in this transaction.
+_HELD = "nephos.held"
 
 
 async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
@@ -29,3 +38,34 @@ async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[st
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(table).values(**values).on_conflict_do_nothing()
     return (await session.execute(stmt.returning(*table.primary_key.columns))).first() is not None
+
+
+async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[uuid.UUID]) -> list[Any]:
+    """Lock several rows of ``model`` in one statement, in id order (the fixed order of multi-row
+    locks), read afresh. Until ``release_all``, ``held`` says so, and the callers that would lock
+    one of them read it from the session instead (no statement, no second wait)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return []
+    table = table_of(model)
+    found: list[Any] = list(
+        await session.scalars(
+            sa.select(model)
+            .where(table.c.id.in_(wanted))
+            .order_by(table.c.id)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        )
+    )
+    session.info.setdefault(_HELD, {}).setdefault(model, set()).update(row.id for row in found)
+    return found
+
+
+def held(session: AsyncSession, model: type[SQLModel], row_id: uuid.UUID | None) -> bool:
+    """Did ``lock_all`` lock this row in this transaction?"""
+    return row_id in session.info.get(_HELD, {}).get(model, ())
+
+
+def release_all(session: AsyncSession) -> None:
+    """Forget what ``lock_all`` held (its transaction is over)."""
+    session.info.pop(_HELD, None)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas
+from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas, rows
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NotFound
 from app.logic.jobs import Outbox, new_job
@@ -75,9 +75,9 @@ async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
     """The server row, locked for this transaction and read afresh (``None`` if there is none).
 
     Every writer of a VM takes this lock first: it is the per-VM task lock. In a transaction
-    that locked its VMs already (``lock_many``), a VM it holds is read from the session.
+    that locked its VMs already (``rows.lock_all``), a VM it holds is read from the session.
     """
-    if server_id in session.info.get(_HELD, ()):
+    if rows.held(session, Server, server_id):
         return await session.get(Server, server_id)
     stmt = (
         sa.select(Server)
@@ -86,30 +86,6 @@ async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
         .execution_options(populate_existing=True)
     )
     return (await session.scalars(stmt)).first()
-
-
-#: ``session.info`` key: the VMs this transaction locked with ``lock_many``.
-_HELD = "nephos.held_servers"
-
-
-async def lock_many(session: AsyncSession, server_ids: set[uuid.UUID]) -> None:
-    """Lock several VMs at once, in id order (the fixed order of multi-row locks), read afresh.
-    ``locked`` then answers for them from the session, without a statement."""
-    if not server_ids:
-        return
-    rows = await session.scalars(
-        sa.select(Server)
-        .where(_servers.c.id.in_(sorted(server_ids)))
-        .order_by(_servers.c.id)
-        .with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )
-    session.info[_HELD] = {server.id for server in rows}
-
-
-def release_many(session: AsyncSession) -> None:
-    """Forget what ``lock_many`` held (its transaction is over)."""
-    session.info.pop(_HELD, None)
 
 
 async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> tuple[Server, str | None]:
