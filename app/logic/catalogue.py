@@ -73,8 +73,10 @@ async def resolve_flavor(
 ) -> Flavor:
     if flavor_id is None and not name:
         raise BadRequest(f"give {field}_id or {field}", field=f"{field}_id")
-    stmt = sa.select(Flavor).where(_flavors.c.id == flavor_id if flavor_id is not None else _flavors.c.name == name)
-    flavor = (await session.scalars(stmt)).first()
+    if flavor_id is not None:  # by key: no statement when this transaction already read it
+        flavor = await session.get(Flavor, flavor_id)
+    else:
+        flavor = (await session.scalars(sa.select(Flavor).where(_flavors.c.name == name))).first()
     if flavor is None:
         raise UnknownFlavor(
             f"flavor {flavor_id or name} does not exist", field=f"{field}_id", names=[str(flavor_id or name)]
@@ -127,11 +129,21 @@ def visible_images(actor: Actor) -> sa.Select[Image]:
     return stmt
 
 
+def _sees(actor: Actor, image: Image) -> bool:
+    """``visible_images``, for one image already read."""
+    return image.status != ImageStatus.DELETED.value and (
+        actor.is_admin or image.is_public or image.project_id == actor.project_id
+    )
+
+
 async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:
     if image_id is None and not name:
         raise BadRequest("give image_id or image", field="image_id")
-    stmt = visible_images(actor).where(_images.c.id == image_id if image_id is not None else _images.c.name == name)
-    found = list(await session.scalars(stmt.limit(2)))
+    if image_id is not None:  # by key: no statement when this transaction already read it
+        image = await session.get(Image, image_id)
+        found = [image] if image is not None and _sees(actor, image) else []
+    else:
+        found = list(await session.scalars(visible_images(actor).where(_images.c.name == name).limit(2)))
     if not found:
         raise BadRequest(f"image {image_id or name} does not exist", field="image_id")
     if len(found) > 1:

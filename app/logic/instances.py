@@ -243,7 +243,8 @@ async def launch(
     created: list[servers.Created] = []
     name = dict(spec.tags).get("Name", "") or "ec2"
     fit = await servers.how_many(session, actor=actor, flavor=flavor, low=spec.low, high=spec.high)
-    for count in sorted({fit, spec.low}, reverse=True):
+    counts = sorted({fit, spec.low}, reverse=True)
+    for count in counts:
         create = servers.CreateSpec(
             name=name,
             flavor_id=flavor.id,
@@ -256,6 +257,9 @@ async def launch(
             networks=nets,
             fixed_ip=spec.private_ip,
         )
+        if len(counts) == 1:  # nothing to fall back to: no savepoint
+            created = await servers.create(session, outbox, actor=actor, spec=create)
+            break
         try:
             async with session.begin_nested():
                 created = await servers.create(session, outbox, actor=actor, spec=create)
@@ -265,7 +269,7 @@ async def launch(
             if count == spec.low:
                 raise
     await ec2.set_tags(session, project_id, [c.server.ec2_id for c in created], spec.tags)
-    await secgroups.set_members(session, [c.server.id for c in created], groups)
+    await secgroups.set_members(session, [c.server.id for c in created], groups, new=True)
     for c in created:  # the groups' rules go with the create job
         if c.job is not None and groups:
             c.job.params = {**c.job.params, "firewall": await firewall_rules.params_for(session, c.server.id)}

@@ -119,15 +119,24 @@ async def _arm(session: AsyncSession, server: Server, end: datetime | None, on_e
         row.at, row.action = end, on_expiry.value
 
 
-async def give(session: AsyncSession, server: Server, rule: Policy | None = None) -> None:
-    """A new VM's lease, from its project's policy (``servers.create`` calls this)."""
-    rule = rule or await policy(session, server.project_id)
+def give(servers: list[Server], rule: Policy) -> None:
+    """New VMs' leases, from their project's policy: their end, set before they are written."""
     if rule.duration_s is None:
         return
-    end = server.created_at + timedelta(seconds=rule.duration_s)
-    cap = _cap(server, rule)
-    server.lease_expires_at = min(end, cap) if cap else end
-    await _arm(session, server, server.lease_expires_at, rule.on_expiry)
+    for server in servers:
+        end = server.created_at + timedelta(seconds=rule.duration_s)
+        cap = _cap(server, rule)
+        server.lease_expires_at = min(end, cap) if cap else end
+
+
+def arm_given(session: AsyncSession, servers: list[Server], rule: Policy) -> None:
+    """Each new VM's lease end as its pending "lease" scheduled action, once the VMs are written
+    (``servers.create`` calls ``give``, then this: a new VM has no action to move)."""
+    session.add_all(
+        ScheduledAction(server_id=s.id, kind=ScheduleKind.LEASE, action=rule.on_expiry.value, at=s.lease_expires_at)
+        for s in servers
+        if s.lease_expires_at is not None
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
   libvirt refuses overlapping ones. A project without one gets ``default`` at its first create.
 * A **port** is a VM's NIC on a network: a fixed address and a MAC, allocated in the
   transaction that accepts the create. Uniqueness is the database's: ``(network_id, ip)`` and
-  ``mac`` are unique constraints, and allocation runs under the network's row lock, so no
+  ``mac`` are unique constraints, and each address is claimed before it is given (``Allocator``:
+  creates on one network skip each other's addresses instead of queueing on the network), so no
   address is ever given twice, whatever runs concurrently. A VM's ports are released when it is
   DESTROYED (``release``); reconciliation reports a port still held by a destroyed VM as drift.
 
@@ -282,23 +283,48 @@ async def delete(session: AsyncSession, *, actor: Actor, network_id: uuid.UUID) 
 
 
 class Allocator:
-    """Addresses of some networks for the VMs of one create: the networks are locked (by id)
-    and their used addresses read once, then each VM takes the lowest free ones."""
+    """Addresses of some networks for the VMs of one create, taken up front by ``take``; then
+    each VM's ports get the next ones (``ports``).
+
+    Creates do not queue on a network. On PostgreSQL each address is claimed with a transaction
+    advisory lock, tried without waiting: a create skips an address another create is taking
+    and takes the next free one, then re-reads the claimed addresses (another create may have
+    committed one between its read and its claim) and claims again for those. The network row
+    is only share-locked, so a network is not deleted under a create. The unique constraint on
+    ``(network_id, ip)`` stays the last word. SQLite runs one writer at a time: there the
+    lowest free addresses are simply taken.
+    """
+
+    #: Addresses tried beyond those needed, per claim, when others are being taken.
+    SLACK = 8
 
     def __init__(self, networks: list[Network]) -> None:
         self.networks = networks
         self._used: dict[uuid.UUID, set[str]] = {}
         self._next: dict[uuid.UUID, int] = {}  # per network: where the search for a free address resumes
+        self._taken: dict[uuid.UUID, list[str]] = {}
 
-    async def lock(self, session: AsyncSession) -> None:
+    async def take(self, session: AsyncSession, count: int, fixed_ip: str | None = None) -> None:
+        """Claim the addresses of ``count`` VMs on every network (``fixed_ip``: the first
+        network's address of the one VM, asked for)."""
+        postgres = session.get_bind().dialect.name == "postgresql"
         ids = sorted(n.id for n in self.networks)
         await session.execute(
-            sa.select(_networks.c.id).where(_networks.c.id.in_(ids)).order_by(_networks.c.id).with_for_update()
+            sa.select(_networks.c.id)
+            .where(_networks.c.id.in_(ids))
+            .order_by(_networks.c.id)
+            .with_for_update(read=True, key_share=True)
         )
-        for net in self.networks:
+        for i, net in enumerate(self.networks):
             self._used[net.id] = set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id)))
+            taken: list[str] = []
+            if i == 0 and fixed_ip:
+                taken.append(await self._fixed(session, net, fixed_ip, postgres))
+            while len(taken) < count:
+                taken += await self._claim(session, net, count - len(taken), postgres)
+            self._taken[net.id] = taken
 
-    def _fixed(self, net: Network, ip: str) -> str:
+    async def _fixed(self, session: AsyncSession, net: Network, ip: str, postgres: bool) -> str:
         """``ip`` on ``net`` for one VM: in its range, not its gateway, and free."""
         try:
             address = ipaddress.IPv4Address(ip)
@@ -310,43 +336,94 @@ class Allocator:
                 f"{ip} is not an address a VM may have on network {net.name} ({net.cidr}, gateway {net.gateway})",
                 field="fixed_ip",
             )
+        if postgres and ip not in self._used[net.id]:
+            # Waits for a create taking it to end, then reads afresh whether it kept it.
+            await session.execute(sa.select(sa.func.pg_advisory_xact_lock(*_claim_key(net, int(address)))))
+            if await session.scalar(sa.select(_ports.c.id).where(_ports.c.network_id == net.id, _ports.c.ip == ip)):
+                self._used[net.id].add(ip)
         if ip in self._used[net.id]:
             raise AddressInUse(f"{ip} is in use on network {net.name}", network=net.name, ip=ip)
         self._used[net.id].add(ip)
         return ip
 
-    def _free(self, net: Network) -> str:
-        """The lowest free address. Addresses are only ever taken while this allocator lives, so
-        the next VM's search resumes where the last one's ended: a create of 100 VMs scans the
-        network once, not 100 times."""
+    def _free(self, net: Network, count: int) -> list[tuple[str, int]]:
+        """Up to ``count`` of the lowest free addresses (and their values), marked used. The
+        search resumes where the last one ended: a create of 100 VMs scans the network once."""
         used, gateway = self._used[net.id], net.gateway
         cidr = ipaddress.IPv4Network(net.cidr)
         first = self._next.get(net.id, int(cidr.network_address) + 1)
+        found: list[tuple[str, int]] = []
         for value in range(first, int(cidr.broadcast_address)):
+            if len(found) == count:
+                break
             ip = str(ipaddress.IPv4Address(value))
             if ip != gateway and ip not in used:
                 used.add(ip)
-                self._next[net.id] = value + 1
-                return ip
-        raise NetworkFull(
-            f"network {net.name} ({net.cidr}) has no free address left",
-            network=net.name,
-            cidr=net.cidr,
-        )
+                found.append((ip, value))
+            self._next[net.id] = value + 1
+        if not found:
+            raise NetworkFull(
+                f"network {net.name} ({net.cidr}) has no free address left",
+                network=net.name,
+                cidr=net.cidr,
+            )
+        return found
 
-    def ports(self, server: Server, fixed_ip: str | None = None) -> list[Port]:
-        """The server's NICs, one per network in order (added by the caller); ``fixed_ip``: the
-        first NIC's address, asked for."""
+    async def _claim(self, session: AsyncSession, net: Network, count: int, postgres: bool) -> list[str]:
+        """Some (at least one, at most ``count``) free addresses of ``net``, claimed."""
+        if not postgres:
+            return [ip for ip, _ in self._free(net, count)]
+        candidates = self._free(net, count + self.SLACK)
+        key, _ = _claim_key(net, 0)
+        tried = (
+            sa.func.unnest(
+                sa.cast([ip for ip, _ in candidates], sa.ARRAY(sa.Text)),
+                sa.cast([_claim_key(net, v)[1] for _, v in candidates], sa.ARRAY(sa.Integer)),
+            )
+            .table_valued("ip", "key", with_ordinality="n")
+            .render_derived()
+        )
+        # No ORDER BY: the LIMIT stops the scan (and the locking) at the count-th claim.
+        claimed = (
+            await session.execute(
+                sa.select(tried.c.ip, tried.c.n).where(sa.func.pg_try_advisory_xact_lock(key, tried.c.key)).limit(count)
+            )
+        ).all()
+        got = {ip for ip, _ in claimed}
+        # Once ``count`` are claimed the scan stopped: the candidates after the last claim were not
+        # tried and go back. Every other candidate not claimed is being taken by another create.
+        last = max(n for _, n in claimed) if len(claimed) == count else len(candidates)
+        for ip, value in candidates[last:]:
+            self._used[net.id].discard(ip)
+            self._next[net.id] = min(self._next[net.id], value)
+        if got:
+            # Committed between this statement's read and its claim: not free after all.
+            stale = set(
+                await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id, _ports.c.ip.in_(got)))
+            )
+            got -= stale
+        return sorted(got, key=lambda ip: int(ipaddress.IPv4Address(ip)))
+
+    def ports(self, server: Server) -> list[Port]:
+        """The server's NICs, one per network in order (added by the caller), on addresses
+        ``take`` claimed."""
         return [
             Port(
                 server_id=server.id,
                 network_id=net.id,
-                ip=self._fixed(net, fixed_ip) if i == 0 and fixed_ip else self._free(net),
+                ip=self._taken[net.id].pop(0),
                 mac=new_mac(),
                 position=i,
             )
             for i, net in enumerate(self.networks)
         ]
+
+
+def _claim_key(net: Network, value: int) -> tuple[int, int]:
+    """The advisory lock keys of address ``value`` on ``net``: the network's first 32 bits and
+    the address, both as signed 32-bit integers (two networks that share the first may only
+    skip each other's addresses, never give one twice)."""
+    return int.from_bytes(net.id.bytes[:4], "big", signed=True), value - 2**31
 
 
 def new_mac() -> str:

@@ -7,8 +7,10 @@ A VM holds its host's CPU and memory from placement until it is destroyed
 
 Race safety: the reservation is a conditional UPDATE
 (``used + want <= capacity * ratio``) that refuses to overfill a host whatever
-runs concurrently; a transaction placing several VMs first locks the candidate
-hosts in id order (one order for every transaction, so two cannot deadlock).
+runs concurrently. One VM takes the best host no other transaction holds (``SKIP
+LOCKED``), so concurrent creates fill several hosts at once instead of queueing on
+one row; a transaction placing several VMs first locks the candidate hosts in id
+order (one order for every transaction, so two cannot deadlock).
 Lock order: server, hosts, project, quota rows.
 """
 
@@ -72,11 +74,16 @@ async def reserve(
 ) -> Placed:
     """Reserve ``vcpus`` / ``ram_mb`` on the best fitting host, or raise ``NoCapacity``.
 
-    One VM needs no lock on the candidates: the conditional UPDATE locks just the host it
-    fills, and moves on to the next best when another transaction got there first. A
+    One VM needs no lock on the candidates: it takes the best fitting host no one else holds,
+    in one statement; when every fitting host is held, the conditional UPDATE waits for the best
+    one, and moves on to the next best when another transaction filled it meanwhile. A
     transaction that places ``several`` VMs locks the candidates in id order first, so two such
     transactions cannot take the same hosts in opposite orders.
     """
+    if not several:
+        placed = await _reserve_unlocked(session, vcpus=vcpus, ram_mb=ram_mb, zone=zone, host=host, exclude=exclude)
+        if placed is not None:
+            return placed
     found = await _candidates(session, zone, lock=several)
     candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
@@ -84,11 +91,7 @@ async def reserve(
         seq = (
             await session.execute(
                 _hosts.update()
-                .where(
-                    _hosts.c.id == chosen.id,
-                    _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
-                    _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
-                )
+                .where(_hosts.c.id == chosen.id, _room_for(vcpus, ram_mb))
                 .values(
                     used_cpus=_hosts.c.used_cpus + vcpus,
                     used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
@@ -111,6 +114,44 @@ async def reserve(
     )
 
 
+def _room_for(vcpus: int, ram_mb: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
+        _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+    )
+
+
+async def _reserve_unlocked(
+    session: AsyncSession, *, vcpus: int, ram_mb: int, zone: str | None, host: str | None, exclude: str | None
+) -> Placed | None:
+    """One statement: the best fitting up host that no other transaction holds, reserved. A
+    host another create is filling is skipped rather than waited for, so concurrent creates
+    spread over the hosts instead of queueing on the freest one. None when every fitting host
+    is held (or none fits): ``reserve`` then waits its turn, or says there is no room."""
+    pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, _room_for(vcpus, ram_mb))
+    if zone is not None:
+        pick = pick.where(_hosts.c.zone == zone)
+    if host is not None:
+        pick = pick.where(_hosts.c.name == host)
+    if exclude is not None:
+        pick = pick.where(_hosts.c.name != exclude)
+    free_ram = sa.func.floor(_hosts.c.ram_mb * _hosts.c.ram_ratio) - _hosts.c.used_ram_mb
+    pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1).with_for_update(key_share=True, skip_locked=True)
+    row = (
+        await session.execute(
+            _hosts.update()
+            .where(_hosts.c.id == pick.scalar_subquery(), _room_for(vcpus, ram_mb))
+            .values(
+                used_cpus=_hosts.c.used_cpus + vcpus,
+                used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
+                vnc_seq=_hosts.c.vnc_seq + 1,
+            )
+            .returning(_hosts.c.name, _hosts.c.zone, _hosts.c.vnc_seq)
+        )
+    ).first()
+    return None if row is None else Placed(row.name, row.zone, VNC_BASE + row.vnc_seq % VNC_RANGE)
+
+
 async def grow(session: AsyncSession, *, host: str, vcpus: int, ram_mb: int) -> None:
     """Reserve more on the VM's own host (resize up); ``NoCapacity`` when it does not fit."""
     if vcpus <= 0 and ram_mb <= 0:
@@ -121,11 +162,7 @@ async def grow(session: AsyncSession, *, host: str, vcpus: int, ram_mb: int) -> 
     done = (
         await session.execute(
             _hosts.update()
-            .where(
-                _hosts.c.name == host,
-                _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
-                _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
-            )
+            .where(_hosts.c.name == host, _room_for(vcpus, ram_mb))
             .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
             .returning(_hosts.c.id)
         )

@@ -182,9 +182,12 @@ async def delete(session: AsyncSession, group: SecurityGroup) -> None:
     await session.delete(group)
 
 
-async def set_members(session: AsyncSession, server_ids: list[uuid.UUID], groups: list[SecurityGroup]) -> None:
-    """The VMs are in exactly these groups."""
-    await session.execute(_members.delete().where(_members.c.server_id.in_(server_ids)))
+async def set_members(
+    session: AsyncSession, server_ids: list[uuid.UUID], groups: list[SecurityGroup], *, new: bool = False
+) -> None:
+    """The VMs are in exactly these groups (``new``: VMs this transaction creates, in none yet)."""
+    if not new:
+        await session.execute(_members.delete().where(_members.c.server_id.in_(server_ids)))
     session.add_all([ServerSecurityGroup(server_id=s, group_id=g.id) for s in server_ids for g in groups])
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import ec2_id, utcnow
 from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas, rows
 from app.logic.actor import Actor
-from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NotFound
+from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NephosError, NotFound, OverLimit
 from app.logic.jobs import Outbox, new_job
 from app.logic.operstate import Action, Deltas, Operstate, Task, footprint
 from app.logic.pagination import Page, paginate
@@ -164,24 +164,49 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
 
     if spec.count > 1 and spec.fixed_ip:
         raise BadRequest("a fixed address goes to one VM: count must be 1", field="fixed_ip")
+    try:
+        return await _accept(session, outbox, actor=actor, spec=spec, flavor=flavor, image=image, ssh_key=ssh_key)
+    except OverLimit:
+        raise
+    except NephosError:
+        # Over quota is the caller's answer before any other refusal (413 OverLimit, not 503
+        # NoCapacity or 409 NetworkFull when both hold). Asked only on this path: a create that
+        # is accepted meets the binding check, under the project's lock, at its end.
+        await quotas.check(session, actor.project_id, _footprint(spec, flavor) * spec.count)
+        raise
+
+
+def _footprint(spec: CreateSpec, flavor: Flavor) -> Deltas:
+    """What one VM of ``spec`` holds of its project's quota."""
+    per_vm = footprint(Operstate.HOLD if spec.hold else Operstate.BUILD, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
+    return per_vm + Deltas(public_ip=1) if spec.public_ip is True else per_vm
+
+
+async def _accept(
+    session: AsyncSession,
+    outbox: Outbox,
+    *,
+    actor: Actor,
+    spec: CreateSpec,
+    flavor: Flavor,
+    image: Image,
+    ssh_key: str | None,
+) -> list[Created]:
+    """``create`` once the request is known to be well formed. Rows no other request contends
+    for are written first; then the locks, in the lock order (networks' addresses, public
+    addresses, hosts, the project, quota rows), each as late and as short as it can be."""
+    assert actor.project_id is not None and actor.user_id is not None
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
-    per_vm = footprint(state, flavor.vcpus, flavor.ram_mb, flavor.disk_gb)
-    if spec.public_ip is True:
-        per_vm = per_vm + Deltas(public_ip=1)
-    # Over quota is the caller's answer before anything is placed (413 OverLimit, not 503
-    # NoCapacity when both hold). This read takes no lock: the binding check is the one under the
-    # project's lock below, taken last by the lock order (hosts before the project).
-    await quotas.check(session, actor.project_id, per_vm * spec.count)
+    per_vm = _footprint(spec, flavor)
     reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
     lease = await leases.policy(session, actor.project_id)
     nets = await networks.resolve(session, actor.project_id, spec.networks)
     addresses = networks.Allocator(nets)
-    await addresses.lock(session)  # the lock order: networks before hosts and the project
-    public = await _public_addresses(session, actor.project_id, spec)  # then the address, pools
-    created = []
-    for i in range(spec.count):
-        now = utcnow()
-        server = Server(
+    await addresses.take(session, spec.count, spec.fixed_ip)
+    public = await _public_addresses(session, actor.project_id, spec)
+    now = utcnow()
+    made = [
+        Server(
             name=spec.name if spec.count == 1 else f"{spec.name}-{i + 1}",
             description=spec.description,
             project_id=actor.project_id,
@@ -198,12 +223,17 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             reservation_id=reservation,
             client_token=spec.client_token,
         )
-        session.add(server)
-        # Written before the rows that refer to it: without relationship() the unit of work
-        # does not order inserts by foreign key.
-        await session.flush()
-        await leases.give(session, server, lease)
-        ports = addresses.ports(server, spec.fixed_ip)
+        for i in range(spec.count)
+    ]
+    leases.give(made, lease)
+    session.add_all(made)
+    # Written before the rows that refer to them: without relationship() the unit of work
+    # does not order inserts by foreign key.
+    await session.flush()
+    leases.arm_given(session, made, lease)
+    created = []
+    for i, server in enumerate(made):
+        ports = addresses.ports(server)
         session.add_all(ports)
         nics = [networks.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
         mapped = None  # the VM's public address, mapped to its first NIC
@@ -212,12 +242,20 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             ip.server_id, ip.association_id = server.id, ec2_id("eipassoc")
             session.add(ip)
             mapped = ip.address
-        job = None
+        placed = None
         if not spec.hold:
+            # The first reservation's statement writes the rows above first (autoflush): the host
+            # is held from here to the commit.
             placed = await placement.reserve(
                 session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb, zone=spec.zone, several=spec.count > 1
             )
             server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
+        # Accepted at once; the usage moves last, after the binding check (no limit check here).
+        commission = await quotas.issue(
+            session, project_id=actor.project_id, server_id=server.id, deltas=per_vm, accept=True, move=False
+        )
+        job = None
+        if placed is not None:
             job = new_job(
                 session,
                 outbox,
@@ -226,9 +264,10 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
                 params=create_params(server, flavor, image, ssh_key, nics)
                 | {"public_ips": [{"public": mapped, "private": ports[0].ip}] if mapped else []},
                 actor=actor,
-                commission_id=None,
+                commission_id=commission.id,
                 host=placed.host,
             )
+            commission.job_id = job.id
             server.task, server.task_job_id = Task.BUILD, job.id
         events.record(
             session,
@@ -253,18 +292,12 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
             for j, (net, port) in enumerate(zip(nets, ports, strict=True))
         ]
         created.append(Created(server, job, flavor.name, image.name, shown))
-    await session.flush()
 
     # The quota check comes last, under the project's lock, right before the commit: the lock
     # serializes every request that wants more of this project, so it is held only for this.
+    # (Its statement writes what the loop made first.)
     await quotas.lock_project(session, actor.project_id)
     await quotas.check(session, actor.project_id, per_vm * spec.count)
-    for c in created:
-        commission = await quotas.issue(
-            session, project_id=actor.project_id, server_id=c.server.id, deltas=per_vm, accept=True, move=False
-        )
-        if c.job is not None:
-            commission.job_id, c.job.commission_id = c.job.id, commission.id
     await quotas.move_usage(session, actor.project_id, per_vm * spec.count)
     await session.flush()
     return created
@@ -293,7 +326,7 @@ async def how_many(session: AsyncSession, *, actor: Actor, flavor: Flavor, low: 
     """How many VMs of ``flavor`` between ``low`` and ``high`` fit now, by the project's quota and
     the hosts' room (EC2's MinCount/MaxCount: as many as fit). Never below ``low``: when even that
     does not fit, creating ``low`` gives the refusal that says why."""
-    if actor.project_id is None:
+    if actor.project_id is None or low >= high:
         return low
     per_vm = footprint(Operstate.BUILD, flavor.vcpus, flavor.ram_mb, flavor.disk_gb).as_dict()
     report = await quotas.report(session, actor.project_id)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 
+from app.logic import placement
 from app.models import Host, Server
 from app.settings import HostSpec
 from tests.api.helpers import server_in
@@ -110,3 +111,25 @@ async def test_concurrent_actions_on_many_servers_keep_usage_exact(cloud: Cloud)
             await cloud.finish(r.json()["job_id"])
     q = await cloud.quotas(user)
     assert q["active_cpu"] == {"limit": 3, "usage": 3, "pending": 0}
+
+
+async def test_a_create_takes_the_next_host_while_the_freest_is_being_filled(pg_url: str) -> None:
+    """PostgreSQL: while a create still open holds the freest host's row, another create goes to
+    the next best host at once instead of waiting for it; each host's usage stays exact."""
+    cloud, manager = await start_cloud(pg_url, hosts=[HostSpec("roomy", 8, 32768), HostSpec("snug", 8, 16384)])
+    try:
+        user = await cloud.user(vm=10, cpu=100, ram=10**6, active_cpu=100, active_ram=10**6, disk=10**4)
+        async with cloud.sessions() as open_create:
+            held = await placement.reserve(open_create, vcpus=1, ram_mb=2048, zone=None)
+            assert held.host == "roomy"
+            r = await asyncio.wait_for(cloud.client.post("/api/v1/servers", headers=user, json=BODY), 10)
+            assert r.status_code == 202, r.text
+            assert r.json()["servers"][0]["host"] == "snug"
+            await open_create.rollback()
+        r = await cloud.client.post("/api/v1/servers", headers=user, json=BODY)
+        assert r.status_code == 202 and r.json()["servers"][0]["host"] == "roomy", r.text
+        async with cloud.sessions() as s:
+            used = {h.name: h.used_ram_mb for h in await s.scalars(sa.select(Host))}
+        assert used == {"roomy": 2048, "snug": 2048}
+    finally:
+        await stop_cloud(cloud, manager)

@@ -10,10 +10,11 @@ import ipaddress
 import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from app.logic import reconcile
-from app.models import Port, table_of
+from app.logic import networks, reconcile
+from app.models import Network, Port, Server, table_of
 from tests.api.helpers import server_in
 from tests.conftest import Cloud
 
@@ -170,3 +171,48 @@ async def test_an_admin_sets_the_pool_networks_come_from(cloud: Cloud) -> None:
     r = await cloud.client.put("/api/v1/admin/network-pool", headers=late, json={"cidr": "10.70.0.0/16", "prefix": 24})
     assert r.status_code == 403
     assert (await cloud.client.get("/api/v1/admin/network-pool", headers=cloud.admin)).json()["cidr"] == "10.61.0.0/27"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_creates_on_one_network_skip_each_others_addresses_instead_of_waiting(cloud: Cloud) -> None:
+    """PostgreSQL: a create still open holds the addresses it took without holding up another
+    create on the network (it takes the next ones); an address that another create committed
+    between this one's read and its claim is not given again; a rolled-back create's addresses
+    are free again."""
+    user = await cloud.user(vm=100, cpu=400, ram=10**7, disk=10**5)
+    await _network(cloud, user, name="n", cidr="10.60.0.0/28")
+    body = {"name": "n", "flavor": "tiny", "image": "debian-12", "networks": ["n"]}
+
+    async def created_ip() -> str:
+        r = await asyncio.wait_for(cloud.client.post("/api/v1/servers", headers=user, json=body), 10)
+        assert r.status_code == 202, r.text
+        return str(r.json()["servers"][0]["addresses"][0]["ip"])
+
+    def ips(allocator: networks.Allocator) -> list[str]:
+        return [allocator.ports(Server(name="x", project_id=uuid.uuid4()))[0].ip for _ in range(2)]
+
+    async with cloud.sessions() as open_create:
+        net = await open_create.scalar(sa.select(Network).where(table_of(Network).c.name == "n"))
+        assert net is not None
+        held = networks.Allocator([net])
+        await held.take(open_create, 2)
+        assert ips(held) == ["10.60.0.2", "10.60.0.3"]
+        assert await created_ip() == "10.60.0.4"  # at once, while the first is still open
+
+        class Raced(networks.Allocator):
+            """Another create commits the next free address right after this one read the used."""
+
+            raced = False
+
+            async def _claim(self, session: Any, net: Network, count: int, postgres: bool) -> list[str]:
+                if not self.raced:
+                    self.raced = True
+                    assert await created_ip() == "10.60.0.5"
+                return await super()._claim(session, net, count, postgres)
+
+        async with cloud.sessions() as late:
+            raced = Raced([net])
+            await raced.take(late, 2)
+            assert ips(raced) == ["10.60.0.6", "10.60.0.7"]
+        await open_create.rollback()
+    assert await created_ip() == "10.60.0.2"
