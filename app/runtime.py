@@ -32,6 +32,7 @@ from app.backend.agent import Agent
 from app.backend.driver import Driver, write_test_node
 from app.backend.metaproxy import MetadataProxy
 from app.bus import Bus, make_bus
+from app.bus.base import Misconfigured
 from app.bus.outbox import OutboxPublisher
 from app.db import make_engine, make_sessionmaker, transient
 from app.dispatcher.handlers import Dispatcher
@@ -138,7 +139,13 @@ class Plane:
 
 class StartupError(Exception):
     """A process cannot start as configured (a wrong URL or password, a database that does not
-    exist, no libvirt): the command line says so in one line and exits non-zero."""
+    exist, no libvirt): the command line says so in one line and exits non-zero. ``lasting``:
+    waiting will not help (a refused login, a refused topology), so even the API, which serves
+    while the broker is away, stops."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 def _masked(url: str) -> str:
@@ -159,11 +166,14 @@ async def connect_bus(bus: Bus, *, attempts: int | None = 60, delay: float = 1.0
         try:
             await bus.start()
             return
+        except Misconfigured as exc:
+            raise StartupError(str(exc), lasting=True) from None
         except (ConnectionError, OSError) as exc:
             if _refused_login(exc):
                 raise StartupError(
                     f"the message bus at {_masked(url)} refused the login (check the user and "
-                    "password in NEPHOS_AMQP_URL)"
+                    "password in NEPHOS_AMQP_URL)",
+                    lasting=True,
                 ) from None
             if attempts is not None and attempt >= attempts:
                 raise StartupError(f"the message bus at {_masked(url)} cannot be reached: {exc}") from None
@@ -213,7 +223,7 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
         try:
             await connect_bus(bus, attempts=1, url=settings.amqp_url)
         except StartupError as exc:
-            if "refused the login" in str(exc):
+            if exc.lasting:
                 raise
             log.warning("%s; serving anyway, and connecting in the background", exc)
             background.append(asyncio.create_task(_connect_later(bus, settings.amqp_url)))

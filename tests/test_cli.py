@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -76,13 +77,32 @@ def _nephos(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subp
     )
 
 
-@pytest.mark.timeout(900)  # eight commands, each bounded at 60 s
+def _classic_prefix(remove: str | None = None) -> str:
+    """A new broker prefix with classic queues (or, given one, its queues removed)."""
+    from app.bus.amqp import AmqpBus
+    from tests.conftest import AMQP_URL, amqp_prefix
+
+    async def run() -> str:
+        bus = AmqpBus(AMQP_URL, prefix=remove or amqp_prefix())
+        await bus.start()
+        if remove:
+            await bus.purge_and_delete([])
+        await bus.close()
+        return bus.prefix
+
+    return asyncio.run(run())
+
+
+@pytest.mark.timeout(900)  # ten commands, each bounded at 60 s
 def test_operator_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path, pg_url: str) -> None:
     from tests.conftest import AMQP_URL, need_amqp
 
     need_amqp()
     missing_db = pg_url.rsplit("/", 1)[0] + "/nephos_no_such_database"
     wrong_password = AMQP_URL.replace("guest:guest@", "guest:not-the-password@")
+    classic = _classic_prefix()  # a prefix whose queues are classic, started with quorum queues
+    switched = {"NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL, "NEPHOS_AMQP_PREFIX": classic}
+    switched["NEPHOS_AMQP_QUORUM"] = "true"
     cases = [
         (["seed"], {"NEPHOS_DATABASE_URL": missing_db}, 'database "nephos_no_such_database" does not exist'),
         (["api"], {"NEPHOS_DATABASE_URL": missing_db}, "does not exist"),
@@ -93,15 +113,20 @@ def test_operator_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path
             {"NEPHOS_DATABASE_URL": pg_url, "NEPHOS_AMQP_URL": AMQP_URL},
             "libvirt at qemu:///system",
         ),
+        (["dispatcher"], switched, "NEPHOS_AMQP_QUORUM must be what it was"),
+        (["api"], switched, "NEPHOS_AMQP_QUORUM must be what it was"),
         (["admin", "reconcile"], {"NEPHOS_PORT": "9"}, "admin token"),
         (["admin", "reconcile", "--token", "x"], {"NEPHOS_PORT": "9"}, "cannot be reached"),
     ]
-    for args, env, says in cases:
-        done = _nephos(args, tmp_path, **env)
-        lines = [line for line in done.stderr.splitlines() if line.startswith("nephos:")]
-        assert done.returncode == 2, (args, done.stdout[-2000:], done.stderr[-2000:])
-        assert "Traceback" not in done.stderr and len(lines) == 1 and says in lines[0], (args, done.stderr[-2000:])
-        assert "not-the-password" not in done.stderr  # a password is never printed
+    try:
+        for args, env, says in cases:
+            done = _nephos(args, tmp_path, **env)
+            lines = [line for line in done.stderr.splitlines() if line.startswith("nephos:")]
+            assert done.returncode == 2, (args, done.stdout[-2000:], done.stderr[-2000:])
+            assert "Traceback" not in done.stderr and len(lines) == 1 and says in lines[0], (args, done.stderr[-2000:])
+            assert "not-the-password" not in done.stderr  # a password is never printed
+    finally:
+        _classic_prefix(classic)
     # postgres:// (what many tools print) is understood, not a traceback.
     plain = pg_url.replace("postgresql+asyncpg://", "postgres://")
     assert _nephos(["db", "upgrade"], tmp_path, NEPHOS_DATABASE_URL=plain).returncode == 0

@@ -22,7 +22,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
-from app.bus.base import Bus, Handler
+from app.bus.base import Bus, Handler, Misconfigured
 
 log = logging.getLogger("nephos.bus")
 
@@ -72,6 +72,19 @@ class AmqpBus(Bus):
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self._connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": "nephos"})
+        try:
+            await self._declare()
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            await self.close()
+            kind = "quorum" if self.quorum else "classic"
+            raise Misconfigured(
+                f"the broker refuses the {kind} queues of prefix {self.prefix!r} "
+                f"({str(exc).split(' - ', 1)[-1]}); NEPHOS_AMQP_QUORUM must be what it was when the prefix was "
+                "first used: to switch, start on a new NEPHOS_AMQP_PREFIX"
+            ) from None
+
+    async def _declare(self) -> None:
+        assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True)
         assert isinstance(channel, AbstractRobustChannel)
         self._publish_channel = channel

@@ -12,6 +12,11 @@ log = logging.getLogger("nephos.bus")
 Handler = Callable[[bytes], Awaitable[None]]
 
 
+class Misconfigured(Exception):
+    """The broker refuses this process's topology as configured (a queue declared otherwise
+    before): retrying will not help."""
+
+
 class Poison(Exception):
     """The message can never be handled (malformed, unknown version): dead-letter it now."""
 
