@@ -99,10 +99,11 @@ class OutboxPublisher:
             if self._stopping and not self._submitted and not self._confirmed:
                 return
 
-    async def publish(self, job_ids: Iterable[uuid.UUID | Job]) -> int:
-        """Publish these jobs if still PENDING and mark them SENT; returns how many the broker
-        confirmed (the sweeper's and reconciliation's way: marked at once)."""
-        confirmed = await self._publish(list(job_ids))
+    async def publish(self, jobs_or_ids: Iterable[uuid.UUID | Job]) -> int:
+        """Publish these jobs (rows just committed, or ids read back and sent if still PENDING)
+        and mark them SENT; returns how many the broker confirmed (the sweeper's and
+        reconciliation's way: marked at once)."""
+        confirmed = await self._publish(list(jobs_or_ids))
         await self._mark(confirmed)
         return len(confirmed)
 
