@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -356,7 +357,7 @@ class Allocator:
         for value in range(first, int(cidr.broadcast_address)):
             if len(found) == count:
                 break
-            ip = str(ipaddress.IPv4Address(value))
+            ip = socket.inet_ntoa(value.to_bytes(4, "big"))  # str(IPv4Address(value)), 10x faster
             if ip != gateway and ip not in used:
                 used.add(ip)
                 found.append((ip, value))

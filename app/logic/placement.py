@@ -16,6 +16,7 @@ Lock order: server, hosts, project, quota rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from dataclasses import dataclass
@@ -114,10 +115,37 @@ async def reserve(
     )
 
 
-def _room_for(vcpus: int, ram_mb: int) -> sa.ColumnElement[bool]:
+def _room_for(vcpus: int | sa.BindParameter[int], ram_mb: int | sa.BindParameter[int]) -> sa.ColumnElement[bool]:
     return sa.and_(
         _hosts.c.used_cpus + vcpus <= _hosts.c.cpus * _hosts.c.cpu_ratio,
         _hosts.c.used_ram_mb + ram_mb <= _hosts.c.ram_mb * _hosts.c.ram_ratio,
+    )
+
+
+@functools.cache
+def _unlocked_statement(zone: bool, host: bool, exclude: bool) -> sa.Update:
+    """``_reserve_unlocked``'s statement for one shape of request (which filters it has), built
+    once with its values as bound parameters: building it took longer than running it."""
+    vcpus, ram_mb = sa.bindparam("want_cpus", type_=sa.Integer), sa.bindparam("want_ram", type_=sa.BigInteger)
+    room = _room_for(vcpus, ram_mb)
+    pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, room)
+    if zone:
+        pick = pick.where(_hosts.c.zone == sa.bindparam("in_zone"))
+    if host:
+        pick = pick.where(_hosts.c.name == sa.bindparam("on_host"))
+    if exclude:
+        pick = pick.where(_hosts.c.name != sa.bindparam("not_host"))
+    free_ram = sa.func.floor(_hosts.c.ram_mb * _hosts.c.ram_ratio) - _hosts.c.used_ram_mb
+    pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1).with_for_update(key_share=True, skip_locked=True)
+    return (
+        _hosts.update()
+        .where(_hosts.c.id == pick.scalar_subquery(), room)
+        .values(
+            used_cpus=_hosts.c.used_cpus + vcpus,
+            used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
+            vnc_seq=_hosts.c.vnc_seq + 1,
+        )
+        .returning(_hosts.c.name, _hosts.c.zone, _hosts.c.vnc_seq)
     )
 
 
@@ -128,27 +156,9 @@ async def _reserve_unlocked(
     host another create is filling is skipped rather than waited for, so concurrent creates
     spread over the hosts instead of queueing on the freest one. None when every fitting host
     is held (or none fits): ``reserve`` then waits its turn, or says there is no room."""
-    pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, _room_for(vcpus, ram_mb))
-    if zone is not None:
-        pick = pick.where(_hosts.c.zone == zone)
-    if host is not None:
-        pick = pick.where(_hosts.c.name == host)
-    if exclude is not None:
-        pick = pick.where(_hosts.c.name != exclude)
-    free_ram = sa.func.floor(_hosts.c.ram_mb * _hosts.c.ram_ratio) - _hosts.c.used_ram_mb
-    pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1).with_for_update(key_share=True, skip_locked=True)
-    row = (
-        await session.execute(
-            _hosts.update()
-            .where(_hosts.c.id == pick.scalar_subquery(), _room_for(vcpus, ram_mb))
-            .values(
-                used_cpus=_hosts.c.used_cpus + vcpus,
-                used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
-                vnc_seq=_hosts.c.vnc_seq + 1,
-            )
-            .returning(_hosts.c.name, _hosts.c.zone, _hosts.c.vnc_seq)
-        )
-    ).first()
+    stmt = _unlocked_statement(zone is not None, host is not None, exclude is not None)
+    values = {"want_cpus": vcpus, "want_ram": ram_mb, "in_zone": zone, "on_host": host, "not_host": exclude}
+    row = (await session.execute(stmt, {k: v for k, v in values.items() if v is not None})).first()
     return None if row is None else Placed(row.name, row.zone, VNC_BASE + row.vnc_seq % VNC_RANGE)
 
 
