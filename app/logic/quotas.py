@@ -14,6 +14,7 @@ project is locked last (check, then commit), and usage moves last of all.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from enum import StrEnum
 from typing import Any
@@ -176,21 +177,33 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
     await _move(session, project_id, deltas)
 
 
-async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
-    changes = {r: v for r, v in deltas.as_dict().items() if v}
-    if not changes:
-        return
+@functools.cache
+def _move_statements(resources: tuple[str, ...]) -> tuple[sa.Select[Any], sa.Update]:
+    """``_move``'s two statements for one set of resources, built once (the project and the
+    amounts are bound parameters)."""
     # The rows are locked first, in resource order: an UPDATE alone locks them in whatever
     # order its plan visits them (a bitmap scan by position, an index scan by key), and two
     # transactions whose plans differ took the same rows in opposite orders and deadlocked.
     # A locking SELECT with ORDER BY locks after sorting, so every mover takes them alike.
-    where = (_quotas.c.project_id == project_id, _quotas.c.resource.in_(sorted(changes)))
-    await session.execute(
-        sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource).with_for_update(key_share=True)
+    where = (
+        _quotas.c.project_id == sa.bindparam("project", type_=_quotas.c.project_id.type),
+        _quotas.c.resource.in_(resources),
     )
+    lock = sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource).with_for_update(key_share=True)
     # Then one statement for every resource: a CASE keyed on the resource column.
-    amount = sa.case(*((_quotas.c.resource == r, v) for r, v in changes.items()), else_=0)
-    await session.execute(_quotas.update().where(*where).values(usage=_quotas.c.usage + amount))
+    amount = sa.case(
+        *((_quotas.c.resource == r, sa.bindparam(f"add_{r}", type_=sa.Integer)) for r in resources), else_=0
+    )
+    return lock, _quotas.update().where(*where).values(usage=_quotas.c.usage + amount)
+
+
+async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+    changes = {r: v for r, v in deltas.as_dict().items() if v}
+    if not changes:
+        return
+    lock, update = _move_statements(tuple(sorted(changes)))
+    await session.execute(lock, {"project": project_id})
+    await session.execute(update, {"project": project_id, **{f"add_{r}": v for r, v in changes.items()}})
 
 
 async def issue(
