@@ -371,7 +371,9 @@ class Allocator:
         return found
 
     async def _claim(self, session: AsyncSession, net: Network, count: int, postgres: bool) -> list[str]:
-        """Some (at least one, at most ``count``) free addresses of ``net``, claimed."""
+        """At most ``count`` free addresses of ``net``, claimed: fewer (even none) when others
+        were being taken, or were committed meanwhile; ``take`` asks again, and the search moves
+        on until the network has none left (``NetworkFull``)."""
         if not postgres:
             return [ip for ip, _ in self._free(net, count)]
         candidates = self._free(net, count + self.SLACK)
@@ -421,10 +423,11 @@ class Allocator:
 
 
 def _claim_key(net: Network, value: int) -> tuple[int, int]:
-    """The advisory lock keys of address ``value`` on ``net``: the network's first 32 bits and
-    the address, both as signed 32-bit integers (two networks that share the first may only
-    skip each other's addresses, never give one twice)."""
-    return int.from_bytes(net.id.bytes[:4], "big", signed=True), value - 2**31
+    """The advisory lock keys of address ``value`` on ``net``: 32 bits of the network's id (its
+    random end: a uuid7 begins with its time) and the address, as signed 32-bit integers. No two
+    networks overlap, so no address of one shares its keys with an address of another even when
+    their first keys are equal."""
+    return int.from_bytes(net.id.bytes[-4:], "big", signed=True), value - 2**31
 
 
 def new_mac() -> str:
