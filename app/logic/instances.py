@@ -9,6 +9,7 @@ termination protection, all in the caller's transaction.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,11 +258,10 @@ async def launch(
             networks=nets,
             fixed_ip=spec.private_ip,
         )
-        if len(counts) == 1:  # nothing to fall back to: no savepoint
-            created = await servers.create(session, outbox, actor=actor, spec=create)
-            break
+        # A savepoint only when a lower count could be tried after a refusal.
+        attempt = session.begin_nested() if len(counts) > 1 else contextlib.nullcontext()
         try:
-            async with session.begin_nested():
+            async with attempt:
                 created = await servers.create(session, outbox, actor=actor, spec=create)
             break
         except (OverLimit, NoCapacity):

@@ -340,8 +340,7 @@ class Allocator:
         if postgres and ip not in self._used[net.id]:
             # Waits for a create taking it to end, then reads afresh whether it kept it.
             await session.execute(sa.select(sa.func.pg_advisory_xact_lock(*_claim_key(net, int(address)))))
-            if await session.scalar(sa.select(_ports.c.id).where(_ports.c.network_id == net.id, _ports.c.ip == ip)):
-                self._used[net.id].add(ip)
+            self._used[net.id] |= await _committed(session, net, {ip})
         if ip in self._used[net.id]:
             raise AddressInUse(f"{ip} is in use on network {net.name}", network=net.name, ip=ip)
         self._used[net.id].add(ip)
@@ -400,12 +399,8 @@ class Allocator:
             self._used[net.id].discard(ip)
             self._next[net.id] = min(self._next[net.id], value)
         if got:
-            # Committed between this statement's read and its claim: not free after all.
-            stale = set(
-                await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id, _ports.c.ip.in_(got)))
-            )
-            got -= stale
-        return sorted(got, key=lambda ip: int(ipaddress.IPv4Address(ip)))
+            got -= await _committed(session, net, got)  # between this statement's read and its claim
+        return [ip for ip, _ in candidates if ip in got]  # lowest first, as the candidates
 
     def ports(self, server: Server) -> list[Port]:
         """The server's NICs, one per network in order (added by the caller), on addresses
@@ -420,6 +415,11 @@ class Allocator:
             )
             for i, net in enumerate(self.networks)
         ]
+
+
+async def _committed(session: AsyncSession, net: Network, ips: set[str]) -> set[str]:
+    """Which of ``ips`` are ``net``'s addresses in use, read afresh (after they were claimed)."""
+    return set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id, _ports.c.ip.in_(ips))))
 
 
 def _claim_key(net: Network, value: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ import functools
 import math
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -89,22 +90,11 @@ async def reserve(
     candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
     for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):
-        seq = (
-            await session.execute(
-                _hosts.update()
-                .where(_hosts.c.id == chosen.id, _room_for(vcpus, ram_mb))
-                .values(
-                    used_cpus=_hosts.c.used_cpus + vcpus,
-                    used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
-                    vnc_seq=_hosts.c.vnc_seq + 1,
-                )
-                .returning(_hosts.c.vnc_seq)
-            )
-        ).scalar_one_or_none()
-        if seq is not None:
-            # The loaded Host is left untouched: the ORM would write it back as absolute values
-            # over concurrent reservations. A later read in this transaction re-reads the row.
-            return Placed(chosen.name, chosen.zone, VNC_BASE + seq % VNC_RANGE)
+        # The loaded Host is left untouched: the ORM would write it back as absolute values
+        # over concurrent reservations. A later read in this transaction re-reads the row.
+        row = (await session.execute(_reservation(_hosts.c.id == chosen.id, vcpus, ram_mb))).first()
+        if row is not None:
+            return _placed(row)
     where = f"host {host}" if host else (f"zone {zone}" if zone else "any zone")
     raise NoCapacity(
         f"no host in {where} can take {vcpus} vCPUs and {ram_mb} MiB",
@@ -122,13 +112,32 @@ def _room_for(vcpus: int | sa.BindParameter[int], ram_mb: int | sa.BindParameter
     )
 
 
+def _reservation(
+    which: sa.ColumnElement[bool], vcpus: int | sa.BindParameter[int], ram_mb: int | sa.BindParameter[int]
+) -> sa.Update:
+    """Reserve on the host ``which`` names, if it has the room (the conditional UPDATE)."""
+    return (
+        _hosts.update()
+        .where(which, _room_for(vcpus, ram_mb))
+        .values(
+            used_cpus=_hosts.c.used_cpus + vcpus,
+            used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
+            vnc_seq=_hosts.c.vnc_seq + 1,
+        )
+        .returning(_hosts.c.name, _hosts.c.zone, _hosts.c.vnc_seq)
+    )
+
+
+def _placed(row: sa.Row[Any]) -> Placed:
+    return Placed(row.name, row.zone, VNC_BASE + row.vnc_seq % VNC_RANGE)
+
+
 @functools.cache
 def _unlocked_statement(zone: bool, host: bool, exclude: bool) -> sa.Update:
     """``_reserve_unlocked``'s statement for one shape of request (which filters it has), built
     once with its values as bound parameters: building it took longer than running it."""
     vcpus, ram_mb = sa.bindparam("want_cpus", type_=sa.Integer), sa.bindparam("want_ram", type_=sa.BigInteger)
-    room = _room_for(vcpus, ram_mb)
-    pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, room)
+    pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, _room_for(vcpus, ram_mb))
     if zone:
         pick = pick.where(_hosts.c.zone == sa.bindparam("in_zone"))
     if host:
@@ -137,16 +146,7 @@ def _unlocked_statement(zone: bool, host: bool, exclude: bool) -> sa.Update:
         pick = pick.where(_hosts.c.name != sa.bindparam("not_host"))
     free_ram = sa.func.floor(_hosts.c.ram_mb * _hosts.c.ram_ratio) - _hosts.c.used_ram_mb
     pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1).with_for_update(key_share=True, skip_locked=True)
-    return (
-        _hosts.update()
-        .where(_hosts.c.id == pick.scalar_subquery(), room)
-        .values(
-            used_cpus=_hosts.c.used_cpus + vcpus,
-            used_ram_mb=_hosts.c.used_ram_mb + ram_mb,
-            vnc_seq=_hosts.c.vnc_seq + 1,
-        )
-        .returning(_hosts.c.name, _hosts.c.zone, _hosts.c.vnc_seq)
-    )
+    return _reservation(_hosts.c.id == pick.scalar_subquery(), vcpus, ram_mb)
 
 
 async def _reserve_unlocked(
@@ -159,7 +159,7 @@ async def _reserve_unlocked(
     stmt = _unlocked_statement(zone is not None, host is not None, exclude is not None)
     values = {"want_cpus": vcpus, "want_ram": ram_mb, "in_zone": zone, "on_host": host, "not_host": exclude}
     row = (await session.execute(stmt, {k: v for k, v in values.items() if v is not None})).first()
-    return None if row is None else Placed(row.name, row.zone, VNC_BASE + row.vnc_seq % VNC_RANGE)
+    return None if row is None else _placed(row)
 
 
 async def grow(session: AsyncSession, *, host: str, vcpus: int, ram_mb: int) -> None:
