@@ -293,6 +293,11 @@ class Driver:
         # event loop never waits on one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt")
         self._definitions: dict[str, str] = {}  # a simulated host's domain definitions, as last persisted
+        # ``persist``'s group writes: the calls made, the calls the last write covered, and
+        # the definitions to read again (None: all of them).
+        self._asked, self._saved = 0, 0
+        self._stale: set[str] | None = set()
+        self._writing = asyncio.Lock()
 
     @property
     def simulated(self) -> bool:
@@ -317,42 +322,62 @@ class Driver:
         that restarts (or is killed) finds them again; a no-op for a real hypervisor.
 
         With ``changed``, only that domain's definition is read again; the others' come from
-        what the last call read (their run states are always read afresh). Without it, every
+        what the last write read (their run states are always read afresh). Without it, every
         definition is read. A host of a thousand domains then writes its file in milliseconds
-        after each job, instead of formatting a thousand definitions."""
+        after each job, instead of formatting a thousand definitions.
+
+        Calls that come while a write runs share the next one (a group write): when it returns,
+        the file holds what libvirt held when the call was made, as if it had written alone, and
+        jobs finishing together on a busy host write the file once, not once each."""
         path, conn = self.node_file, self.conn
         if path is None or conn is None:
             return
         if changed is None:
+            self._stale = None
+        elif self._stale is not None:
+            self._stale.add(str(changed))
+        self._asked += 1
+        mine = self._asked
+        async with self._writing:
+            if self._saved >= mine:
+                return  # a write that began after this call was made has saved it
+            covering, stale = self._asked, self._stale
+            self._stale = set()
+            try:
+                await self._call(self._write_node, path, conn, stale)
+            except BaseException:
+                self._stale = None  # read everything again next time
+                raise
+            self._saved = covering
+
+    def _write_node(self, path: Path, conn: libvirt.virConnect, stale: set[str] | None) -> None:
+        """``persist``'s write, in the libvirt thread: definitions in ``stale`` (None: all) are
+        read again."""
+        if stale is None:
             self._definitions.clear()
         else:
-            self._definitions.pop(str(changed), None)
-
-        def write() -> None:
-            node = _NETWORK.sub("", _DOMAIN.sub("", path.read_text()))
-            kept = []
-            for net in conn.listAllNetworks():
-                with contextlib.suppress(libvirt.libvirtError):
-                    kept.append(net.XMLDesc(0))
-            present = set()
-            for dom in conn.listAllDomains():
-                with contextlib.suppress(libvirt.libvirtError):
-                    key = dom.UUIDString()
-                    present.add(key)
-                    xml = self._definitions.get(key)
-                    if xml is None:
-                        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-                        xml = re.sub(
-                            r"^<domain ([^>]*)>", rf"<domain \1 xmlns:test='{_TEST_NS}'>", xml.strip(), count=1
-                        )
-                        self._definitions[key] = xml
-                    state = dom.state()[0]
-                    kept.append(xml.replace("</domain>", f"<test:runstate>{state}</test:runstate></domain>"))
-            for gone in set(self._definitions) - present:
-                del self._definitions[gone]
-            _write_atomically(path, node.replace("</node>", "".join(kept) + "</node>"))
-
-        await self._call(write)
+            for key in stale:
+                self._definitions.pop(key, None)
+        node = _NETWORK.sub("", _DOMAIN.sub("", path.read_text()))
+        kept = []
+        for net in conn.listAllNetworks():
+            with contextlib.suppress(libvirt.libvirtError):
+                kept.append(net.XMLDesc(0))
+        present = set()
+        for dom in conn.listAllDomains():
+            with contextlib.suppress(libvirt.libvirtError):
+                key = dom.UUIDString()
+                present.add(key)
+                xml = self._definitions.get(key)
+                if xml is None:
+                    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                    xml = re.sub(r"^<domain ([^>]*)>", rf"<domain \1 xmlns:test='{_TEST_NS}'>", xml.strip(), count=1)
+                    self._definitions[key] = xml
+                state = dom.state()[0]
+                kept.append(xml.replace("</domain>", f"<test:runstate>{state}</test:runstate></domain>"))
+        for gone in set(self._definitions) - present:
+            del self._definitions[gone]
+        _write_atomically(path, node.replace("</node>", "".join(kept) + "</node>"))
 
     async def close(self) -> None:
         if self.conn is not None:

@@ -306,12 +306,12 @@ async def claim_token(
     session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str, reservation_id: str
 ) -> None:
     """Record the token in the transaction that creates the reservation; a concurrent twin's
-    insert waits for it, then fails (``IntegrityError``) and reads the winner."""
-    async with session.begin_nested():
-        session.add(
-            Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash, reservation_id=reservation_id)
-        )
-        await session.flush()
+    insert waits for it, then fails (``IntegrityError``): the loser rolls its whole transaction
+    back (no savepoint is needed) and reads the winner."""
+    session.add(
+        Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash, reservation_id=reservation_id)
+    )
+    await session.flush()
 
 
 async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:

@@ -283,6 +283,21 @@ async def delete(session: AsyncSession, *, actor: Actor, network_id: uuid.UUID) 
 # -- addresses ---------------------------------------------------------------------------------
 
 
+#: PostgreSQL: networks share-locked in id order (not deleted under a create; creates do not
+#: wait on each other), each with the addresses in use on it. The list is read from the
+#: statement's snapshot: a claim re-reads what it claimed (``_committed``), so an address
+#: committed meanwhile is never taken twice.
+_LOCK_WITH_USED = (
+    sa.select(
+        _networks.c.id,
+        sa.select(sa.func.array_agg(_ports.c.ip)).where(_ports.c.network_id == _networks.c.id).scalar_subquery(),
+    )
+    .where(_networks.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_networks.c.id)
+    .with_for_update(read=True, key_share=True)
+)
+
+
 class Allocator:
     """Addresses of some networks for the VMs of one create, taken up front by ``take``; then
     each VM's ports get the next ones (``ports``).
@@ -310,14 +325,15 @@ class Allocator:
         network's address of the one VM, asked for)."""
         postgres = session.get_bind().dialect.name == "postgresql"
         ids = sorted(n.id for n in self.networks)
-        await session.execute(
-            sa.select(_networks.c.id)
-            .where(_networks.c.id.in_(ids))
-            .order_by(_networks.c.id)
-            .with_for_update(read=True, key_share=True)
-        )
+        if postgres:  # the networks share-locked and their used addresses read, in one statement
+            found = await session.execute(_LOCK_WITH_USED, {"ids": ids})
+            self._used = {net_id: set() for net_id in ids} | {net_id: set(used or ()) for net_id, used in found}
+        else:  # one writer at a time: nothing to lock
+            for net_id in ids:
+                self._used[net_id] = set(
+                    await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net_id))
+                )
         for i, net in enumerate(self.networks):
-            self._used[net.id] = set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id)))
             taken: list[str] = []
             if i == 0 and fixed_ip:
                 taken.append(await self._fixed(session, net, fixed_ip, postgres))

@@ -178,32 +178,48 @@ async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Delta
 
 
 @functools.cache
-def _move_statements(resources: tuple[str, ...]) -> tuple[sa.Select[Any], sa.Update]:
-    """``_move``'s two statements for one set of resources, built once (the project and the
-    amounts are bound parameters)."""
+def _move_statements(resources: tuple[str, ...]) -> tuple[sa.Update, sa.Update]:
+    """``_move``'s statement for one set of resources, built once (the project and the amounts
+    are bound parameters): PostgreSQL's, that locks the rows in order and moves them in one
+    statement; and SQLite's (one writer at a time: nothing to order)."""
     # The rows are locked first, in resource order: an UPDATE alone locks them in whatever
     # order its plan visits them (a bitmap scan by position, an index scan by key), and two
     # transactions whose plans differ took the same rows in opposite orders and deadlocked.
-    # A locking SELECT with ORDER BY locks after sorting, so every mover takes them alike.
+    # A locking sub-SELECT with ORDER BY locks after sorting (its plan is LockRows over Sort,
+    # never flattened into the UPDATE), so every mover takes them alike; the UPDATE then
+    # finds them held by its own transaction, and moves their newest versions.
     where = (
         _quotas.c.project_id == sa.bindparam("project", type_=_quotas.c.project_id.type),
         _quotas.c.resource.in_(resources),
     )
-    lock = sa.select(_quotas.c.resource).where(*where).order_by(_quotas.c.resource).with_for_update(key_share=True)
-    # Then one statement for every resource: a CASE keyed on the resource column.
+    # One SET for every resource: a CASE keyed on the resource column.
     amount = sa.case(
         *((_quotas.c.resource == r, sa.bindparam(f"add_{r}", type_=sa.Integer)) for r in resources), else_=0
     )
-    return lock, _quotas.update().where(*where).values(usage=_quotas.c.usage + amount)
+    locked = (
+        sa.select(_quotas.c.project_id, _quotas.c.resource)
+        .where(*where)
+        .order_by(_quotas.c.resource)
+        .with_for_update(key_share=True)
+        .subquery("locked")
+    )
+    in_order = (
+        _quotas.update()
+        .where(_quotas.c.project_id == locked.c.project_id, _quotas.c.resource == locked.c.resource)
+        .values(usage=_quotas.c.usage + amount)
+    )
+    return in_order, _quotas.update().where(*where).values(usage=_quotas.c.usage + amount)
 
 
 async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
     changes = {r: v for r, v in deltas.as_dict().items() if v}
     if not changes:
         return
-    lock, update = _move_statements(tuple(sorted(changes)))
-    await session.execute(lock, {"project": project_id})
-    await session.execute(update, {"project": project_id, **{f"add_{r}": v for r, v in changes.items()}})
+    in_order, plain = _move_statements(tuple(sorted(changes)))
+    postgres = session.get_bind().dialect.name == "postgresql"
+    await session.execute(
+        in_order if postgres else plain, {"project": project_id, **{f"add_{r}": v for r, v in changes.items()}}
+    )
 
 
 async def issue(

@@ -32,8 +32,25 @@ from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
 from app.models import Commission, Flavor, Image, Job, Server, table_of
 
-_jobs = table_of(Job)
+_jobs, _servers, _flavors = table_of(Job), table_of(Server), table_of(Flavor)
 T = TypeVar("T")
+
+#: A job's VM, locked (the per-VM task lock), read afresh with its flavor (which ``session.get``
+#: then finds in the session): no row when there is no such job.
+_SERVER_OF_JOB = (
+    sa.select(Server, Flavor)
+    .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+    .where(_servers.c.id == sa.select(_jobs.c.server_id).where(_jobs.c.id == sa.bindparam("job")).scalar_subquery())
+    .with_for_update(of=_servers, key_share=True)
+    .execution_options(populate_existing=True)
+)
+#: Then the job itself, locked and read afresh.
+_LOCK_JOB = (
+    sa.select(Job)
+    .where(_jobs.c.id == sa.bindparam("job"))
+    .with_for_update(key_share=True)
+    .execution_options(populate_existing=True)
+)
 
 
 class Outcome(StrEnum):
@@ -109,23 +126,18 @@ async def apply_result(
     is off) is not believed: the job ends in ERROR saying so, and the VM takes the state its
     host reports, through the out-of-band path with its own commission.
     """
-    found = await session.get(Job, job_id)
-    if found is None:
-        return Outcome.UNKNOWN
-    # Lock order: server first, as every other writer does.
-    server = await servers.locked(session, found.server_id)
-    assert server is not None  # jobs reference their server
-    if rows.held(session, Job, job_id):
-        job = found  # locked and read afresh by ``begin_batch``
+    if rows.held(session, Job, job_id):  # locked and read afresh by ``begin_batch``, VM first
+        job = await session.get(Job, job_id)
+        assert job is not None
+        server = await servers.locked(session, job.server_id)
+        assert server is not None  # jobs reference their server
     else:
-        job = (
-            await session.scalars(
-                sa.select(Job)
-                .where(_jobs.c.id == job_id)
-                .with_for_update(key_share=True)
-                .execution_options(populate_existing=True)
-            )
-        ).one()
+        # Lock order: server first, as every other writer does -- found by its job, with its
+        # flavor, in one statement.
+        server = (await session.scalars(_SERVER_OF_JOB, {"job": job_id})).first()
+        if server is None:
+            return Outcome.UNKNOWN  # no such job (every job has its server)
+        job = (await session.scalars(_LOCK_JOB, {"job": job_id})).one()
     if job.status in FINAL:
         return Outcome.DUPLICATE
 

@@ -7,8 +7,10 @@
   project's quota usage or pending amounts adds one ``quota.changed`` for that project.
 * **Only committed events**: they are noted on the session and written by a ``before_commit``
   hook *in the transaction that made them*, in one multi-row INSERT: a rolled-back change
-  never reaches the stream. On PostgreSQL a statement trigger on the table (migration 0014)
-  calls ``pg_notify`` (delivered at commit) to wake the API processes that stream.
+  never reaches the stream. On PostgreSQL the same statement writes the transaction's webhook
+  deliveries (``webhooks``), so what a commit sends out costs it one round trip; and a
+  statement trigger on the table (migration 0014) calls ``pg_notify`` (delivered at commit)
+  to wake the API processes that stream.
 * **Order without loss** (``Cursor``): a row's position is (the writing transaction's id, its
   serial). PostgreSQL hands out neither in commit order, so a reader only reads rows whose
   transaction is older than every transaction still running in this database (``_horizon``):
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +33,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.ids import utcnow
+from app.logic import webhooks
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden
-from app.models import Server, ServerEvent, StreamEvent, table_of
+from app.models import Server, ServerEvent, StreamEvent, UTCDateTime, table_of
 
 _stream = table_of(StreamEvent)
 _PENDING, _QUOTAS = "nephos.stream_events", "nephos.stream_quotas"
@@ -99,11 +103,37 @@ def quota_changed(session: AsyncSession | Session, project_id: uuid.UUID, resour
     session.info.setdefault(_QUOTAS, {}).setdefault(project_id, set()).update(resources)
 
 
+#: PostgreSQL: what a committing transaction sends out, in one statement -- its stream events,
+#: in the order they were made (the serial follows the ORDER BY), and the webhook deliveries of
+#: those events whose project has an enabled webhook (none found: none written). The arrays are
+#: the rows' columns; a statement trigger on ``stream_events`` (migration 0014) notifies CHANNEL.
+_OUT = sa.text(
+    """
+    WITH stream AS (
+        INSERT INTO stream_events (xid, project_id, server_id, kind, body, created_at)
+        SELECT pg_current_xact_id()::text::bigint, e.project_id, e.server_id, e.kind, e.body::json, :now
+          FROM unnest(CAST(:s_project AS uuid[]), CAST(:s_server AS uuid[]), CAST(:s_kind AS text[]),
+                      CAST(:s_body AS text[])) WITH ORDINALITY AS e(project_id, server_id, kind, body, n)
+         ORDER BY e.n
+    )
+    INSERT INTO webhook_deliveries (id, project_id, server_id, kind, body, state, attempts, last_error, created_at)
+    SELECT d.id, d.project_id, d.server_id, d.kind, d.body::json, :pending, 0, '', :now
+      FROM unnest(CAST(:w_id AS uuid[]), CAST(:w_project AS uuid[]), CAST(:w_server AS uuid[]),
+                  CAST(:w_kind AS text[]), CAST(:w_body AS text[])) WITH ORDINALITY
+                  AS d(id, project_id, server_id, kind, body, n)
+      JOIN webhooks AS w ON w.project_id = d.project_id AND w.enabled
+     ORDER BY d.n
+    """
+).bindparams(sa.bindparam("now", type_=UTCDateTime), sa.bindparam("pending", value=webhooks.State.PENDING))
+
+
 @sa_event.listens_for(Session, "before_commit")
 def _write(session: Session) -> None:
+    """The transaction commits: its stream events and its webhook deliveries are written in it."""
     pending: list[tuple[Server, ServerEvent, str]] = session.info.pop(_PENDING, [])
     quotas: dict[uuid.UUID, set[str]] = session.info.pop(_QUOTAS, {})
-    if not pending and not quotas:
+    hooks = webhooks.take(session)
+    if not pending and not quotas and not hooks:
         return
     now = utcnow()
     rows = [
@@ -119,13 +149,29 @@ def _write(session: Session) -> None:
         }
         for project_id, resources in sorted(quotas.items())
     ]
-    postgres = session.get_bind().dialect.name == "postgresql"
-    xid: Any = sa.text("pg_current_xact_id()::text::bigint") if postgres else 0
-    # On PostgreSQL a statement trigger on the table (migration 0014) notifies CHANNEL: the
-    # listeners wake at this transaction's commit, with no statement of its own.
-    session.execute(_stream.insert().values(xid=xid), rows)
-    if not postgres:
+    if session.get_bind().dialect.name == "postgresql":
+        deliveries = [webhooks.delivery(body, now) for body in hooks]
+        session.execute(
+            _OUT,
+            {
+                "now": now,
+                "s_project": [r["project_id"] for r in rows],
+                "s_server": [r["server_id"] for r in rows],
+                "s_kind": [r["kind"] for r in rows],
+                "s_body": [json.dumps(r["body"]) for r in rows],
+                "w_id": [d["id"] for d in deliveries],
+                "w_project": [d["project_id"] for d in deliveries],
+                "w_server": [d["server_id"] for d in deliveries],
+                "w_kind": [d["kind"] for d in deliveries],
+                "w_body": [json.dumps(d["body"]) for d in deliveries],
+            },
+        )
+        return
+    if rows:
+        session.execute(_stream.insert().values(xid=0), rows)
         session.info[WRITTEN] = True
+    if hooks:
+        webhooks.write(session, hooks, now)
 
 
 @sa_event.listens_for(Session, "after_rollback")

@@ -4,8 +4,9 @@
   scheduled or lease actions (``lease.action``). ``events.record`` marks such an event on the
   session; when that transaction commits, one delivery row per enabled webhook is written *in
   the same transaction* -- so a rolled-back change is never sent and a committed one is never
-  lost. A project without a webhook costs one indexed lookup per committing transaction that
-  had such an event.
+  lost. On PostgreSQL that is part of the statement that writes the transaction's stream
+  events (``stream``): a project without a webhook costs nothing more than a join that finds
+  none. On SQLite it is one indexed lookup, and an INSERT when a webhook wants them.
 * **How**: ``app.dispatcher.notifier`` claims a project's webhook (no row lock is held over the
   network), POSTs its pending deliveries oldest first, each signed (``sign``), and stops at the
   first failure: the webhook waits ``notify_retry * 2**(failures-1)`` seconds, and after
@@ -81,33 +82,39 @@ def note(session: AsyncSession | Session, server: Server, event: ServerEvent) ->
     session.info.setdefault(_PENDING, []).append(body)
 
 
-@sa_event.listens_for(Session, "before_commit")
-def _write_deliveries(session: Session) -> None:
-    """The transaction commits: its events become deliveries for the webhooks that want them."""
+def take(session: AsyncSession | Session) -> list[dict[str, Any]]:
+    """The events this transaction noted for webhooks (forgotten from the session): the
+    commit's writer (``stream``) makes them deliveries, in the transaction that made them."""
     pending: list[dict[str, Any]] = session.info.pop(_PENDING, [])
-    if not pending:
-        return
+    return pending
+
+
+def delivery(body: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The delivery row of a noted event (written only if its project has an enabled webhook)."""
+    return {
+        "id": uuid.uuid4(),
+        "project_id": uuid.UUID(body["project_id"]),
+        "server_id": uuid.UUID(body["server_id"]),
+        "kind": body["kind"],
+        "body": body,
+        "state": State.PENDING,
+        "attempts": 0,
+        "last_error": "",
+        "created_at": now,
+    }
+
+
+def write(session: Session, pending: list[dict[str, Any]], now: datetime) -> None:
+    """Write the deliveries of ``pending`` whose projects have an enabled webhook: a lookup,
+    then an INSERT if any has (SQLite's way; PostgreSQL's is one statement with the stream's
+    rows, in ``stream``)."""
     projects = {uuid.UUID(body["project_id"]) for body in pending}
     wanted = set(
         session.execute(sa.select(_hooks.c.project_id).where(_hooks.c.project_id.in_(projects), _hooks.c.enabled))
         .scalars()
         .all()
     )
-    rows = [
-        {
-            "id": uuid.uuid4(),
-            "project_id": uuid.UUID(body["project_id"]),
-            "server_id": uuid.UUID(body["server_id"]),
-            "kind": body["kind"],
-            "body": body,
-            "state": State.PENDING,
-            "attempts": 0,
-            "last_error": "",
-            "created_at": utcnow(),
-        }
-        for body in pending
-        if uuid.UUID(body["project_id"]) in wanted
-    ]
+    rows = [delivery(body, now) for body in pending if uuid.UUID(body["project_id"]) in wanted]
     if rows:
         session.execute(_deliveries.insert(), rows)
 

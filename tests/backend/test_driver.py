@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
+
+import pytest
 
 from app.backend.driver import Driver, write_test_node
 
@@ -36,6 +39,43 @@ async def test_a_restarted_agent_finds_its_domains_as_they_were(tmp_path: Path) 
         stopped: "shutoff",
         paused: "paused",
     }
+
+
+async def test_persists_made_together_share_a_write_and_each_returns_only_once_it_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs finishing together on a busy simulated host write its node file once, not once
+    each; and none returns before a write that began after it was asked has saved its change
+    (the agent reports a result only then)."""
+    from app.backend import driver as module
+
+    first = Driver(write_test_node(tmp_path, "h", 16, 65536), instance_dir=tmp_path, image_dir=tmp_path)
+    await first.open()
+    made = [uuid.uuid4() for _ in range(6)]
+    for sid in made:
+        await first.create(sid, _params(f"vm-{sid.hex[:6]}"))
+    writes: list[str] = []
+    real = module._write_atomically
+
+    def counted(path: Path, text: str) -> None:
+        writes.append(text)
+        real(path, text)
+
+    monkeypatch.setattr(module, "_write_atomically", counted)
+    await first.persist(made[0])  # alone: one write
+    await first.stop(made[1], {"hard": True})
+    await asyncio.gather(*(first.persist(sid) for sid in made))  # six at once: the first writes, the rest share one
+    assert len(writes) == 3, len(writes)
+    await first.destroy(made[2], {})
+    await first.persist(made[2])
+    assert len(writes) == 4
+    await first.close()
+
+    second = Driver(write_test_node(tmp_path, "h", 16, 65536), instance_dir=tmp_path, image_dir=tmp_path)
+    await second.open()
+    found = {d.server_id: d.state for d in await second.domains()}
+    await second.close()
+    assert found == {sid: "shutoff" if sid == made[1] else "running" for sid in made if sid != made[2]}
 
 
 async def test_a_new_domain_has_a_closed_console_and_carries_the_mark(tmp_path: Path) -> None:

@@ -103,9 +103,12 @@ async def test_webhook_deliveries_follow_committed_events_only(cloud: Cloud) -> 
     )
     assert r.status_code == 200, r.text
     vm = await server_in(cloud, user, "STARTED")
+    await server_in(cloud, await cloud.user(), "STARTED")  # a project without a webhook: no deliveries
     async with cloud.sessions() as s:
         kinds = list(await s.scalars(sa.select(_deliveries.c.kind).order_by(_deliveries.c.created_at)))
+        owners = set(await s.scalars(sa.select(_deliveries.c.project_id)))
     assert kinds == ["server.state", "server.state"]  # created (BUILD), then STARTED
+    assert owners == {uuid.UUID(user["X-Project"])}
     # A transaction that records a state change and rolls back leaves no delivery.
     async with cloud.sessions() as s:
         server = await s.get(Server, uuid.UUID(vm["id"]))
