@@ -233,15 +233,17 @@ async def delete_ec2_credential(session: AsyncSession, *, actor: Actor, access_k
     await session.delete(credential)
 
 
+#: An access key's user and sealed secret (every EC2 call reads it: built once).
+_EC2_SECRET = (
+    sa.select(_creds.c.secret_encrypted, _users.c.id, _users.c.project_id, _users.c.role)
+    .join(_users, _users.c.id == _creds.c.user_id)
+    .where(_creds.c.access_key == sa.bindparam("access_key"))
+)
+
+
 async def ec2_secret(session: AsyncSession, *, access_key: str, cipher: Fernet) -> tuple[Actor, str]:
     """The caller behind an access key and its secret (for SigV4); ``Unauthorized`` if unknown."""
-    row = (
-        await session.execute(
-            sa.select(_creds.c.secret_encrypted, _users.c.id, _users.c.project_id, _users.c.role)
-            .join(_users, _users.c.id == _creds.c.user_id)
-            .where(_creds.c.access_key == access_key)
-        )
-    ).first()
+    row = (await session.execute(_EC2_SECRET, {"access_key": access_key})).first()
     if row is None:
         raise Unauthorized("unknown access key")
     actor = Actor(user_id=row.id, project_id=row.project_id, is_admin=row.role == "admin")

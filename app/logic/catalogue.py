@@ -68,6 +68,9 @@ async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
 # -- flavors -------------------------------------------------------------------
 
 
+_FLAVOR_NAMED = sa.select(Flavor).where(_flavors.c.name == sa.bindparam("name"))
+
+
 async def resolve_flavor(
     session: AsyncSession, *, flavor_id: uuid.UUID | None, name: str | None, field: str = "flavor"
 ) -> Flavor:
@@ -76,7 +79,7 @@ async def resolve_flavor(
     if flavor_id is not None:  # by key: no statement when this transaction already read it
         flavor = await session.get(Flavor, flavor_id)
     else:
-        flavor = (await session.scalars(sa.select(Flavor).where(_flavors.c.name == name))).first()
+        flavor = (await session.scalars(_FLAVOR_NAMED, {"name": name})).first()
     if flavor is None:
         raise UnknownFlavor(
             f"flavor {flavor_id or name} does not exist", field=f"{field}_id", names=[str(flavor_id or name)]
@@ -134,6 +137,15 @@ def _sees(actor: Actor, image: Image) -> bool:
     return image.status != ImageStatus.DELETED.value and (
         actor.is_admin or image.is_public or image.project_id == actor.project_id
     )
+
+
+_IMAGE_BY_EC2_ID = sa.select(Image).where(_images.c.ec2_id == sa.bindparam("ec2_id"))
+
+
+async def image_by_ec2_id(session: AsyncSession, *, actor: Actor, ec2_id: str) -> Image | None:
+    """The image of this EC2 id, if ``actor`` may see it (``visible_images``' rule)."""
+    image = (await session.scalars(_IMAGE_BY_EC2_ID, {"ec2_id": ec2_id})).first()
+    return image if image is not None and _sees(actor, image) else None
 
 
 async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:

@@ -206,16 +206,17 @@ async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[
 # -- tags --------------------------------------------------------------------------------------
 
 
+_TAGS_OF = (
+    sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
+    .where(_tags.c.resource_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_tags.c.key)
+)
+
+
 async def tags_of(session: AsyncSession, resource_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {r: [] for r in resource_ids}
     if resource_ids:
-        for rid, key, value in (
-            await session.execute(
-                sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
-                .where(_tags.c.resource_id.in_(resource_ids))
-                .order_by(_tags.c.key)
-            )
-        ).all():
+        for rid, key, value in (await session.execute(_TAGS_OF, {"ids": resource_ids})).all():
             out[rid].append((key, value))
     return out
 

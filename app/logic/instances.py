@@ -61,12 +61,15 @@ class Row:
     image: str
 
 
+_SELECT = (
+    sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
+    .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+    .join(_images, _images.c.id == _servers.c.image_id)
+)
+
+
 def _select() -> sa.Select[Any]:
-    return (
-        sa.select(Server, ec2.STATE, _flavors.c.name, _images.c.ec2_id)
-        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-        .join(_images, _images.c.id == _servers.c.image_id)
-    )
+    return _SELECT
 
 
 def _rows(result: Any) -> list[Row]:
@@ -171,10 +174,14 @@ async def describe(
     return [Row(*r) for r in rows], more
 
 
+_RESERVATION = _SELECT.where(
+    _servers.c.reservation_id == sa.bindparam("reservation"), _servers.c.project_id == sa.bindparam("project")
+).order_by(_servers.c.id)
+
+
 async def reservation(session: AsyncSession, project_id: uuid.UUID, reservation_id: str) -> list[Row]:
     """The instances of one reservation (one launch), in id order."""
-    stmt = _select().where(_servers.c.reservation_id == reservation_id, _servers.c.project_id == project_id)
-    return _rows(await session.execute(stmt.order_by(_servers.c.id)))
+    return _rows(await session.execute(_RESERVATION, {"reservation": reservation_id, "project": project_id}))
 
 
 # -- launching ------------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ async def launch(
         made = await _earlier(session, actor, spec)
         if made is not None:
             return await reservation(session, project_id, made)
-    image = (await session.scalars(catalogue.visible_images(actor).where(_images.c.ec2_id == spec.image))).first()
+    image = await catalogue.image_by_ec2_id(session, actor=actor, ec2_id=spec.image)
     if image is None:
         raise UnknownImage(f"image {spec.image} does not exist", ids=[spec.image])
     if image.status != ImageStatus.ACTIVE.value:

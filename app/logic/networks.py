@@ -154,9 +154,15 @@ def _row(project_id: uuid.UUID, name: str, net: ipaddress.IPv4Network, *, defaul
     }
 
 
+_NAMED = (
+    sa.select(Network)
+    .where(_networks.c.project_id == sa.bindparam("project"), _networks.c.name == sa.bindparam("name"))
+    .execution_options(populate_existing=True)
+)
+
+
 async def _named(session: AsyncSession, project_id: uuid.UUID, name: str) -> Network | None:
-    stmt = sa.select(Network).where(_networks.c.project_id == project_id, _networks.c.name == name)
-    return (await session.scalars(stmt.execution_options(populate_existing=True))).first()
+    return (await session.scalars(_NAMED, {"project": project_id, "name": name})).first()
 
 
 async def create(session: AsyncSession, *, actor: Actor, name: str, cidr: str | None) -> Network:
@@ -298,6 +304,21 @@ _LOCK_WITH_USED = (
 )
 
 
+#: PostgreSQL: claim up to ``count`` of the candidate addresses ``ips`` (their lock keys
+#: ``keys``), trying each one's advisory lock without waiting. No ORDER BY: the LIMIT stops the
+#: scan (and the locking) at the count-th claim; ``n`` is a claimed one's place in the list.
+_TRIED = (
+    sa.func.unnest(sa.cast(sa.bindparam("ips"), sa.ARRAY(sa.Text)), sa.cast(sa.bindparam("keys"), sa.ARRAY(sa.Integer)))
+    .table_valued("ip", "key", with_ordinality="n")
+    .render_derived()
+)
+_CLAIM = (
+    sa.select(_TRIED.c.ip, _TRIED.c.n)
+    .where(sa.func.pg_try_advisory_xact_lock(sa.bindparam("net_key", type_=sa.Integer), _TRIED.c.key))
+    .limit(sa.bindparam("count", type_=sa.Integer))
+)
+
+
 class Allocator:
     """Addresses of some networks for the VMs of one create, taken up front by ``take``; then
     each VM's ports get the next ones (``ports``).
@@ -393,18 +414,15 @@ class Allocator:
             return [ip for ip, _ in self._free(net, count)]
         candidates = self._free(net, count + self.SLACK)
         key, _ = _claim_key(net, 0)
-        tried = (
-            sa.func.unnest(
-                sa.cast([ip for ip, _ in candidates], sa.ARRAY(sa.Text)),
-                sa.cast([_claim_key(net, v)[1] for _, v in candidates], sa.ARRAY(sa.Integer)),
-            )
-            .table_valued("ip", "key", with_ordinality="n")
-            .render_derived()
-        )
-        # No ORDER BY: the LIMIT stops the scan (and the locking) at the count-th claim.
         claimed = (
             await session.execute(
-                sa.select(tried.c.ip, tried.c.n).where(sa.func.pg_try_advisory_xact_lock(key, tried.c.key)).limit(count)
+                _CLAIM,
+                {
+                    "ips": [ip for ip, _ in candidates],
+                    "keys": [_claim_key(net, v)[1] for _, v in candidates],
+                    "net_key": key,
+                    "count": count,
+                },
             )
         ).all()
         got = {ip for ip, _ in claimed}
@@ -433,9 +451,14 @@ class Allocator:
         ]
 
 
+_COMMITTED = sa.select(_ports.c.ip).where(
+    _ports.c.network_id == sa.bindparam("net"), _ports.c.ip.in_(sa.bindparam("ips", expanding=True))
+)
+
+
 async def _committed(session: AsyncSession, net: Network, ips: set[str]) -> set[str]:
     """Which of ``ips`` are ``net``'s addresses in use, read afresh (after they were claimed)."""
-    return set(await session.scalars(sa.select(_ports.c.ip).where(_ports.c.network_id == net.id, _ports.c.ip.in_(ips))))
+    return set(await session.scalars(_COMMITTED, {"net": net.id, "ips": sorted(ips)}))
 
 
 def _claim_key(net: Network, value: int) -> tuple[int, int]:
@@ -464,25 +487,31 @@ async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+#: Servers' NICs, each with its network's name and subnet; a VM's public address (the lowest,
+#: should it hold several) comes with its NICs' rows.
+_ADDRESSES = (
+    sa.select(
+        _ports,
+        _networks.c.name,
+        _networks.c.ec2_id.label("subnet"),
+        sa.select(sa.func.min(_public.c.address))
+        .where(_public.c.server_id == _ports.c.server_id)
+        .scalar_subquery()
+        .label("public_ip"),
+    )
+    .join(_networks, _networks.c.id == _ports.c.network_id)
+    .where(_ports.c.server_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_ports.c.server_id, _ports.c.position)
+)
+
+
 async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[Address]]:
     """Each server's addresses, NIC order (one query, whatever the number of servers)."""
     ids = list(server_ids)
     out: dict[uuid.UUID, list[Address]] = {sid: [] for sid in ids}
     if not ids:
         return out
-    # A VM's public address (the lowest, should it hold several) comes with its NICs' rows.
-    public = (
-        sa.select(sa.func.min(_public.c.address))
-        .where(_public.c.server_id == _ports.c.server_id)
-        .scalar_subquery()
-        .label("public_ip")
-    )
-    rows = await session.execute(
-        sa.select(_ports, _networks.c.name, _networks.c.ec2_id.label("subnet"), public)
-        .join(_networks, _networks.c.id == _ports.c.network_id)
-        .where(_ports.c.server_id.in_(ids))
-        .order_by(_ports.c.server_id, _ports.c.position)
-    )
+    rows = await session.execute(_ADDRESSES, {"ids": ids})
     for row in rows.mappings():
         sid = row["server_id"]
         first = not out[sid]  # a VM's public address maps to its first NIC

@@ -49,19 +49,25 @@ def free_of(host: Host) -> tuple[int, int]:
     )
 
 
-async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = False) -> list[Host]:
-    """Up hosts (of ``zone``), read afresh; with ``lock``, locked in id order."""
+@functools.cache
+def _candidates_statement(zone: bool, lock: bool) -> sa.Select[Any]:
     stmt = (
         sa.select(Host)
         .options(WITHOUT_INVENTORY)
         .where(_hosts.c.state == HostState.UP)
         .execution_options(populate_existing=True)
     )
-    if zone is not None:
-        stmt = stmt.where(_hosts.c.zone == zone)
+    if zone:
+        stmt = stmt.where(_hosts.c.zone == sa.bindparam("in_zone"))
     if lock:
         stmt = stmt.order_by(_hosts.c.id).with_for_update(key_share=True)
-    return list(await session.scalars(stmt))
+    return stmt
+
+
+async def _candidates(session: AsyncSession, zone: str | None, *, lock: bool = False) -> list[Host]:
+    """Up hosts (of ``zone``), read afresh; with ``lock``, locked in id order."""
+    stmt = _candidates_statement(zone is not None, lock)
+    return list(await session.scalars(stmt, {"in_zone": zone} if zone is not None else {}))
 
 
 async def reserve(
@@ -83,16 +89,21 @@ async def reserve(
     transactions cannot take the same hosts in opposite orders.
     """
     if not several:
-        placed = await _reserve_unlocked(session, vcpus=vcpus, ram_mb=ram_mb, zone=zone, host=host, exclude=exclude)
-        if placed is not None:
-            return placed
+        for skip_held in (True, False):
+            placed = await _reserve_one(
+                session, vcpus=vcpus, ram_mb=ram_mb, zone=zone, host=host, exclude=exclude, skip_held=skip_held
+            )
+            if placed is not None:
+                return placed
     found = await _candidates(session, zone, lock=several)
     candidates = [h for h in found if (host is None or h.name == host) and h.name != exclude]
     fitting = [h for h in candidates if free_of(h)[0] >= vcpus and free_of(h)[1] >= ram_mb]
     for chosen in sorted(fitting, key=lambda h: free_of(h)[1], reverse=True):
         # The loaded Host is left untouched: the ORM would write it back as absolute values
         # over concurrent reservations. A later read in this transaction re-reads the row.
-        row = (await session.execute(_reservation(_hosts.c.id == chosen.id, vcpus, ram_mb))).first()
+        row = (
+            await session.execute(_ON_HOST_ID, {"host_id": chosen.id, "want_cpus": vcpus, "want_ram": ram_mb})
+        ).first()
         if row is not None:
             return _placed(row)
     where = f"host {host}" if host else (f"zone {zone}" if zone else "any zone")
@@ -132,11 +143,16 @@ def _placed(row: sa.Row[Any]) -> Placed:
     return Placed(row.name, row.zone, VNC_BASE + row.vnc_seq % VNC_RANGE)
 
 
+_WANT_CPUS, _WANT_RAM = sa.bindparam("want_cpus", type_=sa.Integer), sa.bindparam("want_ram", type_=sa.BigInteger)
+#: The reservation on one host, by id (``reserve``'s last resort, host by host).
+_ON_HOST_ID = _reservation(_hosts.c.id == sa.bindparam("host_id"), _WANT_CPUS, _WANT_RAM)
+
+
 @functools.cache
-def _unlocked_statement(zone: bool, host: bool, exclude: bool) -> sa.Update:
-    """``_reserve_unlocked``'s statement for one shape of request (which filters it has), built
-    once with its values as bound parameters: building it took longer than running it."""
-    vcpus, ram_mb = sa.bindparam("want_cpus", type_=sa.Integer), sa.bindparam("want_ram", type_=sa.BigInteger)
+def _one_statement(zone: bool, host: bool, exclude: bool, skip_held: bool) -> sa.Update:
+    """``_reserve_one``'s statement for one shape of request (which filters it has), built once
+    with its values as bound parameters: building it took longer than running it."""
+    vcpus, ram_mb = _WANT_CPUS, _WANT_RAM
     pick = sa.select(_hosts.c.id).where(_hosts.c.state == HostState.UP, _room_for(vcpus, ram_mb))
     if zone:
         pick = pick.where(_hosts.c.zone == sa.bindparam("in_zone"))
@@ -145,18 +161,30 @@ def _unlocked_statement(zone: bool, host: bool, exclude: bool) -> sa.Update:
     if exclude:
         pick = pick.where(_hosts.c.name != sa.bindparam("not_host"))
     free_ram = sa.func.floor(_hosts.c.ram_mb * _hosts.c.ram_ratio) - _hosts.c.used_ram_mb
-    pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1).with_for_update(key_share=True, skip_locked=True)
+    pick = pick.order_by(free_ram.desc(), _hosts.c.name).limit(1)
+    if skip_held:
+        pick = pick.with_for_update(key_share=True, skip_locked=True)
     return _reservation(_hosts.c.id == pick.scalar_subquery(), vcpus, ram_mb)
 
 
-async def _reserve_unlocked(
-    session: AsyncSession, *, vcpus: int, ram_mb: int, zone: str | None, host: str | None, exclude: str | None
+async def _reserve_one(
+    session: AsyncSession,
+    *,
+    vcpus: int,
+    ram_mb: int,
+    zone: str | None,
+    host: str | None,
+    exclude: str | None,
+    skip_held: bool,
 ) -> Placed | None:
-    """One statement: the best fitting up host that no other transaction holds, reserved. A
-    host another create is filling is skipped rather than waited for, so concurrent creates
-    spread over the hosts instead of queueing on the freest one. None when every fitting host
-    is held (or none fits): ``reserve`` then waits its turn, or says there is no room."""
-    stmt = _unlocked_statement(zone is not None, host is not None, exclude is not None)
+    """One statement: the best fitting up host, reserved. With ``skip_held``, the best that no
+    other transaction holds: a host another create is filling is skipped rather than waited
+    for, so concurrent creates spread over the hosts instead of queueing on the freest one.
+    Without, the best as this statement's snapshot sees it, waited for if held: its conditional
+    UPDATE re-checks the room on the row as the holder left it. None when that host has been
+    filled meanwhile (or none fits): ``reserve`` then tries host by host, or says there is no
+    room."""
+    stmt = _one_statement(zone is not None, host is not None, exclude is not None, skip_held)
     values = {"want_cpus": vcpus, "want_ram": ram_mb, "in_zone": zone, "on_host": host, "not_host": exclude}
     row = (await session.execute(stmt, {k: v for k, v in values.items() if v is not None})).first()
     return None if row is None else _placed(row)

@@ -52,10 +52,15 @@ _commissions = table_of(Commission)
 _quotas = table_of(Quota)
 
 
+_LOCK_PROJECT = (
+    sa.select(table_of(Project).c.id)
+    .where(table_of(Project).c.id == sa.bindparam("project"))
+    .with_for_update(key_share=True)
+)
+
+
 async def lock_project(session: AsyncSession, project_id: uuid.UUID) -> None:
-    await session.execute(
-        sa.select(table_of(Project).c.id).where(table_of(Project).c.id == project_id).with_for_update(key_share=True)
-    )
+    await session.execute(_LOCK_PROJECT, {"project": project_id})
 
 
 async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[str, int]) -> None:

@@ -191,17 +191,19 @@ async def set_members(
     session.add_all([ServerSecurityGroup(server_id=s, group_id=g.id) for s in server_ids for g in groups])
 
 
+_GROUPS_OF = (
+    sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
+    .join(_groups, _groups.c.id == _members.c.group_id)
+    .where(_members.c.server_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_groups.c.name)
+)
+
+
 async def groups_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[tuple[str, str]]]:
     """Each VM's groups as (EC2 id, name), in name order."""
     out: dict[uuid.UUID, list[tuple[str, str]]] = {s: [] for s in server_ids}
     if server_ids:
-        stmt = (
-            sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
-            .join(_groups, _groups.c.id == _members.c.group_id)
-            .where(_members.c.server_id.in_(server_ids))
-            .order_by(_groups.c.name)
-        )
-        for server_id, ec2_id, name in (await session.execute(stmt)).all():
+        for server_id, ec2_id, name in (await session.execute(_GROUPS_OF, {"ids": server_ids})).all():
             out[server_id].append((ec2_id, name))
     return out
 
