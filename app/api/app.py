@@ -94,7 +94,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     errors.install(app)
     app.add_middleware(RetryTransactions)
     app.openapi = _derived(app.openapi)  # type: ignore[method-assign]
+    # EC2 first: its two routes (not in the document) are matched before the REST API's many,
+    # where every EC2 call used to be matched against all of them first.
     for module in (
+        ec2,
         servers,
         events,
         networks,
@@ -108,7 +111,6 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         health,
         metrics,
         metadata,
-        ec2,
         ui,
     ):
         app.include_router(module.router)
