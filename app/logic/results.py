@@ -134,9 +134,11 @@ async def apply_result(
     else:
         # Lock order: server first, as every other writer does -- found by its job, with its
         # flavor, in one statement.
-        server = (await session.scalars(_SERVER_OF_JOB, {"job": job_id})).first()
-        if server is None:
+        # (``execute``, not ``scalars``: the flavor must be loaded too, not only the VM.)
+        row = (await session.execute(_SERVER_OF_JOB, {"job": job_id})).first()
+        if row is None:
             return Outcome.UNKNOWN  # no such job (every job has its server)
+        server = row[0]
         job = (await session.scalars(_LOCK_JOB, {"job": job_id})).one()
     if job.status in FINAL:
         return Outcome.DUPLICATE
@@ -194,9 +196,11 @@ async def apply_result(
     server.flavor_id = new_flavor.id
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
         server.destroyed_at = now
-        if server.host is not None:
-            await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
-        await networks.release(session, [server.id])
+        # Other tables' rows, by the VM's id: the VM's own changes are flushed once, later.
+        with session.no_autoflush:
+            if server.host is not None:
+                await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+            await networks.release(session, [server.id])
     if current or after is Operstate.DESTROYED:
         server.task, server.task_job_id = None, None
         if current and action is Action.DESTROY and not success:
