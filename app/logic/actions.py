@@ -72,7 +72,7 @@ async def _begin(
     new_flavor: Flavor | None = None,
     target_host: str | None = None,
 ) -> Job:
-    server, host_state = await servers.lock_for_action(session, actor=actor, server_id=server_id)
+    server, flavor, host_state = await servers.lock_for_action(session, actor=actor, server_id=server_id)
     rule = TABLE[action]
     if rule.admin_only and not actor.is_admin:
         raise Forbidden(f"{action.value} needs the admin role")
@@ -94,8 +94,6 @@ async def _begin(
         return job
 
     host_down = _host_down(server, host_state, action)
-    flavor = await session.get(Flavor, server.flavor_id)  # read with the lock: no statement
-    assert flavor is not None
     params = dict(params or {})
     after = rule.on_accept or rule.on_success or before
     after_flavor = new_flavor or flavor

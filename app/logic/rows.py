@@ -14,7 +14,9 @@ from sqlmodel import SQLModel
 from app.logic.errors import AlreadyExists
 from app.models import table_of
 
-#: ``session.info`` key: per model, the ids of the rows ``lock_all`` locked in this transaction.
+#: ``session.info`` key: per model, the rows ``lock_all`` locked in this transaction, by id. The
+#: session's identity map holds loaded rows weakly: kept here, ``session.get`` finds them there
+#: (no statement) until ``release_all``, instead of reading each one again.
 _HELD = "nephos.held"
 
 
@@ -57,8 +59,14 @@ async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[u
             .execution_options(populate_existing=True)
         )
     )
-    session.info.setdefault(_HELD, {}).setdefault(model, set()).update(row.id for row in found)
+    keep(session, model, found)
     return found
+
+
+def keep(session: AsyncSession, model: type[SQLModel], found: Iterable[Any]) -> None:
+    """Keep rows of ``model`` this transaction read (``lock_all``'s, or others it will use again)
+    until ``release_all``: ``session.get`` finds them with no statement."""
+    session.info.setdefault(_HELD, {}).setdefault(model, {}).update((row.id, row) for row in found)
 
 
 def held(session: AsyncSession, model: type[SQLModel], row_id: uuid.UUID | None) -> bool:

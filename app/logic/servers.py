@@ -88,9 +88,12 @@ async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
     return (await session.scalars(stmt)).first()
 
 
-async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> tuple[Server, str | None]:
-    """``lock``, for an action: with the VM's flavor (read into the session, so ``session.get``
-    finds it there) and its host's state (``None``: no host), in the same one statement."""
+async def lock_for_action(
+    session: AsyncSession, *, actor: Actor, server_id: uuid.UUID
+) -> tuple[Server, Flavor, str | None]:
+    """``lock``, for an action: with the VM's flavor and its host's state (``None``: no host), in
+    the same one statement. (The session's identity map holds objects weakly: a flavor the
+    caller did not keep would be gone by its next ``session.get``, and read again.)"""
     stmt = (
         sa.select(Server, Flavor, _hosts.c.state)
         .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
@@ -102,7 +105,7 @@ async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uui
     row = (await session.execute(stmt)).first()
     if row is None or not actor.sees(row[0].project_id):
         raise _not_found(server_id)
-    return row[0], row[2]
+    return row[0], row[1], row[2]
 
 
 async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:
