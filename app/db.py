@@ -34,7 +34,7 @@ class StatementCounts:
     """What a process asked of its database: statements sent (round trips) and transactions
     committed, counted when ``NEPHOS_STATEMENT_COUNTS`` names a directory (the benchmark's
     instrumentation; off, it costs nothing). A daemon thread writes ``<dir>/<pid>.json`` every
-    0.2 s, so a reader can take deltas while the process runs."""
+    0.2 s when the counts moved, so a reader can take deltas while the process runs."""
 
     def __init__(self, directory: Path) -> None:
         self.statements = self.commits = 0
@@ -51,10 +51,14 @@ class StatementCounts:
         self.commits += 1
 
     def _write_forever(self) -> None:
+        written = None
         while True:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"statements": self.statements, "commits": self.commits}))
-            os.replace(tmp, self.path)
+            counts = {"statements": self.statements, "commits": self.commits}
+            if counts != written:  # an idle process (an agent has no statements) writes nothing
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(counts))
+                os.replace(tmp, self.path)
+                written = counts
             time.sleep(0.2)
 
 
