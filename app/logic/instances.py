@@ -68,10 +68,6 @@ _SELECT = (
 )
 
 
-def _select() -> sa.Select[Any]:
-    return _SELECT
-
-
 def _rows(result: Any) -> list[Row]:
     return [Row(*r) for r in result.all()]
 
@@ -169,7 +165,7 @@ async def describe(
     session: AsyncSession, *, project_id: uuid.UUID, listing: Listing
 ) -> tuple[list[Row], uuid.UUID | None]:
     """DescribeInstances: the project's instances, filtered and paged in the database."""
-    stmt = ec2.where(_select(), _with_tags(listing.filters), listing.filters)
+    stmt = ec2.where(_SELECT, _with_tags(listing.filters), listing.filters)
     rows, more = await page(session, stmt, project_id=project_id, listing=listing)
     return [Row(*r) for r in rows], more
 

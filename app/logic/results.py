@@ -75,7 +75,7 @@ async def begin_batch(
     # Their flavors, read once for the batch (not locked: flavors do not change under a VM).
     flavor_ids = {vm.flavor_id for vm in vms}
     if flavor_ids:
-        rows.keep(session, Flavor, await session.scalars(sa.select(Flavor).where(_flavors.c.id.in_(flavor_ids))))
+        rows.keep(session, await session.scalars(sa.select(Flavor).where(_flavors.c.id.in_(flavor_ids))))
     # Then their jobs and the jobs' commissions, each in one statement (the lock order of
     # ``apply_result``: server, job, commission): applying them reads them from the session.
     held = await rows.lock_all(session, Job, owners)

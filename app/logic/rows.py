@@ -14,10 +14,11 @@ from sqlmodel import SQLModel
 from app.logic.errors import AlreadyExists
 from app.models import table_of
 
-#: ``session.info`` key: per model, the rows ``lock_all`` locked in this transaction, by id. The
-#: session's identity map holds loaded rows weakly: kept here, ``session.get`` finds them there
-#: (no statement) until ``release_all``, instead of reading each one again.
-_HELD = "nephos.held"
+#: ``session.info`` keys: per model, the rows ``lock_all`` locked in this transaction, by id; and
+#: the rows ``keep`` keeps (read, not locked). The session's identity map holds loaded rows
+#: weakly: kept here, ``session.get`` finds them there (no statement) until ``release_all``,
+#: instead of reading each one again.
+_HELD, _KEPT = "nephos.held", "nephos.kept"
 
 
 async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
@@ -59,14 +60,14 @@ async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[u
             .execution_options(populate_existing=True)
         )
     )
-    keep(session, model, found)
+    session.info.setdefault(_HELD, {}).setdefault(model, {}).update((row.id, row) for row in found)
     return found
 
 
-def keep(session: AsyncSession, model: type[SQLModel], found: Iterable[Any]) -> None:
-    """Keep rows of ``model`` this transaction read (``lock_all``'s, or others it will use again)
-    until ``release_all``: ``session.get`` finds them with no statement."""
-    session.info.setdefault(_HELD, {}).setdefault(model, {}).update((row.id, row) for row in found)
+def keep(session: AsyncSession, found: Iterable[Any]) -> None:
+    """Keep rows this transaction read and will use again (not locked: ``held`` does not say
+    so) until ``release_all``: ``session.get`` finds them with no statement."""
+    session.info.setdefault(_KEPT, []).extend(found)
 
 
 def held(session: AsyncSession, model: type[SQLModel], row_id: uuid.UUID | None) -> bool:
@@ -75,5 +76,6 @@ def held(session: AsyncSession, model: type[SQLModel], row_id: uuid.UUID | None)
 
 
 def release_all(session: AsyncSession) -> None:
-    """Forget what ``lock_all`` held (its transaction is over)."""
+    """Forget what ``lock_all`` held and ``keep`` kept (its transaction is over)."""
     session.info.pop(_HELD, None)
+    session.info.pop(_KEPT, None)
