@@ -38,14 +38,16 @@ def new_token() -> str:
     return "nph_" + secrets.token_urlsafe(32)
 
 
+#: Every request reads its caller: the statement is built once.
+_BY_TOKEN = sa.select(_users.c.id, _users.c.project_id, _users.c.role).where(
+    _users.c.token_hash == sa.bindparam("token_hash")
+)
+
+
 async def authenticate(session: AsyncSession, token: str | None) -> Actor:
     if not token:
         raise Unauthorized("a bearer token is required")
-    row = (
-        await session.execute(
-            sa.select(_users.c.id, _users.c.project_id, _users.c.role).where(_users.c.token_hash == hash_token(token))
-        )
-    ).first()
+    row = (await session.execute(_BY_TOKEN, {"token_hash": hash_token(token)})).first()
     if row is None:
         raise Unauthorized("unknown token")
     return Actor(user_id=row.id, project_id=row.project_id, is_admin=row.role == "admin")

@@ -11,12 +11,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import networks, placement
+from app.logic import networks, placement, rows
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
 from app.logic.pagination import Page, paginate
-from app.logic.rows import insert_unique
 from app.models import Flavor, Host, Image, Zone, table_of
 
 _flavors = table_of(Flavor)
@@ -45,24 +44,32 @@ class Labels:
     addresses: dict[uuid.UUID, list[networks.Address]]
 
 
+def _names(postgres: bool) -> sa.CompoundSelect[Any]:
+    """The names of some flavors and images, by id, each row saying which it is."""
+    return sa.union_all(
+        sa.select(_flavors.c.id, _flavors.c.name, sa.literal(True).label("flavor")).where(
+            rows.among(_flavors.c.id, "flavors", postgres=postgres)
+        ),
+        sa.select(_images.c.id, _images.c.name, sa.literal(False).label("flavor")).where(
+            rows.among(_images.c.id, "images", postgres=postgres)
+        ),
+    )
+
+
+_NAMES = {postgres: _names(postgres) for postgres in (True, False)}
+
+
 async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
     """The names of the flavors and images of ``servers`` and their addresses (two queries,
     whatever their number)."""
-    rows = list(servers)
+    listed = list(servers)
     flavors: dict[uuid.UUID, str] = {}
     images: dict[uuid.UUID, str] = {}
-    if rows:
-        names = sa.union_all(
-            sa.select(_flavors.c.id, _flavors.c.name, sa.literal(True).label("flavor")).where(
-                _flavors.c.id.in_({s.flavor_id for s in rows})
-            ),
-            sa.select(_images.c.id, _images.c.name, sa.literal(False).label("flavor")).where(
-                _images.c.id.in_({s.image_id for s in rows})
-            ),
-        )
-        for found, name, is_flavor in (await session.execute(names)).all():
+    if listed:
+        wanted = {"flavors": list({s.flavor_id for s in listed}), "images": list({s.image_id for s in listed})}
+        for found, name, is_flavor in (await session.execute(_NAMES[rows.postgres(session)], wanted)).all():
             (flavors if is_flavor else images)[found] = name
-    return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in rows]))
+    return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in listed]))
 
 
 # -- flavors -------------------------------------------------------------------
@@ -117,7 +124,7 @@ async def create_flavor(
     if vcpus <= 0 or ram_mb <= 0 or disk_gb < 0:
         raise BadRequest("vcpus and ram_mb must be positive, disk_gb not negative")
     flavor = Flavor(name=name, vcpus=vcpus, ram_mb=ram_mb, disk_gb=disk_gb)
-    await insert_unique(session, flavor, f"flavor {name}")
+    await rows.insert_unique(session, flavor, f"flavor {name}")
     return flavor
 
 

@@ -23,6 +23,7 @@ import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -344,7 +345,7 @@ class Allocator:
     async def take(self, session: AsyncSession, count: int, fixed_ip: str | None = None) -> None:
         """Claim the addresses of ``count`` VMs on every network (``fixed_ip``: the first
         network's address of the one VM, asked for)."""
-        postgres = session.get_bind().dialect.name == "postgresql"
+        postgres = rows.postgres(session)
         ids = sorted(n.id for n in self.networks)
         if postgres:  # the networks share-locked and their used addresses read, in one statement
             found = await session.execute(_LOCK_WITH_USED, {"ids": ids})
@@ -487,22 +488,26 @@ async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-#: Servers' NICs, each with its network's name and subnet; a VM's public address (the lowest,
-#: should it hold several) comes with its NICs' rows.
-_ADDRESSES = (
-    sa.select(
-        _ports,
-        _networks.c.name,
-        _networks.c.ec2_id.label("subnet"),
-        sa.select(sa.func.min(_public.c.address))
-        .where(_public.c.server_id == _ports.c.server_id)
-        .scalar_subquery()
-        .label("public_ip"),
+def _addresses(postgres: bool) -> sa.Select[Any]:
+    """Servers' NICs, each with its network's name and subnet; a VM's public address (the
+    lowest, should it hold several) comes with its NICs' rows."""
+    return (
+        sa.select(
+            _ports,
+            _networks.c.name,
+            _networks.c.ec2_id.label("subnet"),
+            sa.select(sa.func.min(_public.c.address))
+            .where(_public.c.server_id == _ports.c.server_id)
+            .scalar_subquery()
+            .label("public_ip"),
+        )
+        .join(_networks, _networks.c.id == _ports.c.network_id)
+        .where(rows.among(_ports.c.server_id, "ids", postgres=postgres))
+        .order_by(_ports.c.server_id, _ports.c.position)
     )
-    .join(_networks, _networks.c.id == _ports.c.network_id)
-    .where(_ports.c.server_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(_ports.c.server_id, _ports.c.position)
-)
+
+
+_ADDRESSES = {postgres: _addresses(postgres) for postgres in (True, False)}
 
 
 async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[Address]]:
@@ -511,20 +516,12 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
     out: dict[uuid.UUID, list[Address]] = {sid: [] for sid in ids}
     if not ids:
         return out
-    rows = await session.execute(_ADDRESSES, {"ids": ids})
-    for row in rows.mappings():
-        sid = row["server_id"]
-        first = not out[sid]  # a VM's public address maps to its first NIC
-        out[sid].append(
-            Address(
-                row["name"],
-                row["network_id"],
-                row["ip"],
-                row["mac"],
-                row["subnet"],
-                row["ec2_id"],
-                row["public_ip"] if first else None,
-            )
+    found = await session.execute(_ADDRESSES[rows.postgres(session)], {"ids": ids})
+    for row in found:  # a row's attributes, not its mapping: this runs for every VM of a page
+        nics = out[row.server_id]
+        first = not nics  # a VM's public address maps to its first NIC
+        nics.append(
+            Address(row.name, row.network_id, row.ip, row.mac, row.subnet, row.ec2_id, row.public_ip if first else None)
         )
     return out
 

@@ -221,7 +221,7 @@ async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) ->
     if not changes:
         return
     in_order, plain = _move_statements(tuple(sorted(changes)))
-    postgres = session.get_bind().dialect.name == "postgresql"
+    postgres = rows.postgres(session)
     await session.execute(
         in_order if postgres else plain, {"project": project_id, **{f"add_{r}": v for r, v in changes.items()}}
     )

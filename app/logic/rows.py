@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from sqlmodel import SQLModel
 
 from app.logic.errors import AlreadyExists
@@ -19,6 +20,20 @@ from app.models import table_of
 #: weakly: kept here, ``session.get`` finds them there (no statement) until ``release_all``,
 #: instead of reading each one again.
 _HELD, _KEPT = "nephos.held", "nephos.kept"
+
+
+def postgres(session: AsyncSession | Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def among(column: sa.ColumnElement[Any], name: str, *, postgres: bool) -> sa.ColumnElement[bool]:
+    """``column IN :name``, a list bound at run time. On PostgreSQL it is one array parameter
+    (``= ANY``): one statement text, and a plan made once, whatever the list's length (an
+    expanding IN sends, and has PostgreSQL plan, a parameter per element). SQLite has no arrays:
+    there it is the expanding IN."""
+    if postgres:
+        return column == sa.any_(sa.cast(sa.bindparam(name), sa.ARRAY(column.type)))
+    return column.in_(sa.bindparam(name, expanding=True))
 
 
 async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
@@ -38,7 +53,7 @@ async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[st
     insert of the same unique key waits for the other transaction's end, then yields to it."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = postgresql if postgres(session) else sqlite
     stmt = dialect.insert(table).values(**values).on_conflict_do_nothing()
     return (await session.execute(stmt.returning(*table.primary_key.columns))).first() is not None
 

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.ids import utcnow
-from app.logic import webhooks
+from app.logic import rows, webhooks
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden
 from app.models import Server, ServerEvent, StreamEvent, UTCDateTime, table_of
@@ -136,7 +136,7 @@ def _write(session: Session) -> None:
     if not pending and not quotas and not hooks:
         return
     now = utcnow()
-    rows = [
+    events = [
         {"project_id": s.project_id, "server_id": s.id, "kind": kind, "body": _data(s, e), "created_at": now}
         for s, e, kind in pending
     ] + [
@@ -149,16 +149,16 @@ def _write(session: Session) -> None:
         }
         for project_id, resources in sorted(quotas.items())
     ]
-    if session.get_bind().dialect.name == "postgresql":
+    if rows.postgres(session):
         deliveries = [webhooks.delivery(body, now) for body in hooks]
         session.execute(
             _OUT,
             {
                 "now": now,
-                "s_project": [r["project_id"] for r in rows],
-                "s_server": [r["server_id"] for r in rows],
-                "s_kind": [r["kind"] for r in rows],
-                "s_body": [json.dumps(r["body"]) for r in rows],
+                "s_project": [r["project_id"] for r in events],
+                "s_server": [r["server_id"] for r in events],
+                "s_kind": [r["kind"] for r in events],
+                "s_body": [json.dumps(r["body"]) for r in events],
                 "w_id": [d["id"] for d in deliveries],
                 "w_project": [d["project_id"] for d in deliveries],
                 "w_server": [d["server_id"] for d in deliveries],
@@ -167,8 +167,8 @@ def _write(session: Session) -> None:
             },
         )
         return
-    if rows:
-        session.execute(_stream.insert().values(xid=0), rows)
+    if events:
+        session.execute(_stream.insert().values(xid=0), events)
         session.info[WRITTEN] = True
     if hooks:
         webhooks.write(session, hooks, now)
@@ -273,7 +273,7 @@ _HORIZON = sa.text(
 
 async def _horizon(session: AsyncSession) -> int | None:
     """PostgreSQL: rows of transactions below this id are final (see ``_HORIZON``)."""
-    if session.get_bind().dialect.name != "postgresql":
+    if not rows.postgres(session):
         return None
     return int((await session.execute(_HORIZON)).scalar_one())
 
