@@ -21,7 +21,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from app.ids import utcnow
-from app.logic import networks
+from app.logic import networks, rows
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus, visible_images
 from app.logic.errors import BadRequest, InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
@@ -174,20 +174,37 @@ def _flag(column: Any) -> Callable[[list[str]], sa.ColumnElement[bool]]:
     return clause
 
 
-def visible(project_id: uuid.UUID) -> sa.ColumnElement[bool]:
-    """A project's instances, terminated ones for an hour after."""
+def visible(project_id: Any, since: Any = None) -> sa.ColumnElement[bool]:
+    """A project's instances, terminated ones for an hour after (``since``: that hour's start,
+    now's by default; a bound parameter in a statement built once)."""
     return sa.and_(
         _servers.c.project_id == project_id,
-        sa.or_(_servers.c.operstate != _S.DESTROYED.value, _servers.c.destroyed_at > utcnow() - TERMINATED_VISIBLE),
+        sa.or_(
+            _servers.c.operstate != _S.DESTROYED.value,
+            _servers.c.destroyed_at > (utcnow() - TERMINATED_VISIBLE if since is None else since),
+        ),
     )
 
 
-async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, Server]:
-    """The project's visible instances among ``ec2_ids`` (missing ones are not in the result)."""
+def _named(postgres: bool) -> sa.Select[Server, str]:
+    """The project's visible instances among some EC2 ids, each with its EC2 state."""
+    return sa.select(Server, STATE).where(
+        visible(sa.bindparam("project_id"), sa.bindparam("since")),
+        rows.among(_servers.c.ec2_id, "ids", postgres=postgres),
+    )
+
+
+_NAMED = {postgres: _named(postgres) for postgres in (True, False)}
+
+
+async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, tuple[Server, str]]:
+    """The project's visible instances among ``ec2_ids``, each with its EC2 state (missing ones
+    are not in the result)."""
     if not ec2_ids:
         return {}
-    rows = await session.scalars(sa.select(Server).where(visible(project_id), _servers.c.ec2_id.in_(ec2_ids)))
-    return {s.ec2_id: s for s in rows}
+    values = {"project_id": project_id, "since": utcnow() - TERMINATED_VISIBLE, "ids": ec2_ids}
+    found = await session.execute(_NAMED[rows.postgres(session)], values)
+    return {server.ec2_id: (server, str(state)) for server, state in found.all()}
 
 
 async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, Server]:
@@ -197,10 +214,16 @@ async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) ->
     return {s.id: s for s in await session.scalars(sa.select(Server).where(_servers.c.id.in_(server_ids)))}
 
 
+_STATES = {
+    postgres: sa.select(_servers.c.id, STATE).where(rows.among(_servers.c.id, "ids", postgres=postgres))
+    for postgres in (True, False)
+}
+
+
 async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The AWS state name of each of these servers, in one query."""
-    rows = await session.execute(sa.select(_servers.c.id, STATE).where(_servers.c.id.in_(server_ids)))
-    return {server_id: str(state) for server_id, state in rows.all()}
+    found = await session.execute(_STATES[rows.postgres(session)], {"ids": server_ids})
+    return {server_id: str(state) for server_id, state in found.all()}
 
 
 # -- tags --------------------------------------------------------------------------------------
@@ -402,14 +425,14 @@ async def describe_tags(
             sa.tuple_(_tags.c.resource_id, _tags.c.key) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1]))
         )
     stmt = stmt.order_by(_tags.c.resource_id, _tags.c.key)
-    rows = [
+    found = [
         (str(r), str(k), str(v))
         for r, k, v in (await session.execute(stmt if size is None else stmt.limit(size + 1))).all()
     ]
-    if size is not None and len(rows) > size:
-        rows = rows[:size]
-        return rows, (rows[-1][0], rows[-1][1])
-    return rows, None
+    if size is not None and len(found) > size:
+        found = found[:size]
+        return found, (found[-1][0], found[-1][1])
+    return found, None
 
 
 # -- subnets -------------------------------------------------------------------------------------

@@ -75,6 +75,11 @@ def _rows(result: Any) -> list[Row]:
 async def find(session: AsyncSession, project_id: uuid.UUID, ids: list[str]) -> list[Server]:
     """The instances named, in the order named: all of them visible in this project, or
     ``UnknownInstances`` naming the others."""
+    return [server for server, _ in await find_with_states(session, project_id, ids)]
+
+
+async def find_with_states(session: AsyncSession, project_id: uuid.UUID, ids: list[str]) -> list[tuple[Server, str]]:
+    """``find``, each instance with its EC2 state as it was read (one statement)."""
     found = await ec2.instances(session, project_id, ids)
     unknown = [i for i in ids if i not in found]
     if unknown:

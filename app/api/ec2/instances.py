@@ -254,9 +254,9 @@ _VERB = {"start": "started", "stop": "stopped", "reboot": "rebooted", "terminate
 
 
 async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
-    ids = instance_ids(ctx)
-    targets = await find(ctx, ids)
-    before = await ec2.states_of(ctx.session, [s.id for s in targets])
+    found = await instances.find_with_states(ctx.session, ctx.project_id, instance_ids(ctx))
+    targets = [server for server, _ in found]
+    before = {server.id: state for server, state in found}
     # Act in id order (the lock order), answer in the order asked; one refusal rolls back all.
     for server in sorted(targets, key=lambda s: s.id):
         operstate = Operstate(server.operstate)
