@@ -293,6 +293,9 @@ class Driver:
         # event loop never waits on one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt")
         self._definitions: dict[str, str] = {}  # a simulated host's domain definitions, as last persisted
+        # Its node file less the domains and networks (the host's own part), as first read: only
+        # this driver writes the file, so a write need not read and strip the whole file again.
+        self._head: str | None = None
         # ``persist``'s group writes: the calls made, the calls the last write covered, and
         # the definitions to read again (None: all of them).
         self._asked, self._saved = 0, 0
@@ -358,7 +361,9 @@ class Driver:
         else:
             for key in stale:
                 self._definitions.pop(key, None)
-        node = _NETWORK.sub("", _DOMAIN.sub("", path.read_text()))
+        if stale is None or self._head is None:
+            self._head = _NETWORK.sub("", _DOMAIN.sub("", path.read_text()))
+        node = self._head
         kept = []
         for net in conn.listAllNetworks():
             with contextlib.suppress(libvirt.libvirtError):

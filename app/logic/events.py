@@ -36,7 +36,9 @@ def record(
         message=message,
         user_id=user_id,
     )
-    session.add(event)
+    # No ORM object: the row is written with the stream's at the commit (``stream``), in the
+    # same statement on PostgreSQL.
+    stream.keep(session, event)
     webhooks.note(session, server, event)
     stream.note(session, server, event)
     return event

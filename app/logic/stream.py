@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.ids import utcnow
 from app.logic import rows, webhooks
@@ -39,7 +39,12 @@ from app.logic.errors import BadRequest, Forbidden
 from app.models import Server, ServerEvent, StreamEvent, UTCDateTime, table_of
 
 _stream = table_of(StreamEvent)
-_PENDING, _QUOTAS = "nephos.stream_events", "nephos.stream_quotas"
+_events = table_of(ServerEvent)
+#: ``session.info``: what the transaction leaves for its commit (``_write``): the stream's
+#: events, the projects whose quotas moved, and the VMs' history rows (``server_events``).
+_PENDING, _QUOTAS, _HISTORY = "nephos.stream_events", "nephos.stream_quotas", "nephos.server_events"
+#: ``session.info``: per open savepoint, how much of each there was when it began.
+_MARKS = "nephos.until_commit_marks"
 #: Set on a session whose transaction wrote stream events (read by the process's waker).
 WRITTEN = "nephos.stream_written"
 #: The PostgreSQL channel that wakes streaming API processes when a transaction added events.
@@ -71,6 +76,12 @@ def kinds_of(event: ServerEvent) -> list[str]:
     elif not out:
         out.append("server.event")
     return out
+
+
+def keep(session: AsyncSession | Session, event: ServerEvent) -> None:
+    """Called by ``events.record``: the event's row is written to its VM's history when the
+    transaction commits."""
+    session.info.setdefault(_HISTORY, []).append(event)
 
 
 def note(session: AsyncSession | Session, server: Server, event: ServerEvent) -> None:
@@ -107,9 +118,19 @@ def quota_changed(session: AsyncSession | Session, project_id: uuid.UUID, resour
 #: in the order they were made (the serial follows the ORDER BY), and the webhook deliveries of
 #: those events whose project has an enabled webhook (none found: none written). The arrays are
 #: the rows' columns; a statement trigger on ``stream_events`` (migration 0014) notifies CHANNEL.
+#: PostgreSQL: a commit's history rows, stream events and webhook deliveries in one statement.
+#: The deliveries are those of the projects with an enabled webhook; the stream's rows take
+#: the writing transaction's id.
 _OUT = sa.text(
     """
-    WITH stream AS (
+    WITH history AS (
+        INSERT INTO server_events (id, server_id, job_id, user_id, kind, action, operstate_from, operstate_to,
+                                   message, created_at)
+        SELECT * FROM unnest(CAST(:h_id AS uuid[]), CAST(:h_server AS uuid[]), CAST(:h_job AS uuid[]),
+                             CAST(:h_user AS uuid[]), CAST(:h_kind AS text[]), CAST(:h_action AS text[]),
+                             CAST(:h_from AS text[]), CAST(:h_to AS text[]), CAST(:h_message AS text[]),
+                             CAST(:h_at AS timestamptz[]))
+    ), stream AS (
         INSERT INTO stream_events (xid, project_id, server_id, kind, body, created_at)
         SELECT pg_current_xact_id()::text::bigint, e.project_id, e.server_id, e.kind, e.body::json, :now
           FROM unnest(CAST(:s_project AS uuid[]), CAST(:s_server AS uuid[]), CAST(:s_kind AS text[]),
@@ -129,12 +150,20 @@ _OUT = sa.text(
 
 @sa_event.listens_for(Session, "before_commit")
 def _write(session: Session) -> None:
-    """The transaction commits: its stream events and its webhook deliveries are written in it."""
+    """The transaction commits: its VMs' history rows, its stream events and its webhook
+    deliveries are written in it.
+
+    The history rows wait for the commit too (``events.record`` adds no ORM object): on
+    PostgreSQL they go in the same statement as the rest, instead of an INSERT of their own."""
+    history: list[ServerEvent] = session.info.pop(_HISTORY, [])
     pending: list[tuple[Server, ServerEvent, str]] = session.info.pop(_PENDING, [])
     quotas: dict[uuid.UUID, set[str]] = session.info.pop(_QUOTAS, {})
     hooks = webhooks.take(session)
-    if not pending and not quotas and not hooks:
+    session.info.pop(_MARKS, None)
+    if not history and not pending and not quotas and not hooks:
         return
+    if history and session.new:
+        session.flush()  # a history row's server may be one this transaction makes
     now = utcnow()
     events = [
         {"project_id": s.project_id, "server_id": s.id, "kind": kind, "body": _data(s, e), "created_at": now}
@@ -151,9 +180,11 @@ def _write(session: Session) -> None:
     ]
     if rows.postgres(session):
         deliveries = [webhooks.delivery(body, now) for body in hooks]
+        values = {f"h_{name}": [getattr(h, column) for h in history] for name, column in _HISTORY_BINDS.items()}
         session.execute(
             _OUT,
-            {
+            values
+            | {
                 "now": now,
                 "s_project": [r["project_id"] for r in events],
                 "s_server": [r["server_id"] for r in events],
@@ -167,6 +198,11 @@ def _write(session: Session) -> None:
             },
         )
         return
+    if history:
+        session.execute(
+            _events.insert(),
+            [{column: getattr(h, column) for column in _HISTORY_BINDS.values()} for h in history],
+        )
     if events:
         session.execute(_stream.insert().values(xid=0), events)
         session.info[WRITTEN] = True
@@ -174,10 +210,54 @@ def _write(session: Session) -> None:
         webhooks.write(session, hooks, now)
 
 
-@sa_event.listens_for(Session, "after_rollback")
-def _forget(session: Session) -> None:
-    session.info.pop(_PENDING, None)
-    session.info.pop(_QUOTAS, None)
+#: ``_OUT``'s history parameters (``h_<name>``) and the column each fills.
+_HISTORY_BINDS = {
+    "id": "id",
+    "server": "server_id",
+    "job": "job_id",
+    "user": "user_id",
+    "kind": "kind",
+    "action": "action",
+    "from": "operstate_from",
+    "to": "operstate_to",
+    "message": "message",
+    "at": "created_at",
+}
+
+#: What waits for the commit, kept in ``session.info``.
+_UNTIL_COMMIT = (_HISTORY, _PENDING, webhooks.PENDING)
+
+
+def _mark(session: Session) -> dict[str, Any]:
+    info = session.info
+    return {key: len(info.get(key, ())) for key in _UNTIL_COMMIT} | {
+        _QUOTAS: {project: set(resources) for project, resources in info.get(_QUOTAS, {}).items()}
+    }
+
+
+@sa_event.listens_for(Session, "after_transaction_create")
+def _savepoint(session: Session, transaction: SessionTransaction) -> None:
+    """A savepoint begins: remember how much waits for the commit, for its rollback."""
+    if transaction.nested:
+        session.info.setdefault(_MARKS, {})[transaction] = _mark(session)
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _forget(session: Session, previous: SessionTransaction) -> None:
+    """A rollback: what the rolled-back part noted is forgotten -- all of it for the
+    transaction, only what came after the savepoint began for a savepoint."""
+    info = session.info
+    if not previous.nested:
+        for key in (*_UNTIL_COMMIT, _QUOTAS, _MARKS):
+            info.pop(key, None)
+        return
+    mark = info.get(_MARKS, {}).pop(previous, None)
+    if mark is None:
+        return
+    for key in _UNTIL_COMMIT:
+        if key in info:
+            del info[key][mark[key] :]
+    info[_QUOTAS] = mark[_QUOTAS]
 
 
 @dataclass(frozen=True, order=True)

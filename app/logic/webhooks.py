@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
-from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -39,7 +38,9 @@ from app.models import Project, Server, ServerEvent, Webhook, WebhookDelivery, t
 
 _hooks, _deliveries = table_of(Webhook), table_of(WebhookDelivery)
 
-_PENDING = "nephos.webhook_events"
+#: ``session.info``: the events noted for webhooks until the commit (``stream`` forgets them on a
+#: rollback, and on a savepoint's rollback those noted since it began).
+PENDING = "nephos.webhook_events"
 
 
 class State:
@@ -79,13 +80,13 @@ def note(session: AsyncSession | Session, server: Server, event: ServerEvent) ->
             "job_id": str(event.job_id) if event.job_id else None,
         },
     }
-    session.info.setdefault(_PENDING, []).append(body)
+    session.info.setdefault(PENDING, []).append(body)
 
 
 def take(session: AsyncSession | Session) -> list[dict[str, Any]]:
     """The events this transaction noted for webhooks (forgotten from the session): the
     commit's writer (``stream``) makes them deliveries, in the transaction that made them."""
-    pending: list[dict[str, Any]] = session.info.pop(_PENDING, [])
+    pending: list[dict[str, Any]] = session.info.pop(PENDING, [])
     return pending
 
 
@@ -117,11 +118,6 @@ def write(session: Session, pending: list[dict[str, Any]], now: datetime) -> Non
     rows = [delivery(body, now) for body in pending if uuid.UUID(body["project_id"]) in wanted]
     if rows:
         session.execute(_deliveries.insert(), rows)
-
-
-@sa_event.listens_for(Session, "after_rollback")
-def _forget(session: Session) -> None:
-    session.info.pop(_PENDING, None)
 
 
 def sign(secret: str, body: bytes, t: int | None = None) -> str:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from app.ids import utcnow
-from app.logic import notifications, retention, webhooks
+from app.logic import events, notifications, retention, stream, webhooks
 from app.models import Notification, Server, WebhookDelivery, table_of
 from tests.api.helpers import server_in
 from tests.conftest import Cloud
@@ -113,8 +113,6 @@ async def test_webhook_deliveries_follow_committed_events_only(cloud: Cloud) -> 
     async with cloud.sessions() as s:
         server = await s.get(Server, uuid.UUID(vm["id"]))
         assert server is not None
-        from app.logic import events
-
         events.record(s, server, "out_of_band", before="STARTED", after="STOPPED")
         await s.flush()
         await s.rollback()
@@ -128,6 +126,42 @@ async def test_webhook_deliveries_follow_committed_events_only(cloud: Cloud) -> 
     assert not webhooks.verify("another-secret-!!", body, header)
     stale = webhooks.sign("0123456789abcdef", body, int(time.time()) - 3600)
     assert not webhooks.verify("0123456789abcdef", body, stale)
+
+
+async def test_a_rolled_back_savepoint_forgets_only_what_was_recorded_inside_it(cloud: Cloud) -> None:
+    """History rows, stream events and webhook deliveries wait for the commit: a savepoint's
+    rollback drops those recorded inside it and keeps those recorded before; a transaction's
+    rollback drops them all."""
+    user = await cloud.user()
+    r = await cloud.client.put(
+        "/api/v1/webhook", headers=user, json={"url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}
+    )
+    assert r.status_code == 200, r.text
+    vm = await server_in(cloud, user, "STARTED")
+    project = uuid.UUID(user["X-Project"])
+    async with cloud.sessions() as s:
+        delivered = await webhooks.pending_count(s, project)
+        streamed = len(await stream.after(s, stream.Cursor(), stream.Scope(projects=[project])))
+    async with cloud.sessions() as s:
+        server = await s.get(Server, uuid.UUID(vm["id"]))
+        assert server is not None
+        events.record(s, server, "out_of_band", before="STARTED", after="STOPPED", message="kept")
+        try:
+            async with s.begin_nested():
+                events.record(s, server, "out_of_band", before="STOPPED", after="STARTED", message="dropped")
+                raise RuntimeError("the savepoint rolls back")
+        except RuntimeError:
+            pass
+        await s.commit()
+    async with cloud.sessions() as s:
+        events.record(s, server, "out_of_band", before="STOPPED", after="STARTED", message="rolled back")
+        await s.rollback()
+    history = (await cloud.client.get(f"/api/v1/servers/{vm['id']}/events", headers=user)).json()["items"]
+    assert [e["message"] for e in history if e["kind"] == "out_of_band"] == ["kept"]
+    async with cloud.sessions() as s:
+        assert await webhooks.pending_count(s, project) == delivered + 1
+        after = await stream.after(s, stream.Cursor(), stream.Scope(projects=[project]))
+    assert [e.data["message"] for e in after[streamed:]] == ["kept"]
 
 
 async def test_retention_purges_long_destroyed_servers_and_counts_them(cloud: Cloud) -> None:
