@@ -737,6 +737,12 @@ class DomainDestroyed(BaseModel):
 
 class ReconcileReport(BaseModel):
     stale: list[dict[str, Any]] = Field(description="VMs the database places on a host that does not have them")
+    moved: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="VMs their recorded host does not have, whose marked domain one other host runs (found_on, "
+        "observed): a migration whose result was lost or came after its deadline. The fix records the VM on "
+        "that host (moving its host room) and gives it the state that host reports",
+    )
     orphans: list[dict[str, Any]] = Field(
         description="Domains on a host that no live VM owns there: host, domain_name, domain_uuid, state, owned "
         "(carries Nephos's mark), server_id and operstate (of the VM it was made for, when owned). "

@@ -68,6 +68,7 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     observed, vcpus = _observed(host.inventory, server.id)
     action = Action(job.action)
     now_state = Operstate(server.operstate)
+    arrived = "missing"  # a migration's domain, on its target
     if action is Action.DESTROY:
         success = observed == "missing"
     elif action in (Action.CREATE, Action.RELEASE):
@@ -75,7 +76,14 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     elif action is Action.RESIZE:
         success = observed != "missing" and vcpus == job.params.get("vcpus")
     elif action in (Action.MIGRATE, Action.LIVE_MIGRATE):
-        success = False  # the source cannot vouch for the target: let the VM be found where it is
+        # The source cannot vouch for the target: the migration happened when the domain has
+        # left the source and the target runs it, as the target's own fresh inventory says.
+        if observed == "missing":
+            found = await _arrived(session, job, server.id, into)
+            if found is None:
+                return  # the target must send a fresh inventory first
+            arrived = found
+        success = arrived != "missing"
     else:
         success = results.OBSERVED.get(observed) is target_state(action, now_state, True)
     await results.apply_result(
@@ -84,12 +92,28 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
         success=success,
         error=None if success else f"no result before the deadline; host {host.name} reports the domain {observed}",
     )
-    if not success and observed != "missing":
+    # A failed job leaves the VM as its host reports it; a migration that happened leaves it as
+    # the target reports it (the same when the domain runs there, as a migration leaves it).
+    reported = arrived if success and action in (Action.MIGRATE, Action.LIVE_MIGRATE) else observed
+    if reported != "missing" and (not success or reported is not observed):
         await results.apply_state_change(
             session,
             server_id=server.id,
-            observed=observed,
+            observed=reported,
             seq=None,
             reason="resolved from the host's inventory after a deadline",
         )
     into.resolved.append(job.id)
+
+
+async def _arrived(session: AsyncSession, job: Job, server_id: uuid.UUID, into: Pass) -> str | None:
+    """A migration past its deadline whose domain left the source: the domain's state on the
+    target as the target's inventory (taken after the deadline) reports it -- ``missing`` when
+    the target is down or does not have it -- or None when that inventory must be asked for."""
+    target = await hosts.get(session, job.params.get("target_host"), inventory=True)
+    if target is None or target.state == HostState.DOWN:
+        return "missing"
+    if target.inventory_at is None or target.inventory_at < job.deadline:
+        into.need_inventory.add(target.name)
+        return None
+    return _observed(target.inventory, server_id)[0]

@@ -5,6 +5,8 @@ a host whose inventory is older than ``fresh_since`` is reported as unreachable,
 as empty) and the quota tables, and reports, per kind:
 
 * ``stale``: a VM the database places on a host that does not have it;
+* ``moved``: a VM its recorded host does not have, whose marked domain another host runs (a
+  migration whose result was lost, or that ended after its deadline was resolved);
 * ``orphans``: a domain on a host that no live VM row owns there, named (host, domain name and
   UUID) and marked ``owned`` only when it carries Nephos's mark;
 * ``unsynced_operstate`` / ``unsynced_flavor``: the host runs the VM in another state or size;
@@ -41,6 +43,7 @@ from app.logic import (
     deadlines,
     events,
     firewall,
+    hosts,
     networks,
     placement,
     public_ips,
@@ -61,6 +64,7 @@ _drift = table_of(DriftReport)
 @dataclass
 class Report:
     stale: list[dict[str, Any]] = field(default_factory=list)
+    moved: list[dict[str, Any]] = field(default_factory=list)
     orphans: list[dict[str, Any]] = field(default_factory=list)
     unsynced_operstate: list[dict[str, Any]] = field(default_factory=list)
     unsynced_flavor: list[dict[str, Any]] = field(default_factory=list)
@@ -75,6 +79,7 @@ class Report:
 
     KINDS = (
         "stale",
+        "moved",
         "orphans",
         "unsynced_operstate",
         "unsynced_flavor",
@@ -232,6 +237,7 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
         and server_id not in in_flight
         and not (server_id in changed and changed[server_id] >= taken[host_name])
     ]
+    orphans = _moved(report, orphans)
     rows = {
         sid: state
         for sid, state in (
@@ -274,6 +280,23 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
     return report
 
 
+def _moved(
+    report: Report, orphans: list[tuple[str, uuid.UUID, dict[str, Any]]]
+) -> list[tuple[str, uuid.UUID, dict[str, Any]]]:
+    """Stale VMs whose marked domain one other host runs have moved, not vanished: they are
+    reported as ``moved`` (and neither stale nor orphaned); the other orphans are returned."""
+    stale = {uuid.UUID(entry["server_id"]): entry for entry in report.stale}
+    found: dict[uuid.UUID, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for host_name, server_id, seen in orphans:
+        if server_id in stale and seen.get("owned") and seen["state"] != "missing":
+            found[server_id].append((host_name, seen))
+    moved = {sid: places[0] for sid, places in found.items() if len(places) == 1}
+    for sid, (host_name, seen) in moved.items():
+        report.moved.append({**stale[sid], "found_on": host_name, "observed": seen["state"]})
+    report.stale = [entry for entry in report.stale if uuid.UUID(entry["server_id"]) not in moved]
+    return [o for o in orphans if o[1] not in moved]
+
+
 def reapable(orphan: dict[str, Any]) -> bool:
     """May the periodic pass destroy this orphan domain? Only one Nephos can prove it made (the
     mark) for a VM that is DESTROYED (a destroy that completed while the host was away). Any
@@ -283,6 +306,7 @@ def reapable(orphan: dict[str, Any]) -> bool:
 
 
 FIXABLE = (
+    "moved",
     "unsynced_operstate",
     "unsynced_flavor",
     "stale",
@@ -310,6 +334,8 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any], out
         return [f"server {entry['server_id']}: operstate set from the host ({outcome.value})"]
     if kind == "unsynced_flavor":
         return await resized(session, uuid.UUID(entry["server_id"]), **entry["observed"])
+    if kind == "moved":
+        return await moved(session, uuid.UUID(entry["server_id"]), entry["host"], entry["found_on"], entry["observed"])
     if kind == "stale":
         await vanished(session, uuid.UUID(entry["server_id"]))
         return [f"server {entry['server_id']}: gone from {entry['host']}, marked DESTROYED"]
@@ -393,6 +419,41 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
         accept=True,
         reason="reconcile: vanished from its host",
     )
+
+
+async def moved(session: AsyncSession, server_id: uuid.UUID, source: str, target: str, observed: str) -> list[str]:
+    """A VM found running on another host than the one recorded: the database follows it there
+    (its host room moves, the hosts' rows updated in name order), then it takes the state that
+    host reports. A VM changed since (no longer recorded on ``source``) is left for the next pass."""
+    server = await _settled(session, server_id)
+    if server is None or server.host != source:
+        return []
+    found_on = await hosts.get(session, target)
+    if found_on is None:
+        return []
+    flavor = await session.get(Flavor, server.flavor_id)
+    assert flavor is not None
+    for name in sorted((source, target)):
+        if name == source:
+            await placement.release(session, host=source, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+        else:
+            await placement.add(session, host=target, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    server.host, server.zone, server.updated_at = target, found_on.zone, utcnow()
+    events.record(session, server, "moved", message=f"reconcile: found on {target}, no longer on {source}")
+    await session.flush()
+    done = [f"server {server_id}: found on {target}, no longer on {source}; recorded there"]
+    before = server.operstate
+    await results.apply_state_change(
+        session,
+        server_id=server_id,
+        observed=observed,
+        seq=None,
+        issuer="reconcile",
+        reason=f"reconcile: {target} runs it {observed}",
+    )
+    if server.operstate != before:
+        done.append(f"server {server_id}: operstate set from {target} ({server.operstate})")
+    return done
 
 
 async def _settled(session: AsyncSession, server_id: uuid.UUID) -> Server | None:

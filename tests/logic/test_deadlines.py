@@ -54,6 +54,32 @@ async def test_a_lost_result_is_resolved_from_a_fresh_inventory(cloud: Cloud) ->
     assert usage(await cloud.quotas(user)) == expected_usage("STOPPED")
 
 
+async def test_a_migration_past_its_deadline_is_found_on_its_target(cloud: Cloud) -> None:
+    """The source cannot vouch for the target: once the source's fresh inventory lacks the
+    domain, the target's is asked for, and the migration succeeded if the target runs it."""
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    job = (await cloud.act(cloud.admin, vm["id"], "live_migrate"))["job_id"]
+    async with cloud.sessions() as s:
+        found = await s.get(Job, uuid.UUID(job))
+        assert found is not None
+        source, target = found.host, found.params["target_host"]
+    await _expire(cloud, job)
+    assert (await _sweep(cloud)).need_inventory == {source}
+    await _inventory(cloud, source, [])  # the domain has left the source
+    passed = await _sweep(cloud)
+    assert passed.need_inventory == {target} and passed.resolved == []
+    await _inventory(cloud, target, [{"server_id": vm["id"], "state": "running", "vcpus": 1, "ram_mb": 2048}])
+    assert (await _sweep(cloud)).resolved == [uuid.UUID(job)]
+    after = await cloud.server(user, vm["id"])
+    assert (after["host"], after["operstate"], after["task"]) == (target, "STARTED", None)
+    assert (await cloud.client.get(f"/api/v1/jobs/{job}", headers=user)).json()["status"] == "SUCCESS"
+    async with cloud.sessions() as s:
+        used = {name: cpus for name, cpus in (await s.execute(sa.select(Host.name, Host.used_cpus))).all()}
+    assert used[source] == 0 and used[target] > 0
+    assert usage(await cloud.quotas(user)) == expected_usage("STARTED")
+
+
 async def test_a_job_that_did_not_happen_ends_in_error_and_the_vm_follows_the_host(cloud: Cloud) -> None:
     user = await cloud.user()
     vm = await server_in(cloud, user, "STOPPED")

@@ -618,3 +618,20 @@ def test_a_failed_destroy_gives_the_vm_back_the_task_it_overtook(world: World) -
         state.job_result(i=39, success=False)
     """,
     )
+
+
+def test_a_migration_that_ended_after_its_deadline_leaves_the_vm_where_it_runs(world: World) -> None:
+    """Found by the suite (seed 39741064482223596570518995786326857495, shrunk by hand): a live
+    migration's deadline was resolved from an inventory that still had the domain on its source,
+    so the job failed; the domain was on the target by then. The next reconciliation found the
+    VM stale on its source and marked it DESTROYED, and its running domain on the target became
+    an orphan that the following pass would have reaped. Now it is ``moved``: recorded where it runs."""
+    replay(
+        world,
+        """
+        state.create(count=1, flavor='tiny', hold=False, user=0)
+        state.deadline_passes(agent_did_it=True, i=37)
+        state.act(action='live_migrate', admin=True, flavor='small', i=0)
+        state.deadline_passes(agent_did_it=True, i=7)
+    """,
+    )

@@ -75,6 +75,34 @@ async def test_stale_vm(cloud: Cloud) -> None:
     assert (await _report(cloud)).empty()
 
 
+async def test_a_vm_found_on_another_host_has_moved_not_vanished(cloud: Cloud) -> None:
+    """A migration whose result was lost (or that ended after its deadline was resolved): the
+    VM's own host no longer has it, another runs its marked domain. Found by the invariant
+    suite: it was reported stale, marked DESTROYED, and its running domain became reapable."""
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    other = "host-2" if vm["host"] == "host-1" else "host-1"
+    await _inventory(cloud, vm["host"], [])
+    await _inventory(cloud, other, [_domain(vm, "shutoff")])
+    report = await _report(cloud)
+    assert report.stale == [] and report.orphans == []
+    assert [(e["server_id"], e["host"], e["found_on"], e["observed"]) for e in report.moved] == [
+        (vm["id"], vm["host"], other, "shutoff")
+    ]
+    fixed = await _report(cloud, fix=True)
+    assert any(f"found on {other}" in a for a in fixed.actions), fixed.actions
+    after = await cloud.server(user, vm["id"])
+    assert (after["host"], after["operstate"], after["task"]) == (other, "STOPPED", None)
+    assert usage(await cloud.quotas(user)) == expected_usage("STOPPED")
+    used = {
+        h["name"]: h["used_cpus"]
+        for h in (await cloud.client.get("/api/v1/admin/hosts", headers=cloud.admin)).json()["items"]
+    }
+    assert used == {vm["host"]: 0, other: 1}
+    await _inventory(cloud, other, [_domain(vm, "shutoff")])
+    assert (await _report(cloud)).empty()
+
+
 async def test_orphan_domain(cloud: Cloud) -> None:
     user = await cloud.user()
     vm = await server_in(cloud, user, "STARTED")
