@@ -94,8 +94,9 @@ async def resolve(session: AsyncSession, job_id: uuid.UUID, into: Pass) -> None:
     )
     # A failed job leaves the VM as its host reports it; a migration that happened leaves it as
     # the target reports it (the same when the domain runs there, as a migration leaves it).
-    reported = arrived if success and action in (Action.MIGRATE, Action.LIVE_MIGRATE) else observed
-    if reported != "missing" and (not success or reported is not observed):
+    migrated = success and action in (Action.MIGRATE, Action.LIVE_MIGRATE)
+    reported = arrived if migrated else observed
+    if reported != "missing" and (migrated or not success):
         await results.apply_state_change(
             session,
             server_id=server.id,

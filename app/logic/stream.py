@@ -114,13 +114,11 @@ def quota_changed(session: AsyncSession | Session, project_id: uuid.UUID, resour
     session.info.setdefault(_QUOTAS, {}).setdefault(project_id, set()).update(resources)
 
 
-#: PostgreSQL: what a committing transaction sends out, in one statement -- its stream events,
-#: in the order they were made (the serial follows the ORDER BY), and the webhook deliveries of
-#: those events whose project has an enabled webhook (none found: none written). The arrays are
-#: the rows' columns; a statement trigger on ``stream_events`` (migration 0014) notifies CHANNEL.
-#: PostgreSQL: a commit's history rows, stream events and webhook deliveries in one statement.
-#: The deliveries are those of the projects with an enabled webhook; the stream's rows take
-#: the writing transaction's id.
+#: PostgreSQL: what a committing transaction sends out, in one statement -- its VMs' history
+#: rows, its stream events in the order they were made (the serial follows the ORDER BY; the
+#: rows take the writing transaction's id), and the webhook deliveries of those events whose
+#: project has an enabled webhook (none found: none written). The arrays are the rows' columns;
+#: a statement trigger on ``stream_events`` (migration 0014) notifies CHANNEL.
 _OUT = sa.text(
     """
     WITH history AS (
