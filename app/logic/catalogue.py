@@ -56,7 +56,7 @@ def _names(postgres: bool) -> sa.CompoundSelect[Any]:
     )
 
 
-_NAMES = {postgres: _names(postgres) for postgres in (True, False)}
+_NAMES = rows.ByDialect(_names)
 
 
 async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
@@ -67,7 +67,7 @@ async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
     images: dict[uuid.UUID, str] = {}
     if listed:
         wanted = {"flavors": list({s.flavor_id for s in listed}), "images": list({s.image_id for s in listed})}
-        for found, name, is_flavor in (await session.execute(_NAMES[rows.postgres(session)], wanted)).all():
+        for found, name, is_flavor in (await session.execute(_NAMES.of(session), wanted)).all():
             (flavors if is_flavor else images)[found] = name
     return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in listed]))
 

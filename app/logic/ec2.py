@@ -194,7 +194,7 @@ def _named(postgres: bool) -> sa.Select[Server, str]:
     )
 
 
-_NAMED = {postgres: _named(postgres) for postgres in (True, False)}
+_NAMED = rows.ByDialect(_named)
 
 
 async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, tuple[Server, str]]:
@@ -203,7 +203,7 @@ async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[
     if not ec2_ids:
         return {}
     values = {"project_id": project_id, "since": utcnow() - TERMINATED_VISIBLE, "ids": ec2_ids}
-    found = await session.execute(_NAMED[rows.postgres(session)], values)
+    found = await session.execute(_NAMED.of(session), values)
     return {server.ec2_id: (server, str(state)) for server, state in found.all()}
 
 
@@ -214,32 +214,33 @@ async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) ->
     return {s.id: s for s in await session.scalars(sa.select(Server).where(_servers.c.id.in_(server_ids)))}
 
 
-_STATES = {
-    postgres: sa.select(_servers.c.id, STATE).where(rows.among(_servers.c.id, "ids", postgres=postgres))
-    for postgres in (True, False)
-}
+_STATES = rows.ByDialect(
+    lambda postgres: sa.select(_servers.c.id, STATE).where(rows.among(_servers.c.id, "ids", postgres=postgres))
+)
 
 
 async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The AWS state name of each of these servers, in one query."""
-    found = await session.execute(_STATES[rows.postgres(session)], {"ids": server_ids})
+    found = await session.execute(_STATES.of(session), {"ids": server_ids})
     return {server_id: str(state) for server_id, state in found.all()}
 
 
 # -- tags --------------------------------------------------------------------------------------
 
 
-_TAGS_OF = (
-    sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
-    .where(_tags.c.resource_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(_tags.c.key)
+_TAGS_OF = rows.ByDialect(
+    lambda postgres: (
+        sa.select(_tags.c.resource_id, _tags.c.key, _tags.c.value)
+        .where(rows.among(_tags.c.resource_id, "ids", postgres=postgres))
+        .order_by(_tags.c.key)
+    )
 )
 
 
 async def tags_of(session: AsyncSession, resource_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {r: [] for r in resource_ids}
     if resource_ids:
-        for rid, key, value in (await session.execute(_TAGS_OF, {"ids": resource_ids})).all():
+        for rid, key, value in (await session.execute(_TAGS_OF.of(session), {"ids": resource_ids})).all():
             out[rid].append((key, value))
     return out
 

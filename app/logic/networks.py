@@ -299,7 +299,7 @@ _LOCK_WITH_USED = (
         _networks.c.id,
         sa.select(sa.func.array_agg(_ports.c.ip)).where(_ports.c.network_id == _networks.c.id).scalar_subquery(),
     )
-    .where(_networks.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .where(rows.among(_networks.c.id, "ids", postgres=True))
     .order_by(_networks.c.id)
     .with_for_update(read=True, key_share=True)
 )
@@ -453,7 +453,7 @@ class Allocator:
 
 
 _COMMITTED = sa.select(_ports.c.ip).where(
-    _ports.c.network_id == sa.bindparam("net"), _ports.c.ip.in_(sa.bindparam("ips", expanding=True))
+    _ports.c.network_id == sa.bindparam("net"), rows.among(_ports.c.ip, "ips", postgres=True)
 )
 
 
@@ -507,7 +507,7 @@ def _addresses(postgres: bool) -> sa.Select[Any]:
     )
 
 
-_ADDRESSES = {postgres: _addresses(postgres) for postgres in (True, False)}
+_ADDRESSES = rows.ByDialect(_addresses)
 
 
 async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[Address]]:
@@ -516,7 +516,7 @@ async def addresses_of(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -
     out: dict[uuid.UUID, list[Address]] = {sid: [] for sid in ids}
     if not ids:
         return out
-    found = await session.execute(_ADDRESSES[rows.postgres(session)], {"ids": ids})
+    found = await session.execute(_ADDRESSES.of(session), {"ids": ids})
     for row in found:  # a row's attributes, not its mapping: this runs for every VM of a page
         nics = out[row.server_id]
         first = not nics  # a VM's public address maps to its first NIC

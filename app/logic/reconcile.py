@@ -423,7 +423,7 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
 
 async def moved(session: AsyncSession, server_id: uuid.UUID, source: str, target: str, observed: str) -> list[str]:
     """A VM found running on another host than the one recorded: the database follows it there
-    (its host room moves, the hosts' rows updated in name order), then it takes the state that
+    (its host room moves), then it takes the state that
     host reports. A VM changed since (no longer recorded on ``source``) is left for the next pass."""
     server = await _settled(session, server_id)
     if server is None or server.host != source:
@@ -433,11 +433,10 @@ async def moved(session: AsyncSession, server_id: uuid.UUID, source: str, target
         return []
     flavor = await session.get(Flavor, server.flavor_id)
     assert flavor is not None
-    for name in sorted((source, target)):
-        if name == source:
-            await placement.release(session, host=source, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
-        else:
-            await placement.add(session, host=target, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    placement.defer_moves(session)  # the two hosts' rows are updated in name order
+    await placement.release(session, host=source, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    await placement.add(session, host=target, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
+    await placement.add_deferred(session)
     server.host, server.zone, server.updated_at = target, found_on.zone, utcnow()
     events.record(session, server, "moved", message=f"reconcile: found on {target}, no longer on {source}")
     await session.flush()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +34,20 @@ def among(column: sa.ColumnElement[Any], name: str, *, postgres: bool) -> sa.Col
     if postgres:
         return column == sa.any_(sa.cast(sa.bindparam(name), sa.ARRAY(column.type)))
     return column.in_(sa.bindparam(name, expanding=True))
+
+
+S = TypeVar("S")
+
+
+class ByDialect(Generic[S]):
+    """A statement built once for each dialect (``build(postgres)``, where it uses ``among``),
+    the session's picked when it runs."""
+
+    def __init__(self, build: Callable[[bool], S]) -> None:
+        self._built = {is_postgres: build(is_postgres) for is_postgres in (True, False)}
+
+    def of(self, session: AsyncSession | Session) -> S:
+        return self._built[postgres(session)]
 
 
 async def insert_unique(session: AsyncSession, row: object, what: str) -> None:

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import ec2
+from app.logic import ec2, rows
 from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound, UnknownGroup
 from app.logic.operstate import Operstate
-from app.logic.rows import insert_unique
 from app.models import SecurityGroup, SecurityGroupRule, Server, ServerSecurityGroup, table_of
 
 _groups, _rules = table_of(SecurityGroup), table_of(SecurityGroupRule)
@@ -82,7 +81,7 @@ async def create(session: AsyncSession, *, project_id: uuid.UUID, name: str, des
     if not 0 < len(description) <= 255:
         raise BadRequest("a group description has 1 to 255 characters", field="GroupDescription")
     group = SecurityGroup(project_id=project_id, name=name, description=description)
-    await insert_unique(session, group, f"security group {name}")
+    await rows.insert_unique(session, group, f"security group {name}")
     return group
 
 
@@ -191,11 +190,13 @@ async def set_members(
     session.add_all([ServerSecurityGroup(server_id=s, group_id=g.id) for s in server_ids for g in groups])
 
 
-_GROUPS_OF = (
-    sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
-    .join(_groups, _groups.c.id == _members.c.group_id)
-    .where(_members.c.server_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(_groups.c.name)
+_GROUPS_OF = rows.ByDialect(
+    lambda postgres: (
+        sa.select(_members.c.server_id, _groups.c.ec2_id, _groups.c.name)
+        .join(_groups, _groups.c.id == _members.c.group_id)
+        .where(rows.among(_members.c.server_id, "ids", postgres=postgres))
+        .order_by(_groups.c.name)
+    )
 )
 
 
@@ -203,7 +204,7 @@ async def groups_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[
     """Each VM's groups as (EC2 id, name), in name order."""
     out: dict[uuid.UUID, list[tuple[str, str]]] = {s: [] for s in server_ids}
     if server_ids:
-        for server_id, ec2_id, name in (await session.execute(_GROUPS_OF, {"ids": server_ids})).all():
+        for server_id, ec2_id, name in (await session.execute(_GROUPS_OF.of(session), {"ids": server_ids})).all():
             out[server_id].append((ec2_id, name))
     return out
 
