@@ -37,24 +37,48 @@ CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "st
 STATE_OF_CODE = {str(code): name for name, code in CODES.items()}
 ID = re.compile(r"^(i|r|ami|sg|sgr|key|subnet)-([0-9a-f]{8}|[0-9a-f]{17})$")
 
-_S = Operstate
-#: operstate + task -> AWS state name (EC2.md: a terminate never shows stopping, a stop never
-#: shows pending, a reboot stays running).
+_S, _T = Operstate, Task
+#: operstate + task -> AWS state name, the first rule that holds (EC2.md: a terminate never shows
+#: stopping, a stop never shows pending, a reboot stays running). A rule is (name, operstates,
+#: tasks); ``None`` there means any. ``STATE`` (SQL, for filters and pages) and ``state_of``
+#: (Python, for a row this transaction just wrote) are both read off this one list.
+STATE_RULES: tuple[tuple[str, frozenset[Operstate] | None, frozenset[Task] | None], ...] = (
+    ("terminated", frozenset({_S.DESTROYED}), None),
+    ("shutting-down", None, frozenset({_T.DESTROY})),
+    ("pending", frozenset({_S.HOLD, _S.BUILD}), None),
+    ("pending", None, frozenset({_T.START, _T.RESUME})),
+    ("stopping", None, frozenset({_T.STOP})),
+    ("stopping", frozenset({_S.STARTED}), frozenset({_T.SAVE_IMAGE})),
+    ("running", frozenset({_S.STARTED}), None),
+)
+#: The state when no rule holds.
+OTHERWISE = "stopped"
+
+
+def _holds(operstates: frozenset[Operstate] | None, tasks: frozenset[Task] | None) -> sa.ColumnElement[bool]:
+    def among(column: sa.ColumnElement[str], values: frozenset[Any]) -> sa.ColumnElement[bool]:
+        ordered = sorted(v.value for v in values)
+        return column == ordered[0] if len(ordered) == 1 else column.in_(ordered)
+
+    found = []
+    if operstates is not None:
+        found.append(among(_servers.c.operstate, operstates))
+    if tasks is not None:
+        found.append(among(_servers.c.task, tasks))
+    return sa.and_(*found)
+
+
 STATE: sa.ColumnElement[str] = sa.case(
-    (_servers.c.operstate == _S.DESTROYED.value, "terminated"),
-    (_servers.c.task == Task.DESTROY, "shutting-down"),
-    (_servers.c.operstate.in_([_S.HOLD.value, _S.BUILD.value]), "pending"),
-    (_servers.c.task.in_([Task.START, Task.RESUME]), "pending"),
-    (
-        sa.or_(
-            _servers.c.task == Task.STOP,
-            sa.and_(_servers.c.task == Task.SAVE_IMAGE, _servers.c.operstate == _S.STARTED.value),
-        ),
-        "stopping",
-    ),
-    (_servers.c.operstate == _S.STARTED.value, "running"),
-    else_="stopped",
+    *((_holds(operstates, tasks), name) for name, operstates, tasks in STATE_RULES), else_=OTHERWISE
 ).label("ec2_state")
+
+
+def state_of(operstate: str, task: str | None) -> str:
+    """``STATE`` of a VM whose operstate and task are known (the same rules, in Python)."""
+    for name, operstates, tasks in STATE_RULES:
+        if (operstates is None or operstate in operstates) and (tasks is None or task in tasks):
+            return name
+    return OTHERWISE
 
 
 #: An image's status as EC2 names it: DescribeImages' ``imageState`` and its ``state`` filter read
@@ -214,17 +238,6 @@ async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) ->
     return {s.id: s for s in await session.scalars(sa.select(Server).where(_servers.c.id.in_(server_ids)))}
 
 
-_STATES = rows.ByDialect(
-    lambda postgres: sa.select(_servers.c.id, STATE).where(rows.among(_servers.c.id, "ids", postgres=postgres))
-)
-
-
-async def states_of(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    """The AWS state name of each of these servers, in one query."""
-    found = await session.execute(_STATES.of(session), {"ids": server_ids})
-    return {server_id: str(state) for server_id, state in found.all()}
-
-
 # -- tags --------------------------------------------------------------------------------------
 
 
@@ -291,13 +304,30 @@ def _writable(keys: list[str]) -> None:
 
 
 async def set_tags(
-    session: AsyncSession, project_id: uuid.UUID, resource_ids: list[str], tags: list[tuple[str, str]]
+    session: AsyncSession,
+    project_id: uuid.UUID,
+    resource_ids: list[str],
+    tags: list[tuple[str, str]],
+    *,
+    new: bool = False,
 ) -> None:
+    """Each resource gets these tags, replacing its tags of the same keys (a key given twice: the
+    last value); ``new``: resources this transaction made, with no tags yet. Two statements at
+    most, whatever the number of resources and tags."""
     _writable([key for key, _ in tags])
-    for rid in resource_ids:
-        for key, value in tags:
-            await session.execute(_tags.delete().where(_tags.c.resource_id == rid, _tags.c.key == key))
-            await session.execute(_tags.insert().values(project_id=project_id, resource_id=rid, key=key, value=value))
+    values = dict(tags)
+    if not values or not resource_ids:
+        return
+    if not new:
+        await session.execute(_tags.delete().where(_tags.c.resource_id.in_(resource_ids), _tags.c.key.in_(values)))
+    await session.execute(
+        _tags.insert(),
+        [
+            {"project_id": project_id, "resource_id": rid, "key": key, "value": value}
+            for rid in resource_ids
+            for key, value in values.items()
+        ],
+    )
 
 
 async def delete_tags(
@@ -329,14 +359,19 @@ def tag_filter(key: str, values: list[str]) -> sa.ColumnElement[bool]:
 
 async def claim_token(
     session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str, reservation_id: str
-) -> None:
-    """Record the token in the transaction that creates the reservation; a concurrent twin's
-    insert waits for it, then fails (``IntegrityError``): the loser rolls its whole transaction
-    back (no savepoint is needed) and reads the winner."""
-    session.add(
-        Ec2ClientToken(project_id=project_id, token=token, request_hash=request_hash, reservation_id=reservation_id)
-    )
-    await session.flush()
+) -> bool:
+    """Claim the token for the reservation this transaction is about to make, first thing, in one
+    statement; ``False`` when it is taken. A concurrent twin's claim waits for this transaction to
+    end: it then finds the token taken and reads the reservation made (or, if this one rolled
+    back, claims it itself). Either way the twin has done no work and holds no other lock."""
+    values = {
+        "project_id": project_id,
+        "token": token,
+        "request_hash": request_hash,
+        "reservation_id": reservation_id,
+        "created_at": utcnow(),
+    }
+    return await rows.insert_or_skip(session, table_of(Ec2ClientToken), values)
 
 
 async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.ids import ec2_id
 from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
@@ -53,12 +53,17 @@ _ports = table_of(Port)
 
 @dataclass(frozen=True)
 class Row:
-    """An instance as listings show it: the VM, its EC2 state, flavor name and image id."""
+    """An instance as listings show it: the VM, its EC2 state, flavor name and image id; and,
+    when the transaction that made it knows them already (a launch), its tags (by key), its
+    groups as (EC2 id, name) by name, and its addresses in NIC order (``None``: to be read)."""
 
     server: Server
     state: str
     flavor: str
     image: str
+    tags: list[tuple[str, str]] | None = None
+    groups: list[tuple[str, str]] | None = None
+    addresses: list[networks.Address] | None = None
 
 
 _SELECT = (
@@ -229,10 +234,13 @@ async def launch(
     (a dry run) neither reads nor records the token."""
     assert actor.project_id is not None
     project_id = actor.project_id
+    reservation_id = ec2_id("r")  # the VMs of one launch are one reservation
     if spec.client_token and claim_token:
-        made = await _earlier(session, actor, spec)
-        if made is not None:
-            return await reservation(session, project_id, made)
+        while not await ec2.claim_token(session, project_id, spec.client_token, spec.request_hash, reservation_id):
+            made = await _earlier(session, actor, spec)
+            if made is not None:
+                return await reservation(session, project_id, made)
+            # Taken, then gone before it could be read (its project removed meanwhile): claim again.
     image = await catalogue.image_by_ec2_id(session, actor=actor, ec2_id=spec.image)
     if image is None:
         raise UnknownImage(f"image {spec.image} does not exist", ids=[spec.image])
@@ -263,6 +271,7 @@ async def launch(
             user_data=spec.user_data,
             zone=spec.zone or None,
             client_token=spec.client_token,
+            reservation_id=reservation_id,
             networks=nets,
             fixed_ip=spec.private_ip,
         )
@@ -276,26 +285,29 @@ async def launch(
             outbox.clear()
             if count == spec.low:
                 raise
-    await ec2.set_tags(session, project_id, [c.server.ec2_id for c in created], spec.tags)
+    await ec2.set_tags(session, project_id, [c.server.ec2_id for c in created], spec.tags, new=True)
     await secgroups.set_members(session, [c.server.id for c in created], groups, new=True)
     for c in created:  # the groups' rules go with the create job
         if c.job is not None and groups:
             c.job.params = {**c.job.params, "firewall": await firewall_rules.params_for(session, c.server.id)}
     for c in created:
         c.server.disable_api_termination = spec.protect
-    reservation_id = created[0].server.reservation_id
-    if spec.client_token and claim_token:
-        try:
-            await ec2.claim_token(session, project_id, spec.client_token, spec.request_hash, reservation_id)
-        except IntegrityError:
-            # A twin with the same token won the race: this request's VMs are not made.
-            await session.rollback()
-            outbox.clear()
-            made = await _earlier(session, actor, spec)
-            assert made is not None
-            return await reservation(session, project_id, made)
     await session.flush()
-    return await reservation(session, project_id, reservation_id)
+    # The reply is what this transaction wrote: nothing to read back.
+    tags = sorted(dict(spec.tags).items())
+    shown_groups = sorted(((g.ec2_id, g.name) for g in groups), key=lambda g: (g[1], g[0]))
+    return [
+        Row(
+            c.server,
+            ec2.state_of(c.server.operstate, c.server.task),
+            flavor.name,
+            image.ec2_id,
+            tags=tags,
+            groups=shown_groups,
+            addresses=c.addresses,
+        )
+        for c in sorted(created, key=lambda c: c.server.id)
+    ]
 
 
 # -- status, and what an instance is made of ---------------------------------------------------

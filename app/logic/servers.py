@@ -43,6 +43,7 @@ class CreateSpec:
     hold: bool = False
     description: str = ""
     client_token: str | None = None  # the EC2 facade's ClientToken
+    reservation_id: str | None = None  # the EC2 reservation the VMs make up; default: a new one
     networks: list[str] | None = None  # names or ids; default: the project's default network
     fixed_ip: str | None = None  # the first NIC's address, asked for (one VM only)
     # A public address for each VM: True, a new one each (a unit of the public_ip quota); or the
@@ -201,7 +202,7 @@ async def _accept(
     assert actor.project_id is not None and actor.user_id is not None
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = _footprint(spec, flavor)
-    reservation = ec2_id("r")  # the VMs of one request are one EC2 reservation
+    reservation = spec.reservation_id or ec2_id("r")  # the VMs of one request are one EC2 reservation
     lease = await leases.policy(session, actor.project_id)
     nets = await networks.resolve(session, actor.project_id, spec.networks)
     addresses = networks.Allocator(nets)

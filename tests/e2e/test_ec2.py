@@ -481,6 +481,26 @@ async def test_the_aws_command_line(prod_cluster: Cluster, tmp_path: Path) -> No
     await aws("wait", "instance-terminated", "--instance-ids", *ids)
 
 
+async def test_a_refused_launch_leaves_its_client_token_free(cluster: Cluster) -> None:
+    """The token is claimed first thing in the launch's transaction: a launch refused after
+    that (an unknown instance type, a quota) rolls the claim back with everything else, so the
+    same token then launches, once."""
+    ec2, _ = await ec2_client(cluster, vm=1)
+    ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
+    token = f"retry-{uuid.uuid4()}"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=ami, InstanceType="nope", MinCount=1, MaxCount=1, ClientToken=token)
+    assert code_of(exc) == "InvalidParameterValue"
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=ami, InstanceType="tiny", MinCount=2, MaxCount=2, ClientToken=token)
+    assert code_of(exc) == "InstanceLimitExceeded"
+    run = dict(ImageId=ami, InstanceType="tiny", MinCount=1, MaxCount=1, ClientToken=token)
+    first = await in_thread(ec2.run_instances, **run)
+    again = await in_thread(ec2.run_instances, **run)
+    assert again["ReservationId"] == first["ReservationId"]
+    assert [i["InstanceId"] for i in again["Instances"]] == [i["InstanceId"] for i in first["Instances"]]
+
+
 async def test_tags_and_a_client_token_raced_by_its_twins(cluster: Cluster) -> None:
     ec2, _ = await ec2_client(cluster)
     ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
@@ -658,6 +678,51 @@ async def test_the_lease_is_a_read_only_tag_that_filters(cluster: Cluster) -> No
         assert code_of(refused) == "InvalidParameterValue"
     after = {i["InstanceId"]: i for i in await described()}
     assert {"Key": "nephos:lease-expires", "Value": end} in after[ids[0]]["Tags"]
+
+
+async def test_a_launch_answers_what_describe_instances_then_shows(cluster: Cluster) -> None:
+    """RunInstances builds its reply from what it wrote (nothing read back): tags (a key given
+    twice keeps its last value), groups in name order, the lease tag, addresses and interfaces
+    are what DescribeInstances reads from the database, field for field but the state."""
+    ec2, _ = await ec2_client(cluster)
+    ami = (await in_thread(ec2.describe_images, Filters=[{"Name": "name", "Values": ["debian-12"]}]))["Images"][0]
+    groups = [
+        (await in_thread(ec2.create_security_group, GroupName=name, Description=name))["GroupId"]
+        for name in ("zeta", "alpha")
+    ]
+    run = await in_thread(
+        ec2.run_instances,
+        ImageId=ami["ImageId"],
+        InstanceType="tiny",
+        MinCount=3,
+        MaxCount=3,
+        SecurityGroupIds=groups,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "team", "Value": "a"},
+                    {"Key": "Name", "Value": "web"},
+                    {"Key": "team", "Value": "b"},
+                ],
+            }
+        ],
+    )
+    launched = run["Instances"]
+    assert {i["State"]["Name"] for i in launched} == {"pending"}
+    assert [i["AmiLaunchIndex"] for i in launched] == [0, 1, 2]
+    described = await in_thread(ec2.describe_instances, InstanceIds=[i["InstanceId"] for i in launched])
+    [reservation] = described["Reservations"]
+    assert reservation["ReservationId"] == run["ReservationId"]
+    shown = {i["InstanceId"]: i for i in reservation["Instances"]}
+    for instance in launched:
+        again = shown[instance["InstanceId"]]
+        for key in set(instance) | set(again):
+            if key not in ("State", "StateReason"):
+                assert instance.get(key) == again.get(key), key
+        assert [t["Key"] for t in instance["Tags"]] == ["Name", "team", "nephos:lease-expires"]
+        assert {"Key": "team", "Value": "b"} in instance["Tags"]
+        assert [g["GroupName"] for g in instance["SecurityGroups"]] == ["alpha", "zeta"]
 
 
 async def test_instances_show_their_private_address_and_network_interface(cluster: Cluster) -> None:

@@ -84,8 +84,7 @@ def _boolean(name: str, value: str | list[str]) -> bool:
 
 
 async def _stopped(ctx: Ctx, server: Server, what: str) -> None:
-    state = (await ec2.states_of(ctx.session, [server.id]))[server.id]
-    if state != "stopped":
+    if ec2.state_of(server.operstate, server.task) != "stopped":
         raise Ec2Error(
             "IncorrectInstanceState",
             f"The instance '{server.ec2_id}' is not in the 'stopped' state; its {what} can only "

@@ -42,13 +42,16 @@ def state_item(name: str) -> dict[str, Any]:
 
 
 async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
-    """Listed instances as instancesSet items."""
-    tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows])
-    groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows])
-    addresses = await networks.addresses_of(ctx.session, [r.server.id for r in rows])
+    """Listed instances as instancesSet items (what a row does not carry is read, for all at once)."""
+    tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows if r.tags is None])
+    groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows if r.groups is None])
+    addresses = await networks.addresses_of(ctx.session, [r.server.id for r in rows if r.addresses is None])
     out = []
     for index, row in enumerate(rows):
         s, state = row.server, row.state
+        its_tags = row.tags if row.tags is not None else tags[s.ec2_id]
+        its_groups = row.groups if row.groups is not None else groups[s.id]
+        its_addresses = row.addresses if row.addresses is not None else addresses[s.id]
         reason = (
             {"code": "Client.UserInitiatedShutdown", "message": "Client.UserInitiatedShutdown: User initiated shutdown"}
             if state in ("stopped", "stopping", "terminated", "shutting-down")
@@ -69,7 +72,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
                 "launchTime": s.created_at,
                 "placement": {"availabilityZone": s.zone or "", "tenancy": "default"},
                 "monitoring": {"state": "disabled"},
-                "groupSet": [{"groupId": gid, "groupName": name} for gid, name in groups[s.id]],
+                "groupSet": [{"groupId": gid, "groupName": name} for gid, name in its_groups],
                 "stateReason": reason,
                 "architecture": "x86_64",
                 "rootDeviceType": "ebs",
@@ -79,8 +82,8 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
                 "hypervisor": "kvm",
                 "clientToken": s.client_token or "",
                 "ebsOptimized": False,
-                "tagSet": [{"key": k, "value": v} for k, v in [*tags[s.ec2_id], *ec2.lease_tag(s)]] or None,
-                **_nics(addresses[s.id], groups[s.id], s.created_at),
+                "tagSet": [{"key": k, "value": v} for k, v in [*its_tags, *ec2.lease_tag(s)]] or None,
+                **_nics(its_addresses, its_groups, s.created_at),
             }
         )
     return out
@@ -278,9 +281,13 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
                 f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
                 f"Modify its '{attribute}' instance attribute and try again.",
             ) from None
-    after = await ec2.states_of(ctx.session, [s.id for s in targets])
+    # Each VM as this transaction left it (an action changed the same row object, under its lock).
     return [
-        {"instanceId": s.ec2_id, "previousState": state_item(before[s.id]), "currentState": state_item(after[s.id])}
+        {
+            "instanceId": s.ec2_id,
+            "previousState": state_item(before[s.id]),
+            "currentState": state_item(ec2.state_of(s.operstate, s.task)),
+        }
         for s in targets
     ]
 
