@@ -35,20 +35,16 @@ from app.models import Commission, Flavor, Image, Job, Server, table_of
 _jobs, _servers, _flavors = table_of(Job), table_of(Server), table_of(Flavor)
 T = TypeVar("T")
 
-#: A job's VM, locked (the per-VM task lock), read afresh with its flavor (which ``session.get``
-#: then finds in the session): no row when there is no such job.
+#: A job's VM and the job, locked in that order (the VM's lock is the per-VM task lock: every
+#: writer takes it first), read afresh with the VM's flavor (which ``session.get`` then finds in
+#: the session), in one statement: no row when there is no such job. PostgreSQL locks a row's
+#: relations in the order ``OF`` names them.
 _SERVER_OF_JOB = (
-    sa.select(Server, Flavor)
+    sa.select(Server, Flavor, Job)
     .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-    .where(_servers.c.id == sa.select(_jobs.c.server_id).where(_jobs.c.id == sa.bindparam("job")).scalar_subquery())
-    .with_for_update(of=_servers, key_share=True)
-    .execution_options(populate_existing=True)
-)
-#: Then the job itself, locked and read afresh.
-_LOCK_JOB = (
-    sa.select(Job)
+    .join(_jobs, _jobs.c.server_id == _servers.c.id)
     .where(_jobs.c.id == sa.bindparam("job"))
-    .with_for_update(key_share=True)
+    .with_for_update(of=[_servers, _jobs], key_share=True)
     .execution_options(populate_existing=True)
 )
 
@@ -136,14 +132,13 @@ async def apply_result(
         server = await servers.locked(session, job.server_id)
         assert server is not None  # jobs reference their server
     else:
-        # Lock order: server first, as every other writer does -- found by its job, with its
-        # flavor, in one statement.
-        # (``execute``, not ``scalars``: the flavor must be loaded too, not only the VM.)
+        # Lock order: server first, as every other writer does, then the job -- with the VM's
+        # flavor, in one statement. (``execute``, not ``scalars``: the flavor and the job must be
+        # loaded too, not only the VM.)
         row = (await session.execute(_SERVER_OF_JOB, {"job": job_id})).first()
         if row is None:
             return Outcome.UNKNOWN  # no such job (every job has its server)
-        server = row[0]
-        job = (await session.scalars(_LOCK_JOB, {"job": job_id})).one()
+        server, _, job = row
     if job.status in FINAL:
         return Outcome.DUPLICATE
 
