@@ -101,8 +101,11 @@ async def _begin(
         before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
     )
 
-    if decision.supersedes is not None:
-        await _supersede(session, server, flavor)
+    if action is Action.DESTROY:
+        # The live jobs this destroy ends (its result finishes these, and looks for no others):
+        # the task it overtakes, if its job is still out -- a live job is always its VM's task.
+        overtaken = await _supersede(session, server, flavor) if decision.supersedes is not None else None
+        params["overtook"] = [str(overtaken.id)] if overtaken is not None else []
 
     host = server.host
     if action is Action.RELEASE:
@@ -214,12 +217,13 @@ def _host_down(server: Server, host_state: str | None, action: Action) -> bool:
     return True
 
 
-async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> None:
+async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> Job | None:
     """Destroy overtakes the pending task: its commission described a view that will not
-    come true, so it is rejected now, and the host room it reserved is given back."""
+    come true, so it is rejected now, and the host room it reserved is given back. Returns the
+    task's job if it is still live (``None``: already final, nothing overtaken)."""
     old = await session.get(Job, server.task_job_id, with_for_update={"key_share": True})
     if old is None or old.status in (JobStatus.SUCCESS.value, JobStatus.ERROR.value):
-        return
+        return None
     commission = await quotas.get_commission(session, old.commission_id)
     if commission is not None:
         await quotas.reject(session, commission, "superseded by destroy")
@@ -228,6 +232,7 @@ async def _supersede(session: AsyncSession, server: Server, flavor: Flavor) -> N
         target = old.params.get("target_host", server.host)
         await placement.release(session, host=target, vcpus=reserved["vcpus"], ram_mb=reserved["ram_mb"])
         old.params = {**old.params, "reservation_released": True}
+    return old
 
 
 # -- the actions, one function each: the API, the EC2 facade and admin tools call these --

@@ -326,7 +326,11 @@ async def _resume_overtaken(session: AsyncSession, server: Server, destroy_job: 
 
 
 async def _finish_overtaken(session: AsyncSession, server: Server, destroy_job: Job) -> None:
-    """A job is final no later than its server's task is cleared: end the ones destroy overtook."""
+    """A job is final no later than its server's task is cleared: end the ones destroy overtook.
+    A destroy that overtook none says so in its parameters (``overtook``: empty), and nothing
+    is read; one from before that parameter is looked up."""
+    if destroy_job.params.get("overtook", None) == []:
+        return
     overtaken = list(
         await session.scalars(  # several rows: locked in id order, as everywhere
             _overtaken(server, destroy_job).order_by(_jobs.c.id).with_for_update(key_share=True)

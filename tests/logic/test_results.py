@@ -146,6 +146,34 @@ async def test_destroy_finishes_overtaken_jobs(cloud: Cloud) -> None:
     assert all(c == 0 for c, _ in (await _hosts(cloud)).values())
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "from-before-the-parameter"])
+async def test_a_destroy_names_the_job_it_overtook_and_its_result_ends_it(cloud: Cloud, recorded: bool) -> None:
+    """A destroy's parameters list the live job it overtook (none when the VM had no task): its
+    result ends those without looking for others. A destroy accepted before that parameter
+    existed (an upgrade with jobs in flight) still has its result look them up."""
+    server = await server_in(cloud, cloud.admin, "STOPPED")
+    quiet = await server_in(cloud, cloud.admin, "STOPPED")
+    migrate = (await cloud.act(cloud.admin, server["id"], "migrate"))["job_id"]
+    destroy = (await cloud.act(cloud.admin, server["id"], "destroy"))["job_id"]
+    alone = (await cloud.act(cloud.admin, quiet["id"], "destroy"))["job_id"]
+    async with cloud.sessions() as s:
+        assert (await s.get(Job, uuid.UUID(destroy))).params["overtook"] == [migrate]  # type: ignore[union-attr]
+        assert (await s.get(Job, uuid.UUID(alone))).params["overtook"] == []  # type: ignore[union-attr]
+        if not recorded:
+            for job_id in (destroy, alone):
+                job = await s.get(Job, uuid.UUID(job_id))
+                assert job is not None
+                job.params = {k: v for k, v in job.params.items() if k != "overtook"}
+            await s.commit()
+    assert await cloud.finish(destroy) == "applied"
+    assert await cloud.finish(alone) == "applied"
+    job = (await cloud.client.get(f"/api/v1/jobs/{migrate}", headers=cloud.admin)).json()
+    assert job["status"] == "ERROR" and job["error"] == "superseded by destroy"
+    for vm in (server, quiet):
+        final = await cloud.server(cloud.admin, vm["id"])
+        assert final["operstate"] == "DESTROYED" and final["task"] is None
+
+
 async def test_destroy_of_a_held_server_completes_at_once(cloud: Cloud) -> None:
     user = await cloud.user()
     server = await server_in(cloud, user, "HOLD")
