@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import ec2_id
-from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, secgroups, servers
+from app.ids import ec2_id, utcnow
+from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, rows, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import (
@@ -90,6 +91,39 @@ async def find_with_states(session: AsyncSession, project_id: uuid.UUID, ids: li
     if unknown:
         raise UnknownInstances(f"instances {', '.join(unknown)} do not exist", ids=unknown)
     return [found[i] for i in ids]
+
+
+def _named_for_change(postgres: bool) -> sa.Select[Any]:
+    """The project's visible instances among some EC2 ids, locked in id order (the order of
+    multi-row locks), each with its EC2 state and what an action on it needs."""
+    return (
+        servers.FOR_ACTION.add_columns(ec2.STATE)
+        .where(
+            ec2.visible(sa.bindparam("project_id"), sa.bindparam("since")),
+            rows.among(_servers.c.ec2_id, "ids", postgres=postgres),
+        )
+        .order_by(_servers.c.id)
+    )
+
+
+_NAMED_FOR_CHANGE = rows.ByDialect(_named_for_change)
+
+
+@contextlib.asynccontextmanager
+async def locked_for_change(
+    session: AsyncSession, project_id: uuid.UUID, ids: list[str]
+) -> AsyncIterator[list[tuple[Server, str]]]:
+    """``find_with_states`` for a state change (Start/Stop/Reboot/TerminateInstances): the
+    instances are locked, in id order, in the same one statement, and the actions run inside
+    take them from it (``servers.holding``) instead of locking each again."""
+    values = {"project_id": project_id, "since": utcnow() - ec2.TERMINATED_VISIBLE, "ids": ids}
+    found = (await session.execute(_NAMED_FOR_CHANGE.of(session), values)).all()
+    by_ec2_id = {row[0].ec2_id: row for row in found}
+    unknown = [i for i in ids if i not in by_ec2_id]
+    if unknown:
+        raise UnknownInstances(f"instances {', '.join(unknown)} do not exist", ids=unknown)
+    with servers.holding(session, [(server, flavor, host) for server, flavor, host, _ in found]):
+        yield [(by_ec2_id[i][0], str(by_ec2_id[i][3])) for i in ids]
 
 
 def _groups(column: Any) -> ec2.Filter:

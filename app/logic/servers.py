@@ -6,7 +6,9 @@ result of a job is applied in ``results.py``.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -89,21 +91,47 @@ async def locked(session: AsyncSession, server_id: uuid.UUID) -> Server | None:
     return (await session.scalars(stmt)).first()
 
 
-async def lock_for_action(
-    session: AsyncSession, *, actor: Actor, server_id: uuid.UUID
-) -> tuple[Server, Flavor, str | None]:
+#: ``session.info`` key: the VMs ``holding`` hands to ``lock_for_action``, by id.
+_HOLDING = "nephos.holding"
+
+Locked = tuple[Server, Flavor, str | None]
+
+
+@contextlib.contextmanager
+def holding(session: AsyncSession, locked: Iterable[Locked]) -> Iterator[None]:
+    """While open, ``lock_for_action`` takes these VMs from here, with no statement: the caller
+    locked them in this transaction, in id order, and read them afresh with what an action
+    needs (the VM, its flavor, its host's state)."""
+    session.info[_HOLDING] = {server.id: (server, flavor, host) for server, flavor, host in locked}
+    try:
+        yield
+    finally:
+        session.info.pop(_HOLDING, None)
+
+
+#: The select ``lock_for_action`` runs (its callers filter it): VMs with their flavor and their
+#: host's state, the VMs locked (only them) and read afresh.
+FOR_ACTION = (
+    sa.select(Server, Flavor, _hosts.c.state)
+    .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+    .outerjoin(_hosts, _hosts.c.name == _servers.c.host)
+    .with_for_update(of=_servers, key_share=True)
+    .execution_options(populate_existing=True)
+)
+_LOCK_FOR_ACTION = FOR_ACTION.where(_servers.c.id == sa.bindparam("server_id"))
+
+
+async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Locked:
     """``lock``, for an action: with the VM's flavor and its host's state (``None``: no host), in
-    the same one statement. (The session's identity map holds objects weakly: a flavor the
-    caller did not keep would be gone by its next ``session.get``, and read again.)"""
-    stmt = (
-        sa.select(Server, Flavor, _hosts.c.state)
-        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-        .outerjoin(_hosts, _hosts.c.name == _servers.c.host)
-        .where(_servers.c.id == server_id)
-        .with_for_update(of=_servers, key_share=True)
-        .execution_options(populate_existing=True)
-    )
-    row = (await session.execute(stmt)).first()
+    the same one statement -- or none, inside ``holding``. (The session's identity map holds
+    objects weakly: a flavor the caller did not keep would be gone by its next ``session.get``,
+    and read again.)"""
+    held: Locked | None = session.info.get(_HOLDING, {}).get(server_id)
+    if held is not None:
+        if not actor.sees(held[0].project_id):
+            raise _not_found(server_id)
+        return held
+    row = (await session.execute(_LOCK_FOR_ACTION, {"server_id": server_id})).first()
     if row is None or not actor.sees(row[0].project_id):
         raise _not_found(server_id)
     return row[0], row[1], row[2]

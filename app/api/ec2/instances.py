@@ -257,30 +257,12 @@ _VERB = {"start": "started", "stop": "stopped", "reboot": "rebooted", "terminate
 
 
 async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
-    found = await instances.find_with_states(ctx.session, ctx.project_id, instance_ids(ctx))
-    targets = [server for server, _ in found]
-    before = {server.id: state for server, state in found}
-    # Act in id order (the lock order), answer in the order asked; one refusal rolls back all.
-    for server in sorted(targets, key=lambda s: s.id):
-        operstate = Operstate(server.operstate)
-        try:
-            what = ec2.verb_action(verb, operstate, server.task)
-            if what is None:
-                continue
-            await actions.run(what, ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id)
-        except (e.TaskPending, e.InvalidState, e.HostDown):
-            if verb == "stop" and operstate in (Operstate.HOLD, Operstate.BUILD):
-                reason = "cannot be stopped as it has never reached the 'running' state"
-            else:
-                reason = f"is not in a state from which it can be {_VERB[verb]}"
-            raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {reason}") from None
-        except e.Protected:
-            attribute = "disableApiTermination" if verb == "terminate" else "disableApiStop"
-            raise Ec2Error(
-                "OperationNotPermitted",
-                f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
-                f"Modify its '{attribute}' instance attribute and try again.",
-            ) from None
+    async with instances.locked_for_change(ctx.session, ctx.project_id, instance_ids(ctx)) as found:
+        targets = [server for server, _ in found]
+        before = {server.id: state for server, state in found}
+        # Act in id order (the lock order), answer in the order asked; one refusal rolls back all.
+        for server in sorted(targets, key=lambda s: s.id):
+            await _act(ctx, verb, server)
     # Each VM as this transaction left it (an action changed the same row object, under its lock).
     return [
         {
@@ -290,6 +272,29 @@ async def _change(ctx: Ctx, verb: str) -> list[dict[str, Any]]:
         }
         for s in targets
     ]
+
+
+async def _act(ctx: Ctx, verb: str, server: Server) -> None:
+    """The operstate action ``verb`` means for one VM (none: it is already there), refusals
+    translated to EC2's."""
+    operstate = Operstate(server.operstate)
+    try:
+        what = ec2.verb_action(verb, operstate, server.task)
+        if what is not None:
+            await actions.run(what, ctx.session, ctx.outbox, actor=ctx.actor, server_id=server.id)
+    except (e.TaskPending, e.InvalidState, e.HostDown):
+        if verb == "stop" and operstate in (Operstate.HOLD, Operstate.BUILD):
+            reason = "cannot be stopped as it has never reached the 'running' state"
+        else:
+            reason = f"is not in a state from which it can be {_VERB[verb]}"
+        raise Ec2Error("IncorrectInstanceState", f"The instance '{server.ec2_id}' {reason}") from None
+    except e.Protected:
+        attribute = "disableApiTermination" if verb == "terminate" else "disableApiStop"
+        raise Ec2Error(
+            "OperationNotPermitted",
+            f"The instance '{server.ec2_id}' may not be {_VERB[verb]}. "
+            f"Modify its '{attribute}' instance attribute and try again.",
+        ) from None
 
 
 @action("StartInstances")
