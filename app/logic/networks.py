@@ -489,6 +489,31 @@ _UNPLUG = rows.ByDialect(
 )
 
 
+#: ``session.info`` key: the VMs whose addresses a batch of results gives back at its end.
+_DEFERRED = "nephos.deferred_releases"
+
+
+def defer_releases(session: AsyncSession) -> None:
+    """From now on, ``give_back`` collects the VMs and ``give_back_deferred`` releases their
+    addresses together: a batch of results runs ``release``'s two statements once."""
+    session.info[_DEFERRED] = set()
+
+
+async def give_back(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> None:
+    """``release``, now or, in a batch (``defer_releases``), at its end."""
+    deferred: set[uuid.UUID] | None = session.info.get(_DEFERRED)
+    if deferred is not None:
+        deferred.update(server_ids)
+        return
+    await release(session, server_ids)
+
+
+async def give_back_deferred(session: AsyncSession) -> None:
+    """Release what ``give_back`` collected since ``defer_releases``."""
+    deferred: set[uuid.UUID] = session.info.pop(_DEFERRED, None) or set()
+    await release(session, sorted(deferred))
+
+
 async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int:
     """The addresses of destroyed VMs go back to their networks."""
     ids = list(server_ids)

@@ -77,13 +77,16 @@ async def begin_batch(
     held = await rows.lock_all(session, Job, owners)
     await rows.lock_all(session, Commission, [job.commission_id for job in held if job.commission_id is not None])
     placement.defer_moves(session)
+    networks.defer_releases(session)
     quotas.defer_usage(session)
     return owners
 
 
 async def end_batch(session: AsyncSession) -> None:
-    """Make a batch's summed moves: hosts, then quota rows (the lock order everywhere)."""
+    """Make a batch's summed moves: hosts, the destroyed VMs' addresses, then quota rows (the
+    order a result alone takes them in)."""
     await placement.add_deferred(session)
+    await networks.give_back_deferred(session)
     await quotas.move_deferred(session)
     rows.release_all(session)
 
@@ -199,7 +202,7 @@ async def apply_result(
         with session.no_autoflush:
             if server.host is not None:
                 await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
-            await networks.release(session, [server.id])
+            await networks.give_back(session, [server.id])
     if current or after is Operstate.DESTROYED:
         server.task, server.task_job_id = None, None
         if current and action is Action.DESTROY and not success:

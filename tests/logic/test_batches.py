@@ -22,7 +22,7 @@ from app.bus import Poison
 from app.dispatcher.handlers import Dispatcher
 from app.logic.operstate import Operstate, footprint
 from app.messages import Heartbeat, JobStatus, StateChange
-from app.models import Job, Server, ServerEvent, table_of
+from app.models import Job, Port, PublicIp, Server, ServerEvent, table_of
 from tests.api.helpers import server_in, usage
 from tests.conftest import Cloud
 
@@ -198,3 +198,35 @@ async def test_one_by_one_and_batched_agree(cloud: Cloud, batch: int) -> None:
     assert states == ["STOPPED", "STOPPED", "SUSPENDED", "STARTED"]
     assert dispatcher.counts["batches"] == (1 if batch > 1 else 0)
     await _usage_matches_vms(cloud, user)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+async def test_destroys_in_a_batch_give_their_addresses_back_at_its_end(cloud: Cloud, batch: int) -> None:
+    """A batch of destroy results releases the VMs' addresses together, at its end: the ports
+    are gone, the public addresses unmapped but still the project's, exactly as one by one;
+    and a VM of the same batch that lives keeps its own."""
+    pool = await cloud.client.post(
+        "/api/v1/admin/public-ip-pools", headers=cloud.admin, json={"name": f"p{batch}", "cidr": "198.51.100.0/29"}
+    )
+    assert pool.status_code == 201, pool.text
+    user = await cloud.user(public_ip=4)
+    dispatcher = Dispatcher(cloud.sessions, batch=batch, runners=1)
+    doomed = [await server_in(cloud, user, "STARTED", public_ip=True) for _ in range(3)]
+    kept = await server_in(cloud, user, "STARTED", public_ip=True)
+    destroys = [(await cloud.act(user, v["id"], "destroy"))["job_id"] for v in doomed]
+    stop = (await cloud.act(user, kept["id"], "stop"))["job_id"]
+    bodies = [_done(j, v["id"], 9, domain="missing") for j, v in zip(destroys, doomed, strict=True)]
+    bodies.insert(1, _done(stop, kept["id"], 9, domain="shutoff"))
+    assert await _deliver(dispatcher, bodies) == [None] * 4
+    assert dispatcher.counts["batches"] == (1 if batch > 1 else 0)
+
+    ports, publics = table_of(Port), table_of(PublicIp)
+    async with cloud.sessions() as s:
+        left = {r.server_id for r in await s.execute(sa.select(ports.c.server_id))}
+        mapped = {r.address: r.server_id for r in await s.execute(sa.select(publics.c.address, publics.c.server_id))}
+    assert left & {uuid.UUID(v["id"]) for v in doomed} == set()
+    assert uuid.UUID(kept["id"]) in left
+    assert sorted(mapped.values(), key=str) == sorted([None, None, None, uuid.UUID(kept["id"])], key=str)
+    assert (await cloud.quotas(user))["public_ip"]["usage"] == 4  # unmapped, still the project's
+    listed = (await cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
+    assert next(s["addresses"] for s in listed if s["id"] == kept["id"])[0]["public_ip"] is not None
