@@ -146,13 +146,23 @@ def _sees(actor: Actor, image: Image) -> bool:
     )
 
 
-_IMAGE_BY_EC2_ID = sa.select(Image).where(_images.c.ec2_id == sa.bindparam("ec2_id"))
+_IMAGE_AND_FLAVOR = (
+    sa.select(Image, Flavor)
+    .outerjoin(_flavors, _flavors.c.name == sa.bindparam("flavor"))
+    .where(_images.c.ec2_id == sa.bindparam("ec2_id"))
+)
 
 
-async def image_by_ec2_id(session: AsyncSession, *, actor: Actor, ec2_id: str) -> Image | None:
-    """The image of this EC2 id, if ``actor`` may see it (``visible_images``' rule)."""
-    image = (await session.scalars(_IMAGE_BY_EC2_ID, {"ec2_id": ec2_id})).first()
-    return image if image is not None and _sees(actor, image) else None
+async def image_and_flavor(
+    session: AsyncSession, *, actor: Actor, ec2_id: str, flavor: str
+) -> tuple[Image | None, Flavor | None]:
+    """The image of this EC2 id, if ``actor`` may see it (``visible_images``' rule), and the
+    flavor of this name (``None``: no such flavor, or no image to go with it), in one statement:
+    what a launch reads first."""
+    row = (await session.execute(_IMAGE_AND_FLAVOR, {"ec2_id": ec2_id, "flavor": flavor})).first()
+    if row is None or not _sees(actor, row[0]):
+        return None, None
+    return row[0], row[1]
 
 
 async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:

@@ -275,13 +275,14 @@ async def launch(
             if made is not None:
                 return await reservation(session, project_id, made)
             # Taken, then gone before it could be read (its project removed meanwhile): claim again.
-    image = await catalogue.image_by_ec2_id(session, actor=actor, ec2_id=spec.image)
+    image, flavor = await catalogue.image_and_flavor(session, actor=actor, ec2_id=spec.image, flavor=spec.flavor)
     if image is None:
         raise UnknownImage(f"image {spec.image} does not exist", ids=[spec.image])
     if image.status != ImageStatus.ACTIVE.value:
         state = ec2.IMAGE_STATES[ImageStatus(image.status)]
         raise ImageUnavailable(f"image {spec.image} is {state}", ids=[spec.image], state=state)
-    flavor = await catalogue.resolve_flavor(session, flavor_id=None, name=spec.flavor)
+    if flavor is None:  # the refusal resolve_flavor gives, whatever the name
+        flavor = await catalogue.resolve_flavor(session, flavor_id=None, name=spec.flavor)
     if spec.key_name is not None and await keypairs.find(session, project_id=project_id, name=spec.key_name) is None:
         raise UnknownKeyPair(f"key pair {spec.key_name} does not exist", name=spec.key_name)
     if spec.zone:

@@ -488,6 +488,10 @@ async def test_a_refused_launch_leaves_its_client_token_free(cluster: Cluster) -
     ec2, _ = await ec2_client(cluster, vm=1)
     ami = (await in_thread(ec2.describe_images))["Images"][0]["ImageId"]
     token = f"retry-{uuid.uuid4()}"
+    unknown = "ami-0123456789abcdef0"  # an unknown image is the answer before an unknown type
+    with pytest.raises(ClientError) as exc:
+        await in_thread(ec2.run_instances, ImageId=unknown, InstanceType="nope", MinCount=1, MaxCount=1)
+    assert code_of(exc) == "InvalidAMIID.NotFound"
     with pytest.raises(ClientError) as exc:
         await in_thread(ec2.run_instances, ImageId=ami, InstanceType="nope", MinCount=1, MaxCount=1, ClientToken=token)
     assert code_of(exc) == "InvalidParameterValue"
