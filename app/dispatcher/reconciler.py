@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.bus import Bus
 from app.db import sqlstate
 from app.ids import utcnow
-from app.logic import reconcile
+from app.logic import reconcile, repairs
 from app.logic.hoststate import HostState
 from app.logic.jobs import Outbox
 from app.messages import Action, InventoryRequest, JobMessage, encode
@@ -121,12 +121,12 @@ async def run(
         report = await reconcile.compare(session, fresh_since=fresh_since)
     if not fix:
         return report
-    total, done = sum(len(getattr(report, kind)) for kind in reconcile.FIXABLE), 0
-    for kind in reconcile.FIXABLE:
+    total, done = sum(len(getattr(report, kind)) for kind in repairs.FIXABLE), 0
+    for kind in repairs.FIXABLE:
         for entry in getattr(report, kind):
             jobs = Outbox()
             async with sessions() as session:
-                report.actions += await reconcile.fix_entry(session, kind, entry, jobs)
+                report.actions += await repairs.fix_entry(session, kind, entry, jobs)
                 await session.commit()
             if jobs.job_ids:
                 await publish(jobs.job_ids)
@@ -134,7 +134,7 @@ async def run(
             progress("repairs", done, total)
     try:
         async with sessions() as session:
-            report.actions += await reconcile.fix_usage(session)
+            report.actions += await repairs.fix_usage(session)
             await session.commit()
     except sa_exc.DBAPIError as exc:
         if sqlstate(exc) != "40001":

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app.logic import networks, reconcile
+from app.logic import networks, reconcile, repairs
 from app.models import Network, Port, Server, table_of
 from tests.api.helpers import server_in
 from tests.conftest import Cloud
@@ -127,7 +127,7 @@ async def test_an_address_held_by_a_destroyed_vm_is_drift_and_reconcile_gives_it
         report = await reconcile.compare(s)
     assert report.stale_addresses == [{"server_id": vm["id"], "network": "default", "ip": "10.99.0.9"}]
     async with cloud.sessions() as s:
-        done = await reconcile.fix_entry(s, "stale_addresses", report.stale_addresses[0])
+        done = await repairs.fix_entry(s, "stale_addresses", report.stale_addresses[0])
         await s.commit()
     assert done and "10.99.0.9" in done[0]
     async with cloud.sessions() as s:
