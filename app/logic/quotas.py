@@ -276,12 +276,14 @@ async def reject(session: AsyncSession, commission: Commission, reason: str) -> 
 
 
 async def get_commission(session: AsyncSession, commission_id: uuid.UUID | None) -> Commission | None:
-    """The commission, locked (read from the session if ``rows.lock_all`` holds it already)."""
+    """The commission, locked and read afresh (read from the session if ``rows.lock_all`` holds
+    it already). Afresh: a ``get`` that locks still keeps the attributes of a row the session
+    had read before, unlocked."""
     if commission_id is None:
         return None
     if rows.held(session, Commission, commission_id):
         return await session.get(Commission, commission_id)
-    return await session.get(Commission, commission_id, with_for_update={"key_share": True})
+    return await session.get(Commission, commission_id, with_for_update={"key_share": True}, populate_existing=True)
 
 
 def as_limits(raw: dict[str, Any] | None) -> dict[str, int]:

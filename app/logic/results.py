@@ -33,16 +33,19 @@ from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, targe
 from app.models import Commission, Flavor, Image, Job, Server, table_of
 
 _jobs, _servers, _flavors = table_of(Job), table_of(Server), table_of(Flavor)
+_commissions = table_of(Commission)
 T = TypeVar("T")
 
 #: A job's VM and the job, locked in that order (the VM's lock is the per-VM task lock: every
 #: writer takes it first), read afresh with the VM's flavor (which ``session.get`` then finds in
-#: the session), in one statement: no row when there is no such job. PostgreSQL locks a row's
-#: relations in the order ``OF`` names them.
+#: the session) and the job's commission (not locked: one that is final never changes, and one
+#: still pending is locked when it is settled), in one statement: no row when there is no such
+#: job. PostgreSQL locks a row's relations in the order ``OF`` names them.
 _SERVER_OF_JOB = (
-    sa.select(Server, Flavor, Job)
+    sa.select(Server, Flavor, Job, Commission)
     .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
     .join(_jobs, _jobs.c.server_id == _servers.c.id)
+    .outerjoin(_commissions, _commissions.c.id == _jobs.c.commission_id)
     .where(_jobs.c.id == sa.bindparam("job"))
     .with_for_update(of=[_servers, _jobs], key_share=True)
     .execution_options(populate_existing=True)
@@ -129,6 +132,7 @@ async def apply_result(
     is off) is not believed: the job ends in ERROR saying so, and the VM takes the state its
     host reports, through the out-of-band path with its own commission.
     """
+    known: Commission | None = None  # the job's commission, as read with it (unlocked)
     if rows.held(session, Job, job_id):  # locked and read afresh by ``begin_batch``, VM first
         job = await session.get(Job, job_id)
         assert job is not None
@@ -141,7 +145,7 @@ async def apply_result(
         row = (await session.execute(_SERVER_OF_JOB, {"job": job_id})).first()
         if row is None:
             return Outcome.UNKNOWN  # no such job (every job has its server)
-        server, _, job = row
+        server, _, job, known = row
     if job.status in FINAL:
         return Outcome.DUPLICATE
 
@@ -239,7 +243,9 @@ async def apply_result(
     real = footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb) - footprint(
         before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
     )
-    commission = await quotas.get_commission(session, job.commission_id)
+    # A commission already final (a create's, accepted when it was) has nothing left to settle.
+    settled = known is not None and known.state != quotas.CommissionState.PENDING
+    commission = None if settled else await quotas.get_commission(session, job.commission_id)
     if commission is not None and commission.state == quotas.CommissionState.PENDING:
         if quotas.deltas_of(commission) == real:
             await quotas.accept(session, commission)
