@@ -23,13 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
 from app.logic import (
+    addresses,
     catalogue,
     events,
     firewall_rules,
     hosts,
     jobs,
     keypairs,
-    networks,
     placement,
     quotas,
     results,
@@ -119,10 +119,10 @@ async def _begin(
             if server.key_name
             else None
         )
-        nics = await networks.nics_of(session, server.id)
+        nics = await addresses.nics_of(session, server.id)
         rules = await firewall_rules.params_for(session, server.id)
         params = servers.create_params(server, flavor, image, keypair.public_key if keypair else None, nics, rules)
-        params["public_ips"] = await networks.public_mappings(session, server.id)
+        params["public_ips"] = await addresses.public_mappings(session, server.id)
     elif action is Action.RESIZE:
         assert new_flavor is not None
         grow = {"vcpus": new_flavor.vcpus - flavor.vcpus, "ram_mb": new_flavor.ram_mb - flavor.ram_mb}
@@ -383,7 +383,7 @@ async def guest_params(session: AsyncSession, server: Server) -> dict[str, Any]:
         "ec2_id": server.ec2_id,
         "ssh_key": keypair.public_key if keypair else None,
         "user_data": server.user_data,
-        "nics": await networks.nics_of(session, server.id),
+        "nics": await addresses.nics_of(session, server.id),
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import networks, placement, rows
+from app.logic import addresses, placement, rows
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
@@ -41,7 +41,7 @@ class Labels:
 
     flavors: dict[uuid.UUID, str]
     images: dict[uuid.UUID, str]
-    addresses: dict[uuid.UUID, list[networks.Address]]
+    addresses: dict[uuid.UUID, list[addresses.Address]]
 
 
 def _names(postgres: bool) -> sa.CompoundSelect[Any]:
@@ -69,7 +69,7 @@ async def labels(session: AsyncSession, servers: Iterable[Any]) -> Labels:
         wanted = {"flavors": list({s.flavor_id for s in listed}), "images": list({s.image_id for s in listed})}
         for found, name, is_flavor in (await session.execute(_NAMES.of(session), wanted)).all():
             (flavors if is_flavor else images)[found] = name
-    return Labels(flavors, images, await networks.addresses_of(session, [s.id for s in listed]))
+    return Labels(flavors, images, await addresses.addresses_of(session, [s.id for s in listed]))
 
 
 # -- flavors -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.ids import ec2_id, utcnow
 from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, rows, secgroups, servers
 from app.logic.actor import Actor
+from app.logic.addresses import Address
 from app.logic.catalogue import ImageStatus
 from app.logic.errors import (
     IdempotencyConflict,
@@ -64,7 +65,7 @@ class Row:
     image: str
     tags: list[tuple[str, str]] | None = None
     groups: list[tuple[str, str]] | None = None
-    addresses: list[networks.Address] | None = None
+    addresses: list[Address] | None = None
 
 
 _SELECT = (

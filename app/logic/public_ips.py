@@ -10,7 +10,7 @@
   whole set of its mappings in a ``public_ip`` job (the task lock applies, as to any job), and
   the agent installs them as NAT rules, idempotently; a VM with no host yet gets them with its
   create job. A destroyed VM's addresses are disassociated and stay allocated, as on EC2
-  (``networks.release``).
+  (``addresses.release``).
 
 Lock order: server, the address, pools (by id), project, quota rows.
 """
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id
-from app.logic import actions, networks, quotas, servers
+from app.logic import actions, addresses, networks, quotas, servers
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import AlreadyExists, BadRequest, InUse, NotFound
 from app.logic.jobs import Outbox
@@ -62,7 +62,7 @@ async def allocate(session: AsyncSession, *, actor: Actor, pool: str | None = No
     if actor.project_id is None:
         raise BadRequest("the caller has no project")
     await quotas.check(session, actor.project_id, ONE)  # over quota is the answer before a pool is touched
-    [(found, address)] = await networks.free_public(session, pool=pool, count=1)
+    [(found, address)] = await addresses.free_public(session, pool=pool, count=1)
     await quotas.lock_project(session, actor.project_id)
     await quotas.check(session, actor.project_id, ONE)
     ip = PublicIp(pool_id=found.id, address=address, project_id=actor.project_id)
@@ -96,7 +96,7 @@ async def _send(session: AsyncSession, outbox: Outbox, actor: Actor, server: Ser
     if server.host is None:
         return None
     return await actions.public_ips(
-        session, outbox, actor=actor, server_id=server.id, mappings=await networks.public_mappings(session, server.id)
+        session, outbox, actor=actor, server_id=server.id, mappings=await addresses.public_mappings(session, server.id)
     )
 
 

@@ -36,8 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import snapshot
 from app.logic import (
+    addresses,
     deadlines,
-    networks,
     public_ips,
     quotas,
     results,
@@ -268,7 +268,7 @@ async def compare(session: AsyncSession, *, fresh_since: datetime | None = None)
         )
     await quota_drift(session, report)
     await _pending_without_job(session, report)
-    for server_id, network, ip in await networks.held_by_destroyed(session):
+    for server_id, network, ip in await addresses.held_by_destroyed(session):
         report.stale_addresses.append({"server_id": str(server_id), "network": network, "ip": ip})
     return report
 

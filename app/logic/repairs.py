@@ -18,12 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import snapshot
 from app.ids import utcnow
 from app.logic import (
+    addresses,
     catalogue,
     deadlines,
     events,
     firewall,
     hosts,
-    networks,
     placement,
     quotas,
     reconcile,
@@ -82,7 +82,7 @@ async def fix_entry(session: AsyncSession, kind: str, entry: dict[str, Any], out
         await quotas.reject(session, commission, "reconcile: its job is no longer live")
         return [f"commission {entry['commission_id']}: rejected (no live job)"]
     if kind == "stale_addresses":
-        if await networks.release(session, [uuid.UUID(entry["server_id"])]):
+        if await addresses.release(session, [uuid.UUID(entry["server_id"])]):
             return [f"server {entry['server_id']}: address {entry['ip']} on {entry['network']} given back"]
         return []
     if kind == "unsynced_firewall":
@@ -129,7 +129,7 @@ async def vanished(session: AsyncSession, server_id: uuid.UUID) -> None:
     assert flavor is not None
     before = Operstate(server.operstate)
     await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
-    await networks.release(session, [server.id])
+    await addresses.release(session, [server.id])
     server.operstate, server.destroyed_at, server.updated_at = Operstate.DESTROYED.value, utcnow(), utcnow()
     events.record(
         session,

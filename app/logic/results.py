@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import events, networks, placement, quotas, rows, servers
+from app.logic import addresses, events, placement, quotas, rows, servers
 from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
@@ -80,7 +80,7 @@ async def begin_batch(
     held = await rows.lock_all(session, Job, owners)
     await rows.lock_all(session, Commission, [job.commission_id for job in held if job.commission_id is not None])
     placement.defer_moves(session)
-    networks.defer_releases(session)
+    addresses.defer_releases(session)
     quotas.defer_usage(session)
     return owners
 
@@ -89,7 +89,7 @@ async def end_batch(session: AsyncSession) -> None:
     """Make a batch's summed moves: hosts, the destroyed VMs' addresses, then quota rows (the
     order a result alone takes them in)."""
     await placement.add_deferred(session)
-    await networks.give_back_deferred(session)
+    await addresses.give_back_deferred(session)
     await quotas.move_deferred(session)
     rows.release_all(session)
 
@@ -206,7 +206,7 @@ async def apply_result(
         with session.no_autoflush:
             if server.host is not None:
                 await placement.release(session, host=server.host, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb)
-            await networks.give_back(session, [server.id])
+            await addresses.give_back(session, [server.id])
     if current or after is Operstate.DESTROYED:
         server.task, server.task_job_id = None, None
         if current and action is Action.DESTROY and not success:

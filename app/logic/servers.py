@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, events, keypairs, leases, networks, placement, quotas, rows
+from app.logic import addresses, catalogue, events, keypairs, leases, networks, placement, quotas, rows
 from app.logic.actor import Actor
+from app.logic.addresses import Address
 from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NephosError, NotFound, OverLimit
 from app.logic.jobs import Outbox, new_job
 from app.logic.operstate import Action, Deltas, Operstate, Task, footprint
@@ -60,7 +61,7 @@ class Created:
     # What its representation shows, known when it is made (no reads to answer the request).
     flavor: str = ""
     image: str = ""
-    addresses: list[networks.Address] = field(default_factory=list)
+    addresses: list[Address] = field(default_factory=list)
 
 
 def _not_found(server_id: uuid.UUID) -> NotFound:
@@ -233,8 +234,8 @@ async def _accept(
     reservation = spec.reservation_id or ec2_id("r")  # the VMs of one request are one EC2 reservation
     lease = await leases.policy(session, actor.project_id)
     nets = await networks.resolve(session, actor.project_id, spec.networks)
-    addresses = networks.Allocator(nets)
-    await addresses.take(session, spec.count, spec.fixed_ip)
+    allocator = addresses.Allocator(nets)
+    await allocator.take(session, spec.count, spec.fixed_ip)
     public = await _public_addresses(session, actor.project_id, spec)
     now = utcnow()
     made = [
@@ -265,9 +266,9 @@ async def _accept(
     leases.arm_given(session, made, lease)
     created = []
     for i, server in enumerate(made):
-        ports = addresses.ports(server)
+        ports = allocator.ports(server)
         session.add_all(ports)
-        nics = [networks.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
+        nics = [addresses.nic_params(net, port) for net, port in zip(nets, ports, strict=True)]
         mapped = None  # the VM's public address, mapped to its first NIC
         if public:
             ip = public[i]
@@ -312,7 +313,7 @@ async def _accept(
             message="created on hold" if spec.hold else f"placed on {server.host}",
         )
         shown = [
-            networks.Address(
+            Address(
                 net.name,
                 net.id,
                 port.ip,
@@ -341,7 +342,7 @@ async def _public_addresses(session: AsyncSession, project_id: uuid.UUID, spec: 
     if spec.public_ip is None or spec.public_ip is False:
         return []
     if spec.public_ip is True:
-        free = await networks.free_public(session, pool=None, count=spec.count)
+        free = await addresses.free_public(session, pool=None, count=spec.count)
         return [PublicIp(pool_id=pool.id, address=address, project_id=project_id) for pool, address in free]
     if spec.count != 1:
         raise BadRequest("a public IP held by the project goes to one VM: count must be 1", field="public_ip")

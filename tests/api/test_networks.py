@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app.logic import networks, reconcile, repairs
+from app.logic import addresses, reconcile, repairs
 from app.models import Network, Port, Server, table_of
 from tests.api.helpers import server_in
 from tests.conftest import Cloud
@@ -188,18 +188,18 @@ async def test_creates_on_one_network_skip_each_others_addresses_instead_of_wait
         assert r.status_code == 202, r.text
         return str(r.json()["servers"][0]["addresses"][0]["ip"])
 
-    def ips(allocator: networks.Allocator) -> list[str]:
+    def ips(allocator: addresses.Allocator) -> list[str]:
         return [allocator.ports(Server(name="x", project_id=uuid.uuid4()))[0].ip for _ in range(2)]
 
     async with cloud.sessions() as open_create:
         net = await open_create.scalar(sa.select(Network).where(table_of(Network).c.name == "n"))
         assert net is not None
-        held = networks.Allocator([net])
+        held = addresses.Allocator([net])
         await held.take(open_create, 2)
         assert ips(held) == ["10.60.0.2", "10.60.0.3"]
         assert await created_ip() == "10.60.0.4"  # at once, while the first is still open
 
-        class Raced(networks.Allocator):
+        class Raced(addresses.Allocator):
             """Another create commits the next free address right after this one read the used."""
 
             raced = False

@@ -19,7 +19,7 @@ from typing import Any
 from app.api.ec2.keys import group_ids
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, well_formed_ids
-from app.logic import actions, ec2, instances, networks, secgroups, servers
+from app.logic import actions, addresses, ec2, instances, secgroups, servers
 from app.logic import errors as e
 from app.logic.operstate import Operstate
 from app.models import Server
@@ -45,13 +45,13 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     """Listed instances as instancesSet items (what a row does not carry is read, for all at once)."""
     tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows if r.tags is None])
     groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows if r.groups is None])
-    addresses = await networks.addresses_of(ctx.session, [r.server.id for r in rows if r.addresses is None])
+    read = await addresses.addresses_of(ctx.session, [r.server.id for r in rows if r.addresses is None])
     out = []
     for index, row in enumerate(rows):
         s, state = row.server, row.state
         its_tags = row.tags if row.tags is not None else tags[s.ec2_id]
         its_groups = row.groups if row.groups is not None else groups[s.id]
-        its_addresses = row.addresses if row.addresses is not None else addresses[s.id]
+        its_addresses = row.addresses if row.addresses is not None else read[s.id]
         reason = (
             {"code": "Client.UserInitiatedShutdown", "message": "Client.UserInitiatedShutdown: User initiated shutdown"}
             if state in ("stopped", "stopping", "terminated", "shutting-down")
@@ -89,7 +89,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     return out
 
 
-def _nics(addresses: list[networks.Address], groups: list[tuple[str, str]], since: Any) -> dict[str, Any]:
+def _nics(addresses: list[addresses.Address], groups: list[tuple[str, str]], since: Any) -> dict[str, Any]:
     """The instance's private address, subnet and network interfaces (one per NIC)."""
     if not addresses:
         return {"privateIpAddress": None}
