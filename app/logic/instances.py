@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, ec2, firewall_rules, keypairs, networks, rows, secgroups, servers
+from app.logic import catalogue, ec2, ec2_tags, firewall_rules, keypairs, networks, rows, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.addresses import Address
 from app.logic.catalogue import ImageStatus
@@ -151,10 +151,10 @@ FILTERS: dict[str, ec2.Filter] = {
     "instance.group-name": _groups(_sgroups.c.name),
     "group-name": _groups(_sgroups.c.name),
     "tag-key": lambda values: sa.or_(
-        ec2.has_tag(ec2.matches(_tags.c.key, values)),
-        sa.and_(_servers.c.lease_expires_at.is_not(None), ec2.matches(sa.literal(ec2.LEASE_TAG), values)),
+        ec2_tags.has_tag(ec2.matches(_tags.c.key, values)),
+        sa.and_(_servers.c.lease_expires_at.is_not(None), ec2.matches(sa.literal(ec2_tags.LEASE_TAG), values)),
     ),
-    "tag-value": lambda values: ec2.has_tag(ec2.matches(_tags.c.value, values)),
+    "tag-value": lambda values: ec2_tags.has_tag(ec2.matches(_tags.c.value, values)),
     "private-ip-address": lambda values: sa.exists().where(
         _ports.c.server_id == _servers.c.id, ec2.matches(_ports.c.ip, values)
     ),
@@ -167,11 +167,11 @@ FILTERS: dict[str, ec2.Filter] = {
 def _with_tags(given: ec2.Given) -> dict[str, ec2.Filter]:
     known = dict(FILTERS)
     for name, _ in given:
-        if name == f"tag:{ec2.LEASE_TAG}":
-            known[name] = ec2.lease_tag_filter
+        if name == f"tag:{ec2_tags.LEASE_TAG}":
+            known[name] = ec2_tags.lease_tag_filter
         elif name.startswith("tag:"):
             key = name[4:]
-            known[name] = lambda values, key=key: ec2.tag_filter(key, values)  # type: ignore[misc]
+            known[name] = lambda values, key=key: ec2_tags.tag_filter(key, values)  # type: ignore[misc]
     return known
 
 
@@ -321,7 +321,7 @@ async def launch(
             outbox.clear()
             if count == spec.low:
                 raise
-    await ec2.set_tags(session, project_id, [c.server.ec2_id for c in created], spec.tags, new=True)
+    await ec2_tags.set_tags(session, project_id, [c.server.ec2_id for c in created], spec.tags, new=True)
     await secgroups.set_members(session, [c.server.id for c in created], groups, new=True)
     for c in created:  # the groups' rules go with the create job
         if c.job is not None and groups:

@@ -19,7 +19,7 @@ from typing import Any
 from app.api.ec2.keys import group_ids
 from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, well_formed_ids
-from app.logic import actions, addresses, ec2, instances, secgroups, servers
+from app.logic import actions, addresses, ec2, ec2_tags, instances, secgroups, servers
 from app.logic import errors as e
 from app.logic.operstate import Operstate
 from app.models import Server
@@ -43,7 +43,7 @@ def state_item(name: str) -> dict[str, Any]:
 
 async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     """Listed instances as instancesSet items (what a row does not carry is read, for all at once)."""
-    tags = await ec2.tags_of(ctx.session, [r.server.ec2_id for r in rows if r.tags is None])
+    tags = await ec2_tags.tags_of(ctx.session, [r.server.ec2_id for r in rows if r.tags is None])
     groups = await secgroups.groups_of(ctx.session, [r.server.id for r in rows if r.groups is None])
     read = await addresses.addresses_of(ctx.session, [r.server.id for r in rows if r.addresses is None])
     out = []
@@ -82,7 +82,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
                 "hypervisor": "kvm",
                 "clientToken": s.client_token or "",
                 "ebsOptimized": False,
-                "tagSet": [{"key": k, "value": v} for k, v in [*its_tags, *ec2.lease_tag(s)]] or None,
+                "tagSet": [{"key": k, "value": v} for k, v in [*its_tags, *ec2_tags.lease_tag(s)]] or None,
                 **_nics(its_addresses, its_groups, s.created_at),
             }
         )

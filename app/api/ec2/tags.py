@@ -7,7 +7,7 @@ from typing import Any
 from app.api.ec2.instances import find, page_size, page_token, page_token_after
 from app.api.ec2.protocol import Ec2Error, missing
 from app.api.ec2.router import Ctx, action
-from app.logic import ec2
+from app.logic import ec2, ec2_tags
 
 # -- tags ---------------------------------------------------------------------------------------
 
@@ -29,7 +29,7 @@ async def create_tags(ctx: Ctx) -> dict[str, Any]:
     tags = [(t.require("Key"), t.get("Value") or "") for t in ctx.params.structs("Tag")]
     if not tags:
         raise missing("Tag.1.Key")
-    await ec2.set_tags(ctx.session, ctx.project_id, ids, tags)
+    await ec2_tags.set_tags(ctx.session, ctx.project_id, ids, tags)
     return {"return": True}
 
 
@@ -37,7 +37,7 @@ async def create_tags(ctx: Ctx) -> dict[str, Any]:
 async def delete_tags(ctx: Ctx) -> dict[str, Any]:
     ids = await _taggable(ctx)
     tags = [(t.require("Key"), t.get("Value")) for t in ctx.params.structs("Tag")]
-    await ec2.delete_tags(ctx.session, ctx.project_id, ids, tags)
+    await ec2_tags.delete_tags(ctx.session, ctx.project_id, ids, tags)
     return {"return": True}
 
 
@@ -45,7 +45,7 @@ async def delete_tags(ctx: Ctx) -> dict[str, Any]:
 async def describe_tags(ctx: Ctx) -> dict[str, Any]:
     token = page_token(ctx, "tags")
     resource, _, key = (token or "").partition("\x00")
-    rows, more = await ec2.describe_tags(
+    rows, more = await ec2_tags.describe_tags(
         ctx.session,
         ctx.project_id,
         filters=ctx.params.filters(),
