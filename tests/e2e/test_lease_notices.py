@@ -202,7 +202,10 @@ async def test_a_mail_server_that_is_down_delays_mail_never_the_lease(
     events = await _events(cloud, vm["id"])
     acted = next(e for e in events if e["kind"] == "lease_action")
     late = datetime.fromisoformat(acted["created_at"]) - datetime.fromisoformat(end)
-    assert timedelta(0) <= late < timedelta(seconds=3), late  # on time, though no mail could go
+    # On time, though no mail could go. A lease that waited on the mail server would not have
+    # stopped at all: the server only starts below. The bound leaves room for a loaded CI machine
+    # holding the lease pass (every 0.2 s) back: 3.96 s was seen with a real guest booting beside it.
+    assert timedelta(0) <= late < timedelta(seconds=8), late
     assert not inbox.messages
     inbox.start()  # the mail server comes back: what was owed arrives (backed off), each once
     warned, ended = "Leases ending in 2 seconds", "were stopped at their lease's end"
