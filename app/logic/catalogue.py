@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic import addresses, placement, rows
 from app.logic.actor import Actor, require_admin
+from app.logic.addresses import Address
 from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
 from app.logic.pagination import Page, paginate
@@ -41,7 +42,7 @@ class Labels:
 
     flavors: dict[uuid.UUID, str]
     images: dict[uuid.UUID, str]
-    addresses: dict[uuid.UUID, list[addresses.Address]]
+    addresses: dict[uuid.UUID, list[Address]]
 
 
 def _names(postgres: bool) -> sa.CompoundSelect[Any]:

@@ -24,9 +24,9 @@ from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus, visible_images
 from app.logic.errors import InvalidState, UnknownFilter, UnknownFlavor, UnknownImage
 from app.logic.operstate import TABLE, Action, Operstate, Task, decide
-from app.models import Ec2ClientToken, Ec2Tag, Flavor, Image, Network, PublicIp, Server, Zone, table_of
+from app.models import Ec2ClientToken, Flavor, Image, Network, PublicIp, Server, Zone, table_of
 
-_servers, _tags, _images = table_of(Server), table_of(Ec2Tag), table_of(Image)
+_servers, _images = table_of(Server), table_of(Image)
 _flavors, _zones = table_of(Flavor), table_of(Zone)
 
 #: How long a terminated instance stays listed.
@@ -208,9 +208,9 @@ def visible(project_id: Any, since: Any = None) -> sa.ColumnElement[bool]:
     )
 
 
-def _named(postgres: bool) -> sa.Select[Server, str]:
-    """The project's visible instances among some EC2 ids, each with its EC2 state."""
-    return sa.select(Server, STATE).where(
+def _named(postgres: bool) -> sa.Select[Any]:
+    """The project's visible instances among some EC2 ids."""
+    return sa.select(Server).where(
         visible(sa.bindparam("project_id"), sa.bindparam("since")),
         rows.among(_servers.c.ec2_id, "ids", postgres=postgres),
     )
@@ -219,14 +219,12 @@ def _named(postgres: bool) -> sa.Select[Server, str]:
 _NAMED = rows.ByDialect(_named)
 
 
-async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, tuple[Server, str]]:
-    """The project's visible instances among ``ec2_ids``, each with its EC2 state (missing ones
-    are not in the result)."""
+async def instances(session: AsyncSession, project_id: uuid.UUID, ec2_ids: list[str]) -> dict[str, Server]:
+    """The project's visible instances among ``ec2_ids`` (missing ones are not in the result)."""
     if not ec2_ids:
         return {}
     values = {"project_id": project_id, "since": utcnow() - TERMINATED_VISIBLE, "ids": ec2_ids}
-    found = await session.execute(_NAMED.of(session), values)
-    return {server.ec2_id: (server, str(state)) for server, state in found.all()}
+    return {server.ec2_id: server for server in await session.scalars(_NAMED.of(session), values)}
 
 
 async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) -> dict[uuid.UUID, Server]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,18 +79,18 @@ def _rows(result: Any) -> list[Row]:
     return [Row(*r) for r in result.all()]
 
 
-async def find(session: AsyncSession, project_id: uuid.UUID, ids: list[str]) -> list[Server]:
-    """The instances named, in the order named: all of them visible in this project, or
-    ``UnknownInstances`` naming the others."""
-    return [server for server, _ in await find_with_states(session, project_id, ids)]
-
-
-async def find_with_states(session: AsyncSession, project_id: uuid.UUID, ids: list[str]) -> list[tuple[Server, str]]:
-    """``find``, each instance with its EC2 state as it was read (one statement)."""
-    found = await ec2.instances(session, project_id, ids)
+def _every_one(ids: list[str], found: Container[str]) -> None:
+    """``UnknownInstances`` naming those of ``ids`` not ``found``, if any."""
     unknown = [i for i in ids if i not in found]
     if unknown:
         raise UnknownInstances(f"instances {', '.join(unknown)} do not exist", ids=unknown)
+
+
+async def find(session: AsyncSession, project_id: uuid.UUID, ids: list[str]) -> list[Server]:
+    """The instances named, in the order named: all of them visible in this project, or
+    ``UnknownInstances`` naming the others."""
+    found = await ec2.instances(session, project_id, ids)
+    _every_one(ids, found)
     return [found[i] for i in ids]
 
 
@@ -114,15 +114,13 @@ _NAMED_FOR_CHANGE = rows.ByDialect(_named_for_change)
 async def locked_for_change(
     session: AsyncSession, project_id: uuid.UUID, ids: list[str]
 ) -> AsyncIterator[list[tuple[Server, str]]]:
-    """``find_with_states`` for a state change (Start/Stop/Reboot/TerminateInstances): the
-    instances are locked, in id order, in the same one statement, and the actions run inside
-    take them from it (``servers.holding``) instead of locking each again."""
+    """``find`` for a state change (Start/Stop/Reboot/TerminateInstances), each instance with its
+    EC2 state: the instances are locked, in id order, in the same one statement, and the actions
+    run inside take them from it (``servers.holding``) instead of locking each again."""
     values = {"project_id": project_id, "since": utcnow() - ec2.TERMINATED_VISIBLE, "ids": ids}
     found = (await session.execute(_NAMED_FOR_CHANGE.of(session), values)).all()
     by_ec2_id = {row[0].ec2_id: row for row in found}
-    unknown = [i for i in ids if i not in by_ec2_id]
-    if unknown:
-        raise UnknownInstances(f"instances {', '.join(unknown)} do not exist", ids=unknown)
+    _every_one(ids, by_ec2_id)
     with servers.holding(session, [(server, flavor, host) for server, flavor, host, _ in found]):
         yield [(by_ec2_id[i][0], str(by_ec2_id[i][3])) for i in ids]
 

@@ -21,6 +21,7 @@ from app.api.ec2.protocol import Ec2Error, Params, invalid, missing
 from app.api.ec2.router import Ctx, action, well_formed_ids
 from app.logic import actions, addresses, ec2, ec2_tags, instances, secgroups, servers
 from app.logic import errors as e
+from app.logic.addresses import Address
 from app.logic.operstate import Operstate
 from app.models import Server
 
@@ -89,7 +90,7 @@ async def _items(ctx: Ctx, rows: list[instances.Row]) -> list[dict[str, Any]]:
     return out
 
 
-def _nics(addresses: list[addresses.Address], groups: list[tuple[str, str]], since: Any) -> dict[str, Any]:
+def _nics(addresses: list[Address], groups: list[tuple[str, str]], since: Any) -> dict[str, Any]:
     """The instance's private address, subnet and network interfaces (one per NIC)."""
     if not addresses:
         return {"privateIpAddress": None}
