@@ -41,9 +41,10 @@ class Inbox:
             self._controller.stop()
             self._controller = None
 
-    def bodies(self) -> list[str]:
+    def bodies(self, to: str | None = None) -> list[str]:
+        """The messages' texts in the order they came (only those to ``to``, if given)."""
         with self._lock:
-            return [str(m.get_payload(decode=True), "utf-8") for m in self.messages]
+            return [str(m.get_payload(decode=True), "utf-8") for m in self.messages if to is None or m["To"] == to]
 
     def subjects(self) -> list[str]:
         with self._lock:

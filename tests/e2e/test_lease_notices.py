@@ -103,54 +103,80 @@ async def _events(cloud: Cloud, sid: str) -> list[dict[str, Any]]:
     return (await cloud.client.get(f"/api/v1/servers/{sid}/events", headers=ADMIN)).json()["items"]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize(
-    ("on_expiry", "state"), [("stop", "STOPPED"), ("suspend", "SUSPENDED"), ("destroy", "DESTROYED")]
-)
+async def _project_with_policy(cloud: Cloud, name: str, **policy: Any) -> str:
+    """A new project with this lease policy."""
+    r = await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": name})
+    assert r.status_code == 201, r.text
+    project: str = r.json()["id"]
+    r = await cloud.client.put(f"/api/v1/admin/projects/{project}/lease-policy", headers=ADMIN, json=policy)
+    assert r.status_code == 200, r.text
+    return project
+
+
+ENDS = {"stop": ("STOPPED", "stopped"), "suspend": ("SUSPENDED", "suspended"), "destroy": ("DESTROYED", "destroyed")}
+
+
 async def test_two_warnings_by_mail_then_the_end_with_its_event_quota_and_webhook(
-    mail_cloud: Cloud, inbox: Inbox, on_expiry: str, state: str
+    mail_cloud: Cloud, inbox: Inbox
 ) -> None:
+    """Each action a lease can end with, side by side: one project per action, each with its own
+    policy, user (and so mailbox), webhook and VM, so the three leases run in one lease's time."""
     cloud = mail_cloud
-    # Six seconds between the warnings: a lease pass held off for less than that (the other CI
-    # worker booting a real guest) still finds only the first one due, and sends both in turn.
-    project = await _policy(cloud, duration_s=14, warn_before_s=[10, 4], on_expiry=on_expiry)
-    receiver = HookReceiver(SECRET)
-    r = await cloud.client.put("/api/v1/webhook", headers=ADMIN, json={"url": await receiver.start(), "secret": SECRET})
-    assert r.status_code == 200 and r.json()["enabled"] and "secret" not in r.json(), r.text
-    user = await _user(cloud, project)
-    vm = await _vm(cloud, user)
+    receivers: dict[str, HookReceiver] = {}
+    users: dict[str, dict[str, str]] = {}
+    for on_expiry in ENDS:
+        # Six seconds between the warnings: a lease pass held off for less than that (the other CI
+        # worker booting a real guest) still finds only the first one due, and sends both in turn.
+        project = await _project_with_policy(
+            cloud, f"lease-{on_expiry}", duration_s=14, warn_before_s=[10, 4], on_expiry=on_expiry
+        )
+        receivers[on_expiry] = receiver = HookReceiver(SECRET)
+        r = await cloud.client.put(
+            "/api/v1/webhook",
+            headers=ADMIN,
+            params={"project_id": project},
+            json={"url": await receiver.start(), "secret": SECRET},
+        )
+        assert r.status_code == 200 and r.json()["enabled"] and "secret" not in r.json(), r.text
+        users[on_expiry] = await _user(cloud, project, name=on_expiry)
+    made = await asyncio.gather(*(_vm(cloud, users[on_expiry]) for on_expiry in ENDS))
+    vms = dict(zip(ENDS, made, strict=True))
 
     async def ended() -> bool:
-        return (await cloud.server(vm["id"]))["operstate"] == state
+        servers = [await cloud.server(vms[on_expiry]["id"]) for on_expiry in ENDS]
+        return all(s["operstate"] == ENDS[on_expiry][0] for on_expiry, s in zip(ENDS, servers, strict=True))
 
-    await cloud.until(f"the lease to leave the VM {state}", ended, timeout=40)
-    bodies = await _mails(cloud, inbox, 3)
-    assert len(bodies) == 3, bodies
-    assert "Leases ending in 10 seconds" in bodies[0] and vm["id"] in bodies[0]
-    assert f"POST http://127.0.0.1:8000/api/v1/servers/{vm['id']}/lease" in bodies[0]
-    assert "Leases ending in 4 seconds" in bodies[1]
-    done = {"stop": "stopped", "suspend": "suspended", "destroy": "destroyed"}[on_expiry]
-    assert f"were {done} at their lease's end" in bodies[2]
-    assert all(m["To"] == "alice@example.org" for m in inbox.messages)
-    events = await _events(cloud, vm["id"])
-    assert [e["kind"] for e in events].count("lease_warning") == 2
-    ends = [e for e in events if e["kind"] == "lease_action"]
-    assert len(ends) == 1 and "the lease ended" in ends[0]["message"]
-    q = await cloud.quotas()
-    assert {k: v["usage"] for k, v in q.items()} == expected_usage(state)
-    assert all(v["pending"] == 0 for v in q.values())
+    await cloud.until("every lease to leave its VM as its policy says", ended, timeout=40)
+    await _mails(cloud, inbox, 9)
+    for on_expiry, (state, done) in ENDS.items():
+        vm, receiver, user = vms[on_expiry], receivers[on_expiry], users[on_expiry]
+        bodies = inbox.bodies(to=f"{on_expiry}@example.org")
+        assert len(bodies) == 3, (on_expiry, bodies)
+        assert "Leases ending in 10 seconds" in bodies[0] and vm["id"] in bodies[0]
+        assert f"POST http://127.0.0.1:8000/api/v1/servers/{vm['id']}/lease" in bodies[0]
+        assert "Leases ending in 4 seconds" in bodies[1]
+        assert f"were {done} at their lease's end" in bodies[2]
+        assert all(other["id"] not in "".join(bodies) for other in vms.values() if other is not vm)
+        events = await _events(cloud, vm["id"])
+        assert [e["kind"] for e in events].count("lease_warning") == 2
+        acted = [e for e in events if e["kind"] == "lease_action"]
+        assert len(acted) == 1 and "the lease ended" in acted[0]["message"]
+        q = (await cloud.client.get("/api/v1/quotas", headers=user)).json()
+        assert {k: v["usage"] for k, v in q.items()} == expected_usage(state), on_expiry
+        assert all(v["pending"] == 0 for v in q.values())
 
-    async def hooked() -> bool:
-        return any(d.body["kind"] == "server.state" and d.body["data"]["to"] == state for d in receiver.deliveries)
+        async def hooked(receiver: HookReceiver = receiver, state: str = state) -> bool:
+            return any(d.body["kind"] == "server.state" and d.body["data"]["to"] == state for d in receiver.deliveries)
 
-    await cloud.until("the webhook deliveries", hooked)
-    assert all(d.valid for d in receiver.deliveries)
-    assert receiver.kinds().count("lease.warning") == 2
-    assert {d.body["server_id"] for d in receiver.deliveries} == {vm["id"]}
-    kinds = receiver.kinds()
-    assert kinds.index("lease.warning") < kinds.index("lease.action")  # in the order they happened
-    states = [d.body["data"]["to"] for d in receiver.deliveries if d.body["kind"] == "server.state"]
-    assert states == ["BUILD", "STARTED", state], states
-    await receiver.stop()
+        await cloud.until(f"the webhook deliveries of {on_expiry}", hooked)
+        assert all(d.valid for d in receiver.deliveries)
+        assert receiver.kinds().count("lease.warning") == 2
+        assert {d.body["server_id"] for d in receiver.deliveries} == {vm["id"]}
+        kinds = receiver.kinds()
+        assert kinds.index("lease.warning") < kinds.index("lease.action")  # in the order they happened
+        states = [d.body["data"]["to"] for d in receiver.deliveries if d.body["kind"] == "server.state"]
+        assert states == ["BUILD", "STARTED", state], states
+        await receiver.stop()
 
 
 async def test_a_renewal_moves_the_end_re_arms_the_warnings_and_prevents_the_action(
