@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import utcnow
+from app.ids import utcnow, uuid7
 from app.logic import (
     addresses,
     catalogue,
@@ -156,8 +156,11 @@ async def _begin(
         )
 
     now = utcnow()
+    # The commission's id is known before the job is written, so the job's row names it from
+    # its INSERT (the commission itself is issued after the quota check, below).
+    commission_id = None if deltas.is_zero() else uuid7()  # time-ordered, as every id
     job = new_job(
-        session, outbox, server, action=action.value, params=params, actor=actor, commission_id=None, host=host
+        session, outbox, server, action=action.value, params=params, actor=actor, commission_id=commission_id, host=host
     )
     server.task, server.task_job_id = rule.task, job.id
     if rule.on_accept is not None:
@@ -183,15 +186,16 @@ async def _begin(
             # taken last so it is held only from the check to the commit.
             await quotas.lock_project(session, server.project_id)
             await quotas.check(session, server.project_id, deltas)
-        commission = await quotas.issue(
+        await quotas.issue(
             session,
             project_id=server.project_id,
             server_id=server.id,
             deltas=deltas,
             accept=rule.commit_at_once,
             move=False,
+            commission_id=commission_id,
+            job_id=job.id,
         )
-        commission.job_id, job.commission_id = job.id, commission.id
         if rule.commit_at_once:
             await quotas.move_usage(session, server.project_id, deltas)
 

@@ -237,10 +237,15 @@ async def issue(
     accept: bool = False,
     reason: str | None = None,
     move: bool = True,
+    commission_id: uuid.UUID | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> Commission:
-    """Record a commission; with ``accept`` it is accepted at once, and usage moves now unless
-    ``move`` is false (the caller then moves it last, with ``move_usage``). No limit check here."""
-    commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer, reason=reason)
+    """Record a commission (with ``commission_id``, under an id the caller already gave its
+    job); with ``accept`` it is accepted at once, and usage moves now unless ``move`` is false
+    (the caller then moves it last, with ``move_usage``). No limit check here."""
+    commission = Commission(project_id=project_id, server_id=server_id, issuer=issuer, reason=reason, job_id=job_id)
+    if commission_id is not None:
+        commission.id = commission_id
     for resource, amount in deltas.as_dict().items():
         setattr(commission, resource, amount)
     if accept:
