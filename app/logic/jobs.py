@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import utcnow
+from app.ids import utcnow, uuid7
 from app.logic import events
 from app.logic.actor import Actor
 from app.logic.errors import NotFound
@@ -90,9 +90,13 @@ def new_job(
     actor: Actor,
     commission_id: uuid.UUID | None,
     host: str | None,
+    job_id: uuid.UUID | None = None,
 ) -> Job:
+    """A new job for ``server`` (under ``job_id`` when its row already names it as its task),
+    to be published after the commit."""
     now = utcnow()
     job = Job(
+        id=job_id or uuid7(),
         server_id=server.id,
         project_id=server.project_id,
         user_id=actor.user_id,

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import ec2_id, utcnow
+from app.ids import ec2_id, utcnow, uuid7
 from app.logic import addresses, catalogue, events, keypairs, leases, networks, placement, quotas, rows
 from app.logic.actor import Actor
 from app.logic.addresses import Address
@@ -237,6 +237,19 @@ async def _accept(
     allocator = addresses.Allocator(nets)
     await allocator.take(session, spec.count, spec.fixed_ip)
     public = await _public_addresses(session, actor.project_id, spec)
+    # Each VM's host before its row: the row is then written whole (host, console port, task
+    # and its job's id) in one INSERT, not an INSERT and then an UPDATE. The host is held from
+    # here to the commit.
+    places = (
+        []
+        if spec.hold
+        else [
+            await placement.reserve(
+                session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb, zone=spec.zone, several=spec.count > 1
+            )
+            for _ in range(spec.count)
+        ]
+    )
     now = utcnow()
     made = [
         Server(
@@ -246,7 +259,11 @@ async def _accept(
             user_id=actor.user_id,
             flavor_id=flavor.id,
             image_id=image.id,
-            zone=spec.zone,
+            zone=places[i].zone if places else spec.zone,
+            host=places[i].host if places else None,
+            vnc_port=places[i].vnc_port if places else None,
+            task=Task.BUILD if places else None,
+            task_job_id=uuid7() if places else None,
             operstate=state.value,
             meta=dict(spec.metadata),
             key_name=spec.key_name,
@@ -275,20 +292,13 @@ async def _accept(
             ip.server_id, ip.association_id = server.id, ec2_id("eipassoc")
             session.add(ip)
             mapped = ip.address
-        placed = None
-        if not spec.hold:
-            # The first reservation's statement writes the rows above first (autoflush): the host
-            # is held from here to the commit.
-            placed = await placement.reserve(
-                session, vcpus=flavor.vcpus, ram_mb=flavor.ram_mb, zone=spec.zone, several=spec.count > 1
-            )
-            server.host, server.zone, server.vnc_port = placed.host, placed.zone, placed.vnc_port
         # Accepted at once; the usage moves last, after the binding check (no limit check here).
         commission = await quotas.issue(
             session, project_id=actor.project_id, server_id=server.id, deltas=per_vm, accept=True, move=False
         )
         job = None
-        if placed is not None:
+        if server.task_job_id is not None:
+            assert server.host is not None
             job = new_job(
                 session,
                 outbox,
@@ -298,10 +308,10 @@ async def _accept(
                 | {"public_ips": [{"public": mapped, "private": ports[0].ip}] if mapped else []},
                 actor=actor,
                 commission_id=commission.id,
-                host=placed.host,
+                host=server.host,
+                job_id=server.task_job_id,
             )
             commission.job_id = job.id
-            server.task, server.task_job_id = Task.BUILD, job.id
         events.record(
             session,
             server,
