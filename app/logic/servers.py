@@ -225,9 +225,10 @@ async def _accept(
     image: Image,
     ssh_key: str | None,
 ) -> list[Created]:
-    """``create`` once the request is known to be well formed. Rows no other request contends
-    for are written first; then the locks, in the lock order (networks' addresses, public
-    addresses, hosts, the project, quota rows), each as late and as short as it can be."""
+    """``create`` once the request is known to be well formed. The locks are taken in the lock
+    order (networks' addresses, public addresses, hosts, the project, quota rows), each as late
+    and as short as it can be; the VMs' rows are written once their hosts are known, so each
+    goes in whole, and the project is locked last, for the quota check and the usage move."""
     assert actor.project_id is not None and actor.user_id is not None
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = _footprint(spec, flavor)
