@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.logic import rows
+from app.logic import networks, rows
 from app.logic.errors import AddressInUse, BadRequest, NetworkFull
 from app.logic.networks import bridge_of
 from app.logic.operstate import Operstate
@@ -50,18 +50,28 @@ class Address:
     public_ip: str | None = None
 
 
+#: The addresses in use on the network of the row (an array; NULL when there are none).
+_USED_ON = sa.select(sa.func.array_agg(_ports.c.ip)).where(_ports.c.network_id == _networks.c.id).scalar_subquery()
+
 #: PostgreSQL: networks share-locked in id order (not deleted under a create; creates do not
 #: wait on each other), each with the addresses in use on it. The list is read from the
 #: statement's snapshot: a claim re-reads what it claimed (``_committed``), so an address
 #: committed meanwhile is never taken twice.
 _LOCK_WITH_USED = (
-    sa.select(
-        _networks.c.id,
-        sa.select(sa.func.array_agg(_ports.c.ip)).where(_ports.c.network_id == _networks.c.id).scalar_subquery(),
-    )
+    sa.select(_networks.c.id, _USED_ON)
     .where(rows.among(_networks.c.id, "ids", postgres=True))
     .order_by(_networks.c.id)
     .with_for_update(read=True, key_share=True)
+)
+
+#: PostgreSQL, a create on its project's default network (what a create gets when it names
+#: none): ``networks.resolve`` and ``_LOCK_WITH_USED`` in one statement -- the network,
+#: share-locked, with the addresses in use on it, read from the statement's snapshot as there.
+_DEFAULT_WITH_USED = (
+    sa.select(Network, _USED_ON)
+    .where(_networks.c.project_id == sa.bindparam("project"), _networks.c.name == networks.DEFAULT_NAME)
+    .with_for_update(read=True, key_share=True)
+    .execution_options(populate_existing=True)
 )
 
 
@@ -96,18 +106,34 @@ class Allocator:
     #: Addresses tried beyond those needed, per claim, when others are being taken.
     SLACK = 8
 
-    def __init__(self, networks: list[Network]) -> None:
-        self.networks = networks
-        self._used: dict[uuid.UUID, set[str]] = {}
+    def __init__(self, nets: list[Network], used: dict[uuid.UUID, set[str]] | None = None) -> None:
+        self.networks = nets
+        #: the addresses in use per network, once they are share-locked (``take``'s first step,
+        #: or ``for_create``'s statement)
+        self._used: dict[uuid.UUID, set[str]] = used or {}
         self._next: dict[uuid.UUID, int] = {}  # per network: where the search for a free address resumes
         self._taken: dict[uuid.UUID, list[str]] = {}
+
+    @classmethod
+    async def for_create(cls, session: AsyncSession, project_id: uuid.UUID, names: list[str] | None) -> Allocator:
+        """The allocator of the networks a create names (``networks.resolve``). The project's
+        default network, a create's when it names none, is read on PostgreSQL share-locked with
+        its addresses in use, in one statement instead of two."""
+        if not names and rows.postgres(session):
+            found = (await session.execute(_DEFAULT_WITH_USED, {"project": project_id})).first()
+            if found is not None:  # (else made on first use, by resolve)
+                net, used = found
+                return cls([net], {net.id: set(used or ())})
+        return cls(await networks.resolve(session, project_id, names))
 
     async def take(self, session: AsyncSession, count: int, fixed_ip: str | None = None) -> None:
         """Claim the addresses of ``count`` VMs on every network (``fixed_ip``: the first
         network's address of the one VM, asked for)."""
         postgres = rows.postgres(session)
         ids = sorted(n.id for n in self.networks)
-        if postgres:  # the networks share-locked and their used addresses read, in one statement
+        if self._used:  # read with the networks (``for_create``)
+            pass
+        elif postgres:  # the networks share-locked and their used addresses read, in one statement
             found = await session.execute(_LOCK_WITH_USED, {"ids": ids})
             self._used = {net_id: set() for net_id in ids} | {net_id: set(used or ()) for net_id, used in found}
         else:  # one writer at a time: nothing to lock

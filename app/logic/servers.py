@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow, uuid7
-from app.logic import addresses, catalogue, events, keypairs, leases, networks, placement, quotas, rows
+from app.logic import addresses, catalogue, events, keypairs, leases, placement, quotas, rows
 from app.logic.actor import Actor
 from app.logic.addresses import Address
 from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NephosError, NotFound, OverLimit
@@ -234,8 +234,8 @@ async def _accept(
     per_vm = _footprint(spec, flavor)
     reservation = spec.reservation_id or ec2_id("r")  # the VMs of one request are one EC2 reservation
     lease = await leases.policy(session, actor.project_id)
-    nets = await networks.resolve(session, actor.project_id, spec.networks)
-    allocator = addresses.Allocator(nets)
+    allocator = await addresses.Allocator.for_create(session, actor.project_id, spec.networks)
+    nets = allocator.networks
     await allocator.take(session, spec.count, spec.fixed_ip)
     public = await _public_addresses(session, actor.project_id, spec)
     # Each VM's host before its row: the row is then written whole (host, console port, task

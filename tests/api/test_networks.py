@@ -111,6 +111,28 @@ async def test_fifty_concurrent_creates_in_a_small_network(cloud: Cloud) -> None
     assert again.status_code == 202 and again.json()["servers"][0]["addresses"][0]["ip"] == "10.50.0.2"
 
 
+async def test_concurrent_creates_on_the_default_network_never_share_an_address(cloud: Cloud) -> None:
+    """The default network is read with its addresses in use in the create's first statement
+    (``Allocator.for_create``): forty creates at once, after one that made the network, each get
+    their own address, the lowest free ones, and an address given back is taken again."""
+    user = await cloud.user(vm=100, cpu=400, ram=10**7, disk=10**5, active_cpu=400, active_ram=10**7)
+    body = {"name": "d", "flavor": "tiny", "image": "debian-12"}
+    first = await cloud.client.post("/api/v1/servers", headers=user, json=body)  # makes the default network
+    assert first.status_code == 202, first.text
+    replies = await asyncio.gather(*(cloud.client.post("/api/v1/servers", headers=user, json=body) for _ in range(40)))
+    assert [r.status_code for r in replies] == [202] * 40, [r.text for r in replies if r.status_code != 202]
+    made = [first.json(), *(r.json() for r in replies)]
+    ips = [c["servers"][0]["addresses"][0]["ip"] for c in made]
+    net = ipaddress.IPv4Network(made[0]["servers"][0]["addresses"][0]["ip"] + "/24", strict=False)
+    assert len(set(ips)) == 41 and set(ips) == {str(h) for h in list(net.hosts())[1:42]}, ips
+    for c in made:
+        assert await cloud.finish(c["job_ids"][0]) == "applied"
+    gone = made[5]["servers"][0]
+    await cloud.finish((await cloud.act(user, gone["id"], "destroy"))["job_id"])
+    again = await cloud.client.post("/api/v1/servers", headers=user, json=body)
+    assert again.status_code == 202 and again.json()["servers"][0]["addresses"][0]["ip"] == ips[5]
+
+
 async def test_an_address_held_by_a_destroyed_vm_is_drift_and_reconcile_gives_it_back(cloud: Cloud) -> None:
     user = await cloud.user()
     vm = await server_in(cloud, user, "DESTROYED")
