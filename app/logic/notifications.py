@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.ids import utcnow
+from app.ids import utcnow, uuid7
 from app.logic import events, rows
 from app.logic.leases import DEFAULT
 from app.logic.operstate import Operstate
@@ -66,7 +66,7 @@ def _row(
 ) -> dict[str, object]:
     now = utcnow()
     return {
-        "id": uuid.uuid4(),
+        "id": uuid7(),  # time-ordered, as every id
         "user_id": server.user_id,
         "project_id": server.project_id,
         "server_id": server.id,

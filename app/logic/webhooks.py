@@ -31,7 +31,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from app.ids import utcnow
+from app.ids import utcnow, uuid7
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound
 from app.models import Project, Server, ServerEvent, Webhook, WebhookDelivery, table_of
@@ -93,7 +93,9 @@ def take(session: AsyncSession | Session) -> list[dict[str, Any]]:
 def delivery(body: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The delivery row of a noted event (written only if its project has an enabled webhook)."""
     return {
-        "id": uuid.uuid4(),
+        # Time-ordered, as every id: the deliveries of one transaction share its commit's time,
+        # and leave in the order of their ids (``due``), which is the order of their events.
+        "id": uuid7(),
         "project_id": uuid.UUID(body["project_id"]),
         "server_id": uuid.UUID(body["server_id"]),
         "kind": body["kind"],
