@@ -492,6 +492,9 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
     env["STACK_QUEUE"] = f"bench-stack-{tag}"
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "stack:app", "--port", str(port)]
     argv += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log"]
+    # Connections the client keeps between rounds stay open: uvicorn closing one idle for its
+    # default 5 s, just as the client reuses it, failed a round with a ReadError.
+    argv += ["--timeout-keep-alive", "120"]
     proc = subprocess.Popen(argv, env=env)
     base = f"http://127.0.0.1:{port}"
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
@@ -545,7 +548,11 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
     finally:
         await db.close()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # a failed round may leave requests it never waits for
+            proc.kill()
+            proc.wait()
 
 
 def design_floor(commits: float, messages: float, requests: float) -> float:
