@@ -295,7 +295,13 @@ async def _accept(
             mapped = ip.address
         # Accepted at once; the usage moves last, after the binding check (no limit check here).
         commission = await quotas.issue(
-            session, project_id=actor.project_id, server_id=server.id, deltas=per_vm, accept=True, move=False
+            session,
+            project_id=actor.project_id,
+            server_id=server.id,
+            deltas=per_vm,
+            accept=True,
+            move=False,
+            job_id=server.task_job_id,
         )
         job = None
         if server.task_job_id is not None:
@@ -312,7 +318,6 @@ async def _accept(
                 host=server.host,
                 job_id=server.task_job_id,
             )
-            commission.job_id = job.id
         events.record(
             session,
             server,
