@@ -251,6 +251,19 @@ class Cluster:
         await connection.close()
 
 
+async def watch(db: asyncpg.Connection, query: str, waiting: dict[uuid.UUID, asyncio.Future[str]]) -> None:
+    """Until cancelled, every 10 ms: ``query`` (rows of id and outcome, for the ids ``$1``) over
+    every id still ``waiting``, and each future found done is given its outcome. One reader for
+    every outstanding job, so the client's own polling does not load what it measures."""
+    while True:
+        if waiting:
+            for row in await db.fetch(query, list(waiting)):
+                future = waiting.pop(row[0], None)
+                if future is not None and not future.done():
+                    future.set_result(row[1])
+        await asyncio.sleep(0.01)
+
+
 async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{cluster.port}"
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
@@ -270,25 +283,11 @@ async def workload(cluster: Cluster, n: int, concurrency: int) -> dict[str, Any]
         jobs: list[str] = []
         slots = asyncio.Semaphore(concurrency)
 
-        # Waiting on results: one watcher reads the jobs table for every outstanding job at once,
-        # so the client's own polling does not load the API it measures.
+        # Waiting on results: one watcher reads the jobs table for every outstanding job at once.
         waiting: dict[uuid.UUID, asyncio.Future[str]] = {}
         db = await asyncpg.connect(cluster.url.replace("postgresql+asyncpg://", "postgresql://"))
-
-        async def watcher() -> None:
-            while True:
-                if waiting:
-                    rows = await db.fetch(
-                        "SELECT id, status FROM jobs WHERE id = ANY($1::uuid[]) AND status IN ('SUCCESS', 'ERROR')",
-                        list(waiting),
-                    )
-                    for row in rows:
-                        future = waiting.pop(row["id"], None)
-                        if future is not None and not future.done():
-                            future.set_result(row["status"])
-                await asyncio.sleep(0.01)
-
-        watching = asyncio.create_task(watcher())
+        finished = "SELECT id, status FROM jobs WHERE id = ANY($1::uuid[]) AND status IN ('SUCCESS', 'ERROR')"
+        watching = asyncio.create_task(watch(db, finished, waiting))
 
         async def wait(job_id: str) -> None:
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -499,19 +498,7 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
     base = f"http://127.0.0.1:{port}"
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     db = await asyncpg.connect(pg)
-    waiting: dict[uuid.UUID, asyncio.Future[None]] = {}
-
-    async def watcher() -> None:  # one reader for every outstanding action, as in ``workload``
-        while True:
-            if waiting:
-                rows = await db.fetch(
-                    f"SELECT id FROM {table} WHERE id = ANY($1::uuid[]) AND result IS NOT NULL", list(waiting)
-                )
-                for row in rows:
-                    future = waiting.pop(row["id"], None)
-                    if future is not None and not future.done():
-                        future.set_result(None)
-            await asyncio.sleep(0.01)
+    waiting: dict[uuid.UUID, asyncio.Future[str]] = {}
 
     try:
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
@@ -522,7 +509,9 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
                 await asyncio.sleep(0.1)
             body = {"name": "b", "flavor": "tiny", "image": "debian-12"}
             slots = asyncio.Semaphore(concurrency)
-            watching = asyncio.create_task(watcher())
+            # One reader for every outstanding action, as in ``workload``.
+            done_query = f"SELECT id, result FROM {table} WHERE id = ANY($1::uuid[]) AND result IS NOT NULL"
+            watching = asyncio.create_task(watch(db, done_query, waiting))
 
             async def one(path: str) -> None:
                 async with slots:
@@ -530,7 +519,7 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
                     if r.status_code != 202:
                         raise RuntimeError(f"the stack floor's {path} answered {r.status_code}")
                     if path == "/action":
-                        done = asyncio.get_running_loop().create_future()
+                        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
                         waiting[uuid.UUID(r.json()["job_id"])] = done
                         await done
 

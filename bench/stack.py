@@ -88,19 +88,20 @@ async def http(body: Body) -> dict[str, str]:
     return {"job_id": str(uuid.uuid4())}
 
 
-@app.post("/action", status_code=202)
-async def action(body: Body) -> dict[str, str]:
+async def _commit_and_publish(body: Body, message: bytes | None, queue: str) -> dict[str, str]:
+    """One single-row commit, then one persistent message, confirmed (the job's id by default)."""
     job = uuid.uuid4()
     await state["pool"].execute(f"INSERT INTO {TABLE} VALUES ($1, now(), $2)", job, body.name)
-    message = aio_pika.Message(str(job).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-    await state["channel"].default_exchange.publish(message, routing_key=state["jobs"])
+    sent = aio_pika.Message(message or str(job).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    await state["channel"].default_exchange.publish(sent, routing_key=queue)
     return {"job_id": str(job)}
+
+
+@app.post("/action", status_code=202)
+async def action(body: Body) -> dict[str, str]:
+    return await _commit_and_publish(body, None, state["jobs"])
 
 
 @app.post("/act", status_code=202)
 async def act(body: Body) -> dict[str, str]:
-    job = uuid.uuid4()
-    await state["pool"].execute(f"INSERT INTO {TABLE} VALUES ($1, now(), $2)", job, body.name)
-    message = aio_pika.Message(body.model_dump_json().encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-    await state["channel"].default_exchange.publish(message, routing_key=QUEUE)
-    return {"job_id": str(job)}
+    return await _commit_and_publish(body, body.model_dump_json().encode(), QUEUE)

@@ -50,8 +50,10 @@ async def mail_cloud(request: pytest.FixtureRequest, tmp_path: Path, inbox: Inbo
         yield c
 
 
-async def _policy(cloud: Cloud, **policy: Any) -> str:
-    project: str = (await cloud.client.get("/api/v1/lease-policy", headers=ADMIN)).json()["project_id"]
+async def _policy(cloud: Cloud, project: str | None = None, **policy: Any) -> str:
+    """Set a project's lease policy (the admin's own project unless one is named)."""
+    if project is None:
+        project = (await cloud.client.get("/api/v1/lease-policy", headers=ADMIN)).json()["project_id"]
     r = await cloud.client.put(f"/api/v1/admin/projects/{project}/lease-policy", headers=ADMIN, json=policy)
     assert r.status_code == 200, r.text
     return project
@@ -107,10 +109,7 @@ async def _project_with_policy(cloud: Cloud, name: str, **policy: Any) -> str:
     """A new project with this lease policy."""
     r = await cloud.client.post("/api/v1/admin/projects", headers=ADMIN, json={"name": name})
     assert r.status_code == 201, r.text
-    project: str = r.json()["id"]
-    r = await cloud.client.put(f"/api/v1/admin/projects/{project}/lease-policy", headers=ADMIN, json=policy)
-    assert r.status_code == 200, r.text
-    return project
+    return await _policy(cloud, r.json()["id"], **policy)
 
 
 ENDS = {"stop": ("STOPPED", "stopped"), "suspend": ("SUSPENDED", "suspended"), "destroy": ("DESTROYED", "destroyed")}
