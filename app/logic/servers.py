@@ -278,9 +278,6 @@ async def _accept(
     ]
     leases.give(made, lease)
     session.add_all(made)
-    # Written before the rows that refer to them: without relationship() the unit of work
-    # does not order inserts by foreign key.
-    await session.flush()
     leases.arm_given(session, made, lease)
     created = []
     for i, server in enumerate(made):
@@ -342,9 +339,11 @@ async def _accept(
         ]
         created.append(Created(server, job, flavor.name, image.name, shown))
 
-    # The quota check comes last, under the project's lock, right before the commit: the lock
-    # serializes every request that wants more of this project, so it is held only for this.
-    # (Its statement writes what the loop made first.)
+    # Every row made above (VMs, NICs, public addresses, commissions, jobs, lease actions) in
+    # one statement. Then the quota check, last, under the project's lock, right before the
+    # commit: the lock serializes every request that wants more of this project, so it is
+    # held only for this.
+    await rows.insert_new(session)
     await quotas.lock_project(session, actor.project_id)
     await quotas.check(session, actor.project_id, per_vm * spec.count)
     await quotas.move_usage(session, actor.project_id, per_vm * spec.count)
