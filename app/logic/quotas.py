@@ -59,8 +59,14 @@ _LOCK_PROJECT = (
 )
 
 
+def project_lock(project_id: uuid.UUID) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The project's lock as a statement and its parameters, for a caller that sends it along
+    with its writes (``rows.insert_new``)."""
+    return _LOCK_PROJECT, {"project": project_id}
+
+
 async def lock_project(session: AsyncSession, project_id: uuid.UUID) -> None:
-    await session.execute(_LOCK_PROJECT, {"project": project_id})
+    await session.execute(*project_lock(project_id))
 
 
 async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[str, int]) -> None:

@@ -1,0 +1,64 @@
+"""``rows.insert_new``: the session's new rows of several tables in one statement on PostgreSQL
+(one per row on SQLite), whatever order they were added in, kept as persistent afterwards; a
+changed row that names a new one is written after it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from app.db import make_engine, make_sessionmaker
+from app.ids import uuid7
+from app.logic import rows
+from app.models import Project, Webhook, WebhookDelivery, table_of
+
+_projects, _deliveries = table_of(Project), table_of(WebhookDelivery)
+_LOCK = sa.select(_projects.c.id).where(_projects.c.id == sa.bindparam("project")).with_for_update()
+
+
+async def test_new_rows_go_in_one_statement_and_stay_in_the_session(db_url: str) -> None:
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    old, new = uuid7(), uuid7()
+    try:
+        async with sessions() as s:
+            s.add(Project(id=old, name=f"r-{old.hex[-12:]}"))
+            await s.flush()
+            s.add(WebhookDelivery(project_id=old, kind="state"))
+            await s.commit()
+        async with sessions() as s:
+            moved = (await s.scalars(sa.select(WebhookDelivery).where(_deliveries.c.project_id == old))).one()
+            # Added children first: the statement's order is not the session's.
+            hook = Webhook(project_id=new, url="http://127.0.0.1:9/", secret_sealed="sealed")
+            deliveries = [WebhookDelivery(project_id=new, kind="state", body={"n": i}) for i in range(3)]
+            s.add(hook)
+            s.add_all(deliveries)
+            s.add(Project(id=new, name=f"r-{new.hex[-12:]}"))
+            moved.project_id = new  # a changed row naming a new one
+            sent.clear()
+            await rows.insert_new(s, along=(_LOCK, {"project": new}))
+            if rows.postgres(s):
+                assert len(sent) == 1, sent  # five rows and the lock: one round trip
+            else:
+                assert len(sent) == 6, sent  # a row per INSERT, then the lock
+            assert all(sa.inspect(o).persistent for o in (hook, *deliveries))
+            assert not s.new
+            hook.url = "http://127.0.0.1:10/"  # kept in the session: a change is an UPDATE
+            sent.clear()
+            await s.flush()
+            assert sorted(x.split()[0] for x in sent) == ["UPDATE", "UPDATE"], sent
+            await s.commit()
+        async with sessions() as s:
+            assert (await s.get(Webhook, new)).url == "http://127.0.0.1:10/"  # type: ignore[union-attr]
+            found = await s.scalars(sa.select(WebhookDelivery).where(_deliveries.c.project_id == new))
+            assert sorted(d.body.get("n", -1) for d in found) == [-1, 0, 1, 2]
+    finally:
+        await engine.dispose()
