@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -74,58 +74,67 @@ async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[st
     return (await session.execute(stmt.returning(*table.primary_key.columns))).first() is not None
 
 
-@functools.lru_cache(maxsize=256)
-def _inserts(
-    shape: tuple[tuple[sa.Table, int], ...], postgres: bool, along: sa.Select[Any] | None
-) -> Sequence[sa.Executable]:
-    """The statements of ``insert_new`` for so many rows of each table (in foreign-key order),
-    built once: bound parameters ``{table}_{row}_{column}``, the values never in the statement,
-    so each shape is compiled once (SQLAlchemy's statement cache)."""
-    # A row per INSERT: SQLAlchemy does not cache a multi-row VALUES.
+#: ``insert_new`` writes up to so many rows in one statement on PostgreSQL (a create of one or
+#: two VMs); more go in an INSERT of many rows per table.
+_FEW = 12
+
+
+@functools.lru_cache(maxsize=64)
+def _one_statement(shape: tuple[tuple[sa.Table, int], ...], along: sa.Select[Any] | None) -> sa.Executable:
+    """``insert_new``'s statement for so many rows of each table, built once: an INSERT per row
+    (SQLAlchemy does not cache a multi-row VALUES), bound parameters ``{table}_{row}_{column}``,
+    so each shape is compiled once (SQLAlchemy's statement cache); all but the last statement
+    (``along``, or the last INSERT) are data-modifying CTEs of it."""
     inserts = [
         sa.insert(table).values({c.key: sa.bindparam(f"{t}_{r}_{c.key}", type_=c.type) for c in table.columns})
         for t, (table, count) in enumerate(shape)
         for r in range(count)
     ]
-    if not postgres:
-        return [*inserts, *([along] if along is not None else [])]
     last: sa.Select[Any] | sa.Insert = along if along is not None else inserts.pop()
-    return [last.add_cte(*(insert.cte(f"new_{i}") for i, insert in enumerate(inserts)))]
+    return last.add_cte(*(insert.cte(f"new_{i}") for i, insert in enumerate(inserts)))
 
 
 async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[str, Any]] | None = None) -> None:
-    """Write the objects added to ``session`` since its last flush, all in one statement on
-    PostgreSQL (an INSERT per row, all but the last as data-modifying CTEs of the last: foreign
-    keys are checked at the statement's end, so their order does not matter), an INSERT per
-    row on SQLite; then keep them in the session as persistent, as a flush would.
+    """Write the objects added to ``session`` since its last flush, then keep them in the
+    session as persistent, as a flush would: on PostgreSQL, a few rows in one statement (foreign
+    keys are checked at a statement's end, so the order of its parts does not matter); else an
+    INSERT of many rows per table, tables in foreign-key order (the unit of work does not order
+    them: the models have no relationship()).
 
-    What the unit of work would do for them, for the path that writes a handful of rows of
-    several tables at once (a create): no per-object flush bookkeeping and one round trip. The
-    objects carry every value (ids and defaults are set in Python); rows changed or deleted
-    stay for the next flush, after these (autoflush is held off meanwhile).
+    For the path that writes a handful of rows of several tables at once (a create): no
+    per-object flush bookkeeping, and one round trip. The objects carry every value (ids and
+    defaults are set in Python); rows changed or deleted stay for the next flush, after these
+    (autoflush is held off meanwhile).
 
-    ``along``: a statement (built once) and its parameters, run in the same statement, after
-    the rows on SQLite (a lock the caller takes next, one round trip fewer)."""
+    ``along``: a statement (built once) and its parameters, sent in the same statement on
+    PostgreSQL, after the rows elsewhere (a lock the caller takes next: one round trip fewer)."""
     new = list(session.new)
-    if not new or any(None in sa.inspect(obj).mapper.identity_key_from_instance(obj)[1] for obj in new):
+    if any(None in sa.inspect(obj).mapper.identity_key_from_instance(obj)[1] for obj in new):
         await session.flush()  # an id the database draws: the unit of work reads it back
-        if along is not None:
-            await session.execute(*along)
-        return
+        new = []
     by_table: dict[sa.Table, list[Any]] = defaultdict(list)
     for obj in new:
         by_table[sa.inspect(obj).mapper.local_table].append(obj)
-    shape = tuple((table, len(by_table[table])) for table in SQLModel.metadata.sorted_tables if table in by_table)
-    params: dict[str, Any] = dict(along[1]) if along is not None else {}
-    for t, (table, _) in enumerate(shape):
-        for r, obj in enumerate(by_table[table]):
-            mapper = sa.inspect(obj).mapper
-            params.update((f"{t}_{r}_{prop.columns[0].key}", getattr(obj, prop.key)) for prop in mapper.column_attrs)
+    tables = [table for table in SQLModel.metadata.sorted_tables if table in by_table]
+    values = {
+        table: [{prop.columns[0].key: getattr(o, prop.key) for prop in sa.inspect(o).mapper.column_attrs} for o in rows]
+        for table, rows in by_table.items()
+    }
     for obj in new:
         session.expunge(obj)
     with session.no_autoflush:  # a changed row may name a new one: it is flushed after
-        for statement in _inserts(shape, postgres(session), along[0] if along is not None else None):
-            await session.execute(statement, params)
+        if new and postgres(session) and len(new) <= _FEW:
+            params: dict[str, Any] = dict(along[1]) if along is not None else {}
+            for t, table in enumerate(tables):
+                for r, row in enumerate(values[table]):
+                    params.update((f"{t}_{r}_{key}", value) for key, value in row.items())
+            shape = tuple((table, len(values[table])) for table in tables)
+            await session.execute(_one_statement(shape, along[0] if along is not None else None), params)
+        else:
+            for table in tables:
+                await session.execute(sa.insert(table), values[table])
+            if along is not None:
+                await session.execute(*along)
     for obj in new:
         make_transient_to_detached(obj)
         session.add(obj)
