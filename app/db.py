@@ -72,7 +72,11 @@ def _counting() -> None:
         _COUNTS = StatementCounts(Path(directory))
 
 
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+def make_engine(url: str, *, generic_plans: bool = True, **kwargs: Any) -> AsyncEngine:
+    """The engine of a process. ``generic_plans`` (PostgreSQL): each prepared statement is
+    planned once per connection (``plan_cache_mode = force_generic_plan``), not again at every
+    execution as PostgreSQL does for the statements it judges worth it; planning was a third of
+    PostgreSQL's time under load (``NEPHOS_DB_GENERIC_PLANS``, docs/production.md)."""
     _counting()
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -82,6 +86,8 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         # time). Recycling bounds connection age instead; a broken connection fails its
         # transaction, which the caller retries (dispatcher) or reports (API).
         kwargs.setdefault("pool_recycle", 1800)
+        if generic_plans:
+            kwargs.setdefault("connect_args", {"server_settings": {"plan_cache_mode": "force_generic_plan"}})
         return create_async_engine(url, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,7 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
     until it has, and jobs committed meanwhile wait in the outbox."""
     engine = make_engine(
         settings.database_url,
+        generic_plans=settings.db_generic_plans,
         **(
             {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
         ),

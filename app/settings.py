@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Connections each process may hold (PostgreSQL): pool size plus overflow under bursts.
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
+    # PostgreSQL plans each prepared statement once per connection (plan_cache_mode =
+    # force_generic_plan) instead of again at many executions: docs/production.md.
+    db_generic_plans: bool = True
     # Names of exchanges and queues start with this, so deployments (and test runs) sharing a
     # broker never see each other's messages.
     amqp_prefix: str = "nephos"

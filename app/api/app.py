@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                 app.state.nephos = state
                 yield
                 return
-            engine = make_engine(settings.database_url)
+            engine = make_engine(settings.database_url, generic_plans=settings.db_generic_plans)
             app.state.nephos = AppState(
                 settings=settings, sessions=make_sessionmaker(engine), cipher=load_cipher(settings)
             )

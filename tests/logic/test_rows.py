@@ -48,7 +48,7 @@ async def test_new_rows_go_in_one_statement_and_stay_in_the_session(db_url: str)
             if rows.postgres(s):
                 assert len(sent) == 1, sent  # five rows and the lock: one round trip
             else:
-                assert len(sent) == 6, sent  # a row per INSERT, then the lock
+                assert len(sent) == 4, sent  # an INSERT per table, then the lock
             assert all(sa.inspect(o).persistent for o in (hook, *deliveries))
             assert not s.new
             hook.url = "http://127.0.0.1:10/"  # kept in the session: a change is an UPDATE
@@ -62,3 +62,14 @@ async def test_new_rows_go_in_one_statement_and_stay_in_the_session(db_url: str)
             assert sorted(d.body.get("n", -1) for d in found) == [-1, 0, 1, 2]
     finally:
         await engine.dispose()
+
+
+async def test_connections_plan_each_statement_once_unless_told_not_to(pg_url: str) -> None:
+    """``NEPHOS_DB_GENERIC_PLANS`` reaches every PostgreSQL connection of a process."""
+    for generic, mode in ((True, "force_generic_plan"), (False, "auto")):
+        engine = make_engine(pg_url, generic_plans=generic)
+        try:
+            async with engine.connect() as conn:
+                assert (await conn.execute(sa.text("SHOW plan_cache_mode"))).scalar() == mode
+        finally:
+            await engine.dispose()
