@@ -41,9 +41,11 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./var/nephos.db"
     amqp_url: str = "memory://"
-    # Connections each process may hold (PostgreSQL): pool size plus overflow under bursts.
-    db_pool_size: int = Field(default=10, gt=0)
-    db_max_overflow: int = Field(default=10, ge=0)
+    # Connections each process may hold (PostgreSQL): pool size plus overflow under bursts. An
+    # overflow connection is closed when it is returned to a full pool: under load, the pool
+    # opens and closes them all the time (docs/production.md), so the default has none.
+    db_pool_size: int = Field(default=20, gt=0)
+    db_max_overflow: int = Field(default=0, ge=0)
     # PostgreSQL plans each prepared statement once per connection (plan_cache_mode =
     # force_generic_plan) instead of again at many executions: docs/production.md.
     db_generic_plans: bool = True
