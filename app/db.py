@@ -75,8 +75,8 @@ def _counting() -> None:
 def make_engine(url: str, *, generic_plans: bool = True, **kwargs: Any) -> AsyncEngine:
     """The engine of a process. ``generic_plans`` (PostgreSQL): each prepared statement is
     planned once per connection (``plan_cache_mode = force_generic_plan``), not again at every
-    execution as PostgreSQL does for the statements it judges worth it; planning was a third of
-    PostgreSQL's time under load (``NEPHOS_DB_GENERIC_PLANS``, docs/production.md)."""
+    execution as PostgreSQL does for the statements it judges worth it (``NEPHOS_DB_GENERIC_PLANS``;
+    what it saves and what it risks: docs/production.md)."""
     _counting()
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":

@@ -117,8 +117,8 @@ async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[st
         by_table[sa.inspect(obj).mapper.local_table].append(obj)
     tables = [table for table in SQLModel.metadata.sorted_tables if table in by_table]
     values = {
-        table: [{prop.columns[0].key: getattr(o, prop.key) for prop in sa.inspect(o).mapper.column_attrs} for o in rows]
-        for table, rows in by_table.items()
+        table: [{prop.columns[0].key: getattr(o, prop.key) for prop in sa.inspect(o).mapper.column_attrs} for o in objs]
+        for table, objs in by_table.items()
     }
     for obj in new:
         session.expunge(obj)
