@@ -166,6 +166,11 @@ def defer_usage(session: AsyncSession) -> None:
     session.info[_DEFERRED] = {}
 
 
+def deferring(session: AsyncSession) -> bool:
+    """Does this transaction sum its usage moves for ``move_deferred`` (a batch of results)?"""
+    return _DEFERRED in session.info
+
+
 async def move_deferred(session: AsyncSession) -> None:
     """Make the moves ``defer_usage`` summed, project by project in id order (the fixed order
     of multi-row locks)."""

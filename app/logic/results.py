@@ -238,8 +238,11 @@ async def apply_result(
     )
     if after is Operstate.DESTROYED and before is not Operstate.DESTROYED:
         await _finish_overtaken(session, server, job)
-    # Usage moves last: the quota rows it updates stay locked only until the commit.
-    await session.flush()
+    # Usage moves last: the quota rows it updates stay locked only until the commit. A batch
+    # makes its moves at its end, and its VMs' and jobs' changes are written then, together
+    # (one UPDATE of many rows per table, not two statements per result).
+    if not quotas.deferring(session):
+        await session.flush()
     real = footprint(after, new_flavor.vcpus, new_flavor.ram_mb, new_flavor.disk_gb) - footprint(
         before, flavor.vcpus, flavor.ram_mb, flavor.disk_gb
     )

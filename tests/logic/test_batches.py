@@ -230,3 +230,31 @@ async def test_destroys_in_a_batch_give_their_addresses_back_at_its_end(cloud: C
     assert (await cloud.quotas(user))["public_ip"]["usage"] == 4  # unmapped, still the project's
     listed = (await cloud.client.get("/api/v1/servers", headers=user)).json()["items"]
     assert next(s["addresses"] for s in listed if s["id"] == kept["id"])[0]["public_ip"] is not None
+
+
+async def test_a_batch_writes_its_vms_and_jobs_together(cloud: Cloud) -> None:
+    """A batch's statements do not grow with its results: its VMs' and jobs' changes are
+    written at its end, an UPDATE of many rows per table, not two statements per result."""
+    user = await cloud.user()
+    dispatcher = Dispatcher(cloud.sessions, batch=64, runners=1)
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        spent = []
+        for n in (2, 8):
+            vms = [await server_in(cloud, user, "STARTED") for _ in range(n)]
+            stops = [(await cloud.act(user, v["id"], "stop"))["job_id"] for v in vms]
+            sent.clear()
+            bodies = [_done(j, v["id"], 7, domain="shutoff") for j, v in zip(stops, vms, strict=True)]
+            assert await _deliver(dispatcher, bodies) == [None] * n
+            spent.append(len(sent))
+            assert [(await cloud.server(user, v["id"]))["operstate"] for v in vms] == ["STOPPED"] * n
+        assert spent[0] == spent[1], spent
+        assert dispatcher.counts["batches"] == 2
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+    await _usage_matches_vms(cloud, user)
