@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -26,6 +26,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +73,12 @@ def _counting() -> None:
     directory = os.environ.get("NEPHOS_STATEMENT_COUNTS")
     if directory and _COUNTS is None:
         _COUNTS = StatementCounts(Path(directory))
+
+
+def engine_of(settings: Settings) -> AsyncEngine:
+    """A process's engine as its settings say (pool sizes, generic plans)."""
+    pool = {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+    return make_engine(settings.database_url, generic_plans=settings.db_generic_plans, **pool)
 
 
 def make_engine(url: str, *, generic_plans: bool = True, **kwargs: Any) -> AsyncEngine:

@@ -34,7 +34,7 @@ from app.backend.metaproxy import MetadataProxy
 from app.bus import Bus, make_bus
 from app.bus.base import Misconfigured
 from app.bus.outbox import OutboxPublisher
-from app.db import make_engine, make_sessionmaker, transient
+from app.db import engine_of, make_engine, make_sessionmaker, transient
 from app.dispatcher.handlers import Dispatcher
 from app.dispatcher.notifier import Notifier
 from app.dispatcher.pace import Pace
@@ -202,13 +202,7 @@ async def plane(settings: Settings, bus: Bus | None = None, *, wait_for_bus: boo
     """The database and bus of one process. ``wait_for_bus=False`` (the API): a broker that is
     away does not hold the process back; it connects in the background, ``/healthz`` says 503
     until it has, and jobs committed meanwhile wait in the outbox."""
-    engine = make_engine(
-        settings.database_url,
-        generic_plans=settings.db_generic_plans,
-        **(
-            {} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
-        ),
-    )
+    engine = engine_of(settings)
     try:
         await check_database(settings, engine)
     except StartupError:

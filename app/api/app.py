@@ -32,7 +32,7 @@ from app.api import (
 )
 from app.api.deps import AppState
 from app.api.retry import RetryTransactions
-from app.db import make_engine, make_sessionmaker
+from app.db import engine_of, make_sessionmaker
 from app.serverkey import load_cipher
 from app.settings import Settings
 
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                 app.state.nephos = state
                 yield
                 return
-            engine = make_engine(settings.database_url, generic_plans=settings.db_generic_plans)
+            engine = engine_of(settings)
             app.state.nephos = AppState(
                 settings=settings, sessions=make_sessionmaker(engine), cipher=load_cipher(settings)
             )
