@@ -91,10 +91,10 @@ async def set_limits(session: AsyncSession, project_id: uuid.UUID, limits: dict[
     await session.flush()
 
 
-def _report_statement() -> sa.Select[Any]:
-    """``report``'s statement, built once (the project is a bound parameter): building its
-    expressions took longer than running it."""
-    project = sa.bindparam("project_id", type_=_quotas.c.project_id.type)
+def _report_statement(project_bind: str) -> sa.Select[Any]:
+    """``report``'s statement, built once (the project is the bound parameter ``project_bind``):
+    building its expressions took longer than running it."""
+    project = sa.bindparam(project_bind, type_=_quotas.c.project_id.type)
     pending = (
         sa.select(
             *(
@@ -112,7 +112,7 @@ def _report_statement() -> sa.Select[Any]:
     )
 
 
-_REPORT = _report_statement()
+_REPORT = _report_statement("project_id")
 
 
 async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict[str, int]]:
@@ -122,7 +122,11 @@ async def report(session: AsyncSession, project_id: uuid.UUID) -> dict[str, dict
     to usage) is seen entirely or not at all, never half -- which ``check`` relies on, since
     applying a result does not take the project's lock.
     """
-    found = (await session.execute(_REPORT, {"project_id": project_id})).all()
+    return _state((await session.execute(_REPORT, {"project_id": project_id})).all())
+
+
+def _state(found: list[Any]) -> dict[str, dict[str, int]]:
+    """``report``'s answer from its statement's rows."""
     out = {r: {"limit": 0, "usage": 0, "pending": 0} for r in RESOURCES}
     for row in found:
         out[row.resource].update(limit=int(row.hard_limit), usage=int(row.usage))
@@ -137,10 +141,13 @@ async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas)
 
     The caller holds the project's lock (``lock_project``).
     """
+    if any(v > 0 for v in requested.as_dict().values()):
+        _refuse_over(await report(session, project_id), requested)
+
+
+def _refuse_over(state: dict[str, dict[str, int]], requested: Deltas) -> None:
+    """``OverLimit`` for the first resource ``requested`` would take past its limit."""
     wanted = requested.as_dict()
-    if not any(v > 0 for v in wanted.values()):
-        return
-    state = await report(session, project_id)
     for resource in RESOURCES:
         need = wanted[resource]
         q = state[resource]
@@ -153,6 +160,29 @@ async def check(session: AsyncSession, project_id: uuid.UUID, requested: Deltas)
                 pending=q["pending"],
                 requested=need,
             )
+
+
+async def check_and_move(session: AsyncSession, project_id: uuid.UUID, requested: Deltas) -> None:
+    """``check``, then ``move_usage`` of what it checked: on PostgreSQL in one statement, for
+    the path that holds the project's lock to do just this before its commit (a create), so the
+    lock is held one round trip less.
+
+    The statement reads usage and pending in its snapshot, taken once the caller holds the
+    project's lock (an earlier statement took it), as ``report`` does; the move is a CTE of it,
+    which the read does not see (one snapshot for every part of a statement). The check is made
+    on what was read. A refusal comes after the move: the caller's ``OverLimit`` ends its
+    transaction or savepoint, whose rollback takes the move back.
+    """
+    changes = {r: v for r, v in requested.as_dict().items() if v}
+    if deferring(session) or not rows.postgres(session) or not any(v > 0 for v in changes.values()):
+        await check(session, project_id, requested)
+        await move_usage(session, project_id, requested)
+        return
+    stream.quota_changed(session, project_id, sorted(changes))
+    statement = _check_and_move_statement(tuple(sorted(changes)))
+    amounts = {f"add_{r}": v for r, v in changes.items()}
+    found = (await session.execute(statement, {"project": project_id} | amounts)).all()
+    _refuse_over(_state(found), requested)
 
 
 #: ``session.info`` key: usage moves summed per project until ``move_deferred`` (a batch of results).
@@ -225,6 +255,16 @@ def _move_statements(resources: tuple[str, ...]) -> tuple[sa.Update, sa.Update]:
         .values(usage=_quotas.c.usage + amount)
     )
     return in_order, _quotas.update().where(*where).values(usage=_quotas.c.usage + amount)
+
+
+@functools.cache
+def _check_and_move_statement(resources: tuple[str, ...]) -> sa.Select[Any]:
+    """``check_and_move``'s statement on PostgreSQL: ``report``'s, with ``_move``'s UPDATE of
+    these resources as a CTE of it (built once per set of resources)."""
+    in_order, _ = _move_statements(resources)
+    # The project is bound once, as ``project`` for both: executed with a parameter named as a
+    # column (``project_id``), the UPDATE would also set that column.
+    return _report_statement("project").add_cte(in_order.returning(_quotas.c.resource).cte("moved"))
 
 
 async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
