@@ -77,6 +77,7 @@ class Cluster:
         """Until the body ends: wait for both hosts, then stop every process."""
         try:
             await self.hosts_up()
+            await self.apis_up()
             yield self
         finally:
             await self.client.aclose()
@@ -110,6 +111,19 @@ class Cluster:
             return r.status_code == 200 and r.json()["hosts_up"] >= n
 
         await self.wait_for(f"{n} hosts up", up, timeout=60)
+
+    async def apis_up(self) -> None:
+        """Every API process beyond the first answers (``hosts_up`` asked the first only): a
+        test that turns to one must not find it still starting."""
+        for name, base in self.bases.items():
+
+            async def answers(base: str = base) -> bool:
+                try:
+                    return (await self.client.get(f"{base}/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await self.wait_for(f"{name} answering", answers, timeout=60)
 
     async def job_done(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         async def final() -> dict[str, Any] | None:
