@@ -7,7 +7,7 @@ RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-runtime run test test-fast lint services hypervisor clean bench faults
+.PHONY: install install-runtime run test test-fast lint services hypervisor clean bench faults screenshots
 
 # What running needs (make run): the package and its dependencies, nothing for tests.
 $(RUNTIME): pyproject.toml
@@ -45,6 +45,12 @@ test: install services hypervisor lint
 	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
 	NEPHOS_INVARIANT_EXAMPLES=$${NEPHOS_INVARIANT_EXAMPLES:-100} \
 	$(BIN)/pytest -n 2 --dist loadfile --max-worker-restart=0 --durations=10 $(PYTEST_ARGS)
+
+## make screenshots: the dashboard's pages photographed again into docs/screenshots/ (the README's);
+## a test run writes them to its own directory
+screenshots: install services
+	@set -a; [ -f .ci/test.env ] && source .ci/test.env; set +a; \
+	NEPHOS_SCREENSHOTS=docs/screenshots $(BIN)/pytest -p no:randomly tests/e2e/test_dashboard.py
 
 ## make test-fast: the edit-test loop -- SQLite and the in-memory bus only, no fuzzing, fault
 ## suite or browser, 20 invariant examples; needs no PostgreSQL or RabbitMQ

@@ -2,7 +2,9 @@
 sign in with a token, create a VM and see it reach STARTED without reloading, stop it from its
 row, renew its lease, see an over-quota create refused before it is sent, and, as admin, run a
 reconcile; a user never sees another project's VM or an admin page. Every page is
-photographed into docs/screenshots/ (the README shows them).
+photographed: into the test run's own directory, or, with NEPHOS_SCREENSHOTS set (``make
+screenshots``), into that one -- docs/screenshots/, which the README shows. A test run leaves the
+checkout as it found it.
 
 ``make test`` installs chromium; in CI its absence is a failure, never a skip."""
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,6 @@ from tests.procs import nephos_up
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "docs" / "screenshots"
 TOKEN = "nph_dashboard_admin_token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -76,12 +77,25 @@ async def _signed_in(browser: Any, base: str, token: str, width: int = 1280) -> 
     return page
 
 
-async def _shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+Shot = Callable[[Any, str], Awaitable[None]]
 
 
-async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_submit(nephos: str, browser: Any) -> None:
+@pytest.fixture
+def shot(tmp_path: Path) -> Shot:
+    """Photograph a page, full length, as ``{name}.png`` (where: the module's docstring)."""
+    asked = os.environ.get("NEPHOS_SCREENSHOTS")
+    where = (ROOT / asked) if asked else tmp_path / "screenshots"
+    where.mkdir(parents=True, exist_ok=True)
+
+    async def take(page: Any, name: str) -> None:
+        await page.screenshot(path=str(where / f"{name}.png"), full_page=True)
+
+    return take
+
+
+async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_submit(
+    nephos: str, browser: Any, shot: Shot
+) -> None:
     base = nephos
     alice = _user(base, "alice", vm=3, cpu=8)
     bob = _user(base, "bob")
@@ -100,13 +114,13 @@ async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_sub
     await page.get_by_label("Name").fill("web")
     await page.get_by_label("Flavor").select_option("tiny")
     await page.get_by_text("This would pass").wait_for()
-    await _shot(page, "create")
+    await shot(page, "create")
     await page.get_by_role("button", name="Create", exact=True).click()
     # The list follows the live stream: STARTED appears without a reload.
     row = page.locator("tr", has_text="web")
     await row.locator(".state.STARTED").wait_for(timeout=20000)
     assert await page.get_by_text("bobs-secret-vm").count() == 0  # another project's VM: never
-    await _shot(page, "servers")
+    await shot(page, "servers")
     assert await row.get_by_role("button", name="start web").count() == 0  # not offered while running
     await row.get_by_role("button", name="stop web").click()
     await row.locator(".state.STOPPED").wait_for(timeout=20000)
@@ -122,7 +136,7 @@ async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_sub
     assert after > before
     await page.get_by_text(after.replace("T", " ")[:19]).first.wait_for()  # the page shows the new end
     assert await page.locator(".timeline li").count() >= 4
-    await _shot(page, "server")
+    await shot(page, "server")
 
     # Over the quota (3 VMs): refused before submit, with the API's code, and the button off.
     await page.get_by_role("link", name="Create", exact=True).click()
@@ -130,12 +144,12 @@ async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_sub
     await page.get_by_text("This would be refused").wait_for()
     assert "OverLimit" in await page.locator("#verdict").inner_text()
     assert await page.get_by_role("button", name="Create", exact=True).is_disabled()
-    await _shot(page, "create-refused")
+    await shot(page, "create-refused")
 
     for name in ("Quotas", "Flavors", "Images", "Key pairs", "EC2 credentials"):
         await page.get_by_role("link", name=name, exact=True).click()
         await page.get_by_role("heading", name=name, exact=True).wait_for()
-        await _shot(page, name.lower().replace(" ", "-"))
+        await shot(page, name.lower().replace(" ", "-"))
     await page.get_by_role("link", name="Flavors", exact=True).click()
     await page.get_by_role("columnheader", name="Room in default").wait_for()  # room per zone
     await page.get_by_role("link", name="Quotas", exact=True).click()
@@ -147,22 +161,22 @@ async def test_a_user_creates_watches_stops_and_renews_and_is_refused_before_sub
     # On a narrow screen the page still works.
     narrow = await _signed_in(browser, base, alice["token"], width=390)
     await narrow.locator("tr", has_text="web").wait_for()
-    await _shot(narrow, "servers-narrow")
+    await shot(narrow, "servers-narrow")
     await http.aclose()
 
 
-async def test_an_admin_reconciles_and_sees_the_hosts(nephos: str, browser: Any) -> None:
+async def test_an_admin_reconciles_and_sees_the_hosts(nephos: str, browser: Any, shot: Shot) -> None:
     page = await _signed_in(browser, nephos, TOKEN)
     await page.get_by_role("link", name="Hosts", exact=True).click()
     await page.get_by_role("heading", name="Hosts").wait_for()
     assert await page.locator("[data-host]").count() >= 2
-    await _shot(page, "hosts")
+    await shot(page, "hosts")
     await page.get_by_role("link", name="Drift", exact=True).click()
     await page.get_by_role("button", name="Reconcile now").click()
     await page.get_by_text("Reconciled (report only), just now").wait_for(timeout=30000)
     assert await page.locator("#drift tbody tr").count() >= 5
-    await _shot(page, "drift")
+    await shot(page, "drift")
     for name, heading in (("Projects", "Projects and users"), ("Leases", "Leases ending within 7 days")):
         await page.get_by_role("link", name=name, exact=True).click()
         await page.get_by_role("heading", name=heading).wait_for()
-        await _shot(page, name.lower())
+        await shot(page, name.lower())
