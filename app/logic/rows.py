@@ -94,6 +94,13 @@ def _one_statement(shape: tuple[tuple[sa.Table, int], ...], along: sa.Select[Any
     return last.add_cte(*(insert.cte(f"new_{i}") for i, insert in enumerate(inserts)))
 
 
+@functools.cache
+def _foreign_key_order() -> dict[sa.Table, int]:
+    """Every table's place in foreign-key order (``MetaData.sorted_tables``), sorted once: the
+    sort walks the whole schema, and ``insert_new`` runs on every create."""
+    return {table: i for i, table in enumerate(SQLModel.metadata.sorted_tables)}
+
+
 async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[str, Any]] | None = None) -> None:
     """Write the objects added to ``session`` since its last flush, then keep them in the
     session as persistent, as a flush would: on PostgreSQL, a few rows in one statement (foreign
@@ -115,7 +122,7 @@ async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[st
     by_table: dict[sa.Table, list[Any]] = defaultdict(list)
     for obj in new:
         by_table[sa.inspect(obj).mapper.local_table].append(obj)
-    tables = [table for table in SQLModel.metadata.sorted_tables if table in by_table]
+    tables = sorted(by_table, key=_foreign_key_order().__getitem__)
     values = {
         table: [{prop.columns[0].key: getattr(o, prop.key) for prop in sa.inspect(o).mapper.column_attrs} for o in objs]
         for table, objs in by_table.items()
