@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -27,8 +27,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-if TYPE_CHECKING:
-    from app.settings import Settings
+from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +80,14 @@ def engine_of(settings: Settings) -> AsyncEngine:
     return make_engine(settings.database_url, generic_plans=settings.db_generic_plans, **pool)
 
 
-def make_engine(url: str, *, generic_plans: bool = True, **kwargs: Any) -> AsyncEngine:
+#: The settings' defaults, for an engine made without settings (a one-shot command, a test):
+#: one place says what they are, and why (``Settings``).
+_DEFAULTS = {
+    name: Settings.model_fields[name].default for name in ("db_pool_size", "db_max_overflow", "db_generic_plans")
+}
+
+
+def make_engine(url: str, *, generic_plans: bool = _DEFAULTS["db_generic_plans"], **kwargs: Any) -> AsyncEngine:
     """The engine of a process. ``generic_plans`` (PostgreSQL): each prepared statement is
     planned once per connection (``plan_cache_mode = force_generic_plan``), not again at every
     execution as PostgreSQL does for the statements it judges worth it (``NEPHOS_DB_GENERIC_PLANS``;
@@ -89,11 +95,8 @@ def make_engine(url: str, *, generic_plans: bool = True, **kwargs: Any) -> Async
     _counting()
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        # No overflow: a connection beyond the pool is closed when it comes back to a full pool,
-        # so under steady load the pool kept opening and closing them (measured: ten a second,
-        # each a new PostgreSQL backend preparing and planning its statements again).
-        kwargs.setdefault("pool_size", 20)
-        kwargs.setdefault("max_overflow", 0)
+        kwargs.setdefault("pool_size", _DEFAULTS["db_pool_size"])
+        kwargs.setdefault("max_overflow", _DEFAULTS["db_max_overflow"])
         # No pre-ping: it costs a round trip on every checkout (measured: ~9% of a dispatcher's
         # time). Recycling bounds connection age instead; a broken connection fails its
         # transaction, which the caller retries (dispatcher) or reports (API).

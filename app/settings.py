@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     amqp_url: str = "memory://"
     # Connections each process may hold (PostgreSQL): pool size plus overflow under bursts. An
     # overflow connection is closed when it is returned to a full pool: under load, the pool
-    # opens and closes them all the time (docs/production.md), so the default has none.
+    # opened and closed about ten a second, each a new backend preparing and planning its
+    # statements again (docs/production.md), so the default has none.
     db_pool_size: int = Field(default=20, gt=0)
     db_max_overflow: int = Field(default=0, ge=0)
     # PostgreSQL plans each prepared statement once per connection (plan_cache_mode =
