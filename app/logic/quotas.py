@@ -180,8 +180,7 @@ async def check_and_move(session: AsyncSession, project_id: uuid.UUID, requested
         return
     stream.quota_changed(session, project_id, sorted(changes))
     statement = _check_and_move_statement(tuple(sorted(changes)))
-    amounts = {f"add_{r}": v for r, v in changes.items()}
-    found = (await session.execute(statement, {"project": project_id} | amounts)).all()
+    found = (await session.execute(statement, _move_params(project_id, changes))).all()
     _refuse_over(_state(found), requested)
 
 
@@ -272,10 +271,12 @@ async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) ->
     if not changes:
         return
     in_order, plain = _move_statements(tuple(sorted(changes)))
-    postgres = rows.postgres(session)
-    await session.execute(
-        in_order if postgres else plain, {"project": project_id, **{f"add_{r}": v for r, v in changes.items()}}
-    )
+    await session.execute(in_order if rows.postgres(session) else plain, _move_params(project_id, changes))
+
+
+def _move_params(project_id: uuid.UUID, changes: dict[str, int]) -> dict[str, Any]:
+    """The parameters of ``_move_statements``' statements (and of ``check_and_move``'s)."""
+    return {"project": project_id} | {f"add_{r}": v for r, v in changes.items()}
 
 
 async def issue(
