@@ -3,11 +3,12 @@
 Every accepted action writes, in one transaction: the VM's task, a Job row
 (the outbox), its commission, and a server event. The sequence is always the
 same (``_begin``): lock the server row, check operstate and task against
-``operstate.TABLE``, make the host reservation the action needs, write the
-job, and last compute the commission from the state *before* the change --
-locking the project and checking the quota when it asks for more. The lock
-order -- server, hosts, project, quota rows -- is the same in every
-transaction, so two of them cannot deadlock.
+``operstate.TABLE``, make the host reservation the action needs, compute the
+commission from the state *before* the change -- locking the project and
+checking the quota when it asks for more -- and write the job, the commission
+and the VM's task (one statement for one VM). The lock order -- server,
+hosts, project, quota rows -- is the same in every transaction, so two of
+them cannot deadlock.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from app.logic import (
     placement,
     quotas,
     results,
+    rows,
     servers,
 )
 from app.logic.actor import Actor
@@ -156,16 +158,26 @@ async def _begin(
         )
 
     now = utcnow()
+    if any(v > 0 for v in deltas.as_tuple()):
+        # Wanting more of the project: serialize with every other such request, on a lock
+        # taken last so it is held only from the check to the commit.
+        await quotas.lock_project(session, server.project_id)
+        await quotas.check(session, server.project_id, deltas)
     # The commission's id is known before the job is written, so the job's row names it from
-    # its INSERT (the commission itself is issued after the quota check, below).
+    # its INSERT.
     commission_id = None if deltas.is_zero() else uuid7()  # time-ordered, as every id
     job = new_job(
         session, outbox, server, action=action.value, params=params, actor=actor, commission_id=commission_id, host=host
     )
-    server.task, server.task_job_id = rule.task, job.id
-    if rule.on_accept is not None:
-        server.operstate = rule.on_accept.value
-    server.updated_at = now
+    operstate = rule.on_accept.value if rule.on_accept is not None else server.operstate
+    # One VM: its task is written with the job and the commission, in one statement (below).
+    # Several in one transaction (``servers.holding``): by the flush, which writes each table's
+    # rows in one statement for all of them.
+    mark = None
+    if servers.in_batch(session):
+        server.task, server.task_job_id, server.operstate, server.updated_at = rule.task, job.id, operstate, now
+    else:
+        mark = servers.mark_task(server, task=rule.task, job_id=job.id, operstate=operstate, at=now)
     # What was asked, from which state; ``after`` only when accepting it changed the state
     # (release: HOLD -> BUILD). Where the action ends is the job's event, when it is known.
     events.record(
@@ -179,13 +191,7 @@ async def _begin(
         after=rule.on_accept.value if rule.on_accept is not None else None,
         message=f"superseded {decision.supersedes}" if decision.supersedes else "",
     )
-
     if not deltas.is_zero():
-        if any(v > 0 for v in deltas.as_tuple()):
-            # Wanting more of the project: serialize with every other such request, on a lock
-            # taken last so it is held only from the check to the commit.
-            await quotas.lock_project(session, server.project_id)
-            await quotas.check(session, server.project_id, deltas)
         await quotas.issue(
             session,
             project_id=server.project_id,
@@ -196,8 +202,10 @@ async def _begin(
             commission_id=commission_id,
             job_id=job.id,
         )
-        if rule.commit_at_once:
-            await quotas.move_usage(session, server.project_id, deltas)
+    if mark is not None:
+        await rows.insert_new(session, along=mark)
+    if rule.commit_at_once and not deltas.is_zero():
+        await quotas.move_usage(session, server.project_id, deltas)
 
     if action is Action.DESTROY and (server.host is None or host_down):
         # Never placed (on hold): no hypervisor has anything to undo, so the destroy

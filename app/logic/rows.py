@@ -80,7 +80,7 @@ _FEW = 12
 
 
 @functools.lru_cache(maxsize=64)
-def _one_statement(shape: tuple[tuple[sa.Table, int], ...], along: sa.Select[Any] | None) -> sa.Executable:
+def _one_statement(shape: tuple[tuple[sa.Table, int], ...], along: sa.Select[Any] | sa.Update | None) -> sa.Executable:
     """``insert_new``'s statement for so many rows of each table, built once: an INSERT per row
     (SQLAlchemy does not cache a multi-row VALUES), bound parameters ``{table}_{row}_{column}``,
     so each shape is compiled once (SQLAlchemy's statement cache); all but the last statement
@@ -90,7 +90,7 @@ def _one_statement(shape: tuple[tuple[sa.Table, int], ...], along: sa.Select[Any
         for t, (table, count) in enumerate(shape)
         for r in range(count)
     ]
-    last: sa.Select[Any] | sa.Insert = along if along is not None else inserts.pop()
+    last: sa.Select[Any] | sa.Update | sa.Insert = along if along is not None else inserts.pop()
     return last.add_cte(*(insert.cte(f"new_{i}") for i, insert in enumerate(inserts)))
 
 
@@ -101,7 +101,9 @@ def _foreign_key_order() -> dict[sa.Table, int]:
     return {table: i for i, table in enumerate(SQLModel.metadata.sorted_tables)}
 
 
-async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[str, Any]] | None = None) -> None:
+async def insert_new(
+    session: AsyncSession, along: tuple[sa.Select[Any] | sa.Update, dict[str, Any]] | None = None
+) -> None:
     """Write the objects added to ``session`` since its last flush, then keep them in the
     session as persistent, as a flush would: on PostgreSQL, a few rows in one statement (foreign
     keys are checked at a statement's end, so the order of its parts does not matter); else an
@@ -114,7 +116,8 @@ async def insert_new(session: AsyncSession, along: tuple[sa.Select[Any], dict[st
     (autoflush is held off meanwhile).
 
     ``along``: a statement (built once) and its parameters, sent in the same statement on
-    PostgreSQL, after the rows elsewhere (a lock the caller takes next: one round trip fewer)."""
+    PostgreSQL, after the rows elsewhere (a lock the caller takes next, or a row it changes:
+    one round trip fewer)."""
     new = list(session.new)
     if any(None in sa.inspect(obj).mapper.identity_key_from_instance(obj)[1] for obj in new):
         await session.flush()  # an id the database draws: the unit of work reads it back

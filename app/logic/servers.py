@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.ids import ec2_id, utcnow, uuid7
 from app.logic import addresses, catalogue, events, keypairs, leases, placement, quotas, rows
@@ -120,6 +121,38 @@ FOR_ACTION = (
     .execution_options(populate_existing=True)
 )
 _LOCK_FOR_ACTION = FOR_ACTION.where(_servers.c.id == sa.bindparam("server_id"))
+
+
+def in_batch(session: AsyncSession) -> bool:
+    """Are actions being accepted for several VMs in this transaction (``holding`` more than one)?"""
+    return len(session.info.get(_HOLDING, ())) > 1
+
+
+#: An accepted action's mark on its VM, as ``mark_task`` writes it.
+_MARK_TASK = (
+    sa.update(_servers)
+    .where(_servers.c.id == sa.bindparam("s_id", type_=_servers.c.id.type))
+    .values(
+        task=sa.bindparam("s_task", type_=_servers.c.task.type),
+        task_job_id=sa.bindparam("s_job", type_=_servers.c.task_job_id.type),
+        operstate=sa.bindparam("s_state", type_=_servers.c.operstate.type),
+        updated_at=sa.bindparam("s_at", type_=_servers.c.updated_at.type),
+    )
+)
+
+
+def mark_task(
+    server: Server, *, task: str | None, job_id: uuid.UUID, operstate: str, at: datetime
+) -> tuple[sa.Update, dict[str, Any]]:
+    """An accepted action's mark on its VM (its task and job, its state, the time) as a
+    statement and its parameters, for the caller to send with the job's rows
+    (``rows.insert_new``'s ``along``); ``server`` holds the values already, as written (the
+    flush has nothing left to write for them). Bind names are no column's: a parameter named
+    like a column would be set by the UPDATE too."""
+    values = {"task": task, "task_job_id": job_id, "operstate": operstate, "updated_at": at}
+    for key, value in values.items():
+        set_committed_value(server, key, value)
+    return _MARK_TASK, {"s_id": server.id, "s_task": task, "s_job": job_id, "s_state": operstate, "s_at": at}
 
 
 async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Locked:
