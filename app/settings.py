@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=3.0, gt=0)
     inventory_interval: float = Field(default=30.0, gt=0)
     # Dispatchers: results queued up are applied up to this many per transaction (1: one by one),
-    # by up to this many transactions at once per dispatcher process.
+    # by up to this many transactions at once per dispatcher process (another one starts only
+    # when more than a whole batch waits for each one running).
     result_batch: int = Field(default=32, gt=0, le=1000)
     result_runners: int = Field(default=4, gt=0, le=64)
     # Dispatchers: how often the sweepers run, when a silent host is down, when to re-send.

@@ -76,7 +76,12 @@ class Dispatcher:
             return
         waiting = _Waiting(message)
         self._queued.append(waiting)
-        if len(self._running) < self.runners:
+        # A runner when none runs; another only when the running ones each have a full batch
+        # waiting. Runners that start while a few results wait would each apply one or two in a
+        # transaction of their own, where the running one, once done, takes them all in one.
+        if not self._running or (
+            len(self._running) < self.runners and len(self._queued) > self.batch * len(self._running)
+        ):
             runner = asyncio.create_task(self._run())
             self._running.add(runner)
             runner.add_done_callback(self._running.discard)
@@ -96,6 +101,14 @@ class Dispatcher:
             self._queued.popleft().done.cancel()
 
     async def _run(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            # In the step that saw the queue empty: a result queued after it finds no runner
+            # here, and starts one (a done-callback would say so a step later).
+            self._running.discard(asyncio.current_task())
+
+    async def _drain(self) -> None:
         while self._queued and not self._closing:
             taken: list[_Waiting] = []
             while self._queued and len(taken) < self.batch:

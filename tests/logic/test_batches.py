@@ -258,3 +258,50 @@ async def test_a_batch_writes_its_vms_and_jobs_together(cloud: Cloud) -> None:
     finally:
         sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     await _usage_matches_vms(cloud, user)
+
+
+async def test_results_that_wait_for_a_running_transaction_go_in_the_next_one(cloud: Cloud) -> None:
+    """With several runners allowed (the default), results that arrive one by one while a
+    transaction runs wait for it and are applied together in the next one, not each in a
+    transaction of its own; and a result that arrives right after the last one was applied
+    (its runner just ended) is applied at once, never left in the queue."""
+    user = await cloud.user()
+    dispatcher = Dispatcher(cloud.sessions, batch=32, runners=4)
+    vms = [await server_in(cloud, user, "STARTED") for _ in range(5)]
+    stops = [(await cloud.act(user, v["id"], "stop"))["job_id"] for v in vms]
+    bodies = [_done(j, v["id"], 7, domain="shutoff") for j, v in zip(stops, vms, strict=True)]
+    commits = 0
+
+    def committed(*_: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    servers = table_of(Server)
+    sa.event.listen(cloud.engine.sync_engine, "commit", committed)
+    try:
+        # The first result's transaction waits on its VM's row (on SQLite: on the database's
+        # write lock) while the others arrive, a moment apart.
+        async with cloud.sessions() as blocker:
+            await blocker.execute(
+                sa.select(servers.c.id).where(servers.c.id == uuid.UUID(vms[0]["id"])).with_for_update()
+            )
+            handled = [asyncio.create_task(dispatcher.handle(bodies[0]))]
+            for body in bodies[1:]:
+                await asyncio.sleep(0.05)
+                handled.append(asyncio.create_task(dispatcher.handle(body)))
+            await asyncio.sleep(0.05)
+            assert not any(h.done() for h in handled)
+            await blocker.rollback()
+        await asyncio.wait_for(asyncio.gather(*handled), 30)
+        assert commits == 2  # the first alone, then the four that waited, together
+        assert dispatcher.counts["batches"] == 1
+
+        # One at a time, each sent when the last was applied: none waits for a runner.
+        starts = [(await cloud.act(user, v["id"], "start"))["job_id"] for v in vms]
+        for job_id, vm in zip(starts, vms, strict=True):
+            async with asyncio.timeout(10):  # in this task, as the bus's handler awaits it
+                await dispatcher.handle(_done(job_id, vm["id"], 9, domain="running"))
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "commit", committed)
+    assert [(await cloud.server(user, v["id"]))["operstate"] for v in vms] == ["STARTED"] * 5
+    await _usage_matches_vms(cloud, user)
