@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.logic import stream, webhooks
 from app.logic.pagination import Page, paginate
-from app.models import Server, ServerEvent, table_of
+from app.models import NewServerEvent, Server, ServerEvent, table_of
 
 
 def record(
@@ -25,8 +25,8 @@ def record(
     after: str | None = None,
     message: str = "",
     user_id: uuid.UUID | None = None,
-) -> ServerEvent:
-    event = ServerEvent(
+) -> NewServerEvent:
+    event = NewServerEvent(
         server_id=server.id,
         job_id=job_id,
         kind=kind,

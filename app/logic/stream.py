@@ -36,7 +36,7 @@ from app.ids import utcnow
 from app.logic import rows, webhooks
 from app.logic.actor import Actor
 from app.logic.errors import BadRequest, Forbidden
-from app.models import Server, ServerEvent, StreamEvent, UTCDateTime, table_of
+from app.models import NewServerEvent, Server, ServerEvent, StreamEvent, UTCDateTime, table_of
 
 _stream = table_of(StreamEvent)
 _events = table_of(ServerEvent)
@@ -62,7 +62,7 @@ _TASK_EVENTS = {"action", "job_started", "task_resumed"}
 _JOB_EVENTS = {"job_succeeded", "job_failed"}
 
 
-def kinds_of(event: ServerEvent) -> list[str]:
+def kinds_of(event: NewServerEvent) -> list[str]:
     """The stream kinds of a server event (the state change first, if any)."""
     out = ["server.state"] if event.operstate_to is not None and event.operstate_to != event.operstate_from else []
     if event.kind in _TASK_EVENTS:
@@ -78,20 +78,20 @@ def kinds_of(event: ServerEvent) -> list[str]:
     return out
 
 
-def keep(session: AsyncSession | Session, event: ServerEvent) -> None:
+def keep(session: AsyncSession | Session, event: NewServerEvent) -> None:
     """Called by ``events.record``: the event's row is written to its VM's history when the
     transaction commits."""
     session.info.setdefault(_HISTORY, []).append(event)
 
 
-def note(session: AsyncSession | Session, server: Server, event: ServerEvent) -> None:
+def note(session: AsyncSession | Session, server: Server, event: NewServerEvent) -> None:
     """Called by ``events.record``: the event goes to the stream when the transaction commits."""
     pending = session.info.setdefault(_PENDING, [])
     for kind in kinds_of(event):
         pending.append((server, event, kind))
 
 
-def _data(server: Server, event: ServerEvent) -> dict[str, Any]:
+def _data(server: Server, event: NewServerEvent) -> dict[str, Any]:
     """An event as the stream carries it, with the VM's operstate and task as the transaction
     leaves them."""
     return {
@@ -153,8 +153,8 @@ def _write(session: Session) -> None:
 
     The history rows wait for the commit too (``events.record`` adds no ORM object): on
     PostgreSQL they go in the same statement as the rest, instead of an INSERT of their own."""
-    history: list[ServerEvent] = session.info.pop(_HISTORY, [])
-    pending: list[tuple[Server, ServerEvent, str]] = session.info.pop(_PENDING, [])
+    history: list[NewServerEvent] = session.info.pop(_HISTORY, [])
+    pending: list[tuple[Server, NewServerEvent, str]] = session.info.pop(_PENDING, [])
     quotas: dict[uuid.UUID, set[str]] = session.info.pop(_QUOTAS, {})
     hooks = webhooks.take(session)
     session.info.pop(_MARKS, None)

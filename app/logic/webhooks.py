@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from app.ids import utcnow, uuid7
 from app.logic.actor import Actor, require_admin
 from app.logic.errors import BadRequest, NotFound
-from app.models import Project, Server, ServerEvent, Webhook, WebhookDelivery, table_of
+from app.models import NewServerEvent, Project, Server, Webhook, WebhookDelivery, table_of
 
 _hooks, _deliveries = table_of(Webhook), table_of(WebhookDelivery)
 
@@ -49,7 +49,7 @@ class State:
     DROPPED = "dropped"
 
 
-def kind_of(event: ServerEvent) -> str | None:
+def kind_of(event: NewServerEvent) -> str | None:
     """The webhook kind of a server event, or None when webhooks do not carry it."""
     if event.kind == "lease_warning":
         return "lease.warning"
@@ -60,7 +60,7 @@ def kind_of(event: ServerEvent) -> str | None:
     return None
 
 
-def note(session: AsyncSession | Session, server: Server, event: ServerEvent) -> None:
+def note(session: AsyncSession | Session, server: Server, event: NewServerEvent) -> None:
     """Called by ``events.record``: remember an event webhooks carry until the commit."""
     kind = kind_of(event)
     if kind is None:

@@ -11,7 +11,7 @@ import asyncpg
 
 from app.db import make_engine, make_sessionmaker
 from app.logic import stream
-from app.models import Project, Server, ServerEvent
+from app.models import NewServerEvent, Project, Server
 from tests.conftest import _pg_url
 
 
@@ -29,7 +29,7 @@ async def _event(sessions, project_id: uuid.UUID, note: str) -> None:  # type: i
             image_id=uuid.uuid4(),
             operstate="STOPPED",
         )
-        stream.note(s, server, ServerEvent(server_id=server.id, kind="edited", message=note))
+        stream.note(s, server, NewServerEvent(server_id=server.id, kind="edited", message=note))
         await s.commit()
 
 
