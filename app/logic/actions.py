@@ -171,13 +171,7 @@ async def _begin(
     )
     operstate = rule.on_accept.value if rule.on_accept is not None else server.operstate
     # One VM: its task is written with the job and the commission, in one statement (below).
-    # Several in one transaction (``servers.holding``): by the flush, which writes each table's
-    # rows in one statement for all of them.
-    mark = None
-    if servers.in_batch(session):
-        server.task, server.task_job_id, server.operstate, server.updated_at = rule.task, job.id, operstate, now
-    else:
-        mark = servers.mark_task(server, task=rule.task, job_id=job.id, operstate=operstate, at=now)
+    mark = servers.mark_task(session, server, task=rule.task, job_id=job.id, operstate=operstate, at=now)
     # What was asked, from which state; ``after`` only when accepting it changed the state
     # (release: HOLD -> BUILD). Where the action ends is the job's event, when it is known.
     events.record(
@@ -204,8 +198,8 @@ async def _begin(
         )
     if mark is not None:
         await rows.insert_new(session, along=mark)
-    if rule.commit_at_once and not deltas.is_zero():
-        await quotas.move_usage(session, server.project_id, deltas)
+    if rule.commit_at_once:
+        await quotas.move_usage(session, server.project_id, deltas)  # nothing to move: no statement
 
     if action is Action.DESTROY and (server.host is None or host_down):
         # Never placed (on hold): no hypervisor has anything to undo, so the destroy

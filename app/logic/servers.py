@@ -123,11 +123,6 @@ FOR_ACTION = (
 _LOCK_FOR_ACTION = FOR_ACTION.where(_servers.c.id == sa.bindparam("server_id"))
 
 
-def in_batch(session: AsyncSession) -> bool:
-    """Are actions being accepted for several VMs in this transaction (``holding`` more than one)?"""
-    return len(session.info.get(_HOLDING, ())) > 1
-
-
 #: An accepted action's mark on its VM, as ``mark_task`` writes it.
 _MARK_TASK = (
     sa.update(_servers)
@@ -142,14 +137,20 @@ _MARK_TASK = (
 
 
 def mark_task(
-    server: Server, *, task: str | None, job_id: uuid.UUID, operstate: str, at: datetime
-) -> tuple[sa.Update, dict[str, Any]]:
-    """An accepted action's mark on its VM (its task and job, its state, the time) as a
-    statement and its parameters, for the caller to send with the job's rows
+    session: AsyncSession, server: Server, *, task: str | None, job_id: uuid.UUID, operstate: str, at: datetime
+) -> tuple[sa.Update, dict[str, Any]] | None:
+    """An accepted action's mark on its VM (its task and job, its state, the time).
+
+    One VM: as a statement and its parameters, for the caller to send with the job's rows
     (``rows.insert_new``'s ``along``); ``server`` holds the values already, as written (the
     flush has nothing left to write for them). Bind names are no column's: a parameter named
-    like a column would be set by the UPDATE too."""
+    like a column would be set by the UPDATE too. Several VMs in this transaction (``holding``
+    more than one): None, and the flush writes them, each table in one statement for all."""
     values = {"task": task, "task_job_id": job_id, "operstate": operstate, "updated_at": at}
+    if len(session.info.get(_HOLDING, ())) > 1:
+        for key, value in values.items():
+            setattr(server, key, value)
+        return None
     for key, value in values.items():
         set_committed_value(server, key, value)
     return _MARK_TASK, {"s_id": server.id, "s_task": task, "s_job": job_id, "s_state": operstate, "s_at": at}
