@@ -36,6 +36,7 @@ from app.logic import (
     results,
     rows,
     servers,
+    stream,
 )
 from app.logic.actor import Actor
 from app.logic.catalogue import ImageStatus
@@ -196,12 +197,17 @@ async def _begin(
             commission_id=commission_id,
             job_id=job.id,
         )
+    # Never placed (on hold), or on a host that is down: the destroy completes below.
+    completes_here = action is Action.DESTROY and (server.host is None or host_down)
     if mark is not None:
-        await rows.insert_new(session, along=mark)
+        # When it is the transaction's last change, the commit's writes (the action's event)
+        # go in the same statement.
+        last = not rule.commit_at_once and not completes_here
+        await rows.insert_new(session, along=stream.with_out(session, mark) if last else mark)
     if rule.commit_at_once:
         await quotas.move_usage(session, server.project_id, deltas)  # nothing to move: no statement
 
-    if action is Action.DESTROY and (server.host is None or host_down):
+    if completes_here:
         # Never placed (on hold): no hypervisor has anything to undo, so the destroy
         # completes in this transaction instead of waiting on an agent. On a host that is
         # down, it completes here too (a "local delete"): when the host returns, its

@@ -162,7 +162,9 @@ def _refuse_over(state: dict[str, dict[str, int]], requested: Deltas) -> None:
             )
 
 
-async def check_and_move(session: AsyncSession, project_id: uuid.UUID, requested: Deltas) -> None:
+async def check_and_move(
+    session: AsyncSession, project_id: uuid.UUID, requested: Deltas, *, last: bool = False
+) -> None:
     """``check``, then ``move_usage`` of what it checked: on PostgreSQL in one statement, for
     the path that holds the project's lock to do just this before its commit (a create), so the
     lock is held one round trip less.
@@ -172,6 +174,9 @@ async def check_and_move(session: AsyncSession, project_id: uuid.UUID, requested
     which the read does not see (one snapshot for every part of a statement). The check is made
     on what was read. A refusal comes after the move: the caller's ``OverLimit`` ends its
     transaction or savepoint, whose rollback takes the move back.
+
+    ``last``: the caller changes nothing after it, so the commit's writes go in the same
+    statement (``stream.with_out``).
     """
     changes = {r: v for r, v in requested.as_dict().items() if v}
     if deferring(session) or not rows.postgres(session) or not any(v > 0 for v in changes.values()):
@@ -179,8 +184,8 @@ async def check_and_move(session: AsyncSession, project_id: uuid.UUID, requested
         await move_usage(session, project_id, requested)
         return
     stream.quota_changed(session, project_id, sorted(changes))
-    statement = _check_and_move_statement(tuple(sorted(changes)))
-    found = (await session.execute(statement, _move_params(project_id, changes))).all()
+    along = (_check_and_move_statement(tuple(sorted(changes))), _move_params(project_id, changes))
+    found = list(await session.execute(*(stream.with_out(session, along) if last else along)))
     _refuse_over(_state(found), requested)
 
 

@@ -375,10 +375,11 @@ async def _accept(
 
     # Every row made above (VMs, NICs, public addresses, commissions, jobs, lease actions) in
     # one statement, which also takes the project's lock. Then the quota check and the usage
-    # move, in one statement, last, under that lock, right before the commit: the lock
-    # serializes every request that wants more of this project, so it is held only for this.
+    # move, in one statement with the commit's writes (the VMs' events), last, under that lock,
+    # right before the commit: the lock serializes every request that wants more of this
+    # project, so it is held only for this.
     await rows.insert_new(session, along=quotas.project_lock(actor.project_id))
-    await quotas.check_and_move(session, actor.project_id, per_vm * spec.count)
+    await quotas.check_and_move(session, actor.project_id, per_vm * spec.count, last=True)
     await session.flush()
     return created
 

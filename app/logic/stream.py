@@ -22,9 +22,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -114,56 +116,104 @@ def quota_changed(session: AsyncSession | Session, project_id: uuid.UUID, resour
     session.info.setdefault(_QUOTAS, {}).setdefault(project_id, set()).update(resources)
 
 
-#: PostgreSQL: what a committing transaction sends out, in one statement -- its VMs' history
-#: rows, its stream events in the order they were made (the serial follows the ORDER BY; the
-#: rows take the writing transaction's id), and the webhook deliveries of those events whose
-#: project has an enabled webhook (none found: none written). The arrays are the rows' columns;
-#: a statement trigger on ``stream_events`` (migration 0014) notifies CHANNEL.
-_OUT = sa.text(
-    """
-    WITH history AS (
-        INSERT INTO server_events (id, server_id, job_id, user_id, kind, action, operstate_from, operstate_to,
-                                   message, created_at)
-        SELECT * FROM unnest(CAST(:h_id AS uuid[]), CAST(:h_server AS uuid[]), CAST(:h_job AS uuid[]),
-                             CAST(:h_user AS uuid[]), CAST(:h_kind AS text[]), CAST(:h_action AS text[]),
-                             CAST(:h_from AS text[]), CAST(:h_to AS text[]), CAST(:h_message AS text[]),
-                             CAST(:h_at AS timestamptz[]))
-    ), stream AS (
-        INSERT INTO stream_events (xid, project_id, server_id, kind, body, created_at)
-        SELECT pg_current_xact_id()::text::bigint, e.project_id, e.server_id, e.kind, e.body::json, :now
-          FROM unnest(CAST(:s_project AS uuid[]), CAST(:s_server AS uuid[]), CAST(:s_kind AS text[]),
-                      CAST(:s_body AS text[])) WITH ORDINALITY AS e(project_id, server_id, kind, body, n)
-         ORDER BY e.n
-    )
+#: PostgreSQL: what a committing transaction sends out -- its VMs' history rows, its stream
+#: events in the order they were made (the serial follows the ORDER BY; the rows take the
+#: writing transaction's id), and the webhook deliveries of those events whose project has an
+#: enabled webhook (none found: none written). The arrays are the rows' columns; a statement
+#: trigger on ``stream_events`` (migration 0014) notifies CHANNEL. Three INSERTs, sent as one
+#: statement: at the commit (``_OUT``), or as CTEs of a caller's last statement (``with_out``).
+_HISTORY_INSERT = """
+    INSERT INTO server_events (id, server_id, job_id, user_id, kind, action, operstate_from, operstate_to,
+                               message, created_at)
+    SELECT * FROM unnest(CAST(:h_id AS uuid[]), CAST(:h_server AS uuid[]), CAST(:h_job AS uuid[]),
+                         CAST(:h_user AS uuid[]), CAST(:h_kind AS text[]), CAST(:h_action AS text[]),
+                         CAST(:h_from AS text[]), CAST(:h_to AS text[]), CAST(:h_message AS text[]),
+                         CAST(:h_at AS timestamptz[]))
+"""
+_STREAM_INSERT = """
+    INSERT INTO stream_events (xid, project_id, server_id, kind, body, created_at)
+    SELECT pg_current_xact_id()::text::bigint, e.project_id, e.server_id, e.kind, e.body::json, :o_now
+      FROM unnest(CAST(:e_project AS uuid[]), CAST(:e_server AS uuid[]), CAST(:e_kind AS text[]),
+                  CAST(:e_body AS text[])) WITH ORDINALITY AS e(project_id, server_id, kind, body, n)
+     ORDER BY e.n
+"""
+_DELIVERIES_INSERT = """
     INSERT INTO webhook_deliveries (id, project_id, server_id, kind, body, state, attempts, last_error, created_at)
-    SELECT d.id, d.project_id, d.server_id, d.kind, d.body::json, :pending, 0, '', :now
+    SELECT d.id, d.project_id, d.server_id, d.kind, d.body::json, :o_pending, 0, '', :o_now
       FROM unnest(CAST(:w_id AS uuid[]), CAST(:w_project AS uuid[]), CAST(:w_server AS uuid[]),
                   CAST(:w_kind AS text[]), CAST(:w_body AS text[])) WITH ORDINALITY
                   AS d(id, project_id, server_id, kind, body, n)
       JOIN webhooks AS w ON w.project_id = d.project_id AND w.enabled
      ORDER BY d.n
-    """
-).bindparams(sa.bindparam("now", type_=UTCDateTime), sa.bindparam("pending", value=webhooks.State.PENDING))
+"""
+_OUT_BINDS: tuple[sa.BindParameter[Any], ...] = (
+    sa.bindparam("o_now", type_=UTCDateTime),
+    sa.bindparam("o_pending", value=webhooks.State.PENDING),
+)
+_OUT = sa.text(f"WITH history AS ({_HISTORY_INSERT}), stream AS ({_STREAM_INSERT}) {_DELIVERIES_INSERT}").bindparams(
+    *_OUT_BINDS
+)
+_OUT_CTES = tuple(
+    sa.text(insert).bindparams(*(b for b in _OUT_BINDS if f":{b.key}" in insert)).columns().cte(name)
+    for name, insert in (
+        ("out_history", _HISTORY_INSERT),
+        ("out_stream", _STREAM_INSERT),
+        ("out_deliveries", _DELIVERIES_INSERT),
+    )
+)
 
 
 @sa_event.listens_for(Session, "before_commit")
 def _write(session: Session) -> None:
     """The transaction commits: its VMs' history rows, its stream events and its webhook
-    deliveries are written in it.
+    deliveries are written in it (those ``with_out`` has not sent already).
 
     The history rows wait for the commit too (``events.record`` adds no ORM object): on
     PostgreSQL they go in the same statement as the rest, instead of an INSERT of their own."""
+    session.info.pop(_MARKS, None)
+    taken = _take(session)
+    if taken is None:
+        return
+    history, pending, quotas, hooks = taken
+    if history and session.new:
+        session.flush()  # a history row's server may be one this transaction makes
+    if rows.postgres(session):
+        session.execute(_OUT, _out_params(history, pending, quotas, hooks))
+        return
+    now = utcnow()
+    if history:
+        session.execute(
+            _events.insert(),
+            [{column: getattr(h, column) for column in _HISTORY_BINDS.values()} for h in history],
+        )
+    if events := _stream_rows(pending, quotas, now):
+        session.execute(_stream.insert().values(xid=0), events)
+        session.info[WRITTEN] = True
+    if hooks:
+        webhooks.write(session, hooks, now)
+
+
+_Taken = tuple[
+    list[NewServerEvent], list[tuple[Server, NewServerEvent, str]], dict[uuid.UUID, set[str]], list[dict[str, Any]]
+]
+
+
+def _take(session: AsyncSession | Session) -> _Taken | None:
+    """What waits for the commit, taken out of the session (None: nothing)."""
     history: list[NewServerEvent] = session.info.pop(_HISTORY, [])
     pending: list[tuple[Server, NewServerEvent, str]] = session.info.pop(_PENDING, [])
     quotas: dict[uuid.UUID, set[str]] = session.info.pop(_QUOTAS, {})
     hooks = webhooks.take(session)
-    session.info.pop(_MARKS, None)
     if not history and not pending and not quotas and not hooks:
-        return
-    if history and session.new:
-        session.flush()  # a history row's server may be one this transaction makes
-    now = utcnow()
-    events = [
+        return None
+    return history, pending, quotas, hooks
+
+
+def _stream_rows(
+    pending: list[tuple[Server, NewServerEvent, str]], quotas: dict[uuid.UUID, set[str]], now: datetime
+) -> list[dict[str, Any]]:
+    """The stream's rows: the VMs' events, then one per project whose quotas moved."""
+    return [
         {"project_id": s.project_id, "server_id": s.id, "kind": kind, "body": _data(s, e), "created_at": now}
         for s, e, kind in pending
     ] + [
@@ -176,36 +226,54 @@ def _write(session: Session) -> None:
         }
         for project_id, resources in sorted(quotas.items())
     ]
-    if rows.postgres(session):
-        deliveries = [webhooks.delivery(body, now) for body in hooks]
-        values = {f"h_{name}": [getattr(h, column) for h in history] for name, column in _HISTORY_BINDS.items()}
-        session.execute(
-            _OUT,
-            values
-            | {
-                "now": now,
-                "s_project": [r["project_id"] for r in events],
-                "s_server": [r["server_id"] for r in events],
-                "s_kind": [r["kind"] for r in events],
-                "s_body": [json.dumps(r["body"]) for r in events],
-                "w_id": [d["id"] for d in deliveries],
-                "w_project": [d["project_id"] for d in deliveries],
-                "w_server": [d["server_id"] for d in deliveries],
-                "w_kind": [d["kind"] for d in deliveries],
-                "w_body": [json.dumps(d["body"]) for d in deliveries],
-            },
-        )
-        return
-    if history:
-        session.execute(
-            _events.insert(),
-            [{column: getattr(h, column) for column in _HISTORY_BINDS.values()} for h in history],
-        )
-    if events:
-        session.execute(_stream.insert().values(xid=0), events)
-        session.info[WRITTEN] = True
-    if hooks:
-        webhooks.write(session, hooks, now)
+
+
+def _out_params(
+    history: list[NewServerEvent],
+    pending: list[tuple[Server, NewServerEvent, str]],
+    quotas: dict[uuid.UUID, set[str]],
+    hooks: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``_OUT``'s (and ``_OUT_CTES``') parameters."""
+    now = utcnow()
+    events = _stream_rows(pending, quotas, now)
+    deliveries = [webhooks.delivery(body, now) for body in hooks]
+    return {f"h_{name}": [getattr(h, column) for h in history] for name, column in _HISTORY_BINDS.items()} | {
+        "o_now": now,
+        "e_project": [r["project_id"] for r in events],
+        "e_server": [r["server_id"] for r in events],
+        "e_kind": [r["kind"] for r in events],
+        "e_body": [json.dumps(r["body"]) for r in events],
+        "w_id": [d["id"] for d in deliveries],
+        "w_project": [d["project_id"] for d in deliveries],
+        "w_server": [d["server_id"] for d in deliveries],
+        "w_kind": [d["kind"] for d in deliveries],
+        "w_body": [json.dumps(d["body"]) for d in deliveries],
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _carrying(statement: Any) -> Any:
+    """``statement`` with ``_OUT_CTES`` as CTEs of it, built once per statement (the callers'
+    are module-level, built once)."""
+    return statement.add_cte(*_OUT_CTES)
+
+
+def with_out(session: AsyncSession, along: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """``along`` (a statement and its parameters), carrying what the transaction has left so
+    far for its commit (``_write``): sent now in the same statement, the commit then has
+    nothing left to send, one round trip fewer. For a caller whose statement is its last
+    change: the stream's events carry the VMs' state and task as they are now.
+
+    Only on PostgreSQL and outside a savepoint (whose rollback must find what it noted still
+    waiting): elsewhere ``along`` comes back as it is, and the commit writes as usual."""
+    if not rows.postgres(session) or session.info.get(_MARKS):
+        return along
+    taken = _take(session)
+    if taken is None:
+        return along
+    statement, params = along
+    return _carrying(statement), params | _out_params(*taken)
 
 
 #: ``_OUT``'s history parameters (``h_<name>``) and the column each fills.
