@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow, uuid7
-from app.logic import events
+from app.logic import events, rows
 from app.logic.actor import Actor
 from app.logic.errors import NotFound
 from app.logic.operstate import Action
@@ -136,12 +136,39 @@ async def last(session: AsyncSession, server_id: uuid.UUID, action: Action) -> J
 _jobs = table_of(Job)
 
 
+#: The outbox's statements, built once per dialect: one text for any number of jobs (``among``),
+#: so the rounds' varying sizes neither render nor prepare them again.
+_TO_PUBLISH = rows.ByDialect(
+    lambda pg: sa.select(Job).where(
+        rows.among(_jobs.c.id, "ids", postgres=pg), _jobs.c.status == JobStatus.PENDING.value
+    )
+)
+_SENDABLE = rows.ByDialect(
+    lambda pg: (
+        sa.select(_jobs.c.id)
+        .where(rows.among(_jobs.c.id, "ids", postgres=pg), _jobs.c.status == JobStatus.PENDING.value)
+        .order_by(_jobs.c.id)
+        .with_for_update(key_share=True, skip_locked=True)
+    )
+)
+_MARK_SENT = rows.ByDialect(
+    lambda pg: (
+        _jobs.update()
+        .where(rows.among(_jobs.c.id, "ids", postgres=pg))
+        .values(
+            status=JobStatus.SENT.value,
+            sent_at=sa.bindparam("now", type_=_jobs.c.sent_at.type),
+            attempts=_jobs.c.attempts + 1,
+        )
+    )
+)
+
+
 async def to_publish(session: AsyncSession, job_ids: list[uuid.UUID]) -> list[Job]:
     """The jobs among ``job_ids`` still waiting to be published (no lock: a publish is idempotent)."""
     if not job_ids:
         return []
-    stmt = sa.select(Job).where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
-    return list(await session.scalars(stmt))
+    return list(await session.scalars(_TO_PUBLISH.of(session), {"ids": job_ids}))
 
 
 async def unsent(session: AsyncSession, *, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:
@@ -160,20 +187,9 @@ async def mark_sent(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
     rows are taken in id order, and one being finished right now is skipped, not waited for."""
     if not job_ids:
         return
-    ids = list(
-        await session.scalars(
-            sa.select(_jobs.c.id)
-            .where(_jobs.c.id.in_(job_ids), _jobs.c.status == JobStatus.PENDING.value)
-            .order_by(_jobs.c.id)
-            .with_for_update(key_share=True, skip_locked=True)
-        )
-    )
+    ids = list(await session.scalars(_SENDABLE.of(session), {"ids": job_ids}))
     if ids:
-        await session.execute(
-            _jobs.update()
-            .where(_jobs.c.id.in_(ids))
-            .values(status=JobStatus.SENT.value, sent_at=utcnow(), attempts=_jobs.c.attempts + 1)
-        )
+        await session.execute(_MARK_SENT.of(session), {"ids": ids, "now": utcnow()})
 
 
 async def mark_running(session: AsyncSession, *, job_id: uuid.UUID) -> bool:

@@ -58,6 +58,13 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"  # no such job
 
 
+#: ``begin_batch``'s reads, built once per dialect: one text for a batch of any size.
+_OWNERS = rows.ByDialect(
+    lambda pg: sa.select(_jobs.c.id, _jobs.c.server_id).where(rows.among(_jobs.c.id, "ids", postgres=pg))
+)
+_FLAVORS = rows.ByDialect(lambda pg: sa.select(Flavor).where(rows.among(_flavors.c.id, "ids", postgres=pg)))
+
+
 async def begin_batch(
     session: AsyncSession, *, job_ids: set[uuid.UUID], server_ids: set[uuid.UUID]
 ) -> dict[uuid.UUID, uuid.UUID]:
@@ -68,13 +75,13 @@ async def begin_batch(
     batch and only until its commit."""
     owners: dict[uuid.UUID, uuid.UUID] = {}
     if job_ids:
-        found = await session.execute(sa.select(_jobs.c.id, _jobs.c.server_id).where(_jobs.c.id.in_(job_ids)))
+        found = await session.execute(_OWNERS.of(session), {"ids": sorted(job_ids)})
         owners = {row.id: row.server_id for row in found}
     vms = await rows.lock_all(session, Server, server_ids | set(owners.values()))
     # Their flavors, read once for the batch (not locked: flavors do not change under a VM).
     flavor_ids = {vm.flavor_id for vm in vms}
     if flavor_ids:
-        rows.keep(session, await session.scalars(sa.select(Flavor).where(_flavors.c.id.in_(flavor_ids))))
+        rows.keep(session, await session.scalars(_FLAVORS.of(session), {"ids": sorted(flavor_ids)}))
     # Then their jobs and the jobs' commissions, each in one statement (the lock order of
     # ``apply_result``: server, job, commission): applying them reads them from the session.
     held = await rows.lock_all(session, Job, owners)

@@ -67,11 +67,20 @@ async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
 async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[str, object]) -> bool:
     """``INSERT ... ON CONFLICT DO NOTHING``: True when this call inserted the row. A concurrent
     insert of the same unique key waits for the other transaction's end, then yields to it."""
+    statement = _insert_or_skip(postgres(session), table, tuple(values))
+    return (await session.execute(statement, values)).first() is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_or_skip(is_postgres: bool, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
+    """``insert_or_skip``'s statement for these columns, built once (the values are bound
+    parameters named as the columns): a RunInstances with a client token claims it with this."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = postgresql if postgres(session) else sqlite
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    return (await session.execute(stmt.returning(*table.primary_key.columns))).first() is not None
+    insert: Any = (postgresql if is_postgres else sqlite).insert(table)
+    bound = {c: sa.bindparam(c, type_=table.c[c].type) for c in columns}
+    statement: sa.Insert = insert.values(bound).on_conflict_do_nothing().returning(*table.primary_key.columns)
+    return statement
 
 
 #: ``insert_new`` writes up to so many rows in one statement on PostgreSQL (a create of one or
@@ -157,18 +166,23 @@ async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[u
     wanted = sorted(set(ids))
     if not wanted:
         return []
-    table = table_of(model)
-    found: list[Any] = list(
-        await session.scalars(
-            sa.select(model)
-            .where(table.c.id.in_(wanted))
-            .order_by(table.c.id)
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
-    )
+    found: list[Any] = list(await session.scalars(_lock_all(model, postgres(session)), {"ids": wanted}))
     session.info.setdefault(_HELD, {}).setdefault(model, {}).update((row.id, row) for row in found)
     return found
+
+
+@functools.lru_cache(maxsize=32)
+def _lock_all(model: type[SQLModel], is_postgres: bool) -> sa.Select[Any]:
+    """``lock_all``'s statement for ``model``, built once: on PostgreSQL one text for any number
+    of rows (``among``), so a batch of any size neither renders nor prepares it again."""
+    table = table_of(model)
+    return (
+        sa.select(model)
+        .where(among(table.c.id, "ids", postgres=is_postgres))
+        .order_by(table.c.id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
 
 
 def keep(session: AsyncSession, found: Iterable[Any]) -> None:
