@@ -2,7 +2,9 @@
 
 Nephos runs as in ``bench/run.py`` (api, dispatcher, two simulated agents on PostgreSQL +
 RabbitMQ); moto's server (a dev dependency) is started on loopback by this script. On each,
-with C client threads: RunInstances x N (one instance each), wait until all are running,
+with C client threads: WARM RunInstances and their TerminateInstances first, not timed (a fresh server's first
+calls open connections and compile statements, or load moto's backend); then RunInstances x N
+(one instance each), wait until all are running,
 DescribeInstances of all N (paginated until the last page, so both really return N),
 TerminateInstances x N. Printed: each phase's calls per second and latency on both, and the
 ratio Nephos / moto (of calls per second: above 1, Nephos is faster). moto keeps everything
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ADMIN, ROOT, arguments, free_port, pct, running
 
 REGION = "us-east-1"
+#: Calls of each kind made on each server before the timed phases (see ``run_workload``).
+WARM = 16
 
 
 def make_client(endpoint: str, key: str, secret: str, concurrency: int) -> Any:
@@ -54,6 +58,14 @@ def run_workload(ec2: Any, image: str, itype: str, n: int, concurrency: int) -> 
         return time.perf_counter() - t0, result
 
     with ThreadPoolExecutor(concurrency) as pool:
+        # Not timed: a fresh server's first calls (Nephos: pooled connections opened, statements
+        # compiled and prepared; moto: its EC2 backend loaded) are not its steady rate.
+        warm = list(
+            pool.map(
+                lambda _: ec2.run_instances(ImageId=image, InstanceType=itype, MinCount=1, MaxCount=1), range(WARM)
+            )
+        )
+        list(pool.map(lambda r: ec2.terminate_instances(InstanceIds=[r["Instances"][0]["InstanceId"]]), warm))
         t0 = time.perf_counter()
         runs = list(
             pool.map(
@@ -146,7 +158,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nephos-bench-ec2-") as tmp:
         async with running(args, Path(tmp)) as cluster:
             base = f"http://127.0.0.1:{cluster.port}"
-            key, secret = await nephos_credentials(base, args.n)
+            key, secret = await nephos_credentials(base, args.n + WARM)
             ec2 = make_client(f"{base}/ec2", key, secret, args.concurrency)
             image = ec2.describe_images(Filters=[{"Name": "name", "Values": ["debian-12"]}])["Images"][0]["ImageId"]
             nephos = await asyncio.to_thread(run_workload, ec2, image, "tiny", args.n, args.concurrency)
