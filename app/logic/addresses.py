@@ -76,8 +76,12 @@ _DEFAULT_WITH_USED = (
 
 
 #: PostgreSQL: claim up to ``count`` of the candidate addresses ``ips`` (their lock keys
-#: ``keys``), trying each one's advisory lock without waiting. No ORDER BY: the LIMIT stops the
-#: scan (and the locking) at the count-th claim; ``n`` is a claimed one's place in the list.
+#: ``keys``) on network ``net``, trying each one's advisory lock without waiting. A candidate
+#: already in use as this statement's snapshot sees it is passed over: the candidates were read
+#: from an earlier statement's snapshot, and the address another create was taking then (the
+#: lowest free, so the first candidate) has often been committed by the time of the claim. No
+#: ORDER BY: the LIMIT stops the scan (and the locking) at the count-th claim; ``n`` is a
+#: claimed one's place in the list.
 _TRIED = (
     sa.func.unnest(sa.cast(sa.bindparam("ips"), sa.ARRAY(sa.Text)), sa.cast(sa.bindparam("keys"), sa.ARRAY(sa.Integer)))
     .table_valued("ip", "key", with_ordinality="n")
@@ -85,7 +89,10 @@ _TRIED = (
 )
 _CLAIM = (
     sa.select(_TRIED.c.ip, _TRIED.c.n)
-    .where(sa.func.pg_try_advisory_xact_lock(sa.bindparam("net_key", type_=sa.Integer), _TRIED.c.key))
+    .where(
+        ~sa.exists().where(_ports.c.network_id == sa.bindparam("net"), _ports.c.ip == _TRIED.c.ip),
+        sa.func.pg_try_advisory_xact_lock(sa.bindparam("net_key", type_=sa.Integer), _TRIED.c.key),
+    )
     .limit(sa.bindparam("count", type_=sa.Integer))
 )
 
@@ -207,6 +214,7 @@ class Allocator:
                 {
                     "ips": [ip for ip, _ in candidates],
                     "keys": [_claim_key(net, v)[1] for _, v in candidates],
+                    "net": net.id,
                     "net_key": key,
                     "count": count,
                 },
@@ -214,7 +222,8 @@ class Allocator:
         ).all()
         got = {ip for ip, _ in claimed}
         # Once ``count`` are claimed the scan stopped: the candidates after the last claim were not
-        # tried and go back. Every other candidate not claimed is being taken by another create.
+        # tried and go back. Every other candidate not claimed is in use or being taken by another
+        # create.
         last = max(n for _, n in claimed) if len(claimed) == count else len(candidates)
         for ip, value in candidates[last:]:
             self._used[net.id].discard(ip)
