@@ -230,3 +230,27 @@ def test_nat_rules_are_exactly_the_mappings_and_only_the_vms_own(tmp_path: Path)
         nat_apply(one, [])
         nat_apply(two, [])
     assert rules(one) == [] and rules(two) == []
+
+
+async def test_a_write_for_one_domain_keeps_the_others_as_read_and_rereads_those_touched(tmp_path: Path) -> None:
+    """After the first write, a write for one domain reads only that one again, with those
+    ``touched`` since (the agent's lifecycle events: a change made outside a job); the others
+    are kept as the last write read them."""
+    first = Driver(write_test_node(tmp_path, "h", 8, 16384), instance_dir=tmp_path, image_dir=tmp_path)
+    await first.open()
+    assert first.conn is not None
+    a, b, c = (uuid.uuid4() for _ in range(3))
+    for sid in (a, b, c):
+        await first.create(sid, _params(f"vm-{sid.hex[:6]}"))
+    await first.persist(a)  # the first write reads every domain
+    first.conn.lookupByUUIDString(str(b)).destroy()  # outside a job, and said
+    first.touched(b)
+    first.conn.lookupByUUIDString(str(c)).destroy()  # outside a job, unsaid: kept as last read
+    await first.persist(a)
+    await first.close()
+
+    second = Driver(write_test_node(tmp_path, "h", 8, 16384), instance_dir=tmp_path, image_dir=tmp_path)
+    await second.open()
+    found = {d.server_id: d.state for d in await second.domains()}
+    await second.close()
+    assert found == {a: "running", b: "shutoff", c: "running"}
