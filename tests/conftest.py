@@ -179,11 +179,13 @@ class Cloud:
         return r.json()
 
     async def finish(self, job_id: str, success: bool = True, error: str | None = None) -> str:
-        """Apply a job's result as the dispatcher would, in its own transaction."""
-        from app.logic.results import apply_result
+        """Apply a job's result as the dispatcher applies one alone, in its own transaction."""
+        from app.logic import results
 
         async with self.sessions() as session:
-            outcome = await apply_result(session, job_id=uuid.UUID(job_id), success=success, error=error)
+            results.begin_alone(session)
+            outcome = await results.apply_result(session, job_id=uuid.UUID(job_id), success=success, error=error)
+            await results.end_alone(session)
             await session.commit()
         return outcome.value
 

@@ -128,7 +128,12 @@ class Dispatcher:
     async def _apply_alone(self, waiting: _Waiting) -> None:
         try:
             async with self.sessions() as session:
+                about_a_vm = isinstance(waiting.message, JobStatus | StateChange)
+                if about_a_vm:
+                    results.begin_alone(session)
                 outcome = await self._apply(session, waiting.message)
+                if about_a_vm:
+                    await results.end_alone(session)
                 await session.commit()
         except asyncio.CancelledError:
             raise

@@ -213,6 +213,21 @@ async def move_deferred(session: AsyncSession) -> None:
         await _move(session, project_id, summed[project_id])
 
 
+def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]] | None:
+    """The one project's move ``defer_usage`` summed, as a statement and its parameters, taken
+    (for a caller that sends it with its last writes: ``stream.write_last``); None, taking
+    nothing, unless exactly one project has a move to make."""
+    summed: dict[uuid.UUID, Deltas] = session.info.get(_DEFERRED) or {}
+    moving = {project: deltas for project, deltas in summed.items() if not deltas.is_zero()}
+    if len(moving) != 1 or not rows.postgres(session):
+        return None
+    session.info[_DEFERRED] = {}
+    [(project_id, deltas)] = moving.items()
+    changes = {r: v for r, v in deltas.as_dict().items() if v}
+    in_order, _ = _move_statements(tuple(sorted(changes)))
+    return in_order, _move_params(project_id, changes)
+
+
 async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
     """Add ``deltas`` to the project's usage in one statement. Quota rows are the last rows a
     transaction locks (after hosts): callers move usage at the end of their work."""

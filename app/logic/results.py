@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import utcnow
-from app.logic import addresses, events, placement, quotas, rows, servers
+from app.logic import addresses, events, placement, quotas, rows, servers, stream
 from app.logic.catalogue import ImageStatus
 from app.logic.jobs import FINAL, JobStatus
 from app.logic.operstate import TABLE, Action, Operstate, Task, footprint, target_state
@@ -99,6 +99,22 @@ async def end_batch(session: AsyncSession) -> None:
     await addresses.give_back_deferred(session)
     await quotas.move_deferred(session)
     rows.release_all(session)
+
+
+def begin_alone(session: AsyncSession) -> None:
+    """A result applied alone (not in a batch): its usage moves wait for ``end_alone``, as a
+    batch's do, so its VM's and job's changes are not written before them."""
+    quotas.defer_usage(session)
+
+
+async def end_alone(session: AsyncSession) -> None:
+    """A result applied alone, written: its VM's, job's and commission's changes, its usage move
+    (the quota rows, locked last and only until the commit) and their events, in one statement
+    (``stream.write_last``)."""
+    move = quotas.take_deferred_move(session)  # (one project's: a result alone has one)
+    with session.no_autoflush:  # the rows' changes go in the last statement, not before the moves
+        await quotas.move_deferred(session)
+    await stream.write_last(session, move)
 
 
 def in_sequence(items: list[T], key: Callable[[T], tuple[uuid.UUID, int] | None]) -> list[T]:
@@ -255,7 +271,8 @@ async def apply_result(
     )
     # A commission already final (a create's, accepted when it was) has nothing left to settle.
     settled = known is not None and known.state != quotas.CommissionState.PENDING
-    commission = None if settled else await quotas.get_commission(session, job.commission_id)
+    with session.no_autoflush:  # the VM's and job's changes wait for the last write (``end_alone``)
+        commission = None if settled else await quotas.get_commission(session, job.commission_id)
     if commission is not None and commission.state == quotas.CommissionState.PENDING:
         if quotas.deltas_of(commission) == real:
             await quotas.accept(session, commission)

@@ -159,6 +159,70 @@ async def insert_new(
         session.add(obj)
 
 
+#: A change to a loaded row that ``changed_rows`` can write: its table, the columns it sets, and
+#: the primary key's columns (the row it names).
+_Change = tuple[sa.Table, tuple[str, ...], tuple[str, ...]]
+
+
+def changed_rows(
+    session: AsyncSession,
+) -> tuple[sa.Update, dict[str, Any], list[Any]] | None:
+    """The changes to the rows ``session`` loaded, as one statement for PostgreSQL: an UPDATE by
+    primary key per row, setting the columns that changed, all but the last as CTEs of it (built
+    once per shape); its parameters; and the objects it writes (``written`` marks them clean
+    once it ran). None when there is nothing to write so, or what there is the unit of work must
+    write: rows deleted, or a change to anything but a column."""
+    if session.deleted:
+        return None
+    shape: list[_Change] = []
+    params: dict[str, Any] = {}
+    objects = []
+    for obj in session.dirty:
+        state = sa.inspect(obj)
+        mapper = state.mapper
+        if any(state.attrs[rel.key].history.has_changes() for rel in mapper.relationships):
+            return None
+        changed = [prop for prop in mapper.column_attrs if state.attrs[prop.key].history.has_changes()]
+        if not changed:
+            continue
+        table = mapper.local_table
+        keys = tuple(prop.columns[0].key for prop in changed)
+        primary = tuple(c.key for c in mapper.primary_key)
+        i = len(shape)
+        shape.append((table, keys, primary))
+        params.update((f"u{i}_{prop.columns[0].key}", getattr(obj, prop.key)) for prop in changed)
+        params.update(
+            (f"u{i}_pk_{key}", value) for key, value in zip(primary, mapper.primary_key_from_instance(obj), strict=True)
+        )
+        objects.append(obj)
+    if not shape:
+        return None
+    return _updates(tuple(shape)), params, objects
+
+
+@functools.lru_cache(maxsize=64)
+def _updates(shape: tuple[_Change, ...]) -> sa.Update:
+    """``changed_rows``' statement for one shape, built once: bound parameters
+    ``u{row}_{column}`` and ``u{row}_pk_{column}``."""
+    updates = [
+        table.update()
+        .where(*(table.c[key] == sa.bindparam(f"u{i}_pk_{key}", type_=table.c[key].type) for key in primary))
+        .values({key: sa.bindparam(f"u{i}_{key}", type_=table.c[key].type) for key in keys})
+        for i, (table, keys, primary) in enumerate(shape)
+    ]
+    last = updates.pop()
+    return last.add_cte(*(update.cte(f"changed_{i}") for i, update in enumerate(updates))) if updates else last
+
+
+def written(session: AsyncSession, objects: list[Any]) -> None:
+    """``changed_rows``' objects are as their statement wrote them: clean, as after a flush."""
+    for obj in objects:
+        state = sa.inspect(obj)
+        # What the unit of work does to a row it has flushed (``InstanceState._commit_all``):
+        # its values become the committed ones, and it leaves the session's modified set.
+        state._commit_all(state.dict, session.sync_session.identity_map)
+
+
 async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[uuid.UUID]) -> list[Any]:
     """Lock several rows of ``model`` in one statement, in id order (the fixed order of multi-row
     locks), read afresh. Until ``release_all``, ``held`` says so, and the callers that would lock

@@ -276,6 +276,32 @@ def with_out(session: AsyncSession, along: tuple[Any, dict[str, Any]]) -> tuple[
     return _carrying(statement), params | _out_params(*taken)
 
 
+async def write_last(session: AsyncSession, also: tuple[sa.Update, dict[str, Any]] | None = None) -> None:
+    """What a transaction has left to write before its commit, in one statement on PostgreSQL
+    (outside a savepoint): its new rows and its changes to loaded rows (``rows.insert_new``,
+    ``rows.changed_rows``), ``also`` (an UPDATE of other rows, as a CTE), and what waits for
+    the commit (``with_out``). For a transaction that changes nothing after it: a result applied
+    alone writes its VM, its job, its usage move and their events at once, instead of a
+    statement per table and the events at the commit. Elsewhere, or when the unit of work must
+    write them, ``also`` is sent alone and the commit's flush does the rest as usual."""
+    found = None if not rows.postgres(session) or session.info.get(_MARKS) else rows.changed_rows(session)
+    if found is None:
+        if also is not None:
+            await session.execute(*also)
+        return
+    statement, params, objects = found
+    if also is not None:
+        statement, params = _along_with(statement, also[0]), params | also[1]
+    await rows.insert_new(session, along=with_out(session, (statement, params)))
+    rows.written(session, objects)
+
+
+@functools.lru_cache(maxsize=32)
+def _along_with(statement: sa.Update, other: sa.Update) -> sa.Update:
+    """``statement`` with ``other`` as a CTE of it, built once per pair."""
+    return statement.add_cte(other.cte("also"))
+
+
 #: ``_OUT``'s history parameters (``h_<name>``) and the column each fills.
 _HISTORY_BINDS = {
     "id": "id",

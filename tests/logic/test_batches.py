@@ -305,3 +305,38 @@ async def test_results_that_wait_for_a_running_transaction_go_in_the_next_one(cl
         sa.event.remove(cloud.engine.sync_engine, "commit", committed)
     assert [(await cloud.server(user, v["id"]))["operstate"] for v in vms] == ["STARTED"] * 5
     await _usage_matches_vms(cloud, user)
+
+
+async def test_a_result_alone_writes_its_changes_in_one_statement(cloud: Cloud) -> None:
+    """A result applied alone (nothing else queued) writes its VM, its job, its commission,
+    its usage move and its events in one statement on PostgreSQL, after locking its rows; on
+    both databases the VM, the job, the usage and the history are what they would be."""
+    user = await cloud.user()
+    dispatcher = Dispatcher(cloud.sessions, batch=64, runners=1)
+    vm = await server_in(cloud, user, "STARTED")
+    before = await _history(cloud, vm["id"])
+    stop = (await cloud.act(user, vm["id"], "stop"))["job_id"]
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        assert await _deliver(dispatcher, [_done(stop, vm["id"], 7, domain="shutoff")]) == [None]
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+    assert dispatcher.counts["batches"] == 0
+    writes = [s for s in sent if not s.lstrip().upper().startswith("SELECT")]
+    if cloud.engine.dialect.name == "postgresql":
+        assert len(writes) == 1, writes
+        parts = ("UPDATE servers", "UPDATE jobs", "UPDATE commissions", "UPDATE quotas", "INSERT INTO server_events")
+        for part in parts:
+            assert part in writes[0], (part, writes[0])
+    server = await cloud.server(user, vm["id"])
+    assert (server["operstate"], server["task"]) == ("STOPPED", None)
+    async with cloud.sessions() as s:
+        job = await s.get(Job, uuid.UUID(stop))
+        assert job is not None and (job.status, job.domain_state) == ("SUCCESS", "shutoff")
+    assert (await _history(cloud, vm["id"]))[len(before) :][-1] == ("job_succeeded", "STARTED", "STOPPED")
+    await _usage_matches_vms(cloud, user)
