@@ -174,30 +174,31 @@ def changed_rows(
     write: rows deleted, or a change to anything but a column."""
     if session.deleted:
         return None
-    shape: list[_Change] = []
-    params: dict[str, Any] = {}
-    objects = []
+    found = []
     for obj in session.dirty:
         state = sa.inspect(obj)
         mapper = state.mapper
         if any(state.attrs[rel.key].history.has_changes() for rel in mapper.relationships):
             return None
         changed = [prop for prop in mapper.column_attrs if state.attrs[prop.key].history.has_changes()]
-        if not changed:
-            continue
-        table = mapper.local_table
-        keys = tuple(prop.columns[0].key for prop in changed)
+        if changed:
+            key = [str(v) for v in mapper.primary_key_from_instance(obj)]
+            found.append((mapper.local_table.name, key, obj, mapper, changed))
+    if not found:
+        return None
+    # In table order, then by key: the same kinds of change make the same statement, whatever
+    # order the session lists its rows in.
+    found.sort(key=lambda entry: (entry[0], entry[1]))
+    shape: list[_Change] = []
+    params: dict[str, Any] = {}
+    for i, (_, _, obj, mapper, changed) in enumerate(found):
         primary = tuple(c.key for c in mapper.primary_key)
-        i = len(shape)
-        shape.append((table, keys, primary))
+        shape.append((mapper.local_table, tuple(prop.columns[0].key for prop in changed), primary))
         params.update((f"u{i}_{prop.columns[0].key}", getattr(obj, prop.key)) for prop in changed)
         params.update(
             (f"u{i}_pk_{key}", value) for key, value in zip(primary, mapper.primary_key_from_instance(obj), strict=True)
         )
-        objects.append(obj)
-    if not shape:
-        return None
-    return _updates(tuple(shape)), params, objects
+    return _updates(tuple(shape)), params, [entry[2] for entry in found]
 
 
 @functools.lru_cache(maxsize=64)

@@ -73,3 +73,43 @@ async def test_connections_plan_each_statement_once_unless_told_not_to(pg_url: s
                 assert (await conn.execute(sa.text("SHOW plan_cache_mode"))).scalar() == mode
         finally:
             await engine.dispose()
+
+
+async def test_changed_rows_are_one_statement_of_one_shape_whatever_the_order(db_url: str) -> None:
+    """``rows.changed_rows``: the loaded rows' changes as one statement, the same statement for
+    the same kinds of change whatever order they were made in; once it has run (``written``),
+    the rows are clean and the commit writes nothing more."""
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    a, b = uuid7(), uuid7()
+    async with sessions() as s:
+        s.add_all([Project(id=a, name=f"c-{a.hex[-12:]}"), Project(id=b, name=f"c-{b.hex[-12:]}")])
+        s.add(Webhook(project_id=a, url="http://127.0.0.1:9/", secret_sealed="sealed"))
+        await s.commit()
+    made = []
+    for n, (first, second) in enumerate(((a, b), (b, a))):
+        async with sessions() as s:
+            loaded = {p.id: p for p in await s.scalars(sa.select(Project).where(_projects.c.id.in_([a, b])))}
+            hook = (await s.scalars(sa.select(Webhook).where(table_of(Webhook).c.project_id == a))).one()
+            loaded[first].name += "-1"
+            hook.url = f"http://127.0.0.1:9/hooks/{n}"
+            loaded[second].name += "-2"
+            found = rows.changed_rows(s)
+            assert found is not None
+            statement, params, objects = found
+            made.append(statement)
+            assert len(objects) == 3
+            if rows.postgres(s):
+                await s.execute(statement, params)
+                rows.written(s, objects)
+                assert not s.dirty
+            await s.commit()
+    assert made[0] is made[1]
+    async with sessions() as s:
+        names = dict(
+            (await s.execute(sa.select(_projects.c.id, _projects.c.name).where(_projects.c.id.in_([a, b])))).all()
+        )
+        url = (await s.scalars(sa.select(Webhook.url).where(table_of(Webhook).c.project_id == a))).one()
+    assert names == {a: f"c-{a.hex[-12:]}-1-2", b: f"c-{b.hex[-12:]}-2-1"}
+    assert url == "http://127.0.0.1:9/hooks/1"
+    await engine.dispose()
