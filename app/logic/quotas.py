@@ -223,9 +223,7 @@ def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]
         return None
     session.info[_DEFERRED] = {}
     [(project_id, deltas)] = moving.items()
-    changes = {r: v for r, v in deltas.as_dict().items() if v}
-    in_order, _ = _move_statements(tuple(sorted(changes)))
-    return in_order, _move_params(project_id, changes)
+    return _move_of(project_id, deltas, postgres=True)
 
 
 async def move_usage(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
@@ -287,11 +285,18 @@ def _check_and_move_statement(resources: tuple[str, ...]) -> sa.Select[Any]:
 
 
 async def _move(session: AsyncSession, project_id: uuid.UUID, deltas: Deltas) -> None:
+    move = _move_of(project_id, deltas, postgres=rows.postgres(session))
+    if move is not None:
+        await session.execute(*move)
+
+
+def _move_of(project_id: uuid.UUID, deltas: Deltas, *, postgres: bool) -> tuple[sa.Update, dict[str, Any]] | None:
+    """``_move``'s statement for this dialect and its parameters (None: nothing moves)."""
     changes = {r: v for r, v in deltas.as_dict().items() if v}
     if not changes:
-        return
+        return None
     in_order, plain = _move_statements(tuple(sorted(changes)))
-    await session.execute(in_order if rows.postgres(session) else plain, _move_params(project_id, changes))
+    return (in_order if postgres else plain), _move_params(project_id, changes)
 
 
 def _move_params(project_id: uuid.UUID, changes: dict[str, int]) -> dict[str, Any]:

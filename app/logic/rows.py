@@ -182,22 +182,19 @@ def changed_rows(
             return None
         changed = [prop for prop in mapper.column_attrs if state.attrs[prop.key].history.has_changes()]
         if changed:
-            key = [str(v) for v in mapper.primary_key_from_instance(obj)]
-            found.append((mapper.local_table.name, key, obj, mapper, changed))
+            found.append((mapper.local_table.name, mapper.primary_key_from_instance(obj), obj, mapper, changed))
     if not found:
         return None
     # In table order, then by key: the same kinds of change make the same statement, whatever
     # order the session lists its rows in.
-    found.sort(key=lambda entry: (entry[0], entry[1]))
+    found.sort(key=lambda entry: (entry[0], [str(v) for v in entry[1]]))
     shape: list[_Change] = []
     params: dict[str, Any] = {}
-    for i, (_, _, obj, mapper, changed) in enumerate(found):
+    for i, (_, key, obj, mapper, changed) in enumerate(found):
         primary = tuple(c.key for c in mapper.primary_key)
         shape.append((mapper.local_table, tuple(prop.columns[0].key for prop in changed), primary))
         params.update((f"u{i}_{prop.columns[0].key}", getattr(obj, prop.key)) for prop in changed)
-        params.update(
-            (f"u{i}_pk_{key}", value) for key, value in zip(primary, mapper.primary_key_from_instance(obj), strict=True)
-        )
+        params.update((f"u{i}_pk_{column}", value) for column, value in zip(primary, key, strict=True))
     return _updates(tuple(shape)), params, [entry[2] for entry in found]
 
 
