@@ -55,7 +55,7 @@ _USED_ON = sa.select(sa.func.array_agg(_ports.c.ip)).where(_ports.c.network_id =
 
 #: PostgreSQL: networks share-locked in id order (not deleted under a create; creates do not
 #: wait on each other), each with the addresses in use on it. The list is read from the
-#: statement's snapshot: a claim re-reads what it claimed (``_committed``), so an address
+#: statement's snapshot: a claim looks afresh at what it claims (``_CLAIM``), so an address
 #: committed meanwhile is never taken twice.
 _LOCK_WITH_USED = (
     sa.select(_networks.c.id, _USED_ON)
@@ -79,19 +79,30 @@ _DEFAULT_WITH_USED = (
 #: ``keys``) on network ``net``, trying each one's advisory lock without waiting. A candidate
 #: already in use as this statement's snapshot sees it is passed over: the candidates were read
 #: from an earlier statement's snapshot, and the address another create was taking then (the
-#: lowest free, so the first candidate) has often been committed by the time of the claim. No
-#: ORDER BY: the LIMIT stops the scan (and the locking) at the count-th claim; ``n`` is a
+#: lowest free, so the first candidate) has often been committed by the time of the claim. A
+#: candidate whose lock is taken is then asked again, afresh (``nephos_address_free``, migration
+#: 0016: a VOLATILE function reads with a new snapshot): the create that held its lock may have
+#: committed it after this statement's snapshot was taken, and a lock is let go only once its
+#: transaction's rows are visible. (CASE: the fresh look comes after the lock, never before.)
+#: No ORDER BY: the LIMIT stops the scan (and the locking) at the count-th claim; ``n`` is a
 #: claimed one's place in the list.
 _TRIED = (
     sa.func.unnest(sa.cast(sa.bindparam("ips"), sa.ARRAY(sa.Text)), sa.cast(sa.bindparam("keys"), sa.ARRAY(sa.Integer)))
     .table_valued("ip", "key", with_ordinality="n")
     .render_derived()
 )
+_NET = sa.bindparam("net", type_=sa.Uuid)
 _CLAIM = (
     sa.select(_TRIED.c.ip, _TRIED.c.n)
     .where(
-        ~sa.exists().where(_ports.c.network_id == sa.bindparam("net"), _ports.c.ip == _TRIED.c.ip),
-        sa.func.pg_try_advisory_xact_lock(sa.bindparam("net_key", type_=sa.Integer), _TRIED.c.key),
+        ~sa.exists().where(_ports.c.network_id == _NET, _ports.c.ip == _TRIED.c.ip),
+        sa.case(
+            (
+                sa.func.pg_try_advisory_xact_lock(sa.bindparam("net_key", type_=sa.Integer), _TRIED.c.key),
+                sa.func.nephos_address_free(_NET, _TRIED.c.ip, type_=sa.Boolean),
+            ),
+            else_=sa.false(),
+        ),
     )
     .limit(sa.bindparam("count", type_=sa.Integer))
 )
@@ -103,8 +114,9 @@ class Allocator:
 
     Creates do not queue on a network. On PostgreSQL each address is claimed with a transaction
     advisory lock, tried without waiting: a create skips an address another create is taking
-    and takes the next free one, then re-reads the claimed addresses (another create may have
-    committed one between its read and its claim) and claims again for those. The network row
+    and takes the next free one; once it holds an address's lock it reads afresh that the
+    address is still free (another create may have committed it since the read), in the same
+    statement (``_CLAIM``). The network row
     is only share-locked, so a network is not deleted under a create. The unique constraint on
     ``(network_id, ip)`` stays the last word. SQLite runs one writer at a time: there the
     lowest free addresses are simply taken.
@@ -231,8 +243,6 @@ class Allocator:
         for ip, value in candidates[last:]:
             self._used[net.id].discard(ip)
             self._next[net.id] = min(self._next[net.id], value)
-        if got:
-            got -= await _committed(session, net, got)  # between this statement's read and its claim
         return [ip for ip, _ in candidates if ip in got]  # lowest first, as the candidates
 
     def ports(self, server: Server) -> list[Port]:
@@ -256,7 +266,8 @@ _COMMITTED = sa.select(_ports.c.ip).where(
 
 
 async def _committed(session: AsyncSession, net: Network, ips: set[str]) -> set[str]:
-    """Which of ``ips`` are ``net``'s addresses in use, read afresh (after they were claimed)."""
+    """Which of ``ips`` are ``net``'s addresses in use, read afresh (a fixed address, once its
+    lock was waited for)."""
     return set(await session.scalars(_COMMITTED, {"net": net.id, "ips": sorted(ips)}))
 
 

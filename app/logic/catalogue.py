@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from app.logic.addresses import Address
 from app.logic.errors import BadRequest, NotFound, UnknownFlavor, UnknownZone
 from app.logic.hoststate import HostState
 from app.logic.pagination import Page, paginate
-from app.models import Flavor, Host, Image, Zone, table_of
+from app.models import Flavor, Host, Image, LeasePolicy, Zone, table_of
 
 _flavors = table_of(Flavor)
 _images = table_of(Image)
+_lease_policies = table_of(LeasePolicy)
 
 
 class ImageStatus(StrEnum):
@@ -82,12 +84,25 @@ _FLAVOR_NAMED = sa.select(Flavor).where(_flavors.c.name == sa.bindparam("name"))
 async def resolve_flavor(
     session: AsyncSession, *, flavor_id: uuid.UUID | None, name: str | None, field: str = "flavor"
 ) -> Flavor:
-    if flavor_id is None and not name:
-        raise BadRequest(f"give {field}_id or {field}", field=f"{field}_id")
+    _asked("flavor", flavor_id, name, field)
     if flavor_id is not None:  # by key: no statement when this transaction already read it
         flavor = await session.get(Flavor, flavor_id)
     else:
         flavor = (await session.scalars(_FLAVOR_NAMED, {"name": name})).first()
+    return flavor_found(flavor, flavor_id=flavor_id, name=name, field=field)
+
+
+def _asked(what: str, key: Any, name: str | None, field: str | None = None) -> None:
+    """A flavor or an image is asked for by id or by name: refuse a request that gives neither."""
+    if key is None and not name:
+        field = field or what
+        raise BadRequest(f"give {field}_id or {field}", field=f"{field}_id")
+
+
+def flavor_found(
+    flavor: Flavor | None, *, flavor_id: uuid.UUID | None, name: str | None, field: str = "flavor"
+) -> Flavor:
+    """The flavor asked for by id or name, once read, or the refusal when there is none."""
     if flavor is None:
         raise UnknownFlavor(
             f"flavor {flavor_id or name} does not exist", field=f"{field}_id", names=[str(flavor_id or name)]
@@ -134,10 +149,16 @@ async def create_flavor(
 
 def visible_images(actor: Actor) -> sa.Select[Image]:
     """The images ``actor`` may see and use: public ones and its project's (an admin: all)."""
-    stmt = sa.select(Image).where(_images.c.status != ImageStatus.DELETED.value)
-    if not actor.is_admin:
-        stmt = stmt.where(sa.or_(_images.c.is_public.is_(True), _images.c.project_id == actor.project_id))
-    return stmt
+    return sa.select(Image).where(_image_seen(actor.is_admin, actor.project_id))
+
+
+def _image_seen(admin: bool, project: Any) -> sa.ColumnElement[bool]:
+    """``visible_images``' rule, as a condition (``project``: the actor's project, or a
+    parameter standing for it)."""
+    seen = _images.c.status != ImageStatus.DELETED.value
+    if admin:
+        return seen
+    return sa.and_(seen, sa.or_(_images.c.is_public.is_(True), _images.c.project_id == project))
 
 
 def _sees(actor: Actor, image: Image) -> bool:
@@ -147,33 +168,86 @@ def _sees(actor: Actor, image: Image) -> bool:
     )
 
 
-_IMAGE_AND_FLAVOR = (
-    sa.select(Image, Flavor)
-    .outerjoin(_flavors, _flavors.c.name == sa.bindparam("flavor"))
-    .where(_images.c.ec2_id == sa.bindparam("ec2_id"))
-)
+@functools.cache
+def _first_reads(flavor_by: str, image_by: str, admin: bool) -> sa.Select[Flavor, Image, LeasePolicy]:
+    """``first_reads``' statement for one shape of request, built once: each of the three is
+    outer-joined to a one-row table, so a missing one is a ``None``, not a missing row."""
+    one = sa.select(sa.literal_column("1").label("one")).subquery("one")
+    flavor_is = (
+        _flavors.c.id == sa.bindparam("flavor_id") if flavor_by == "id" else _flavors.c.name == sa.bindparam("flavor")
+    )
+    image_is = {
+        "id": _images.c.id == sa.bindparam("image_id"),
+        "ec2_id": _images.c.ec2_id == sa.bindparam("image_ec2_id"),
+        # by name, only among those the actor may see: a name others use is not ambiguous here
+        "name": sa.and_(_images.c.name == sa.bindparam("image"), _image_seen(admin, sa.bindparam("project"))),
+    }[image_by]
+    return (
+        sa.select(Flavor, Image, LeasePolicy)
+        .select_from(one)
+        .outerjoin(_flavors, flavor_is)
+        .outerjoin(_images, image_is)
+        .outerjoin(_lease_policies, _lease_policies.c.project_id == sa.bindparam("project"))
+        .limit(2)
+    )
 
 
-async def image_and_flavor(
-    session: AsyncSession, *, actor: Actor, ec2_id: str, flavor: str
-) -> tuple[Image | None, Flavor | None]:
-    """The image of this EC2 id, if ``actor`` may see it (``visible_images``' rule), and the
-    flavor of this name (``None``: no such flavor, or no image to go with it), in one statement:
-    what a launch reads first."""
-    row = (await session.execute(_IMAGE_AND_FLAVOR, {"ec2_id": ec2_id, "flavor": flavor})).first()
-    if row is None or not _sees(actor, row[0]):
-        return None, None
-    return row[0], row[1]
+@dataclass(frozen=True)
+class FirstReads:
+    """What a create reads first, in one statement: its flavor, the images it may mean (by id or
+    EC2 id: the one, if the actor may see it; by name: up to two of those it may see) and its
+    project's lease policy row (``None``: the default policy)."""
+
+    flavor: Flavor | None
+    images: list[Image]
+    lease: LeasePolicy | None
+
+
+async def first_reads(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    flavor_id: uuid.UUID | None = None,
+    flavor: str | None = None,
+    image_id: uuid.UUID | None = None,
+    image: str | None = None,
+    image_ec2_id: str | None = None,
+) -> FirstReads:
+    """A create's flavor, image and lease policy, in one statement (three before). A request
+    that names no flavor or no image is refused first, as ``resolve_flavor`` and
+    ``resolve_image`` refuse it."""
+    _asked("flavor", flavor_id, flavor)
+    _asked("image", image_id or image_ec2_id, image)
+    image_by = "id" if image_id is not None else ("ec2_id" if image_ec2_id is not None else "name")
+    statement = _first_reads("id" if flavor_id is not None else "name", image_by, actor.is_admin)
+    params = {
+        "flavor_id": flavor_id,
+        "flavor": flavor,
+        "image_id": image_id,
+        "image": image,
+        "image_ec2_id": image_ec2_id,
+        "project": actor.project_id,
+    }  # (those the shape does not use are not sent)
+    found = (await session.execute(statement, params)).all()
+    images = [row[1] for row in found if row[1] is not None]
+    if image_by != "name":  # by key: seen or not, as ``resolve_image`` asks
+        images = [i for i in images[:1] if _sees(actor, i)]
+    return FirstReads(found[0][0] if found else None, images, found[0][2] if found else None)
 
 
 async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:
-    if image_id is None and not name:
-        raise BadRequest("give image_id or image", field="image_id")
+    _asked("image", image_id, name)
     if image_id is not None:  # by key: no statement when this transaction already read it
         image = await session.get(Image, image_id)
         found = [image] if image is not None and _sees(actor, image) else []
     else:
         found = list(await session.scalars(visible_images(actor).where(_images.c.name == name).limit(2)))
+    return image_found(found, image_id=image_id, name=name)
+
+
+def image_found(found: list[Image], *, image_id: uuid.UUID | None, name: str | None) -> Image:
+    """The image asked for by id or name, of those read that the actor may see (at most two),
+    or the refusal: none, two of that name, or one not active."""
     if not found:
         raise BadRequest(f"image {image_id or name} does not exist", field="image_id")
     if len(found) > 1:

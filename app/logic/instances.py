@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.ids import ec2_id, utcnow
-from app.logic import catalogue, ec2, ec2_tags, firewall_rules, keypairs, networks, rows, secgroups, servers
+from app.logic import catalogue, ec2, ec2_tags, firewall_rules, keypairs, leases, networks, rows, secgroups, servers
 from app.logic.actor import Actor
 from app.logic.addresses import Address
 from app.logic.catalogue import ImageStatus
@@ -274,7 +274,8 @@ async def launch(
             if made is not None:
                 return await reservation(session, project_id, made)
             # Taken, then gone before it could be read (its project removed meanwhile): claim again.
-    image, flavor = await catalogue.image_and_flavor(session, actor=actor, ec2_id=spec.image, flavor=spec.flavor)
+    first = await catalogue.first_reads(session, actor=actor, image_ec2_id=spec.image, flavor=spec.flavor)
+    image, flavor = first.images[0] if first.images else None, first.flavor
     if image is None:
         raise UnknownImage(f"image {spec.image} does not exist", ids=[spec.image])
     if image.status != ImageStatus.ACTIVE.value:
@@ -313,7 +314,9 @@ async def launch(
         attempt = session.begin_nested() if len(counts) > 1 else contextlib.nullcontext()
         try:
             async with attempt:
-                created = await servers.create(session, outbox, actor=actor, spec=create)
+                created = await servers.create(
+                    session, outbox, actor=actor, spec=create, lease=leases.policy_of(first.lease)
+                )
             break
         except (OverLimit, NoCapacity):
             outbox.clear()

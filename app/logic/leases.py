@@ -67,7 +67,11 @@ DEFAULT = Policy()
 
 async def policy(session: AsyncSession, project_id: uuid.UUID) -> Policy:
     """The project's policy (the default when none was set)."""
-    row = await session.get(LeasePolicy, project_id)
+    return policy_of(await session.get(LeasePolicy, project_id))
+
+
+def policy_of(row: LeasePolicy | None) -> Policy:
+    """A project's policy from its row, once read (``None``: none was set, the default)."""
     if row is None:
         return DEFAULT
     return Policy(row.duration_s, row.max_lifetime_s, list(row.warn_before_s), Action(row.on_expiry))

@@ -212,14 +212,26 @@ def create_params(
     }
 
 
-async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: CreateSpec) -> list[Created]:
-    """Accept the creation of ``spec.count`` VMs: all of them, or none."""
+async def create(
+    session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: CreateSpec, lease: leases.Policy | None = None
+) -> list[Created]:
+    """Accept the creation of ``spec.count`` VMs: all of them, or none. ``lease``: the project's
+    lease policy, when the caller has read it (a launch reads it with its image and flavor);
+    else it is read with this create's flavor and image, in one statement."""
     if actor.project_id is None or actor.user_id is None:
         raise BadRequest("servers are created by a user")
     if not 1 <= spec.count <= MAX_COUNT:
         raise BadRequest(f"count must be between 1 and {MAX_COUNT}", field="count")
-    flavor = await catalogue.resolve_flavor(session, flavor_id=spec.flavor_id, name=spec.flavor)
-    image = await catalogue.resolve_image(session, actor=actor, image_id=spec.image_id, name=spec.image)
+    if lease is not None:  # by key, as the caller read them: no statement
+        flavor = await catalogue.resolve_flavor(session, flavor_id=spec.flavor_id, name=spec.flavor)
+        image = await catalogue.resolve_image(session, actor=actor, image_id=spec.image_id, name=spec.image)
+    else:
+        first = await catalogue.first_reads(
+            session, actor=actor, flavor_id=spec.flavor_id, flavor=spec.flavor, image_id=spec.image_id, image=spec.image
+        )
+        flavor = catalogue.flavor_found(first.flavor, flavor_id=spec.flavor_id, name=spec.flavor)
+        image = catalogue.image_found(first.images, image_id=spec.image_id, name=spec.image)
+        lease = leases.policy_of(first.lease)
     ssh_key = None
     if spec.key_name:
         keypair = await keypairs.find(session, project_id=actor.project_id, name=spec.key_name)
@@ -232,7 +244,9 @@ async def create(session: AsyncSession, outbox: Outbox, *, actor: Actor, spec: C
     if spec.count > 1 and spec.fixed_ip:
         raise BadRequest("a fixed address goes to one VM: count must be 1", field="fixed_ip")
     try:
-        return await _accept(session, outbox, actor=actor, spec=spec, flavor=flavor, image=image, ssh_key=ssh_key)
+        return await _accept(
+            session, outbox, actor=actor, spec=spec, flavor=flavor, image=image, ssh_key=ssh_key, lease=lease
+        )
     except OverLimit:
         raise
     except NephosError:
@@ -258,6 +272,7 @@ async def _accept(
     flavor: Flavor,
     image: Image,
     ssh_key: str | None,
+    lease: leases.Policy,
 ) -> list[Created]:
     """``create`` once the request is known to be well formed. The locks are taken in the lock
     order (networks' addresses, public addresses, hosts, the project, quota rows), each as late
@@ -267,7 +282,6 @@ async def _accept(
     state = Operstate.HOLD if spec.hold else Operstate.BUILD
     per_vm = _footprint(spec, flavor)
     reservation = spec.reservation_id or ec2_id("r")  # the VMs of one request are one EC2 reservation
-    lease = await leases.policy(session, actor.project_id)
     allocator = await addresses.Allocator.for_create(session, actor.project_id, spec.networks)
     nets = allocator.networks
     await allocator.take(session, spec.count, spec.fixed_ip)

@@ -196,6 +196,39 @@ async def test_an_admin_sets_the_pool_networks_come_from(cloud: Cloud) -> None:
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_claim_looks_afresh_at_an_address_once_it_holds_its_lock(cloud: Cloud) -> None:
+    """PostgreSQL: what a claim asks once it holds an address's lock (``nephos_address_free``)
+    sees an address committed after the claim's statement began, which the statement's own
+    snapshot does not: the address another create was taking and committed between the two is
+    never given again, with no second statement to find it."""
+    user = await cloud.user(vm=100, cpu=400, ram=10**7, disk=10**5)
+    await _network(cloud, user, name="fresh", cidr="10.62.0.0/28")
+    body = {"name": "f", "flavor": "tiny", "image": "debian-12", "networks": ["fresh"]}
+    async with cloud.sessions() as session:
+        net = await session.scalar(sa.select(Network).where(table_of(Network).c.name == "fresh"))
+        assert net is not None
+        # The snapshot is taken as the statement starts; the fresh look runs after a pause,
+        # during which another create commits the network's first address.
+        looked = asyncio.ensure_future(
+            session.execute(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM ports WHERE network_id = :net AND ip = :ip) AS in_snapshot, "
+                    "(SELECT nephos_address_free(:net, :ip) FROM pg_sleep(1.5)) AS free_now"
+                ),
+                {"net": net.id, "ip": "10.62.0.2"},
+            )
+        )
+        await asyncio.sleep(0.3)
+        r = await asyncio.wait_for(cloud.client.post("/api/v1/servers", headers=user, json=body), 10)
+        assert r.status_code == 202, r.text
+        assert r.json()["servers"][0]["addresses"][0]["ip"] == "10.62.0.2"
+        assert not looked.done()  # committed while the statement ran
+        in_snapshot, free_now = (await looked).one()
+        assert (in_snapshot, free_now) == (False, False)
+        await session.rollback()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_creates_on_one_network_skip_each_others_addresses_instead_of_waiting(cloud: Cloud) -> None:
     """PostgreSQL: a create still open holds the addresses it took without holding up another
     create on the network (it takes the next ones); an address that another create committed
