@@ -4,8 +4,9 @@ Every accepted action writes, in one transaction: the VM's task, a Job row
 (the outbox), its commission, and a server event. The sequence is always the
 same (``_begin``): lock the server row, check operstate and task against
 ``operstate.TABLE``, make the host reservation the action needs, compute the
-commission from the state *before* the change -- locking the project and
-checking the quota when it asks for more -- and write the job, the commission
+commission from the state *before* the change -- locking the project (a start:
+in the statement that locks its VM) and checking the quota when it asks for
+more -- and write the job, the commission
 and the VM's task (one statement for one VM). The lock order -- server,
 hosts, project, quota rows -- is the same in every transaction, so two of
 them cannot deadlock.
@@ -75,7 +76,12 @@ async def _begin(
     new_flavor: Flavor | None = None,
     target_host: str | None = None,
 ) -> Job:
-    server, flavor, host_state = await servers.lock_for_action(session, actor=actor, server_id=server_id)
+    # A start wants more of its project's quota and reserves no host: its project is locked
+    # with its VM, in one statement, unless the VM is held already (locked with others).
+    project_locked = action is Action.START and not servers.is_held(session, server_id)
+    server, flavor, host_state = await servers.lock_for_action(
+        session, actor=actor, server_id=server_id, project_too=project_locked
+    )
     rule = TABLE[action]
     if rule.admin_only and not actor.is_admin:
         raise Forbidden(f"{action.value} needs the admin role")
@@ -162,7 +168,8 @@ async def _begin(
     if any(v > 0 for v in deltas.as_tuple()):
         # Wanting more of the project: serialize with every other such request, on a lock
         # taken last so it is held only from the check to the commit.
-        await quotas.lock_project(session, server.project_id)
+        if not project_locked:
+            await quotas.lock_project(session, server.project_id)
         await quotas.check(session, server.project_id, deltas)
     # The commission's id is known before the job is written, so the job's row names it from
     # its INSERT.
@@ -402,10 +409,13 @@ async def guest_params(session: AsyncSession, server: Server) -> dict[str, Any]:
 async def destroy(session: AsyncSession, outbox: Outbox, *, actor: Actor, server_id: uuid.UUID) -> Job | None:
     """Destroy the VM. Destroying one already destroyed succeeds and changes nothing (as on AWS
     and Nova): the answer is the job that destroyed it, if a job did (``None``: reconciliation)."""
-    server = await servers.get(session, actor=actor, server_id=server_id)
-    if server.operstate == Operstate.DESTROYED.value:
-        return await jobs.last(session, server.id, Action.DESTROY)
-    return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.DESTROY)
+    # Locked at once, as ``_begin`` locks it (which then takes it from here, with no statement):
+    # whether it is destroyed already is read under the lock.
+    locked = await servers.lock_for_action(session, actor=actor, server_id=server_id)
+    if locked[0].operstate == Operstate.DESTROYED.value:
+        return await jobs.last(session, server_id, Action.DESTROY)
+    with servers.holding(session, [locked]):
+        return await _begin(session, outbox, actor=actor, server_id=server_id, action=Action.DESTROY)
 
 
 #: The actions that take nothing but the server, by the table's name: what facades and sweepers

@@ -25,7 +25,7 @@ from app.logic.errors import BadRequest, Forbidden, InUse, InvalidState, NephosE
 from app.logic.jobs import Outbox, new_job
 from app.logic.operstate import Action, Deltas, Operstate, Task, footprint
 from app.logic.pagination import Page, paginate
-from app.models import Flavor, Host, Image, Job, PublicIp, Server, table_of
+from app.models import Flavor, Host, Image, Job, Project, PublicIp, Server, table_of
 
 _servers, _public = table_of(Server), table_of(PublicIp)
 _flavors, _hosts = table_of(Flavor), table_of(Host)
@@ -103,12 +103,17 @@ Locked = tuple[Server, Flavor, str | None]
 def holding(session: AsyncSession, locked: Iterable[Locked]) -> Iterator[None]:
     """While open, ``lock_for_action`` takes these VMs from here, with no statement: the caller
     locked them in this transaction, in id order, and read them afresh with what an action
-    needs (the VM, its flavor, its host's state)."""
-    session.info[_HOLDING] = {server.id: (server, flavor, host) for server, flavor, host in locked}
+    needs (the VM, its flavor, its host's state). Inside another ``holding``, the VMs of both
+    are held, and the outer one's again once this one closes."""
+    outer: dict[uuid.UUID, Locked] | None = session.info.get(_HOLDING)
+    session.info[_HOLDING] = (outer or {}) | {server.id: (server, flavor, host) for server, flavor, host in locked}
     try:
         yield
     finally:
-        session.info.pop(_HOLDING, None)
+        if outer is None:
+            session.info.pop(_HOLDING, None)
+        else:
+            session.info[_HOLDING] = outer
 
 
 #: The select ``lock_for_action`` runs (its callers filter it): VMs with their flavor and their
@@ -121,6 +126,15 @@ FOR_ACTION = (
     .execution_options(populate_existing=True)
 )
 _LOCK_FOR_ACTION = FOR_ACTION.where(_servers.c.id == sa.bindparam("server_id"))
+#: The same, and the VM's project locked after it (the lock order: VM, hosts, project), for an
+#: action that wants more of its project's quota and reserves no host (a start): the project's
+#: lock, which it would take next, comes in this statement instead of one of its own, and is
+#: held no longer (the quota check follows it either way, then the write and the commit).
+_LOCK_FOR_ACTION_AND_PROJECT = (
+    FOR_ACTION.join(table_of(Project), table_of(Project).c.id == _servers.c.project_id)
+    .where(_servers.c.id == sa.bindparam("server_id"))
+    .with_for_update(of=[_servers, table_of(Project)], key_share=True)
+)
 
 
 #: An accepted action's mark on its VM, as ``mark_task`` writes it.
@@ -156,20 +170,29 @@ def mark_task(
     return _MARK_TASK, {"s_id": server.id, "s_task": task, "s_job": job_id, "s_state": operstate, "s_at": at}
 
 
-async def lock_for_action(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Locked:
+async def lock_for_action(
+    session: AsyncSession, *, actor: Actor, server_id: uuid.UUID, project_too: bool = False
+) -> Locked:
     """``lock``, for an action: with the VM's flavor and its host's state (``None``: no host), in
-    the same one statement -- or none, inside ``holding``. (The session's identity map holds
-    objects weakly: a flavor the caller did not keep would be gone by its next ``session.get``,
-    and read again.)"""
+    the same one statement -- or none, inside ``holding`` (``is_held``). ``project_too``: the
+    VM's project is locked in that statement too, after the VM. (The session's identity map
+    holds objects weakly: a flavor the caller did not keep would be gone by its next
+    ``session.get``, and read again.)"""
     held: Locked | None = session.info.get(_HOLDING, {}).get(server_id)
     if held is not None:
         if not actor.sees(held[0].project_id):
             raise _not_found(server_id)
         return held
-    row = (await session.execute(_LOCK_FOR_ACTION, {"server_id": server_id})).first()
+    statement = _LOCK_FOR_ACTION_AND_PROJECT if project_too else _LOCK_FOR_ACTION
+    row = (await session.execute(statement, {"server_id": server_id})).first()
     if row is None or not actor.sees(row[0].project_id):
         raise _not_found(server_id)
     return row[0], row[1], row[2]
+
+
+def is_held(session: AsyncSession, server_id: uuid.UUID) -> bool:
+    """Is the VM held (``holding``): locked already, so that ``lock_for_action`` locks nothing?"""
+    return server_id in session.info.get(_HOLDING, {})
 
 
 async def lock(session: AsyncSession, *, actor: Actor, server_id: uuid.UUID) -> Server:

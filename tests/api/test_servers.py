@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -232,3 +233,51 @@ async def test_a_creates_reply_shows_what_reading_the_server_shows(cloud: Cloud)
     for server in made["servers"]:
         assert server["addresses"][0]["public_ip"] and server["flavor"] == "small" and server["image"] == "debian-12"
         assert server == await cloud.server(user, server["id"])
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_an_action_locks_its_vm_once_and_a_start_its_project_with_it(cloud: Cloud) -> None:
+    """PostgreSQL: a destroy reads its VM once, locked (whether it is destroyed already is read
+    under that lock); a start locks its project in the statement that locks its VM (after it, in
+    the lock order), not in one of its own; a create reads its flavor, image and lease policy in
+    one statement. Each is accepted as before, and a second destroy answers with the first's job."""
+    user = await cloud.user()
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    def accepting(statements: list[str]) -> list[str]:  # the request's own (not its token's)
+        return [s for s in statements if "FROM users" not in s and "api_tokens" not in s]
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        reply = await cloud.create(user)
+        created, sent[:] = accepting(sent), []
+        vm = reply["servers"][0]
+        assert await cloud.finish(reply["job_ids"][0]) == "applied"
+        assert await cloud.finish((await cloud.act(user, vm["id"], "stop"))["job_id"]) == "applied"
+        sent[:] = []
+        start = await cloud.act(user, vm["id"], "start")
+        started, sent[:] = accepting(sent), []
+        assert await cloud.finish(start["job_id"]) == "applied"
+        sent[:] = []
+        destroy = await cloud.act(user, vm["id"], "destroy")
+        destroyed, sent[:] = accepting(sent), []
+        assert await cloud.finish(destroy["job_id"]) == "applied"
+        again = await cloud.act(user, vm["id"], "destroy")
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+    assert again["job_id"] == destroy["job_id"]
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
+
+    first = [
+        s
+        for s in created
+        if any(f"{t} " in s for t in ("FROM flavors", "JOIN flavors", "FROM images", "FROM lease_policies"))
+    ]
+    assert len(first) == 1 and "JOIN images" in first[0] and "JOIN lease_policies" in first[0], created
+    locks = [s for s in started if " FOR NO KEY UPDATE" in s]
+    assert len(locks) == 1 and locks[0].endswith("FOR NO KEY UPDATE OF servers, projects"), started
+    reads = [s for s in destroyed if "FROM servers" in s and s.startswith("SELECT")]
+    assert len(reads) == 1 and reads[0].endswith("FOR NO KEY UPDATE OF servers"), destroyed
