@@ -169,9 +169,11 @@ def _sees(actor: Actor, image: Image) -> bool:
 
 
 @functools.cache
-def _first_reads(flavor_by: str, image_by: str, admin: bool) -> sa.Select[Flavor, Image, LeasePolicy]:
+def _first_reads(flavor_by: str, image_by: str, admin: bool, along: sa.Insert | None) -> sa.Select[*tuple[Any, ...]]:
     """``first_reads``' statement for one shape of request, built once: each of the three is
-    outer-joined to a one-row table, so a missing one is a ``None``, not a missing row."""
+    outer-joined to a one-row table, so a missing one is a ``None``, not a missing row.
+    ``along``: an INSERT that returns a row when it wrote one, sent as a CTE of it; the last
+    column counts the rows it returned (PostgreSQL)."""
     one = sa.select(sa.literal_column("1").label("one")).subquery("one")
     flavor_is = (
         _flavors.c.id == sa.bindparam("flavor_id") if flavor_by == "id" else _flavors.c.name == sa.bindparam("flavor")
@@ -182,7 +184,7 @@ def _first_reads(flavor_by: str, image_by: str, admin: bool) -> sa.Select[Flavor
         # by name, only among those the actor may see: a name others use is not ambiguous here
         "name": sa.and_(_images.c.name == sa.bindparam("image"), _image_seen(admin, sa.bindparam("project"))),
     }[image_by]
-    return (
+    statement = (
         sa.select(Flavor, Image, LeasePolicy)
         .select_from(one)
         .outerjoin(_flavors, flavor_is)
@@ -190,6 +192,10 @@ def _first_reads(flavor_by: str, image_by: str, admin: bool) -> sa.Select[Flavor
         .outerjoin(_lease_policies, _lease_policies.c.project_id == sa.bindparam("project"))
         .limit(2)
     )
+    if along is None:
+        return statement
+    written = along.cte("along")
+    return statement.add_columns(sa.select(sa.func.count()).select_from(written).scalar_subquery())
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,7 @@ class FirstReads:
     flavor: Flavor | None
     images: list[Image]
     lease: LeasePolicy | None
+    along: bool | None = None  # the INSERT sent with it wrote its row (None: there was none)
 
 
 async def first_reads(
@@ -212,14 +219,23 @@ async def first_reads(
     image_id: uuid.UUID | None = None,
     image: str | None = None,
     image_ec2_id: str | None = None,
+    along: tuple[sa.Insert, dict[str, Any]] | None = None,
 ) -> FirstReads:
     """A create's flavor, image and lease policy, in one statement (three before). A request
     that names no flavor or no image is refused first, as ``resolve_flavor`` and
-    ``resolve_image`` refuse it."""
+    ``resolve_image`` refuse it. ``along``: an INSERT (built once) and its parameters that
+    return a row when it wrote one (a launch's client token, ``ec2.token_claim``), sent first:
+    in the same statement on PostgreSQL, before it elsewhere; ``FirstReads.along`` says
+    whether it wrote. Its parameters are named apart from these."""
     _asked("flavor", flavor_id, flavor)
     _asked("image", image_id or image_ec2_id, image)
+    wrote: bool | None = None
+    joined = along is not None and rows.postgres(session)
+    if along is not None and not joined:
+        wrote = (await session.execute(*along)).first() is not None
     image_by = "id" if image_id is not None else ("ec2_id" if image_ec2_id is not None else "name")
-    statement = _first_reads("id" if flavor_id is not None else "name", image_by, actor.is_admin)
+    flavor_by = "id" if flavor_id is not None else "name"
+    statement = _first_reads(flavor_by, image_by, actor.is_admin, along[0] if joined and along else None)
     params = {
         "flavor_id": flavor_id,
         "flavor": flavor,
@@ -228,11 +244,15 @@ async def first_reads(
         "image_ec2_id": image_ec2_id,
         "project": actor.project_id,
     }  # (those the shape does not use are not sent)
+    if joined and along is not None:
+        params |= along[1]
     found = (await session.execute(statement, params)).all()
+    if joined:
+        wrote = bool(found[0][3])
     images = [row[1] for row in found if row[1] is not None]
     if image_by != "name":  # by key: seen or not, as ``resolve_image`` asks
         images = [i for i in images[:1] if _sees(actor, i)]
-    return FirstReads(found[0][0] if found else None, images, found[0][2] if found else None)
+    return FirstReads(found[0][0] if found else None, images, found[0][2] if found else None, wrote)
 
 
 async def resolve_image(session: AsyncSession, *, actor: Actor, image_id: uuid.UUID | None, name: str | None) -> Image:

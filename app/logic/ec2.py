@@ -237,13 +237,15 @@ async def instances_by_id(session: AsyncSession, server_ids: list[uuid.UUID]) ->
 # -- client tokens -------------------------------------------------------------------------------
 
 
-async def claim_token(
+def token_claim(
     session: AsyncSession, project_id: uuid.UUID, token: str, request_hash: str, reservation_id: str
-) -> bool:
-    """Claim the token for the reservation this transaction is about to make, first thing, in one
-    statement; ``False`` when it is taken. A concurrent twin's claim waits for this transaction to
-    end: it then finds the token taken and reads the reservation made (or, if this one rolled
-    back, claims it itself). Either way the twin has done no work and holds no other lock."""
+) -> tuple[sa.Insert, dict[str, Any]]:
+    """The claim of a client token for the reservation this transaction is about to make, as a
+    statement and its parameters (``rows.insert_or_skip``'s), for the launch to send first thing
+    with its first read; the statement returns a row when it claimed the token, none when the
+    token is taken. A concurrent twin's claim waits for this transaction to end: it then finds
+    the token taken and reads the reservation made (or, if this one rolled back, claims it
+    itself). Either way the twin has done no work and holds no other lock."""
     values = {
         "project_id": project_id,
         "token": token,
@@ -251,7 +253,7 @@ async def claim_token(
         "reservation_id": reservation_id,
         "created_at": utcnow(),
     }
-    return await rows.insert_or_skip(session, table_of(Ec2ClientToken), values)
+    return rows.insert_or_skip_statement(rows.postgres(session), table_of(Ec2ClientToken), tuple(values)), values
 
 
 async def token(session: AsyncSession, project_id: uuid.UUID, value: str) -> Ec2ClientToken | None:

@@ -268,13 +268,24 @@ async def launch(
     assert actor.project_id is not None
     project_id = actor.project_id
     reservation_id = ec2_id("r")  # the VMs of one launch are one reservation
-    if spec.client_token and claim_token:
-        while not await ec2.claim_token(session, project_id, spec.client_token, spec.request_hash, reservation_id):
-            made = await _earlier(session, actor, spec)
-            if made is not None:
-                return await reservation(session, project_id, made)
-            # Taken, then gone before it could be read (its project removed meanwhile): claim again.
-    first = await catalogue.first_reads(session, actor=actor, image_ec2_id=spec.image, flavor=spec.flavor)
+    # The client token is claimed first thing, in the statement that reads the image, the
+    # flavor and the lease policy (``ec2.token_claim``): a twin's claim waits there for this
+    # transaction to end, having done no work.
+    claim = (
+        ec2.token_claim(session, project_id, spec.client_token, spec.request_hash, reservation_id)
+        if spec.client_token and claim_token
+        else None
+    )
+    while True:
+        first = await catalogue.first_reads(
+            session, actor=actor, image_ec2_id=spec.image, flavor=spec.flavor, along=claim
+        )
+        if claim is None or first.along:
+            break
+        made = await _earlier(session, actor, spec)
+        if made is not None:
+            return await reservation(session, project_id, made)
+        # Taken, then gone before it could be read (its project removed meanwhile): claim again.
     image, flavor = first.images[0] if first.images else None, first.flavor
     if image is None:
         raise UnknownImage(f"image {spec.image} does not exist", ids=[spec.image])

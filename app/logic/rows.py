@@ -67,8 +67,14 @@ async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
 async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[str, object]) -> bool:
     """``INSERT ... ON CONFLICT DO NOTHING``: True when this call inserted the row. A concurrent
     insert of the same unique key waits for the other transaction's end, then yields to it."""
-    statement = _insert_or_skip(postgres(session), table, tuple(values))
+    statement = insert_or_skip_statement(postgres(session), table, tuple(values))
     return (await session.execute(statement, values)).first() is not None
+
+
+def insert_or_skip_statement(is_postgres: bool, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
+    """``insert_or_skip``'s statement (built once), for a caller that sends it with a read of
+    its own: it returns the row's key when it inserted the row, nothing when it skipped it."""
+    return _insert_or_skip(is_postgres, table, columns)
 
 
 @functools.lru_cache(maxsize=64)
