@@ -230,12 +230,12 @@ async def first_reads(
     _asked("flavor", flavor_id, flavor)
     _asked("image", image_id or image_ec2_id, image)
     wrote: bool | None = None
-    joined = along is not None and rows.postgres(session)
-    if along is not None and not joined:
+    joined = along if along is not None and rows.postgres(session) else None  # sent in the statement
+    if along is not None and joined is None:
         wrote = (await session.execute(*along)).first() is not None
     image_by = "id" if image_id is not None else ("ec2_id" if image_ec2_id is not None else "name")
     flavor_by = "id" if flavor_id is not None else "name"
-    statement = _first_reads(flavor_by, image_by, actor.is_admin, along[0] if joined and along else None)
+    statement = _first_reads(flavor_by, image_by, actor.is_admin, joined[0] if joined else None)
     params = {
         "flavor_id": flavor_id,
         "flavor": flavor,
@@ -244,8 +244,8 @@ async def first_reads(
         "image_ec2_id": image_ec2_id,
         "project": actor.project_id,
     }  # (those the shape does not use are not sent)
-    if joined and along is not None:
-        params |= along[1]
+    if joined:
+        params |= joined[1]
     found = (await session.execute(statement, params)).all()
     if joined:
         wrote = bool(found[0][3])

@@ -71,16 +71,12 @@ async def insert_or_skip(session: AsyncSession, table: sa.Table, values: dict[st
     return (await session.execute(statement, values)).first() is not None
 
 
-def insert_or_skip_statement(is_postgres: bool, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
-    """``insert_or_skip``'s statement (built once), for a caller that sends it with a read of
-    its own: it returns the row's key when it inserted the row, nothing when it skipped it."""
-    return _insert_or_skip(is_postgres, table, columns)
-
-
 @functools.lru_cache(maxsize=64)
-def _insert_or_skip(is_postgres: bool, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
+def insert_or_skip_statement(is_postgres: bool, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
     """``insert_or_skip``'s statement for these columns, built once (the values are bound
-    parameters named as the columns): a RunInstances with a client token claims it with this."""
+    parameters named as the columns), also for a caller that sends it with a read of its own (a
+    RunInstances claims its client token so): it returns the row's key when it inserted the
+    row, nothing when it skipped it."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     insert: Any = (postgresql if is_postgres else sqlite).insert(table)
