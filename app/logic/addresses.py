@@ -16,6 +16,7 @@ hosts, project, quota rows. The networks themselves are ``networks.py``'s.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -317,20 +318,48 @@ async def give_back(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> N
     await release(session, server_ids)
 
 
-async def give_back_deferred(session: AsyncSession) -> None:
-    """Release what ``give_back`` collected since ``defer_releases``."""
+async def give_back_deferred(session: AsyncSession, *, along: tuple[sa.Update, dict[str, Any]] | None = None) -> None:
+    """Release what ``give_back`` collected since ``defer_releases``. ``along``: a statement
+    (built once) and its parameters, sent with the release (PostgreSQL) or alone if there is
+    nothing to release (a destroyed VM's host move: ``placement.take_deferred_move``)."""
     deferred: set[uuid.UUID] = session.info.pop(_DEFERRED, None) or set()
-    await release(session, sorted(deferred))
+    if deferred:
+        await release(session, sorted(deferred), along=along)
+    elif along is not None:
+        await session.execute(*along)
 
 
-async def release(session: AsyncSession, server_ids: Iterable[uuid.UUID]) -> int:
-    """The addresses of destroyed VMs go back to their networks."""
+async def release(
+    session: AsyncSession, server_ids: Iterable[uuid.UUID], *, along: tuple[sa.Update, dict[str, Any]] | None = None
+) -> int:
+    """The addresses of destroyed VMs go back to their networks: on PostgreSQL in one statement
+    (the public addresses' unmapping rides with the ports' deletion), with ``along`` if given
+    (only PostgreSQL takes it: its rows must be locked in no particular order with these, as
+    a destroyed VM's host row is, whose NICs and addresses nobody else holds). The number of
+    ports released."""
     ids = list(server_ids)
     if not ids:
         return 0
-    await session.execute(_UNMAP.of(session), {"ids": ids})
-    result = await session.execute(_UNPLUG.of(session), {"ids": ids})
+    if rows.postgres(session):
+        stmt, params = _release_statement(along[0] if along is not None else None), {"ids": ids}
+        if along is not None:
+            params |= along[1]
+        result = await session.execute(stmt, params)
+    else:
+        assert along is None, "SQLite sends no writes along"
+        await session.execute(_UNMAP.of(session), {"ids": ids})
+        result = await session.execute(_UNPLUG.of(session), {"ids": ids})
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _release_statement(along: sa.Update | None) -> sa.Delete:
+    """``release``'s statement on PostgreSQL (with ``along``'s, as a CTE), built once: the ports
+    deleted, the public addresses unmapped in a CTE. PostgreSQL runs unreferenced CTEs to
+    completion in an order it does not specify; each touches rows of its own, so none waits on
+    another's."""
+    stmt = _UNPLUG.of_dialect(postgres=True).add_cte(_UNMAP.of_dialect(postgres=True).cte("unmapped"))
+    return stmt if along is None else stmt.add_cte(along.cte("along"))
 
 
 def _addresses(postgres: bool) -> sa.Select[Any]:

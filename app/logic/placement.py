@@ -233,6 +233,32 @@ async def add_deferred(session: AsyncSession) -> None:
         await add(session, host=host, vcpus=summed[host][0], ram_mb=summed[host][1])
 
 
+def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]] | None:
+    """The one host's move ``defer_moves`` summed, as a statement and its parameters, taken (for
+    a caller that sends it with other writes: ``addresses.give_back_deferred``); None, taking
+    nothing, unless exactly one host has a move to make -- several are made one by one, in name
+    order, by ``add_deferred``."""
+    summed: dict[str, tuple[int, int]] = session.info.get(_DEFERRED) or {}
+    moving = {host: move for host, move in summed.items() if move != (0, 0)}
+    if len(moving) != 1:
+        return None
+    session.info[_DEFERRED] = {}
+    [(host, (vcpus, ram_mb))] = moving.items()
+    return _MOVE, {"move_host": host, "move_cpus": vcpus, "move_ram": ram_mb}
+
+
+#: An unchecked move of one host's usage (``add``), built once: the host and the amounts are
+#: bound parameters, named apart from those of the statements it may be sent with.
+_MOVE = (
+    _hosts.update()
+    .where(_hosts.c.name == sa.bindparam("move_host"))
+    .values(
+        used_cpus=_hosts.c.used_cpus + sa.bindparam("move_cpus", type_=sa.Integer),
+        used_ram_mb=_hosts.c.used_ram_mb + sa.bindparam("move_ram", type_=sa.BigInteger),
+    )
+)
+
+
 async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: int) -> None:
     """Move a host's usage without a capacity check: the hypervisor already did it."""
     if host is None or (vcpus == 0 and ram_mb == 0):
@@ -242,11 +268,7 @@ async def add(session: AsyncSession, *, host: str | None, vcpus: int, ram_mb: in
         cpus, ram = summed.get(host, (0, 0))
         summed[host] = (cpus + vcpus, ram + ram_mb)
         return
-    await session.execute(
-        _hosts.update()
-        .where(_hosts.c.name == host)
-        .values(used_cpus=_hosts.c.used_cpus + vcpus, used_ram_mb=_hosts.c.used_ram_mb + ram_mb)
-    )
+    await session.execute(_MOVE, {"move_host": host, "move_cpus": vcpus, "move_ram": ram_mb})
 
 
 @dataclass(frozen=True)

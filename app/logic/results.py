@@ -95,24 +95,36 @@ async def begin_batch(
 async def end_batch(session: AsyncSession) -> None:
     """Make a batch's summed moves: hosts, the destroyed VMs' addresses, then quota rows (the
     order a result alone takes them in)."""
-    await placement.add_deferred(session)
-    await addresses.give_back_deferred(session)
+    await _hosts_and_addresses(session)
     await quotas.move_deferred(session)
     rows.release_all(session)
 
 
+async def _hosts_and_addresses(session: AsyncSession) -> None:
+    """The hosts' summed moves, then the destroyed VMs' addresses given back. One host's move
+    (a result alone has at most one) goes with the addresses, in one statement on PostgreSQL;
+    several are made one by one, in name order, the fixed order of multi-row locks."""
+    one = placement.take_deferred_move(session) if rows.postgres(session) else None
+    await placement.add_deferred(session)
+    await addresses.give_back_deferred(session, along=one)
+
+
 def begin_alone(session: AsyncSession) -> None:
-    """A result applied alone (not in a batch): its usage moves wait for ``end_alone``, as a
-    batch's do, so its VM's and job's changes are not written before them."""
+    """A result applied alone (not in a batch): its host and usage moves and its addresses'
+    release wait for ``end_alone``, as a batch's do, so its VM's and job's changes are not
+    written before them, and a destroy gives its host room and addresses back in one statement."""
+    placement.defer_moves(session)
+    addresses.defer_releases(session)
     quotas.defer_usage(session)
 
 
 async def end_alone(session: AsyncSession) -> None:
-    """A result applied alone, written: its VM's, job's and commission's changes, its usage move
-    (the quota rows, locked last and only until the commit) and their events, in one statement
-    (``stream.write_last``)."""
+    """A result applied alone, written: its host's move and its addresses' release, then its
+    VM's, job's and commission's changes, its usage move (the quota rows, locked last and only
+    until the commit) and their events, in one statement (``stream.write_last``)."""
     move = quotas.take_deferred_move(session)  # (one project's: a result alone has one)
     with session.no_autoflush:  # the rows' changes go in the last statement, not before the moves
+        await _hosts_and_addresses(session)
         await quotas.move_deferred(session)
     await stream.write_last(session, move)
 

@@ -51,6 +51,9 @@ class ByDialect(Generic[S]):
     def of(self, session: AsyncSession | Session) -> S:
         return self._built[postgres(session)]
 
+    def of_dialect(self, *, postgres: bool) -> S:
+        return self._built[postgres]
+
 
 async def insert_unique(session: AsyncSession, row: object, what: str) -> None:
     """Insert ``row``; a unique clash is the client's ``AlreadyExists``, not a 500.

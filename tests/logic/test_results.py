@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app.models import Commission, Host, Image, Job
+from app.models import Commission, Host, Image, Job, Port, PublicIp
 from tests.api.helpers import MEDIUM, SMALL, expected_usage, pending, server_in, usage
 from tests.conftest import Cloud
 
@@ -267,3 +267,45 @@ async def test_migration_uris_come_from_the_heartbeat_to_the_job(cloud: Cloud) -
         host = (await s.scalars(sa.select(Host).where(Host.__table__.c.name == target))).one()  # type: ignore[attr-defined]
     assert job is not None and job.params["target_uri"] == "qemu+ssh://dst/system"
     assert (host.migration_uri, host.hypervisor) == ("qemu+ssh://dst/system", "qemu")
+
+
+async def test_a_destroy_result_alone_gives_back_host_room_and_addresses_together(cloud: Cloud) -> None:
+    """A destroy's result applied alone gives its host's room, its NICs' addresses and its public
+    address back after its commission's lock and before its last write (the order a batch takes
+    them in); on PostgreSQL in one statement, not three. On both databases: the host has its
+    room again, the VM no port, the public address is the project's still, unmapped."""
+    r = await cloud.client.post(
+        "/api/v1/admin/public-ip-pools", headers=cloud.admin, json={"name": "edge", "cidr": "203.0.113.0/30"}
+    )
+    assert r.status_code == 201, r.text
+    user = await cloud.user()
+    hosts = await _hosts(cloud)
+    vm = await server_in(cloud, user, "STARTED", public_ip=True)
+    assert vm["addresses"][0]["public_ip"] and vm["addresses"][0]["ip"]
+    job = (await cloud.act(user, vm["id"], "destroy"))["job_id"]
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        assert await cloud.finish(job) == "applied"
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+
+    assert await _hosts(cloud) == hosts  # the room the VM held is back
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
+    async with cloud.sessions() as s:
+        ports = list(await s.scalars(sa.select(Port).where(Port.server_id == uuid.UUID(vm["id"]))))  # type: ignore[arg-type]
+        held = list(await s.scalars(sa.select(PublicIp)))
+    assert ports == []
+    assert [(ip.server_id, ip.association_id, str(ip.project_id)) for ip in held] == [(None, None, user["X-Project"])]
+    touching = [s for s in sent if any(t in s for t in ("UPDATE hosts", "public_ips", "ports"))]
+    after_commission = sent.index(next(s for s in sent if "FROM commissions" in s))
+    assert all(sent.index(s) > after_commission for s in touching), sent
+    if cloud.engine.dialect.name == "postgresql":
+        assert len(touching) == 1, touching
+        assert all(f" {t} " in f" {touching[0]} " for t in ("hosts", "public_ips", "ports")), touching
+    else:
+        assert len(touching) == 3, touching
