@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.ids import utcnow
 from app.logic import addresses, events, placement, quotas, rows, servers, stream
@@ -36,20 +37,50 @@ _jobs, _servers, _flavors = table_of(Job), table_of(Server), table_of(Flavor)
 _commissions = table_of(Commission)
 T = TypeVar("T")
 
-#: A job's VM and the job, locked in that order (the VM's lock is the per-VM task lock: every
-#: writer takes it first), read afresh with the VM's flavor (which ``session.get`` then finds in
-#: the session) and the job's commission (not locked: one that is final never changes, and one
-#: still pending is locked when it is settled), in one statement: no row when there is no such
-#: job. PostgreSQL locks a row's relations in the order ``OF`` names them.
-_SERVER_OF_JOB = (
-    sa.select(Server, Flavor, Job, Commission)
-    .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
-    .join(_jobs, _jobs.c.server_id == _servers.c.id)
-    .outerjoin(_commissions, _commissions.c.id == _jobs.c.commission_id)
-    .where(_jobs.c.id == sa.bindparam("job"))
-    .with_for_update(of=[_servers, _jobs], key_share=True)
-    .execution_options(populate_existing=True)
-)
+
+def _server_of_job(postgres: bool) -> sa.Select[*tuple[Any, ...]]:
+    """A job's VM and the job, locked in that order (the VM's lock is the per-VM task lock: every
+    writer takes it first), read afresh with the VM's flavor (which ``session.get`` then finds in
+    the session), and then the job's commission, locked last, in one statement: no row when
+    there is no such job. PostgreSQL locks a row's relations in the order ``OF`` names them.
+
+    A job may have no commission, and PostgreSQL locks no row on the nullable side of an outer
+    join: there, the VM and the job are locked in a sub-SELECT, and the commission in a LATERAL
+    sub-SELECT joined to each row it gives, so only once they are held (lock order: server,
+    job, commission). SQLite locks no rows (one writer at a time: its transactions begin
+    IMMEDIATE), and reads the commission with an outer join."""
+    found = (
+        sa.select(Server, Flavor, Job)
+        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+        .join(_jobs, _jobs.c.server_id == _servers.c.id)
+        .where(_jobs.c.id == sa.bindparam("job"))
+    )
+    if not postgres:
+        return (
+            found.add_columns(Commission)
+            .outerjoin(_commissions, _commissions.c.id == _jobs.c.commission_id)
+            .execution_options(populate_existing=True)
+        )
+    held = (
+        found.with_for_update(of=[_servers, _jobs], key_share=True)
+        .set_label_style(sa.LABEL_STYLE_TABLENAME_PLUS_COL)
+        .subquery("held")
+    )
+    commission = (
+        sa.select(_commissions)
+        .where(_commissions.c.id == held.c.jobs_commission_id)
+        .with_for_update(key_share=True)
+        .lateral("commission")
+    )
+    return (
+        sa.select(aliased(Server, held), aliased(Flavor, held), aliased(Job, held), aliased(Commission, commission))
+        .select_from(held)
+        .outerjoin(commission, sa.true())
+        .execution_options(populate_existing=True)
+    )
+
+
+_SERVER_OF_JOB = rows.ByDialect(_server_of_job)
 
 
 class Outcome(StrEnum):
@@ -127,6 +158,7 @@ async def end_alone(session: AsyncSession) -> None:
         await _hosts_and_addresses(session)
         await quotas.move_deferred(session)
     await stream.write_last(session, move)
+    rows.release_all(session)
 
 
 def in_sequence(items: list[T], key: Callable[[T], tuple[uuid.UUID, int] | None]) -> list[T]:
@@ -177,10 +209,12 @@ async def apply_result(
         # Lock order: server first, as every other writer does, then the job -- with the VM's
         # flavor, in one statement. (``execute``, not ``scalars``: the flavor and the job must be
         # loaded too, not only the VM.)
-        row = (await session.execute(_SERVER_OF_JOB, {"job": job_id})).first()
+        row = (await session.execute(_SERVER_OF_JOB.of(session), {"job": job_id})).first()
         if row is None:
             return Outcome.UNKNOWN  # no such job (every job has its server)
         server, _, job, known = row
+        if known is not None:  # locked with them: settling it needs no statement of its own
+            rows.hold(session, known)
     if job.status in FINAL:
         return Outcome.DUPLICATE
 

@@ -252,6 +252,12 @@ def _lock_all(model: type[SQLModel], is_postgres: bool) -> sa.Select[Any]:
     )
 
 
+def hold(session: AsyncSession, row: Any) -> None:
+    """A row this transaction locked and read afresh by other means than ``lock_all``: until
+    ``release_all``, ``held`` says so, as if ``lock_all`` had locked it."""
+    session.info.setdefault(_HELD, {}).setdefault(type(row), {})[row.id] = row
+
+
 def keep(session: AsyncSession, found: Iterable[Any]) -> None:
     """Keep rows this transaction read and will use again (not locked: ``held`` does not say
     so) until ``release_all``: ``session.get`` finds them with no statement."""

@@ -302,10 +302,55 @@ async def test_a_destroy_result_alone_gives_back_host_room_and_addresses_togethe
     assert ports == []
     assert [(ip.server_id, ip.association_id, str(ip.project_id)) for ip in held] == [(None, None, user["X-Project"])]
     touching = [s for s in sent if any(t in s for t in ("UPDATE hosts", "public_ips", "ports"))]
-    after_commission = sent.index(next(s for s in sent if "FROM commissions" in s))
+    after_commission = sent.index(next(s for s in sent if " commissions " in s))
     assert all(sent.index(s) > after_commission for s in touching), sent
     if cloud.engine.dialect.name == "postgresql":
         assert len(touching) == 1, touching
         assert all(f" {t} " in f" {touching[0]} " for t in ("hosts", "public_ips", "ports")), touching
     else:
         assert len(touching) == 3, touching
+
+
+async def test_a_result_alone_locks_its_vm_its_job_and_its_commission_in_one_statement(cloud: Cloud) -> None:
+    """A result applied alone reads its VM, job and commission in one statement, and on
+    PostgreSQL locks them there in the lock order (VM and job in a sub-SELECT, the commission in
+    a LATERAL one joined to what it gave), so settling the commission sends no statement of its
+    own. A job without a commission is found all the same; a duplicate changes nothing."""
+    user = await cloud.user()
+    vm = await server_in(cloud, user, "STARTED")
+    job = (await cloud.act(user, vm["id"], "stop"))["job_id"]
+    before = usage(await cloud.quotas(user))
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        assert await cloud.finish(job) == "applied"
+        stop, sent[:] = list(sent), []
+        assert await cloud.finish(job) == "duplicate"
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+    assert (await cloud.server(user, vm["id"]))["operstate"] == "STOPPED"
+    after = usage(await cloud.quotas(user))
+    assert after["active_cpu"] == before["active_cpu"] - SMALL[0] and after["cpu"] == before["cpu"]
+    async with cloud.sessions() as s:
+        commission = await s.scalar(sa.select(Commission).where(Commission.job_id == uuid.UUID(job)))  # type: ignore[arg-type]
+    assert commission is not None and commission.state == "accepted"
+    reads = [s for s in stop if s.startswith("SELECT") and " commissions " in s]
+    assert len(reads) == 1 and stop.index(reads[0]) == next(i for i, s in enumerate(stop) if s.startswith("SELECT")), (
+        stop
+    )
+    if cloud.engine.dialect.name == "postgresql":
+        assert "FOR NO KEY UPDATE OF servers, jobs) AS held LEFT OUTER JOIN LATERAL" in reads[0], reads[0]
+        assert reads[0].endswith("FOR NO KEY UPDATE) AS commission ON true"), reads[0]
+        assert len([s for s in stop if s.startswith("SELECT") and "FOR NO KEY UPDATE" in s]) == 1, stop
+
+    # A job with no commission (a reboot moves no usage) is found by the same statement.
+    console = (await cloud.act(user, vm["id"], "start"))["job_id"]
+    assert await cloud.finish(console) == "applied"
+    job = (await cloud.act(user, vm["id"], "reboot"))["job_id"]
+    async with cloud.sessions() as s:
+        assert (await s.get(Job, uuid.UUID(job))).commission_id is None  # type: ignore[union-attr]
+    assert await cloud.finish(job) == "applied"
