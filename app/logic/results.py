@@ -89,11 +89,26 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"  # no such job
 
 
-#: ``begin_batch``'s reads, built once per dialect: one text for a batch of any size.
-_OWNERS = rows.ByDialect(
-    lambda pg: sa.select(_jobs.c.id, _jobs.c.server_id).where(rows.among(_jobs.c.id, "ids", postgres=pg))
-)
-_FLAVORS = rows.ByDialect(lambda pg: sa.select(Flavor).where(rows.among(_flavors.c.id, "ids", postgres=pg)))
+def _batch_vms(postgres: bool) -> sa.Select[*tuple[Any, ...]]:
+    """``begin_batch``'s first statement, built once per dialect (one text for a batch of any
+    size): the VMs named and those of the jobs named, locked in id order, each with its flavor
+    (not locked: flavors do not change under a VM)."""
+    # One list of ids, so the VMs are found by key (an OR of the two would scan the table).
+    wanted = sa.union_all(
+        sa.select(_jobs.c.server_id).where(rows.among(_jobs.c.id, "job_ids", postgres=postgres)),
+        sa.select(_servers.c.id).where(rows.among(_servers.c.id, "server_ids", postgres=postgres)),
+    )
+    return (
+        sa.select(Server, Flavor)
+        .join(_flavors, _flavors.c.id == _servers.c.flavor_id)
+        .where(_servers.c.id.in_(wanted))
+        .order_by(_servers.c.id)
+        .with_for_update(of=_servers, key_share=True)
+        .execution_options(populate_existing=True)
+    )
+
+
+_BATCH_VMS = rows.ByDialect(_batch_vms)
 
 
 async def begin_batch(
@@ -104,19 +119,18 @@ async def begin_batch(
     orders. Host and usage moves are then summed, and made last by ``end_batch``: one UPDATE per
     host and per project for the whole batch, so a project's quota rows are locked once per
     batch and only until its commit."""
-    owners: dict[uuid.UUID, uuid.UUID] = {}
-    if job_ids:
-        found = await session.execute(_OWNERS.of(session), {"ids": sorted(job_ids)})
-        owners = {row.id: row.server_id for row in found}
-    vms = await rows.lock_all(session, Server, server_ids | set(owners.values()))
-    # Their flavors, read once for the batch (not locked: flavors do not change under a VM).
-    flavor_ids = {vm.flavor_id for vm in vms}
-    if flavor_ids:
-        rows.keep(session, await session.scalars(_FLAVORS.of(session), {"ids": sorted(flavor_ids)}))
-    # Then their jobs and the jobs' commissions, each in one statement (the lock order of
-    # ``apply_result``: server, job, commission): applying them reads them from the session.
-    held = await rows.lock_all(session, Job, owners)
+    # The VMs with their flavors, in one statement; then their jobs and the jobs' commissions,
+    # each in one statement (the lock order of ``apply_result``: server, job, commission).
+    # Applying the results reads them all from the session.
+    found = await session.execute(
+        _BATCH_VMS.of(session), {"job_ids": sorted(job_ids), "server_ids": sorted(server_ids)}
+    )
+    for vm, flavor in found:
+        rows.hold(session, vm)
+        rows.keep(session, [flavor])
+    held = await rows.lock_all(session, Job, job_ids)
     await rows.lock_all(session, Commission, [job.commission_id for job in held if job.commission_id is not None])
+    owners = {job.id: job.server_id for job in held}
     placement.defer_moves(session)
     addresses.defer_releases(session)
     quotas.defer_usage(session)

@@ -340,3 +340,37 @@ async def test_a_result_alone_writes_its_changes_in_one_statement(cloud: Cloud) 
         assert job is not None and (job.status, job.domain_state) == ("SUCCESS", "shutoff")
     assert (await _history(cloud, vm["id"]))[len(before) :][-1] == ("job_succeeded", "STARTED", "STOPPED")
     await _usage_matches_vms(cloud, user)
+
+
+async def test_a_batch_opens_with_its_vms_and_their_flavors_in_one_statement(cloud: Cloud) -> None:
+    """A batch locks the VMs it touches -- those of its jobs and those its hosts' events name --
+    with their flavors in one statement (in id order), then their jobs, then their commissions:
+    three statements before it applies anything, whatever its size. A result for a job nobody
+    knows in it is applied alone, and refused, as before."""
+    user = await cloud.user()
+    dispatcher = Dispatcher(cloud.sessions, batch=64, runners=1)
+    vms = [await server_in(cloud, user, "STARTED") for _ in range(3)]
+    seen = await server_in(cloud, user, "STARTED")
+    stops = [(await cloud.act(user, v["id"], "stop"))["job_id"] for v in vms]
+    bodies = [_done(j, v["id"], 7, domain="shutoff") for j, v in zip(stops, vms, strict=True)]
+    bodies += [_seen(seen["id"], "shutoff", 7), _done(str(uuid.uuid4()), seen["id"], 8)]
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        delivered = await _deliver(dispatcher, bodies)
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
+    assert delivered[:4] == [None] * 4 and isinstance(delivered[4], Poison), delivered
+    assert dispatcher.counts["batches"] == 1
+    assert [(await cloud.server(user, v["id"]))["operstate"] for v in [*vms, seen]] == ["STOPPED"] * 4
+    opening = [s for s in sent if s.startswith("SELECT")][:3]
+    assert "JOIN flavors" in opening[0] and "FROM jobs" in opening[0] and "ORDER BY servers.id" in opening[0], opening
+    assert opening[1].startswith("SELECT jobs.") and opening[2].startswith("SELECT commissions."), opening
+    if cloud.engine.dialect.name == "postgresql":
+        assert opening[0].endswith("FOR NO KEY UPDATE OF servers"), opening[0]
+    assert not any(s.startswith("SELECT flavors.") for s in sent), sent
+    await _usage_matches_vms(cloud, user)
