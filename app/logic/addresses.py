@@ -333,10 +333,10 @@ async def release(
     session: AsyncSession, server_ids: Iterable[uuid.UUID], *, along: tuple[sa.Update, dict[str, Any]] | None = None
 ) -> int:
     """The addresses of destroyed VMs go back to their networks: on PostgreSQL in one statement
-    (the public addresses' unmapping rides with the ports' deletion), with ``along`` if given
-    (only PostgreSQL takes it: its rows must be locked in no particular order with these, as
-    a destroyed VM's host row is, whose NICs and addresses nobody else holds). The number of
-    ports released."""
+    (the public addresses' unmapping rides with the ports' deletion), with ``along`` in it if
+    given (PostgreSQL only). PostgreSQL fixes no order among the parts of one statement, so
+    ``along`` must be safe to run in any order with these: a host's move is, as the VMs' NICs and
+    addresses are locked by nobody who does not hold the VMs. The number of ports released."""
     ids = list(server_ids)
     if not ids:
         return 0

@@ -220,9 +220,9 @@ async def apply_result(
         server = await servers.locked(session, job.server_id)
         assert server is not None  # jobs reference their server
     else:
-        # Lock order: server first, as every other writer does, then the job -- with the VM's
-        # flavor, in one statement. (``execute``, not ``scalars``: the flavor and the job must be
-        # loaded too, not only the VM.)
+        # Lock order: server first, as every other writer does, then the job, then its
+        # commission -- with the VM's flavor, in one statement. (``execute``, not ``scalars``:
+        # the flavor, the job and the commission must be loaded too, not only the VM.)
         row = (await session.execute(_SERVER_OF_JOB.of(session), {"job": job_id})).first()
         if row is None:
             return Outcome.UNKNOWN  # no such job (every job has its server)
