@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import sqlalchemy as sa
+
 from tests.conftest import Cloud
+
+
+@contextlib.contextmanager
+def statements_sent(cloud: Cloud) -> Iterator[list[str]]:
+    """The SQL statements the cloud's engine sends while in the block, in order, each with its
+    whitespace collapsed to single spaces (a list the caller may clear between steps)."""
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
 
 
 async def server_in(cloud: Cloud, headers: dict[str, str], state: str, **create: Any) -> dict[str, Any]:

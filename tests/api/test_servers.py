@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from app.models import Commission, Job, ServerEvent
-from tests.api.helpers import expected_usage, pending, server_in, usage
+from tests.api.helpers import expected_usage, pending, server_in, statements_sent, usage
 from tests.conftest import Cloud
 
 ACTION_FROM = {
@@ -242,16 +241,11 @@ async def test_an_action_locks_its_vm_once_and_a_start_its_project_with_it(cloud
     the lock order), not in one of its own; a create reads its flavor, image and lease policy in
     one statement. Each is accepted as before, and a second destroy answers with the first's job."""
     user = await cloud.user()
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(" ".join(statement.split()))
 
     def accepting(statements: list[str]) -> list[str]:  # the request's own (not its token's)
         return [s for s in statements if "FROM users" not in s and "api_tokens" not in s]
 
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         reply = await cloud.create(user)
         created, sent[:] = accepting(sent), []
         vm = reply["servers"][0]
@@ -266,8 +260,6 @@ async def test_an_action_locks_its_vm_once_and_a_start_its_project_with_it(cloud
         destroyed, sent[:] = accepting(sent), []
         assert await cloud.finish(destroy["job_id"]) == "applied"
         again = await cloud.act(user, vm["id"], "destroy")
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     assert again["job_id"] == destroy["job_id"]
     assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
 

@@ -23,7 +23,7 @@ from app.dispatcher.handlers import Dispatcher
 from app.logic.operstate import Operstate, footprint
 from app.messages import Heartbeat, JobStatus, StateChange
 from app.models import Job, Port, PublicIp, Server, ServerEvent, table_of
-from tests.api.helpers import server_in, usage
+from tests.api.helpers import server_in, statements_sent, usage
 from tests.conftest import Cloud
 
 
@@ -237,13 +237,7 @@ async def test_a_batch_writes_its_vms_and_jobs_together(cloud: Cloud) -> None:
     written at its end, an UPDATE of many rows per table, not two statements per result."""
     user = await cloud.user()
     dispatcher = Dispatcher(cloud.sessions, batch=64, runners=1)
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
-
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         spent = []
         for n in (2, 8):
             vms = [await server_in(cloud, user, "STARTED") for _ in range(n)]
@@ -255,8 +249,6 @@ async def test_a_batch_writes_its_vms_and_jobs_together(cloud: Cloud) -> None:
             assert [(await cloud.server(user, v["id"]))["operstate"] for v in vms] == ["STOPPED"] * n
         assert spent[0] == spent[1], spent
         assert dispatcher.counts["batches"] == 2
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     await _usage_matches_vms(cloud, user)
 
 
@@ -316,16 +308,8 @@ async def test_a_result_alone_writes_its_changes_in_one_statement(cloud: Cloud) 
     vm = await server_in(cloud, user, "STARTED")
     before = await _history(cloud, vm["id"])
     stop = (await cloud.act(user, vm["id"], "stop"))["job_id"]
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
-
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         assert await _deliver(dispatcher, [_done(stop, vm["id"], 7, domain="shutoff")]) == [None]
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     assert dispatcher.counts["batches"] == 0
     writes = [s for s in sent if not s.lstrip().upper().startswith("SELECT")]
     if cloud.engine.dialect.name == "postgresql":
@@ -354,16 +338,8 @@ async def test_a_batch_opens_with_its_vms_and_their_flavors_in_one_statement(clo
     stops = [(await cloud.act(user, v["id"], "stop"))["job_id"] for v in vms]
     bodies = [_done(j, v["id"], 7, domain="shutoff") for j, v in zip(stops, vms, strict=True)]
     bodies += [_seen(seen["id"], "shutoff", 7), _done(str(uuid.uuid4()), seen["id"], 8)]
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(" ".join(statement.split()))
-
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         delivered = await _deliver(dispatcher, bodies)
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     assert delivered[:4] == [None] * 4 and isinstance(delivered[4], Poison), delivered
     assert dispatcher.counts["batches"] == 1
     assert [(await cloud.server(user, v["id"]))["operstate"] for v in [*vms, seen]] == ["STOPPED"] * 4

@@ -14,26 +14,10 @@ import sqlalchemy as sa
 
 from app.logic import events, rows, stream
 from app.models import Server, ServerEvent, table_of
-from tests.api.helpers import server_in
+from tests.api.helpers import server_in, statements_sent
 from tests.conftest import Cloud
 
 _events = table_of(ServerEvent)
-
-
-class _Sent:
-    def __init__(self, cloud: Cloud) -> None:
-        self.engine = cloud.engine.sync_engine
-        self.statements: list[str] = []
-
-    def _count(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(statement)
-
-    def __enter__(self) -> list[str]:
-        sa.event.listen(self.engine, "before_cursor_execute", self._count)
-        return self.statements
-
-    def __exit__(self, *exc: object) -> None:
-        sa.event.remove(self.engine, "before_cursor_execute", self._count)
 
 
 async def _stream(cloud: Cloud, project_id: str) -> list[dict[str, Any]]:
@@ -56,7 +40,7 @@ async def test_an_action_sends_its_event_with_its_job(cloud: Cloud) -> None:
     user = await cloud.user()
     vm = await server_in(cloud, user, "STARTED")
     before = len(await _stream(cloud, user["X-Project"]))
-    with _Sent(cloud) as sent:
+    with statements_sent(cloud) as sent:
         await cloud.act(user, vm["id"], "stop")
     writes = [s for s in sent if "INSERT INTO server_events" in s]
     assert len(writes) == 1, writes
@@ -73,7 +57,7 @@ async def test_an_action_sends_its_event_with_its_job(cloud: Cloud) -> None:
 
 async def test_a_create_sends_its_events_with_its_quota_move(cloud: Cloud) -> None:
     user = await cloud.user()
-    with _Sent(cloud) as sent:
+    with statements_sent(cloud) as sent:
         vm = (await cloud.create(user))["servers"][0]
     writes = [s for s in sent if "INSERT INTO server_events" in s]
     assert len(writes) == 1, writes

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.models import Commission, Host, Image, Job, Port, PublicIp
-from tests.api.helpers import MEDIUM, SMALL, expected_usage, pending, server_in, usage
+from tests.api.helpers import MEDIUM, SMALL, expected_usage, pending, server_in, statements_sent, usage
 from tests.conftest import Cloud
 
 # action: (from state, extra body, state on success, state on failure)
@@ -283,16 +283,8 @@ async def test_a_destroy_result_alone_gives_back_host_room_and_addresses_togethe
     vm = await server_in(cloud, user, "STARTED", public_ip=True)
     assert vm["addresses"][0]["public_ip"] and vm["addresses"][0]["ip"]
     job = (await cloud.act(user, vm["id"], "destroy"))["job_id"]
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(" ".join(statement.split()))
-
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         assert await cloud.finish(job) == "applied"
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
 
     assert await _hosts(cloud) == hosts  # the room the VM held is back
     assert (await cloud.server(user, vm["id"]))["operstate"] == "DESTROYED"
@@ -320,18 +312,10 @@ async def test_a_result_alone_locks_its_vm_its_job_and_its_commission_in_one_sta
     vm = await server_in(cloud, user, "STARTED")
     job = (await cloud.act(user, vm["id"], "stop"))["job_id"]
     before = usage(await cloud.quotas(user))
-    sent: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(" ".join(statement.split()))
-
-    sa.event.listen(cloud.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with statements_sent(cloud) as sent:
         assert await cloud.finish(job) == "applied"
         stop, sent[:] = list(sent), []
         assert await cloud.finish(job) == "duplicate"
-    finally:
-        sa.event.remove(cloud.engine.sync_engine, "before_cursor_execute", count)
     assert (await cloud.server(user, vm["id"]))["operstate"] == "STOPPED"
     after = usage(await cloud.quotas(user))
     assert after["active_cpu"] == before["active_cpu"] - SMALL[0] and after["cpu"] == before["cpu"]
