@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.logic import rows
 from app.logic.errors import NoCapacity
 from app.logic.hoststate import WITHOUT_INVENTORY, HostState
 from app.models import Flavor, Host, table_of
@@ -235,12 +236,12 @@ async def add_deferred(session: AsyncSession) -> None:
 
 def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]] | None:
     """The one host's move ``defer_moves`` summed, as a statement and its parameters, taken (for
-    a caller that sends it with other writes: ``addresses.give_back_deferred``); None, taking
-    nothing, unless exactly one host has a move to make -- several are made one by one, in name
-    order, by ``add_deferred``."""
+    a caller that sends it with other writes on PostgreSQL: ``addresses.give_back_deferred``);
+    None, taking nothing, unless exactly one host has a move to make and the database is
+    PostgreSQL -- otherwise ``add_deferred`` makes them one by one, in name order."""
     summed: dict[str, tuple[int, int]] = session.info.get(_DEFERRED) or {}
     moving = {host: move for host, move in summed.items() if move != (0, 0)}
-    if len(moving) != 1:
+    if len(moving) != 1 or not rows.postgres(session):
         return None
     session.info[_DEFERRED] = {}
     [(host, (vcpus, ram_mb))] = moving.items()

@@ -149,7 +149,7 @@ async def _hosts_and_addresses(session: AsyncSession) -> None:
     """The hosts' summed moves, then the destroyed VMs' addresses given back. One host's move
     (a result alone has at most one) goes with the addresses, in one statement on PostgreSQL;
     several are made one by one, in name order, the fixed order of multi-row locks."""
-    one = placement.take_deferred_move(session) if rows.postgres(session) else None
+    one = placement.take_deferred_move(session)
     await placement.add_deferred(session)
     await addresses.give_back_deferred(session, along=one)
 

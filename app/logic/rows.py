@@ -234,7 +234,8 @@ async def lock_all(session: AsyncSession, model: type[SQLModel], ids: Iterable[u
     if not wanted:
         return []
     found: list[Any] = list(await session.scalars(_lock_all(model, postgres(session)), {"ids": wanted}))
-    session.info.setdefault(_HELD, {}).setdefault(model, {}).update((row.id, row) for row in found)
+    for row in found:
+        hold(session, row)
     return found
 
 
