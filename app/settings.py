@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # Durable queues as quorum queues (replicated across a RabbitMQ cluster) instead of classic
     # ones. Chosen before a prefix's first start: the broker will not convert existing queues.
     amqp_quorum: bool = False
+    # A user (not an admin) found behind a bearer token is remembered this long by the process
+    # that found it, so the user's requests skip reading it (accounts.KnownTokens says why that
+    # is exact). 0 reads the caller on every request.
+    auth_cache_seconds: float = Field(default=10, ge=0)
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None

@@ -59,6 +59,10 @@ class AppState:
     publish: Publish = _publish_nothing
     bus_ok: Callable[[], bool] = field(default=lambda: True)
     bus: Bus | None = None  # for admin work that talks to agents (reconcile)
+    known_tokens: accounts.KnownTokens = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.known_tokens = accounts.KnownTokens(self.settings.auth_cache_seconds)
 
 
 async def get_state(request: Request) -> AppState:
@@ -126,9 +130,11 @@ _bearer = HTTPBearer(auto_error=False, description="A user's API token")
 
 async def current_user(
     tx: TxDep,
+    state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Actor:
-    return await accounts.authenticate(tx.session, credentials.credentials if credentials else None)
+    token = credentials.credentials if credentials else None
+    return await accounts.authenticate(tx.session, token, state.known_tokens)
 
 
 CurrentUser = Annotated[Actor, Depends(current_user)]

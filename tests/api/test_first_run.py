@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.logic import bootstrap
-from tests.api.helpers import server_in
+from tests.api.helpers import server_in, statements_sent
 from tests.conftest import ADMIN_TOKEN, Cloud
 
 
@@ -86,3 +86,26 @@ async def test_setting_the_admin_token_rotates_the_bootstrap_token(cloud: Cloud)
         )
     ).json()["items"]
     assert [u["name"] for u in users if u["role"] == "admin"] == ["admin"]  # rotated, not a second admin
+
+
+async def test_a_users_requests_read_the_caller_once_an_admins_every_time(cloud: Cloud) -> None:
+    """A user found behind a token is remembered by the API (one statement fewer per request);
+    an admin is read on every request, so a rotated admin token stops at once (above), and an
+    unknown token is refused every time."""
+    user = await cloud.user()
+
+    def callers(sent: list[str]) -> int:
+        return sum(1 for s in sent if "FROM users WHERE users.token_hash" in s)
+
+    with statements_sent(cloud) as sent:
+        for headers, expect in ((user, [1, 0, 0]), (cloud.admin, [1, 1, 1])):
+            found = []
+            for _ in range(3):
+                sent.clear()
+                assert (await cloud.client.get("/api/v1/servers", headers=headers)).status_code == 200
+                found.append(callers(sent))
+            assert found == expect, (headers is user, found)
+        for _ in range(2):
+            sent.clear()
+            r = await cloud.client.get("/api/v1/servers", headers={"Authorization": "Bearer nph_nobody"})
+            assert r.status_code == 401 and callers(sent) == 1
