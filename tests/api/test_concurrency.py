@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app.logic import placement
 from app.models import Host, Server
 from app.settings import HostSpec
-from tests.api.helpers import server_in
+from tests.api.helpers import server_in, statements_sent
 from tests.conftest import Cloud, start_cloud, stop_cloud
 
 BODY = {"name": "race", "flavor": "small", "image": "debian-12"}
@@ -111,6 +111,32 @@ async def test_concurrent_actions_on_many_servers_keep_usage_exact(cloud: Cloud)
             await cloud.finish(r.json()["job_id"])
     q = await cloud.quotas(user)
     assert q["active_cpu"] == {"limit": 3, "usage": 3, "pending": 0}
+
+
+async def test_a_create_waits_for_the_freest_host_in_one_statement_when_every_host_is_held(pg_url: str) -> None:
+    """PostgreSQL: while other creates still open hold every host's row, a create waits for the
+    freest one (as its snapshot saw it) in the same statement that looked for one nobody held,
+    and reserves on it once they are done; each host's usage stays exact."""
+    cloud, manager = await start_cloud(pg_url, hosts=[HostSpec("roomy", 8, 32768), HostSpec("snug", 8, 16384)])
+    try:
+        user = await cloud.user(vm=10, cpu=100, ram=10**6, active_cpu=100, active_ram=10**6, disk=10**4)
+        async with cloud.sessions() as first, cloud.sessions() as second:
+            held = [await placement.reserve(s, vcpus=1, ram_mb=2048, zone=None) for s in (first, second)]
+            assert sorted(h.host for h in held) == ["roomy", "snug"]
+            with statements_sent(cloud) as sent:
+                create = asyncio.ensure_future(cloud.client.post("/api/v1/servers", headers=user, json=BODY))
+                await asyncio.sleep(0.5)
+                assert not create.done()  # waiting for a host's row
+                await first.rollback()
+                await second.rollback()
+                r = await asyncio.wait_for(create, 10)
+            assert r.status_code == 202 and r.json()["servers"][0]["host"] == "roomy", r.text
+            assert sum(1 for s in sent if s.startswith("UPDATE hosts")) == 1, [s[:80] for s in sent]
+        async with cloud.sessions() as s:
+            used = {h.name: h.used_ram_mb for h in await s.scalars(sa.select(Host))}
+        assert used == {"roomy": 2048, "snug": 0}
+    finally:
+        await stop_cloud(cloud, manager)
 
 
 async def test_a_create_takes_the_next_host_while_the_freest_is_being_filled(pg_url: str) -> None:
