@@ -238,12 +238,10 @@ def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]
     a caller that sends it with other writes on PostgreSQL: ``addresses.give_back_deferred``);
     None, taking nothing, unless exactly one host has a move to make and the database is
     PostgreSQL -- otherwise ``add_deferred`` makes them one by one, in name order."""
-    summed: dict[str, tuple[int, int]] = session.info.get(_DEFERRED) or {}
-    moving = {host: move for host, move in summed.items() if move != (0, 0)}
-    if len(moving) != 1 or not rows.postgres(session):
+    taken = rows.take_only_move(session, _DEFERRED, lambda move: move == (0, 0))
+    if taken is None:
         return None
-    session.info[_DEFERRED] = {}
-    [(host, (vcpus, ram_mb))] = moving.items()
+    host, (vcpus, ram_mb) = taken
     return _MOVE, {"move_host": host, "move_cpus": vcpus, "move_ram": ram_mb}
 
 

@@ -217,12 +217,10 @@ def take_deferred_move(session: AsyncSession) -> tuple[sa.Update, dict[str, Any]
     """The one project's move ``defer_usage`` summed, as a statement and its parameters, taken
     (for a caller that sends it with its last writes: ``stream.write_last``); None, taking
     nothing, unless exactly one project has a move to make."""
-    summed: dict[uuid.UUID, Deltas] = session.info.get(_DEFERRED) or {}
-    moving = {project: deltas for project, deltas in summed.items() if not deltas.is_zero()}
-    if len(moving) != 1 or not rows.postgres(session):
+    taken = rows.take_only_move(session, _DEFERRED, Deltas.is_zero)
+    if taken is None:
         return None
-    session.info[_DEFERRED] = {}
-    [(project_id, deltas)] = moving.items()
+    project_id, deltas = taken
     return _move_of(project_id, deltas, postgres=True)
 
 

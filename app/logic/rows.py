@@ -259,6 +259,19 @@ def hold(session: AsyncSession, row: Any) -> None:
     session.info.setdefault(_HELD, {}).setdefault(type(row), {})[row.id] = row
 
 
+def take_only_move(session: AsyncSession, key: str, is_zero: Callable[[Any], bool]) -> tuple[Any, Any] | None:
+    """The one move a deferring transaction summed under ``session.info[key]`` (per host, per
+    project), taken, as (whose, how much), for a caller that sends it with other writes in one
+    statement on PostgreSQL; None, taking nothing, unless the database is PostgreSQL and exactly
+    one of the sums is not zero (then the moves are made one by one, in their fixed order)."""
+    summed: dict[Any, Any] = session.info.get(key) or {}
+    moving = [(whose, move) for whose, move in summed.items() if not is_zero(move)]
+    if len(moving) != 1 or not postgres(session):
+        return None
+    session.info[key] = {}
+    return moving[0]
+
+
 def keep(session: AsyncSession, found: Iterable[Any]) -> None:
     """Keep rows this transaction read and will use again (not locked: ``held`` does not say
     so) until ``release_all``: ``session.get`` finds them with no statement."""
