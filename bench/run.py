@@ -8,7 +8,10 @@ publish + consume messages per second (aio-pika), and bare HTTP requests per sec
 FastAPI answering at once, ``bench/stack.py``). One VM action costs at least two commits
 (accept it, apply its result), two such messages (the job, its result) and one HTTP request:
 that is DESIGN.md's floor. ``bench/stack.py`` also runs a whole action on the stack with no
-logic, the ceiling of any implementation on this stack and machine.
+logic, the ceiling of any implementation on this stack and machine, and the same in the design's
+shape (the agent's and the dispatcher's stand-ins as processes of their own, commits through
+SQLAlchemy Core), the ceiling of any implementation laid out as DESIGN.md lays out Nephos; with
+the CPU each process of each spent per action.
 
     python bench/run.py [--n 1000] [--concurrency 50] [--pg postgresql://...] [--amqp amqp://...]
 """
@@ -128,6 +131,18 @@ def pids_named(name: str, *, top: bool) -> list[int]:
     return [pid for pid, parent in found.items() if (parent not in found) == top]
 
 
+def services_cpu() -> dict[str, float]:
+    """Now: the CPU seconds of PostgreSQL (with its backends that have exited), of RabbitMQ and of
+    this client."""
+    own = os.times()
+    return {
+        "postgresql": sum(cpu_seconds(pid, children=True) for pid in pids_named("postgres", top=True))
+        + sum(cpu_seconds(pid) for pid in pids_named("postgres", top=False)),
+        "rabbitmq": sum(cpu_seconds(pid, children=True) for pid in pids_named("beam.smp", top=True)),
+        "client": own.user + own.system,
+    }
+
+
 def spent(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], per: int) -> dict[str, float]:
     """What each process spent between two ``usage`` readings, per action: CPU in ms, and
     statements and commits."""
@@ -245,12 +260,7 @@ class Cluster:
     def usage(self) -> dict[str, dict[str, float]]:
         """Now: CPU seconds per process (API, dispatcher, agents, PostgreSQL, RabbitMQ, this
         client), and statements sent and transactions committed by the API and the dispatcher."""
-        cpu = {role: sum(cpu_seconds(pid) for pid in self.pids(role)) for role in self.roles}
-        cpu["postgresql"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("postgres", top=True))
-        cpu["postgresql"] += sum(cpu_seconds(pid) for pid in pids_named("postgres", top=False))
-        cpu["rabbitmq"] = sum(cpu_seconds(pid, children=True) for pid in pids_named("beam.smp", top=True))
-        own = os.times()
-        cpu["client"] = own.user + own.system
+        cpu = {role: sum(cpu_seconds(pid) for pid in self.pids(role)) for role in self.roles} | services_cpu()
         counted: dict[str, float] = {}
         for role in ("api", "dispatcher"):
             for pid in self.pids(role):
@@ -507,21 +517,37 @@ async def floor_messages(amqp: str, concurrency: int, total: int = 5000) -> floa
     return rate
 
 
-async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -> dict[str, float]:
+async def floor_stack(
+    pg: str, amqp: str, concurrency: int, total: int = 4000, *, shape: bool = False
+) -> dict[str, float]:
     """The stack's own floors (``bench/stack.py``), driven like Nephos, the better of two rounds
     each: a bare HTTP request (``http``), an accepted action -- one commit and one confirmed
     message per request (``accept``) -- and a whole action, request to result committed
-    (``action``, waited for as ``workload`` waits for Nephos's jobs)."""
+    (``action``, waited for as ``workload`` waits for Nephos's jobs). With ``shape``: only the
+    whole action, in the design's shape (``shape``: stand-ins in processes of their own, commits
+    through SQLAlchemy Core), with the CPU milliseconds all of its processes, PostgreSQL's and
+    RabbitMQ's spent per action (``shape cpu ms``, the best round's; ``shape api cpu ms`` and so on,
+    each process's; the same for the other floors, whose app is the ``api``)."""
     port, tag = free_port(), uuid.uuid4().hex[:8]
     table = f"bench_stack_{tag}"
     env = {**os.environ, "STACK_PG": pg, "STACK_AMQP": amqp, "STACK_TABLE": table}
     env["STACK_QUEUE"] = f"bench-stack-{tag}"
+    env["STACK_SHAPE"] = "1" if shape else "0"
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "stack:app", "--port", str(port)]
     argv += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log"]
     # Connections the client keeps between rounds stay open: uvicorn closing one idle for its
     # default 5 s, just as the client reuses it, failed a round with a ReadError.
     argv += ["--timeout-keep-alive", "120"]
     proc = subprocess.Popen(argv, env=env)
+    stand_ins = [
+        subprocess.Popen([sys.executable, str(ROOT / "bench" / "stack.py"), role], env=env)
+        for role in (("agent", "dispatcher") if shape else ())
+    ]
+    roles = {"api": proc.pid} | {role: p.pid for role, p in zip(("agent", "dispatcher"), stand_ins, strict=False)}
+
+    def cpu() -> dict[str, float]:
+        return {role: cpu_seconds(pid) for role, pid in roles.items()} | services_cpu()
+
     base = f"http://127.0.0.1:{port}"
     db = await asyncpg.connect(pg)
     waiting: dict[uuid.UUID, asyncio.Future[str]] = {}
@@ -549,18 +575,26 @@ async def floor_stack(pg: str, amqp: str, concurrency: int, total: int = 4000) -
                         await done
 
             rates = {}
-            for name, path in (("http", "/http"), ("accept", "/act"), ("action", "/action")):
+            paths = (("shape", "/action"),) if shape else (("http", "/http"), ("accept", "/act"), ("action", "/action"))
+            for name, path in paths:
                 await asyncio.gather(*(one(path) for _ in range(200)))  # warm up
                 best = 0.0
                 for _ in range(2):  # the better of two rounds: the machine is shared with nothing else now
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), cpu()
                     await asyncio.gather(*(one(path) for _ in range(total)))
-                    best = max(best, total / (time.perf_counter() - t0))
+                    rate = total / (time.perf_counter() - t0)
+                    if rate > best:
+                        best, c1 = rate, cpu()
+                        rates |= {f"{name} {k} cpu ms": (c1[k] - c0[k]) * 1000 / total for k in c1}
+                        rates[f"{name} cpu ms"] = sum(rates[f"{name} {k} cpu ms"] for k in c1)
                 rates[name] = best
             watching.cancel()
             return rates
     finally:
         await db.close()
+        for helper in stand_ins:  # before the app, which deletes the queues they consume
+            helper.send_signal(signal.SIGTERM)
+            helper.wait(timeout=20)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -619,6 +653,16 @@ def table(
         f"committed, waited for like Nephos's | {stack['action']:.1f} |",
         f"| the stack with no logic / floor | {stack['action'] / floor:.2f} |",
         f"| Nephos / stack floor of a whole action | {rate / stack['action']:.2f} |",
+        f"| the design's shape with no logic: that whole action with the agent's and the dispatcher's stand-ins as "
+        f"processes of their own and both commits through SQLAlchemy Core | {stack['shape']:.1f} |",
+        f"| **the design's shape with no logic / floor** | **{stack['shape'] / floor:.2f}** |",
+        f"| Nephos / the design's shape with no logic | {rate / stack['shape']:.2f} |",
+        "",
+        "| CPU ms per action: API / dispatcher / agents / PostgreSQL / RabbitMQ / client = all |",
+        "| --- |",
+        f"| Nephos (C = {concurrency}): {_by_process(result['costs'], 'agents')} |",
+        f"| the stack with no logic, a whole action: {_by_process(stack, 'agent', 'action ')} |",
+        f"| the design's shape with no logic: {_by_process(stack, 'agent', 'shape ')} |",
         "",
         "| answers other than 202 | count |",
         "| --- | ---: |",
@@ -626,6 +670,14 @@ def table(
         f"| **total** | **{sum(result['answers'].values())}** |",
     ]
     return "\n".join(lines)
+
+
+def _by_process(costs: dict[str, float], agents: str, prefix: str = "") -> str:
+    """``costs``' CPU ms per action of each process and their sum, as a table cell: the API, the
+    dispatcher, the agents (named ``agents``), PostgreSQL, RabbitMQ and the client."""
+    roles = ("api", "dispatcher", agents, "postgresql", "rabbitmq", "client")
+    each = [costs.get(f"{prefix}{role} cpu ms", 0.0) for role in roles]
+    return " / ".join(f"{v:.2f}" for v in each) + f" = {sum(each):.2f}"
 
 
 COST_COLUMNS = (
@@ -712,6 +764,7 @@ async def main() -> None:
     commits = await floor_commits(args.pg, args.concurrency)
     messages = await floor_messages(args.amqp, args.concurrency)
     stack = await floor_stack(args.pg, args.amqp, args.concurrency)
+    stack |= await floor_stack(args.pg, args.amqp, args.concurrency, shape=True)
     print(table(result, commits, messages, args.n, args.concurrency, stack))
     print()
     print(costs_table(result["costs"], probes, PROBE, args.concurrency))
@@ -728,6 +781,10 @@ async def main() -> None:
         "engines_floor_actions_per_s": 1 / (2 / commits + 2 / messages),
         "stack_floor_requests_per_s": stack["accept"],
         "stack_floor_actions_per_s": stack["action"],
+        "shape_floor_actions_per_s": stack["shape"],
+        "stack_floor_cpu_ms_per_action": stack["action cpu ms"],
+        "shape_floor_cpu_ms_per_action": stack["shape cpu ms"],
+        "floor_cpu_ms_per_action_by_process": {k: v for k, v in stack.items() if k.endswith(" cpu ms")},
         "answers_other_than_202": dict(result["answers"]),
         "costs_per_action": result["costs"],
         "probes": probes,

@@ -15,6 +15,12 @@ by ``bench/run.py`` with the same client and the same concurrency as Nephos:
 
 No ORM, no rule, no second process: every figure is a ceiling for Nephos on this machine.
 
+*The design's shape* (``STACK_SHAPE=1``): ``/action`` as above, but as DESIGN.md lays Nephos out
+and as the issue asks its hot paths to be written: the agent's and the dispatcher's stand-ins
+each run as a process of their own (``python bench/stack.py agent`` and ``... dispatcher``, with
+the same environment), and both commits go through SQLAlchemy Core (an async engine on asyncpg,
+a transaction of one statement) instead of asyncpg alone. Still no rule, no second statement.
+
     STACK_PG=postgresql://... STACK_AMQP=amqp://... uvicorn --app-dir bench stack:app
 """
 
@@ -28,12 +34,26 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import sqlalchemy as sa
 from fastapi import FastAPI
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 TABLE = os.environ.get("STACK_TABLE", "bench_stack")
 QUEUE = os.environ.get("STACK_QUEUE", "bench-stack")
+#: The design's shape: stand-ins in processes of their own, commits through SQLAlchemy Core.
+SHAPE = os.environ.get("STACK_SHAPE") == "1"
 state: dict[str, Any] = {}
+
+_row = sa.table(TABLE, sa.column("id", sa.Uuid), sa.column("at"), sa.column("body", sa.Text), sa.column("result"))
+_INSERT = sa.insert(_row).values(id=sa.bindparam("id"), at=sa.func.now(), body=sa.bindparam("body"))
+_DONE = sa.update(_row).where(_row.c.id == sa.bindparam("job")).values(result="done")
+
+
+def core_engine() -> AsyncEngine:
+    return create_async_engine(
+        os.environ["STACK_PG"].replace("postgresql://", "postgresql+asyncpg://", 1), pool_size=20, max_overflow=0
+    )
 
 
 class Body(BaseModel):
@@ -69,10 +89,14 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await message.ack()
 
     await queue.consume(on_message)
-    await jobs.consume(on_job)
-    await results.consume(on_result)
-    state.update(pool=pool, channel=publish, jobs=jobs.name)
+    if not SHAPE:  # else ``agent`` and ``dispatcher`` below, as processes of their own
+        await jobs.consume(on_job)
+        await results.consume(on_result)
+    engine = core_engine() if SHAPE else None
+    state.update(pool=pool, channel=publish, jobs=jobs.name, engine=engine)
     yield
+    if engine is not None:
+        await engine.dispose()
     for q in (queue, jobs, results):
         await q.delete(if_unused=False, if_empty=False)
     await connection.close()
@@ -91,7 +115,11 @@ async def http(body: Body) -> dict[str, str]:
 async def _commit_and_publish(body: Body, message: bytes | None, queue: str) -> dict[str, str]:
     """One single-row commit, then one persistent message, confirmed (the job's id by default)."""
     job = uuid.uuid4()
-    await state["pool"].execute(f"INSERT INTO {TABLE} VALUES ($1, now(), $2)", job, body.name)
+    if state["engine"] is not None and message is None:  # the design's shape: a whole action through Core
+        async with state["engine"].begin() as connection:
+            await connection.execute(_INSERT, {"id": job, "body": body.name})
+    else:
+        await state["pool"].execute(f"INSERT INTO {TABLE} VALUES ($1, now(), $2)", job, body.name)
     sent = aio_pika.Message(message or str(job).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
     await state["channel"].default_exchange.publish(sent, routing_key=queue)
     return {"job_id": str(job)}
@@ -105,3 +133,48 @@ async def action(body: Body) -> dict[str, str]:
 @app.post("/act", status_code=202)
 async def act(body: Body) -> dict[str, str]:
     return await _commit_and_publish(body, body.model_dump_json().encode(), QUEUE)
+
+
+async def stand_in(role: str) -> None:
+    """The design's shape: the agent's stand-in (take a job, publish its result, confirmed, ack)
+    or the dispatcher's (take a result, commit it on its row through SQLAlchemy Core, ack), as a
+    process of its own, until SIGTERM."""
+    import asyncio
+    import signal
+
+    connection = await aio_pika.connect_robust(os.environ["STACK_AMQP"])
+    publish = await connection.channel(publisher_confirms=True)
+    consume = await connection.channel()
+    await consume.set_qos(prefetch_count=64)
+    results = await consume.declare_queue(f"{QUEUE}-results", durable=True)
+    engine = core_engine() if role == "dispatcher" else None
+
+    async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        reply = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await publish.default_exchange.publish(reply, routing_key=results.name)
+        await message.ack()
+
+    async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        assert engine is not None
+        async with engine.begin() as db:
+            await db.execute(_DONE, {"job": uuid.UUID(message.body.decode())})
+        await message.ack()
+
+    if role == "agent":
+        await (await consume.declare_queue(f"{QUEUE}-jobs", durable=True)).consume(on_job)
+    else:
+        await results.consume(on_result)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await connection.close()
+    if engine is not None:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    import sys
+
+    import uvloop
+
+    uvloop.run(stand_in(sys.argv[1]))

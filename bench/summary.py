@@ -38,6 +38,13 @@ def main() -> None:
                 ("the stack with no logic / floor", f"{stack / floor:.2f}", ""),
                 ("Nephos / stack floor of a whole action", f"{rate / stack:.2f}", ""),
             ]
+        shape = run.get("shape_floor_actions_per_s")
+        if shape:
+            rows += [
+                ("the design's shape with no logic (3 processes, SQLAlchemy Core), same run", f"{shape:.0f}", ""),
+                ("the design's shape with no logic / floor", f"{shape / floor:.2f}", ""),
+                ("Nephos / the design's shape with no logic", f"{rate / shape:.2f}", ""),
+            ]
         every = run.get("latency_ms", {}).get(
             "all", {k: float("nan") for k in ("202_p50", "202_p99", "applied_p50", "applied_p99")}
         )
