@@ -26,8 +26,11 @@ a transaction of one statement) instead of asyncpg alone. Still no rule, no seco
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,6 +59,17 @@ def core_engine() -> AsyncEngine:
     )
 
 
+def agent_part(publish: aio_pika.abc.AbstractChannel, results: str) -> Any:
+    """The agent's stand-in: take a job, publish its result (persistent, confirmed), ack."""
+
+    async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        reply = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await publish.default_exchange.publish(reply, routing_key=results)
+        await message.ack()
+
+    return on_job
+
+
 class Body(BaseModel):
     name: str
     flavor: str
@@ -79,18 +93,13 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await message.ack()
 
-    async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:  # the agent's part
-        reply = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await publish.default_exchange.publish(reply, routing_key=results.name)
-        await message.ack()
-
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:  # the dispatcher's part
         await pool.execute(f"UPDATE {TABLE} SET result = 'done' WHERE id = $1", uuid.UUID(message.body.decode()))
         await message.ack()
 
     await queue.consume(on_message)
     if not SHAPE:  # else ``agent`` and ``dispatcher`` below, as processes of their own
-        await jobs.consume(on_job)
+        await jobs.consume(agent_part(publish, results.name))
         await results.consume(on_result)
     engine = core_engine() if SHAPE else None
     state.update(pool=pool, channel=publish, jobs=jobs.name, engine=engine)
@@ -139,20 +148,12 @@ async def stand_in(role: str) -> None:
     """The design's shape: the agent's stand-in (take a job, publish its result, confirmed, ack)
     or the dispatcher's (take a result, commit it on its row through SQLAlchemy Core, ack), as a
     process of its own, until SIGTERM."""
-    import asyncio
-    import signal
-
     connection = await aio_pika.connect_robust(os.environ["STACK_AMQP"])
     publish = await connection.channel(publisher_confirms=True)
     consume = await connection.channel()
     await consume.set_qos(prefetch_count=64)
     results = await consume.declare_queue(f"{QUEUE}-results", durable=True)
     engine = core_engine() if role == "dispatcher" else None
-
-    async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        reply = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await publish.default_exchange.publish(reply, routing_key=results.name)
-        await message.ack()
 
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         assert engine is not None
@@ -161,7 +162,8 @@ async def stand_in(role: str) -> None:
         await message.ack()
 
     if role == "agent":
-        await (await consume.declare_queue(f"{QUEUE}-jobs", durable=True)).consume(on_job)
+        jobs = await consume.declare_queue(f"{QUEUE}-jobs", durable=True)
+        await jobs.consume(agent_part(publish, results.name))
     else:
         await results.consume(on_result)
     stop = asyncio.Event()
@@ -173,8 +175,6 @@ async def stand_in(role: str) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     import uvloop
 
     uvloop.run(stand_in(sys.argv[1]))
